@@ -1,0 +1,145 @@
+"""Small helpers shared by the scripts: user-facing errors, devices, seeding, config files, safe writes."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad flag): printed as one line, exit code 2."""
+
+
+def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a script's ``main`` so a :class:`UserError` prints ``error: ...`` and exits with code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Return the device for ``--device``: ``auto`` tries CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
+    if name == "mps" and not _mps_available():
+        raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
+    if name not in ("cuda", "mps", "cpu"):
+        raise UserError(f"--device {name}: expected auto, cuda, mps or cpu")
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
+def describe_device(device: torch.device) -> str:
+    """A human-readable name for ``device``, e.g. ``cuda (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return device.type
+
+
+def resolve_workers(value: Any) -> int:
+    """``--workers auto`` -> one per CPU core up to 8; otherwise the given count."""
+    if str(value) == "auto":
+        return min(8, os.cpu_count() or 1)
+    try:
+        workers = int(value)
+    except ValueError:
+        raise UserError(f"--workers {value}: expected a number or auto") from None
+    if workers < 0:
+        raise UserError(f"--workers {value}: must be 0 or more")
+    return workers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) so a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a flat dict of option names (dashes become underscores)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        first_line = str(error).splitlines()[0]
+        raise UserError(f"--config {path}: not valid YAML ({first_line})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"--config {path}: expected 'option: value' lines at the top level")
+    return {str(key).replace("-", "_"): value for key, value in content.items()}
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, so a crash leaves the old file."""
+    path = Path(path)
+    with _temporary_sibling(path) as tmp_path:
+        Path(tmp_path).write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    with _temporary_sibling(Path(path)) as tmp_path:
+        torch.save(obj, tmp_path)
+
+
+class _temporary_sibling:
+    """Context manager yielding a temp path beside ``path``; renamed onto ``path`` on success, removed on error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, self.tmp_path = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(handle)
+        return self.tmp_path
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            os.replace(self.tmp_path, self.path)
+        elif os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
+
+
+def format_count(number: int) -> str:
+    """``23508032`` -> ``'23.5M'``; used when printing parameter counts."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if number >= size:
+            return f"{number / size:.1f}{unit}"
+    return str(number)
