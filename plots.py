@@ -1,10 +1,11 @@
 """Training figures: loss and accuracy curves, and the confusion matrix.
 
-Everything is drawn with matplotlib's non-interactive Agg backend, so it works
-on headless machines and in Colab. Each figure is written to a temporary file
+Figures are built with matplotlib's object API (``Figure``, never pyplot), so
+drawing them works on headless machines and never changes the plotting backend
+of a notebook that imports ``train``. Each figure is written to a temporary file
 in the destination folder and then moved into place with ``os.replace``, so a
-crash mid-write never leaves a truncated image behind; the figure is always
-closed afterwards so that long training runs do not leak memory.
+crash mid-write never leaves a truncated image behind; the figure is
+not kept by pyplot, so long training runs do not leak memory.
 """
 
 from __future__ import annotations
@@ -15,16 +16,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402  (must follow matplotlib.use)
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.image import AxesImage  # noqa: E402
-from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 DPI = 130
 TRAIN_COLOR = "tab:blue"
@@ -50,12 +46,12 @@ MAX_LABEL_CHARS = 32
 
 @contextmanager
 def _figure(figsize: tuple[float, float]) -> Iterator[Figure]:
-    """Yield a new pyplot figure and close it whatever happens."""
-    fig = plt.figure(figsize=figsize)
+    """Yield a new stand-alone figure (not registered with pyplot) and free its artists afterwards."""
+    fig = Figure(figsize=figsize)
     try:
         yield fig
     finally:
-        plt.close(fig)
+        fig.clear()
 
 
 def _save_atomically(fig: Figure, path: str | Path) -> None:
