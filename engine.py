@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from accel import Accel
+
+# Turns a staged uint8 batch and the original image sizes into model-ready images on the device (GPU augmentation).
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -55,16 +60,38 @@ class RunningMeter:
         return self.correct / max(self.count, 1)
 
 
+def batch_to_device(
+    batch: Any, accel: Accel, transform: BatchTransform | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, targets)`` on the device from a loader batch.
+
+    A CPU-augmented batch is ``(images, targets)``; a staged batch for on-device augmentation is
+    ``(uint8 images, original sizes, targets)`` and goes through ``transform`` on the device.
+    """
+    if transform is None:
+        images, targets = batch
+        return accel.images_to_device(images), targets.to(accel.device, non_blocking=True)
+    staged, sizes, targets = batch
+    images = transform(staged.to(accel.device, non_blocking=True), sizes.to(accel.device, non_blocking=True))
+    memory_format = torch.channels_last if accel.channels_last else torch.contiguous_format
+    return images.contiguous(memory_format=memory_format), targets.to(accel.device, non_blocking=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
+    accel: Accel,
+    scaler: torch.amp.GradScaler | None = None,
+    batch_transform: BatchTransform | None = None,
     description: str = "train",
     show_progress: bool = True,
 ) -> EpochResult:
-    """Train ``model`` for one pass over ``loader``; returns mean loss and accuracy."""
+    """Train ``model`` for one pass over ``loader``; returns mean loss and accuracy.
+
+    Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive.
+    """
     model.train()
     meter = RunningMeter()
     started = time.perf_counter()
@@ -72,12 +99,18 @@ def train_one_epoch(
     for batch in progress:
         if batch is None:  # every image of the batch failed to decode
             continue
-        images, targets = (tensor.to(device, non_blocking=True) for tensor in batch)
-        logits = model(images)
-        loss = criterion(logits, targets)
+        images, targets = batch_to_device(batch, accel, batch_transform)
+        with accel.autocast():
+            logits = model(images)
+            loss = criterion(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         meter.update(loss.detach(), logits.detach(), targets)
         progress.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.accuracy:.1%}", refresh=False)
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started)
@@ -88,7 +121,8 @@ def evaluate(
     model: nn.Module,
     loader: Iterable,
     criterion: nn.Module,
-    device: torch.device,
+    accel: Accel,
+    batch_transform: BatchTransform | None = None,
     description: str = "val",
     show_progress: bool = True,
 ) -> EvalResult:
@@ -100,8 +134,9 @@ def evaluate(
     for batch in tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True):
         if batch is None:
             continue
-        images, targets = (tensor.to(device, non_blocking=True) for tensor in batch)
-        logits = model(images)
+        images, targets = batch_to_device(batch, accel, batch_transform)
+        with accel.autocast():
+            logits = model(images)
         meter.update(criterion(logits.float(), targets), logits, targets)
         predictions.append(logits.argmax(dim=1).cpu())
         targets_seen.append(targets.cpu())
@@ -117,7 +152,7 @@ def evaluate(
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: nn.Module, loader: Iterable, num_images: int, device: torch.device, show_progress: bool = True
+    model: nn.Module, loader: Iterable, num_images: int, accel: Accel, show_progress: bool = True
 ) -> tuple[torch.Tensor, list[int]]:
     """Softmax probabilities ``[num_images, classes]`` in dataset order, and the positions that failed to decode.
 
@@ -132,7 +167,9 @@ def predict_probabilities(
         failed.extend(failed_positions)
         if images is None:
             continue
-        batch_probabilities = model(images.to(device, non_blocking=True)).float().softmax(dim=1).cpu()
+        with accel.autocast():
+            logits = model(accel.images_to_device(images))
+        batch_probabilities = logits.float().softmax(dim=1).cpu()
         if probabilities is None:
             probabilities = torch.zeros(num_images, batch_probabilities.shape[1])
         probabilities[positions] = batch_probabilities

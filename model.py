@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -9,24 +10,62 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 from torchvision import models
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from utils import UserError
 
-SUPPORTED_ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
+# torchvision's constructor arguments for each architecture (block, layers, groups, width per group).
+ARCH_SPECS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64),
+    "resnet152": (Bottleneck, [3, 8, 36, 3], 1, 64),
+    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], 32, 4),
+    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], 32, 8),
+    "resnext101_64x4d": (Bottleneck, [3, 4, 23, 3], 64, 4),
+    "wide_resnet50_2": (Bottleneck, [3, 4, 6, 3], 1, 128),
+    "wide_resnet101_2": (Bottleneck, [3, 4, 23, 3], 1, 128),
+}
+SUPPORTED_ARCHS = tuple(ARCH_SPECS)
 BLOCK_NAMES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+STAGE_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 DEFAULT_TRAINABLE = "layer4,fc"
+
+
+class FineTuneResNet(ResNet):
+    """A torchvision ResNet (same layers, same state-dict keys) that runs its frozen leading stages without autograd.
+
+    ``frozen_stages`` counts the stages of :data:`STAGE_NAMES` at the front that hold no trainable parameter; they
+    run under ``torch.no_grad()``, so autograd records only the trainable tail and keeps none of the trunk's
+    activations. The outputs and the gradients of the trainable parameters are unchanged.
+    """
+
+    frozen_stages: int = 0
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = STAGE_NAMES[: self.frozen_stages]
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            for name in frozen:
+                x = getattr(self, name)(x)
+        for name in STAGE_NAMES[self.frozen_stages :]:
+            x = getattr(self, name)(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class FrozenBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d that always normalizes with its running statistics: ``model.train()`` cannot move them.
+
+    It keeps BatchNorm2d's state-dict keys, so checkpoints stay loadable by plain torchvision models.
+    """
+
+    def train(self, mode: bool = True) -> "FrozenBatchNorm":
+        return super().train(False)
+
+
+def _new_network(arch: str) -> FineTuneResNet:
+    block, layers, groups, width = ARCH_SPECS[arch]
+    return FineTuneResNet(block, layers, groups=groups, width_per_group=width)
 
 
 def build_model(arch: str, num_classes: int, weights: str = "imagenet", dropout: float = 0.2) -> nn.Module:
@@ -35,7 +74,7 @@ def build_model(arch: str, num_classes: int, weights: str = "imagenet", dropout:
         raise UserError(f"--arch {arch}: unknown architecture; choose one of {', '.join(SUPPORTED_ARCHS)}")
     if not 0 <= dropout < 1:
         raise UserError(f"--dropout {dropout}: must be in [0, 1)")
-    model = models.get_model(arch, weights=None)
+    model = _new_network(arch)
     if weights == "imagenet":
         model.load_state_dict(download_imagenet_weights(arch))
     model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_classes))
@@ -125,10 +164,11 @@ def parse_trainable(spec: str) -> list[str]:
     return [name for name in BLOCK_NAMES if name in names]
 
 
-def freeze_blocks(model: nn.Module, trainable: Iterable[str]) -> None:
+def freeze_blocks(model: FineTuneResNet, trainable: Iterable[str]) -> None:
     """Freeze every block not in ``trainable``: no gradients, and BatchNorm layers fixed to their running statistics.
 
-    Frozen BatchNorm layers become ``FrozenBatchNorm2d``, so ``model.train()`` cannot move their statistics.
+    Frozen BatchNorm layers become :class:`FrozenBatchNorm`, so ``model.train()`` cannot move their statistics,
+    and the frozen stages at the front of the network run without autograd.
     """
     trainable = set(trainable)
     for name in BLOCK_NAMES:
@@ -141,6 +181,18 @@ def freeze_blocks(model: nn.Module, trainable: Iterable[str]) -> None:
             _freeze_batchnorms(block)
         for parameter in getattr(model, name).parameters():
             parameter.requires_grad_(False)
+    model.frozen_stages = count_frozen_stages(trainable)
+
+
+def count_frozen_stages(trainable: Iterable[str]) -> int:
+    """How many stages of :data:`STAGE_NAMES` at the front hold no trainable block (``relu``/``maxpool`` follow)."""
+    trainable = set(trainable)
+    count = 0
+    for name in STAGE_NAMES:
+        if name in trainable:
+            break
+        count += 1
+    return count
 
 
 def _freeze_batchnorms(module: nn.Module) -> None:
@@ -151,12 +203,9 @@ def _freeze_batchnorms(module: nn.Module) -> None:
             _freeze_batchnorms(child)
 
 
-def _frozen_copy(batchnorm: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    frozen = FrozenBatchNorm2d(batchnorm.num_features, eps=batchnorm.eps)
-    frozen.weight.copy_(batchnorm.weight.detach())
-    frozen.bias.copy_(batchnorm.bias.detach())
-    frozen.running_mean.copy_(batchnorm.running_mean)
-    frozen.running_var.copy_(batchnorm.running_var)
+def _frozen_copy(batchnorm: nn.BatchNorm2d) -> FrozenBatchNorm:
+    frozen = FrozenBatchNorm(batchnorm.num_features, eps=batchnorm.eps, momentum=batchnorm.momentum)
+    frozen.load_state_dict(batchnorm.state_dict())
     return frozen.to(batchnorm.weight.device)
 
 

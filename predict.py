@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from accel import AMP_CHOICES, Accel, configure_backends, resolve_amp
 from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import UnlabeledImages, build_eval_transform, collate_with_failures, find_test_images, report_ignored
 from engine import predict_probabilities
@@ -49,6 +50,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision, as in train.py")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -104,10 +106,10 @@ def score(names: Sequence[str], predicted: Sequence[str], truth: dict[str, str])
     return accuracy, balanced, len(pairs)
 
 
-def load_model(checkpoint_path: str, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained network on ``device`` in eval mode, and its checkpoint."""
+def load_model(checkpoint_path: str, accel: Accel) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained network on the device in eval mode, and its checkpoint."""
     checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint).to(device)
+    model = accel.prepare_model(model_from_checkpoint(checkpoint))
     print(f"checkpoint: {checkpoint_path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
           f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')})")
     return model, checkpoint
@@ -120,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     device = pick_device(args.device)
-    print(f"device: {describe_device(device)}")
-    model, checkpoint = load_model(args.checkpoint, device)
+    accel = Accel(device, resolve_amp(args.amp, device))
+    configure_backends(device)
+    print(f"device: {describe_device(device)}, precision {accel.precision_name}")
+    model, checkpoint = load_model(args.checkpoint, accel)
     paths, ignored = find_test_images(args.test_dir)
     report_ignored(args.test_dir, ignored)
     names = image_names(paths, args.keep_ext)
@@ -130,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workers = resolve_workers(args.workers)
     loader = DataLoader(UnlabeledImages(paths, transform), batch_size=args.batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", collate_fn=collate_with_failures)
-    probabilities, failed = predict_probabilities(model, loader, len(paths), device, not args.no_progress)
+    probabilities, failed = predict_probabilities(model, loader, len(paths), accel, not args.no_progress)
     if failed:
         listed = ", ".join(str(paths[index]) for index in failed)
         raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written: {listed}")

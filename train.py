@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import plots
+from accel import AMP_CHOICES, Accel, configure_backends, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
+from accel import maybe_compile, resolve_amp
 from checkpoint import make_checkpoint, save_checkpoint
 from dataset import (
     IMAGENET_MEAN,
@@ -87,6 +89,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="checkpoints", help="where checkpoints, history, plots and config go")
     run.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32")
+    run.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions on GPUs and CPUs)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a note where it cannot)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true", help="hide the per-batch progress bars")
     return parser
@@ -163,14 +168,14 @@ def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.d
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
 
-def make_model(args: argparse.Namespace, num_classes: int, device: torch.device) -> nn.Module:
-    """The network with its pretrained trunk, frozen blocks fixed, on ``device``."""
+def make_model(args: argparse.Namespace, num_classes: int, accel: Accel) -> nn.Module:
+    """The network with its pretrained trunk, frozen blocks fixed, on the device in its memory format."""
     model = build_model(args.arch, num_classes, weights=args.weights, dropout=args.dropout)
     freeze_blocks(model, parse_trainable(args.trainable))
     trainable, total = parameter_summary(model)
     print(f"model: {args.arch}, weights {args.weights}; training {args.trainable}: "
           f"{format_count(trainable)} of {format_count(total)} parameters ({trainable / total:.1%})")
-    return model.to(device)
+    return accel.prepare_model(model)
 
 
 def describe_data(data: TrainValData) -> None:
@@ -196,11 +201,14 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def epoch_line(row: dict[str, float], epochs: int, is_best: bool) -> str:
-    """One summary line per epoch."""
+def epoch_line(row: dict[str, float], epochs: int, is_best: bool, images_per_second: float,
+               device: torch.device) -> str:
+    """One summary line per epoch: metrics, learning rate, time, training throughput and peak memory."""
+    gpu_mb = device_peak_memory_mb(device)
+    memory = f"host {host_peak_rss_mb():.0f} MiB" + (f", gpu {gpu_mb:.0f} MiB" if gpu_mb is not None else "")
     return (f"epoch {int(row['epoch']):>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
-            + ("  * best" if is_best else ""))
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  lr {row['lr']:.2e}  {row['seconds']:.1f}s  "
+            f"{images_per_second:.0f} img/s  peak {memory}" + ("  * best" if is_best else ""))
 
 
 def save_final_plots(history: list[dict], best: EvalResult, best_epoch: int, stopped_epoch: int | None,
@@ -222,16 +230,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = config_of(args)
     print("config:\n" + "".join(f"  {key}: {value}\n" for key, value in config.items()), end="")
     device = pick_device(args.device)
-    print(f"device: {describe_device(device)}")
+    accel = Accel(device, resolve_amp(args.amp, device), args.channels_last)
+    configure_backends(device)
+    print(f"device: {describe_device(device)}, precision {accel.precision_name}"
+          + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)
 
     data = load_train_val(args.data_dir, args.val_fraction, args.seed)
     describe_data(data)
     train_loader, val_loader = make_loaders(data, args, device)
-    model = make_model(args, len(data.class_names), device)
+    model = make_model(args, len(data.class_names), accel)
+    step_model = maybe_compile(model, args.compile)
     criterion = make_criterion(data, args, device)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    scaler = make_grad_scaler(accel)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -241,15 +254,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     best_accuracy, best_epoch, best_eval, stopped_epoch = -1.0, 0, None, None
     for epoch in range(1, args.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        trained = train_one_epoch(model, train_loader, criterion, optimizer, device,
-                                  f"epoch {epoch}/{args.epochs}", not args.no_progress)
-        evaluated = evaluate(model, val_loader, criterion, device, "val", not args.no_progress)
+        trained = train_one_epoch(step_model, train_loader, criterion, optimizer, accel, scaler,
+                                  description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress)
+        evaluated = evaluate(step_model, val_loader, criterion, accel, show_progress=not args.no_progress)
         scheduler.step()
         row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": evaluated.loss,
                "val_acc": evaluated.accuracy, "lr": lr, "seconds": trained.seconds + evaluated.seconds}
         history.append(row)
         is_best = evaluated.accuracy > best_accuracy
-        print(epoch_line(row, args.epochs, is_best), flush=True)
+        print(epoch_line(row, args.epochs, is_best, trained.images / max(trained.seconds, 1e-9), device), flush=True)
 
         metrics = {key: value for key, value in row.items() if key != "epoch"}
         checkpoint = make_checkpoint(model, data.class_names, config, epoch, metrics, IMAGENET_MEAN, IMAGENET_STD)
