@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from utils import UserError
@@ -120,12 +120,25 @@ def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file to an RGB PIL image, with its EXIF orientation applied."""
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode an image file to an RGB PIL image, with its EXIF orientation applied.
+
+    With ``min_side``, a JPEG much larger than needed is decoded at a reduced scale (1/2, 1/4 or 1/8) whose
+    shorter side stays at least ``min_side``: far less decoding work for the same resized result.
+    """
     with Image.open(path) as image:
+        if min_side and image.format == "JPEG":
+            _draft_keeping(image, min_side)
         image.load()
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
+
+
+def _draft_keeping(image: Image.Image, min_side: int) -> None:
+    width, height = image.size
+    scale = min(width, height) / min_side
+    if scale >= 2:
+        image.draft(image.mode, (int(width / scale) + 1, int(height / scale) + 1))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -198,41 +211,63 @@ def build_eval_transform(
 
 
 class LabeledImages(Dataset):
-    """``(image tensor, class index)`` pairs; an image that fails to decode yields ``None`` (dropped by the collate)."""
+    """``(image tensor, class index)`` pairs; an image that fails to decode yields ``None`` (dropped by the collate).
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    ``decode_min_side`` lets large JPEGs decode at reduced scale (see :func:`load_rgb`).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], torch.Tensor],
+        decode_min_side: int | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.decode_min_side = decode_min_side
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        image = _decode_or_warn(path)
-        return None if image is None else (self.transform(image), label)
+        image = _decode_or_warn(path, self.decode_min_side)
+        if image is None:
+            return None
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
 
 
 class UnlabeledImages(Dataset):
     """``(image tensor or None, position)`` for prediction; failures are reported, not dropped."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        transform: Callable[[Image.Image], torch.Tensor],
+        decode_min_side: int | None = None,
+    ) -> None:
         self.paths = [str(path) for path in paths]
         self.transform = transform
+        self.decode_min_side = decode_min_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
-        image = _decode_or_warn(self.paths[index], quiet=True)
+        image = _decode_or_warn(self.paths[index], self.decode_min_side, quiet=True)
         return (None if image is None else self.transform(image)), index
 
 
-def _decode_or_warn(path: str, quiet: bool = False) -> Image.Image | None:
+def _decode_or_warn(path: str, min_side: int | None = None, quiet: bool = False) -> Image.Image | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return load_rgb(path)
+            return load_rgb(path, min_side)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         if not quiet:
             print(f"\nwarning: skipping {path}: cannot decode ({_short_reason(error)})", file=sys.stderr)
@@ -251,6 +286,36 @@ def collate_with_failures(batch: list[tuple[torch.Tensor | None, int]]) -> tuple
     failed = [index for tensor, index in batch if tensor is None]
     images = torch.stack([tensor for tensor, _ in decoded]) if decoded else None
     return images, [index for _, index in decoded], failed
+
+
+class EpochSampler(Sampler):
+    """A shuffled order, and one augmentation seed per sample, that depend only on ``(seed, epoch)``.
+
+    Yields ``(index, sample_seed)`` keys. Because the randomness does not live in the worker processes, a run
+    gives the same batches whatever ``--workers`` is, and a resumed run continues exactly as an uninterrupted
+    one would, persistent workers included. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and seeds to yield."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for one epoch of a run, distinct for every ``(seed, epoch)`` pair."""
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**62
 
 
 # --------------------------------------------------------------------------- splits and weights
@@ -308,8 +373,15 @@ def load_train_val(data_dir: str | Path, val_fraction: float, seed: int) -> Trai
     report_ignored(str(train_dir), ignored)
 
     val_dir = data_dir / "val"
+    val_samples = _scan_val(val_dir, class_names) if val_dir.is_dir() else []
+    # Drop unreadable files before any split, so the split's guarantees hold for the images actually used.
+    skipped = find_unreadable([path for path, _ in train_samples + val_samples])
+    bad = {path for path, _ in skipped}
+    train_samples = [sample for sample in train_samples if sample[0] not in bad]
+    val_samples = [sample for sample in val_samples if sample[0] not in bad]
+    _require_readable_images(train_dir, class_names, train_samples)
+
     if val_dir.is_dir():
-        val_samples = _scan_val(val_dir, class_names)
         val_source = str(val_dir)
     else:
         if not 0 < val_fraction < 1:
@@ -317,15 +389,22 @@ def load_train_val(data_dir: str | Path, val_fraction: float, seed: int) -> Trai
         train_samples, val_samples = stratified_split(train_samples, val_fraction, seed)
         val_source = f"{val_fraction:.0%} of {train_dir} (stratified, seed {seed})"
 
-    skipped = find_unreadable([path for path, _ in train_samples + val_samples])
-    bad = {path for path, _ in skipped}
     return TrainValData(
         class_names=class_names,
-        train_samples=[sample for sample in train_samples if sample[0] not in bad],
-        val_samples=[sample for sample in val_samples if sample[0] not in bad],
+        train_samples=train_samples,
+        val_samples=val_samples,
         val_source=val_source,
         skipped=skipped,
     )
+
+
+def _require_readable_images(train_dir: Path, class_names: list[str], train_samples: list[Sample]) -> None:
+    counts = class_counts(train_samples, len(class_names))
+    unlearnable = [str(train_dir / name) for name, count in zip(class_names, counts) if count == 0]
+    if unlearnable:
+        raise UserError(
+            f"no image in {', '.join(unlearnable)} can be decoded; replace the unreadable files or remove the folder"
+        )
 
 
 def _require_train_dir(data_dir: Path) -> Path:

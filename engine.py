@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -24,12 +25,25 @@ class EpochResult:
     accuracy: float
     images: int
     seconds: float
+    interrupted: bool = False
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, batch_index: int, value: float) -> None:
+        super().__init__(f"loss is {value} at batch {batch_index + 1}")
+        self.batch_index = batch_index
 
 
 @dataclass
-class EvalResult(EpochResult):
-    """An evaluation pass: the epoch figures plus every prediction and target, in loader order."""
+class EvalResult:
+    """An evaluation pass: mean loss, accuracy, image count, wall time, and every prediction and target in order."""
 
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
     predictions: torch.Tensor
     targets: torch.Tensor
 
@@ -42,12 +56,14 @@ class RunningMeter:
         self.correct = 0
         self.count = 0
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add one batch: ``loss`` is the batch mean."""
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> float:
+        """Add one batch (``loss`` is the batch mean); returns that loss as a float."""
         batch = targets.numel()
-        self.loss_sum += float(loss) * batch
+        loss_value = float(loss)
+        self.loss_sum += loss_value * batch
         self.correct += int((logits.argmax(dim=1) == targets).sum())
         self.count += batch
+        return loss_value
 
     @property
     def loss(self) -> float:
@@ -85,21 +101,26 @@ def train_one_epoch(
     accel: Accel,
     scaler: torch.amp.GradScaler | None = None,
     batch_transform: BatchTransform | None = None,
+    augment_seed: int = 0,
     description: str = "train",
     show_progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochResult:
     """Train ``model`` for one pass over ``loader``; returns mean loss and accuracy.
 
     Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive.
+    ``batch_transform`` (on-device augmentation) draws batch ``i``'s randomness from seed ``augment_seed + i``.
+    The epoch is abandoned (``interrupted=True``) once ``should_stop()`` is true; a NaN or infinite loss raises
+    :class:`NonFiniteLossError`.
     """
     model.train()
     meter = RunningMeter()
     started = time.perf_counter()
     progress = tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
-    for batch in progress:
+    for batch_index, batch in enumerate(progress):
         if batch is None:  # every image of the batch failed to decode
             continue
-        images, targets = batch_to_device(batch, accel, batch_transform)
+        images, targets = batch_to_device(batch, accel, seeded(batch_transform, accel, augment_seed + batch_index))
         with accel.autocast():
             logits = model(images)
             loss = criterion(logits.float(), targets)
@@ -111,9 +132,22 @@ def train_one_epoch(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        meter.update(loss.detach(), logits.detach(), targets)
+        loss_value = meter.update(loss.detach(), logits.detach(), targets)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(batch_index, loss_value)
         progress.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.accuracy:.1%}", refresh=False)
+        if should_stop():
+            progress.close()
+            return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, True)
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started)
+
+
+def seeded(transform: Any, accel: Accel, seed: int) -> BatchTransform | None:
+    """``transform`` with its randomness drawn from a generator seeded with ``seed`` (None stays None)."""
+    if transform is None:
+        return None
+    generator = torch.Generator(accel.device).manual_seed(seed)
+    return lambda images, sizes: transform(images, sizes, generator=generator)
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""Training figures: loss and accuracy curves, and the confusion matrix.
+"""Figures: loss and accuracy curves, the confusion matrix (with a class order for many classes), image grids.
 
 Figures are built with matplotlib's object API (``Figure``, never pyplot), so
 drawing them works on headless machines and never changes the plotting backend
@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.colors import Colormap, Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator, PercentFormatter
@@ -310,6 +312,36 @@ def _label_axes(ax: Axes, class_names: list[str], row_support: np.ndarray, cell_
     ax.set_xlabel("Predicted class", fontsize=11)
     ax.set_ylabel("True class", fontsize=11)
     ax.tick_params(length=2)
+    if num_classes > MAX_CLASSES_WITH_CELL_TEXT:
+        # On a big grid the bottom labels are far from the top rows: repeat them above.
+        ax.tick_params(top=True, labeltop=True)
+
+
+def _check_order(order: Sequence[int], num_classes: int) -> list[int]:
+    """``order`` as a list, after checking it is a permutation of 0..K-1."""
+    order = [int(index) for index in order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"order must be a permutation of 0..{num_classes - 1}")
+    return order
+
+
+def _confusion_cmap() -> Colormap:
+    """The heat-map colours, with masked (zero-count) cells pure white."""
+    return colormaps[CONFUSION_CMAP].with_extremes(bad="white")
+
+
+def _confusion_norm(num_classes: int) -> Normalize:
+    """Linear shares while cells carry their numbers; a square-root scale once they do not."""
+    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+        return Normalize(vmin=0.0, vmax=1.0)
+    return PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+
+
+def _colorbar_ticks(num_classes: int) -> list[float]:
+    """Colour-bar ticks; denser at the low end on the square-root scale, where it is stretched."""
+    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+        return [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    return [0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
 def plot_confusion_matrix(
@@ -317,14 +349,18 @@ def plot_confusion_matrix(
     class_names: list[str],
     path: str | Path,
     title: str = "Confusion matrix (normalized by true class)",
+    order: Sequence[int] | None = None,
 ) -> None:
     """Save the row-normalized confusion matrix as a heat map.
 
     ``confusion`` is a (K, K) matrix of raw counts indexed [true, predicted];
-    ``class_names`` gives the K tick labels in index order. The overall
-    accuracy (from the raw counts) is appended to ``title``. The figure grows
-    with K; cell percentages are written only while K <= 30 (blank cells are
-    zero counts), and true classes without samples get an "(n=0)" label.
+    ``class_names`` gives the K tick labels in index order. ``order`` (a
+    permutation of 0..K-1, e.g. from :func:`auto_class_order`) sets the order
+    of the classes along both axes; by default it is the index order. The
+    overall accuracy (from the raw counts) is appended to ``title``. The figure
+    grows with K; cell percentages are written only while K <= 30, and past that
+    the colour scale is a square root so that 2-10% confusions still show. Zero
+    cells are left white, and true classes without samples get an "(n=0)" label.
     """
     counts = np.asarray(confusion)
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
@@ -332,6 +368,10 @@ def plot_confusion_matrix(
     num_classes = counts.shape[0]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a {num_classes}-class confusion matrix")
+    if order is not None:
+        order = _check_order(order, num_classes)
+        counts = counts[np.ix_(order, order)]
+        class_names = [class_names[index] for index in order]
     normalized = normalize_confusion(counts)
 
     side = _matrix_side_inches(num_classes)
@@ -341,11 +381,139 @@ def plot_confusion_matrix(
         # bbox_inches="tight", so long class names never squash the matrix.
         ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
         colorbar_ax = fig.add_axes((1.0 + 0.2 / side, 0.0, 0.3 / side, 1.0))
-        image = ax.imshow(normalized, cmap=CONFUSION_CMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+        image = ax.imshow(np.ma.masked_where(counts == 0, normalized), cmap=_confusion_cmap(),
+                          norm=_confusion_norm(num_classes), interpolation="nearest")
         colorbar = fig.colorbar(image, cax=colorbar_ax, format=PercentFormatter(xmax=1.0, decimals=0))
+        colorbar.set_ticks(_colorbar_ticks(num_classes))
         colorbar.set_label("share of true class", fontsize=11)
         _label_axes(ax, [str(name) for name in class_names], counts.sum(axis=1), cell_points)
         if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
             _annotate_cells(ax, normalized, counts, image, cell_points)
         ax.set_title(f"{title} — {_accuracy_text(counts)}", fontsize=13, pad=12)
+        _save_atomically(fig, path)
+
+
+# --------------------------------------------------------------------------
+# Class order for large confusion matrices
+# --------------------------------------------------------------------------
+
+
+def auto_class_order(confusion: np.ndarray) -> list[int]:
+    """The order to draw classes in: folder order up to 30 classes, confusion clusters beyond.
+
+    Up to 30 classes every cell carries its number and the folder order is the
+    one readers know. Beyond that, mistakes scattered over a 100 x 100 grid are
+    hard to pair up by eye, so :func:`confusion_cluster_order` pulls classes
+    that are mistaken for each other next to one another, turning confusions
+    into blocks along the diagonal. (Sorting by recall would rank the weak
+    classes, which ``per_class.csv`` already does, but would scatter their
+    confusions.)
+    """
+    num_classes = np.asarray(confusion).shape[0]
+    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+        return list(range(num_classes))
+    return confusion_cluster_order(confusion)
+
+
+def confusion_cluster_order(confusion: np.ndarray) -> list[int]:
+    """Class indices ordered by average-linkage clustering of the symmetric confusion shares.
+
+    The similarity of two classes is the mean of the share of each mistaken for
+    the other. Clusters are merged most-similar first, each merge oriented so
+    that the two most confused end classes touch. Merging stops when no
+    confusion links the remaining clusters, which are then laid out by their
+    lowest class index, so classes that are never confused keep folder order.
+    """
+    shares = normalize_confusion(confusion)
+    similarity = (shares + shares.T) / 2
+    np.fill_diagonal(similarity, 0.0)
+    num_classes = len(similarity)
+    clusters: dict[int, list[int]] = {index: [index] for index in range(num_classes)}
+    linkage = similarity.copy()  # summed similarity between the members of two clusters
+    sizes = np.ones(num_classes)
+    while len(clusters) > 1:
+        first, second = _most_similar_pair(linkage, sizes, list(clusters))
+        if first is None:
+            break
+        clusters[first] = _join_ends(clusters[first], clusters.pop(second), similarity)
+        linkage[first] += linkage[second]
+        linkage[:, first] += linkage[:, second]
+        linkage[first, first] = 0.0
+        sizes[first] += sizes[second]
+    return [index for members in sorted(clusters.values(), key=min) for index in members]
+
+
+def _most_similar_pair(linkage: np.ndarray, sizes: np.ndarray, active: list[int]) -> tuple[int | None, int]:
+    """The two active clusters with the highest mean similarity, or ``(None, 0)`` when none is positive."""
+    rows = np.asarray(active)
+    average = linkage[np.ix_(rows, rows)] / np.outer(sizes[rows], sizes[rows])
+    np.fill_diagonal(average, -1.0)
+    i, j = np.unravel_index(int(average.argmax()), average.shape)
+    if average[i, j] <= 0:
+        return None, 0
+    return int(rows[min(i, j)]), int(rows[max(i, j)])
+
+
+def _join_ends(left: list[int], right: list[int], similarity: np.ndarray) -> list[int]:
+    """``left + right``, each possibly reversed, whichever puts the most similar pair of end classes side by side."""
+    candidates = [left + right, left + right[::-1], left[::-1] + right, left[::-1] + right[::-1]]
+    seams = [similarity[a[len(left) - 1], a[len(left)]] for a in candidates]
+    return candidates[int(np.argmax(seams))]
+
+
+# --------------------------------------------------------------------------
+# Image grids (misclassified examples)
+# --------------------------------------------------------------------------
+
+GRID_COLUMNS = 6
+# Inches: each cell is a square image box with its caption lines above it; a band on top holds the title.
+GRID_IMAGE_INCHES = 2.0
+GRID_CAPTION_INCHES = 0.72  # four lines of 8.5 pt text
+GRID_GAP_INCHES = 0.3
+GRID_TITLE_INCHES = 0.45
+# Below this size a thumbnail is drawn with visible pixels instead of being smoothed into a blur.
+PIXELATED_BELOW = 96
+
+
+def plot_image_grid(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    path: str | Path,
+    title: str,
+    empty_message: str = "nothing to show",
+) -> None:
+    """Save images (H x W x 3 uint8 arrays, any sizes) in a grid, each under a caption of a few lines.
+
+    With no images the figure shows ``empty_message`` instead, so the file always exists.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if not images:
+        _plot_message(path, title, empty_message)
+        return
+    columns = min(GRID_COLUMNS, len(images))
+    rows = -(-len(images) // columns)
+    cell_width = GRID_IMAGE_INCHES + GRID_GAP_INCHES
+    cell_height = GRID_CAPTION_INCHES + GRID_IMAGE_INCHES + GRID_GAP_INCHES
+    width, height = columns * cell_width, GRID_TITLE_INCHES + rows * cell_height
+    with _figure((width, height)) as fig:
+        for position, (image, caption) in enumerate(zip(images, captions)):
+            row, column = divmod(position, columns)
+            bottom = height - GRID_TITLE_INCHES - (row + 1) * cell_height + GRID_GAP_INCHES
+            box = (column * cell_width / width, bottom / height, GRID_IMAGE_INCHES / width, GRID_IMAGE_INCHES / height)
+            ax = fig.add_axes(box, anchor="NW")  # a non-square image hangs from its caption, flush left
+            ax.set_axis_off()
+            small = max(image.shape[:2]) < PIXELATED_BELOW
+            ax.imshow(image, interpolation="nearest" if small else "antialiased")
+            fig.text(box[0], (bottom + GRID_IMAGE_INCHES + 0.04) / height, caption, ha="left", va="bottom",
+                     fontsize=8.5, linespacing=1.3)
+        fig.text(0.0, 1.0, title, ha="left", va="top", fontsize=12)
+        _save_atomically(fig, path)
+
+
+def _plot_message(path: str | Path, title: str, message: str) -> None:
+    """A small figure holding just a title and a message."""
+    with _figure((6, 1.6)) as fig:
+        fig.suptitle(title, fontsize=12)
+        fig.text(0.5, 0.4, message, ha="center", va="center", fontsize=11, color="0.3")
         _save_atomically(fig, path)

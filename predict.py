@@ -1,8 +1,21 @@
 """Predict the unlabeled test images with a trained checkpoint and write the submission CSV.
 
     python predict.py --checkpoint checkpoints/best.pt --test-dir data/test --output prediction.csv
+    python predict.py --checkpoint run1/best.pt run2/best.pt --tta flip --topk 5   # ensemble, test-time flips
 
 Writes ``image_name,pred_label`` with one row per test image, ``pred_label`` being the class folder name.
+
+Every prediction is the class with the highest mean softmax probability, the mean taken over the test-time
+views (``--tta``) and over the checkpoints (one or more, equally weighted; they must share one class list).
+The views are made from the already-transformed batch, so they cost forward passes but no extra decoding:
+
+- ``none``: the evaluation centre crop alone (1 view);
+- ``flip``: the centre crop and its horizontal mirror (2 views);
+- ``multi``: those two, plus a 1.15x zoom into the centre crop (bilinear upscale of the crop, centre-cropped
+  back to the input size) and its mirror (4 views).
+
+``--topk K`` also writes ``probabilities.csv`` beside the submission: ``image_name``, then
+``label_1,prob_1,...,label_K,prob_K``, most probable first.
 """
 
 from __future__ import annotations
@@ -14,14 +27,23 @@ import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from accel import AMP_CHOICES, Accel, configure_backends, resolve_amp
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import UnlabeledImages, build_eval_transform, collate_with_failures, find_test_images, report_ignored
+from dataset import (
+    UnlabeledImages,
+    build_eval_transform,
+    collate_with_failures,
+    eval_resize_size,
+    find_test_images,
+    report_ignored,
+)
 from engine import predict_probabilities
 from utils import (
     UserError,
@@ -33,6 +55,9 @@ from utils import (
     resolve_workers,
 )
 
+TTA_CHOICES = ("none", "flip", "multi")
+MULTI_ZOOM = 1.15  # how far "--tta multi" zooms into the centre crop
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The prediction options."""
@@ -41,12 +66,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
-    parser.add_argument("--checkpoint", default="checkpoints/best.pt", help="a best.pt or last.pt written by train.py")
+    parser.add_argument("--checkpoint", nargs="+", default=["checkpoints/best.pt"],
+                        help="a best.pt or last.pt written by train.py; several: an ensemble averaging probabilities")
     parser.add_argument("--test-dir", default="data/test", help="folder of unlabeled test images")
     parser.add_argument("--output", default="prediction.csv", help="the submission CSV to write")
     parser.add_argument("--keep-ext", action="store_true", help="keep the file extension in image_name")
     parser.add_argument("--zip", action="store_true", help="also write OUTPUT with .zip, holding prediction.csv, for upload")
     parser.add_argument("--labels", help="CSV of image_name,label to score the predictions against (e.g. data/sample/test_labels.csv)")
+    parser.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                        help="test-time views averaged: none; flip = centre crop + mirror; multi = flip plus a 1.15x "
+                             "centre zoom and its mirror (4 views)")
+    parser.add_argument("--topk", type=int, default=0, metavar="K",
+                        help="also write probabilities.csv beside OUTPUT with the K most probable labels of each image")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
@@ -106,13 +137,156 @@ def score(names: Sequence[str], predicted: Sequence[str], truth: dict[str, str])
     return accuracy, balanced, len(pairs)
 
 
-def load_model(checkpoint_path: str, accel: Accel) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained network on the device in eval mode, and its checkpoint."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = accel.prepare_model(model_from_checkpoint(checkpoint))
-    print(f"checkpoint: {checkpoint_path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
-          f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')})")
-    return model, checkpoint
+# --------------------------------------------------------------------------- test-time views and ensembles
+
+View = Callable[[torch.Tensor], torch.Tensor]
+
+
+def centre(images: torch.Tensor) -> torch.Tensor:
+    """The batch as it is: the evaluation centre crop."""
+    return images
+
+
+def hflip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror a batch ``[N, C, H, W]`` left to right."""
+    return images.flip(-1)
+
+
+def zoom_centre(images: torch.Tensor, factor: float = MULTI_ZOOM) -> torch.Tensor:
+    """Enlarge a batch by ``factor`` (bilinear) and centre-crop it back to its size: a zoom into the centre.
+
+    Bilinear resampling is linear, so doing this on normalized images equals doing it before normalization.
+    """
+    height, width = images.shape[-2:]
+    zoomed = F.interpolate(images, size=(round(height * factor), round(width * factor)), mode="bilinear",
+                           align_corners=False)
+    top, left = (zoomed.shape[-2] - height) // 2, (zoomed.shape[-1] - width) // 2
+    return zoomed[..., top : top + height, left : left + width]
+
+
+def zoom_centre_flipped(images: torch.Tensor) -> torch.Tensor:
+    """The mirror of :func:`zoom_centre`."""
+    return hflip(zoom_centre(images))
+
+
+def tta_views(mode: str) -> list[View]:
+    """The views ``--tta`` averages over; the first is always the plain batch."""
+    views: dict[str, list[View]] = {
+        "none": [centre],
+        "flip": [centre, hflip],
+        "multi": [centre, hflip, zoom_centre, zoom_centre_flipped],
+    }
+    if mode not in views:
+        raise UserError(f"--tta {mode}: expected one of {', '.join(TTA_CHOICES)}")
+    return views[mode]
+
+
+class AveragedSoftmax(nn.Module):
+    """Several models over several views of a batch: the log of their mean softmax probabilities.
+
+    It returns log-probabilities so it can stand in for a model in ``engine.predict_probabilities``: the softmax
+    that function applies turns them back into exactly the mean probabilities.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], views: Sequence[View]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.views = list(views)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = None
+        for model in self.models:
+            for view in self.views:
+                probabilities = model(view(images)).float().softmax(dim=1)
+                total = probabilities if total is None else total + probabilities
+        return (total / (len(self.models) * len(self.views))).log()
+
+
+def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Read every ``--checkpoint``; they must share one class list (same names, same order)."""
+    checkpoints = [load_checkpoint(path) for path in paths]
+    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
+        if checkpoint["class_names"] != checkpoints[0]["class_names"]:
+            raise UserError(f"--checkpoint {paths[0]} and {path} have different class lists "
+                            f"({class_list_difference(checkpoints[0]['class_names'], checkpoint['class_names'])}); "
+                            "an ensemble needs models trained on the same classes")
+    for path, checkpoint in zip(paths, checkpoints):
+        print(f"checkpoint: {path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
+              f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')})")
+    return checkpoints
+
+
+def class_list_difference(first: Sequence[str], second: Sequence[str]) -> str:
+    """A short description of how two class lists differ."""
+    only_first = [name for name in first if name not in set(second)]
+    only_second = [name for name in second if name not in set(first)]
+    if not only_first and not only_second:
+        return "the same classes in a different order" if len(first) == len(second) else "repeated class names"
+    parts = [f"{len(first)} vs {len(second)} classes"]
+    if only_first:
+        parts.append(f"only in the first: {', '.join(only_first[:5])}{' ...' if len(only_first) > 5 else ''}")
+    if only_second:
+        parts.append(f"only in the second: {', '.join(only_second[:5])}{' ...' if len(only_second) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def preprocessing_groups(checkpoints: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Indices of the checkpoints grouped by input size and normalization: each group shares one decoding pass."""
+    groups: dict[tuple, list[int]] = {}
+    for index, checkpoint in enumerate(checkpoints):
+        key = (checkpoint["img_size"], tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def ensemble_probabilities(
+    checkpoints: Sequence[dict[str, Any]],
+    paths: Sequence[Path],
+    accel: Accel,
+    tta: str,
+    batch_size: int,
+    workers: int,
+    show_progress: bool,
+) -> tuple[torch.Tensor, list[int]]:
+    """Mean softmax probabilities over checkpoints and test-time views, in ``paths`` order; and failed positions."""
+    views = tta_views(tta)
+    total = torch.zeros(len(paths), len(checkpoints[0]["class_names"]))
+    for group in preprocessing_groups(checkpoints):
+        first = checkpoints[group[0]]
+        transform = build_eval_transform(first["img_size"], first["mean"], first["std"])
+        loader = DataLoader(UnlabeledImages(paths, transform, eval_resize_size(first["img_size"])), batch_size=batch_size, num_workers=workers,
+                            pin_memory=accel.device.type == "cuda", collate_fn=collate_with_failures)
+        models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
+        probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), loader, len(paths), accel,
+                                                            show_progress)
+        if group_failed:  # no submission will be written: the other groups need not run
+            return total, group_failed
+        total += probabilities * len(group)
+    return total / len(checkpoints), []
+
+
+# --------------------------------------------------------------------------- top-k file
+
+
+def probabilities_csv(names: Sequence[str], probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> str:
+    """``image_name,label_1,prob_1,...,label_K,prob_K``: each image's K most probable classes, most probable first."""
+    top_probabilities, top_indices = probabilities.topk(k, dim=1)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_name"] + [f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "prob")])
+    for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()):
+        writer.writerow([name] + [item for index, value in zip(indices, values)
+                                  for item in (class_names[index], f"{value:.6f}")])
+    return buffer.getvalue()
+
+
+def resolve_topk(requested: int, num_classes: int) -> int:
+    """``--topk`` capped at the class count (with a note); 0 means no probabilities file."""
+    if requested < 0:
+        raise UserError(f"--topk {requested}: must be 0 (no probabilities.csv) or more")
+    if requested > num_classes:
+        print(f"note: --topk {requested} is more than the {num_classes} classes; writing all {num_classes}")
+    return min(requested, num_classes)
 
 
 @exit_on_user_error
@@ -121,34 +295,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    checkpoints = load_checkpoints(args.checkpoint)
+    class_names = checkpoints[0]["class_names"]
+    topk = resolve_topk(args.topk, len(class_names))
     device = pick_device(args.device)
     accel = Accel(device, resolve_amp(args.amp, device))
     configure_backends(device)
-    print(f"device: {describe_device(device)}, precision {accel.precision_name}")
-    model, checkpoint = load_model(args.checkpoint, accel)
+    print(f"device: {describe_device(device)}, precision {accel.precision_name}; test-time views: {args.tta}"
+          + (f"; ensemble of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""))
     paths, ignored = find_test_images(args.test_dir)
     report_ignored(args.test_dir, ignored)
     names = image_names(paths, args.keep_ext)
 
-    transform = build_eval_transform(checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
-    workers = resolve_workers(args.workers)
-    loader = DataLoader(UnlabeledImages(paths, transform), batch_size=args.batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_with_failures)
-    probabilities, failed = predict_probabilities(model, loader, len(paths), accel, not args.no_progress)
+    probabilities, failed = ensemble_probabilities(checkpoints, paths, accel, args.tta, args.batch_size,
+                                                   resolve_workers(args.workers), not args.no_progress)
     if failed:
         listed = ", ".join(str(paths[index]) for index in failed)
         raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written: {listed}")
 
-    class_names = checkpoint["class_names"]
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
     csv_text = submission_csv(names, predicted)
     output = Path(args.output)
     atomic_write_text(output, csv_text)
     print(f"wrote {output}: {len(names)} rows")
+    result: dict[str, Any] = {"output": str(output), "rows": len(names)}
     if args.zip:
         write_zip(csv_text, output.with_suffix(".zip"))
         print(f"wrote {output.with_suffix('.zip')}")
-    result: dict[str, Any] = {"output": str(output), "rows": len(names)}
+    if topk:
+        probabilities_path = output.parent / "probabilities.csv"
+        atomic_write_text(probabilities_path, probabilities_csv(names, probabilities, class_names, topk))
+        print(f"wrote {probabilities_path}: top {topk} labels and probabilities per image")
+        result["probabilities"] = str(probabilities_path)
     if args.labels:
         accuracy, balanced, scored = score(names, predicted, read_labels(args.labels))
         print(f"score on {scored} labeled images: accuracy {accuracy:.2%}, balanced accuracy {balanced:.2%}")

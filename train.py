@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import os
+import signal
 import sys
+import threading
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,10 +27,11 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+import gpu_augment
 import plots
 from accel import AMP_CHOICES, Accel, configure_backends, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from accel import maybe_compile, resolve_amp
-from checkpoint import make_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,21 +41,28 @@ from dataset import (
     build_eval_transform,
     build_train_transform,
     class_counts,
+    EpochSampler,
     collate_skipping_failures,
+    epoch_seed,
+    eval_resize_size,
     load_train_val,
 )
-from engine import EvalResult, confusion_matrix, evaluate, train_one_epoch
+from engine import BatchTransform, EvalResult, NonFiniteLossError, confusion_matrix, evaluate, train_one_epoch
 from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, parameter_summary, parse_trainable
 from model import trainable_parameters
+from report import write_evaluation_report
+from tb_logger import TensorBoardLogger
 from utils import (
     UserError,
     atomic_write_text,
+    capture_rng_state,
     describe_device,
     exit_on_user_error,
     format_count,
     load_yaml_config,
     pick_device,
     resolve_workers,
+    restore_rng_state,
     seed_everything,
 )
 
@@ -88,24 +100,61 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val accuracy; 0 never stops early")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="checkpoints", help="where checkpoints, history, plots and config go")
+    run.add_argument("--epochs-this-run", type=int, help="stop after this many epochs now and resume later (e.g. within a Colab session's time)")
+    run.add_argument("--resume", help="continue a run exactly: a last.pt, or auto (the output folder's last.pt, if any)")
     run.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32")
     run.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions on GPUs and CPUs)")
+    data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a note where it cannot)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true", help="hide the per-batch progress bars")
+    run.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)")
     return parser
+
+
+# Options that may differ from the checkpoint's when a run is resumed; any other difference is an error.
+RESUMABLE_OPTIONS = frozenset({"epochs", "patience", "workers", "device", "amp", "channels_last", "compile",
+                               "no_progress", "data_dir", "output_dir", "resume", "epochs_this_run", "tensorboard"})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags; a ``--config`` file sets the defaults first, so the command line wins."""
+    return parse_args_and_resume(argv)[0]
+
+
+def parse_args_and_resume(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any] | None]:
+    """The effective options and, with ``--resume``, the checkpoint to continue from.
+
+    A resumed run takes its options from the checkpoint; flags may change only :data:`RESUMABLE_OPTIONS`.
+    """
     parser = get_args_parser()
     pre_args, _ = parser.parse_known_args(argv)
     if pre_args.config:
         parser.set_defaults(**_config_defaults(parser, pre_args.config))
+        pre_args, _ = parser.parse_known_args(argv)
+    resume_path = resolve_resume_path(pre_args.resume, pre_args.output_dir) if pre_args.resume else None
+    if resume_path is None:
+        args = parser.parse_args(argv)
+        validate_args(args)
+        return args, None
+    if pre_args.config:
+        raise UserError("--resume takes its options from the checkpoint; drop --config")
+    checkpoint = load_checkpoint(resume_path)
+    if "training_state" not in checkpoint:
+        raise UserError(f"--resume {resume_path}: holds no training state (best.pt is for prediction); use last.pt")
+    saved = dict(checkpoint["config"])
+    parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent)})
     args = parser.parse_args(argv)
+    changed = sorted(key for key, value in vars(args).items()
+                     if key in saved and key not in RESUMABLE_OPTIONS and value != saved[key])
+    if changed:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
+        raise UserError(f"--resume: {flags} differ from the checkpoint's; only --epochs, --patience, --workers, "
+                        "--device, --amp, --data-dir, --output-dir and such may change when resuming")
     validate_args(args)
-    return args
+    print(f"resuming from {resume_path}")
+    return args, checkpoint
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -129,6 +178,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr {args.lr}: must be positive")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
+    if args.epochs_this_run is not None and args.epochs_this_run < 1:
+        raise UserError(f"--epochs-this-run {args.epochs_this_run}: must be at least 1")
     if args.patience < 0:
         raise UserError(f"--patience {args.patience}: must be 0 (never stop early) or more")
     args.workers = resolve_workers(args.workers)
@@ -137,27 +188,65 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
     """The effective configuration as plain values (what is printed, saved and stored in checkpoints)."""
-    return {key: value for key, value in sorted(vars(args).items()) if key != "config"}
+    return {key: value for key, value in sorted(vars(args).items()) if key not in ("config", "resume", "epochs_this_run")}
 
 
 # --------------------------------------------------------------------------- setup
 
 
-def make_loaders(data: TrainValData, args: argparse.Namespace, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    """Training loader (shuffled, augmented) and validation loader (eval transform)."""
-    common = dict(
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
-        collate_fn=collate_skipping_failures,
-    )
-    train_set = LabeledImages(data.train_samples, build_train_transform(args.img_size))
-    val_set = LabeledImages(data.val_samples, build_eval_transform(args.img_size))
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=False, generator=generator, **common)
-    val_loader = DataLoader(val_set, shuffle=False, **common)
-    return train_loader, val_loader
+@dataclass
+class Loaders:
+    """The training and validation loaders, and the on-device augmentation of the staged training path."""
+
+    train: DataLoader
+    val: DataLoader
+    train_transform: BatchTransform | None = None
+
+
+def resolve_augment_device(request: str, device: torch.device) -> str:
+    """``--augment-device``: ``auto`` augments on the GPU when training on CUDA, else on the CPU in the workers."""
+    if request == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if request == "gpu" and device.type != "cuda":
+        raise UserError(f"--augment-device gpu: needs a CUDA device (this run uses {device.type}); use auto or cpu")
+    return request
+
+
+def loader_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """DataLoader settings shared by both splits: workers that stay alive, pinned memory, prefetching."""
+    # A private generator: the loader draws its worker base seed from it, not from the global stream dropout uses.
+    options: dict[str, Any] = dict(batch_size=args.batch_size, num_workers=args.workers,
+                                   pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
+    if args.workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    return options
+
+
+def drops_lone_batch(size: int, batch_size: int) -> bool:
+    """Drop the last training batch when it would hold a single image: BatchNorm cannot train on one."""
+    return size % batch_size == 1 and size > 1
+
+
+def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> Loaders:
+    """Training loader (shuffled, augmented) and validation loader (the eval transform predict.py uses).
+
+    On the CPU path the workers decode and augment each training image with PIL; on the GPU path they only
+    decode and resize to a fixed staging size, and the batch is augmented on the device.
+    """
+    options = loader_options(args, accel.device)
+    decode_min_side = eval_resize_size(args.img_size)
+    val_set = LabeledImages(data.val_samples, build_eval_transform(args.img_size), decode_min_side)
+    val = DataLoader(val_set, shuffle=False, collate_fn=collate_skipping_failures, **options)
+    if resolve_augment_device(args.augment_device, accel.device) == "gpu":
+        staged = gpu_augment.StagedImages(data.train_samples, gpu_augment.staging_size(args.img_size))
+        train = DataLoader(staged, sampler=EpochSampler(len(staged), args.seed), drop_last=drops_lone_batch(
+                           len(staged), args.batch_size), collate_fn=gpu_augment.collate_staged, **options)
+        augment = gpu_augment.GpuTrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(accel.device)
+        return Loaders(train, val, train_transform=augment)
+    train_set = LabeledImages(data.train_samples, build_train_transform(args.img_size), decode_min_side)
+    train = DataLoader(train_set, sampler=EpochSampler(len(train_set), args.seed), drop_last=drops_lone_batch(
+                       len(train_set), args.batch_size), collate_fn=collate_skipping_failures, **options)
+    return Loaders(train, val)
 
 
 def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -168,10 +257,14 @@ def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.d
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
 
-def make_model(args: argparse.Namespace, num_classes: int, accel: Accel) -> nn.Module:
-    """The network with its pretrained trunk, frozen blocks fixed, on the device in its memory format."""
-    model = build_model(args.arch, num_classes, weights=args.weights, dropout=args.dropout)
+def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
+               resume: dict[str, Any] | None = None) -> nn.Module:
+    """The network with its pretrained trunk (or a resumed checkpoint's weights), frozen blocks fixed, on the device."""
+    weights = "none" if resume is not None else args.weights
+    model = build_model(args.arch, num_classes, weights=weights, dropout=args.dropout)
     freeze_blocks(model, parse_trainable(args.trainable))
+    if resume is not None:
+        model.load_state_dict(resume["model"])
     trainable, total = parameter_summary(model)
     print(f"model: {args.arch}, weights {args.weights}; training {args.trainable}: "
           f"{format_count(trainable)} of {format_count(total)} parameters ({trainable / total:.1%})")
@@ -220,13 +313,92 @@ def save_final_plots(history: list[dict], best: EvalResult, best_epoch: int, sto
     plots.plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")
 
 
+# --------------------------------------------------------------------------- state and resume
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last completed epoch: what a resume needs beyond the weights and optimizer."""
+
+    epoch: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_predictions: list[int] = field(default_factory=list)
+    best_targets: list[int] = field(default_factory=list)
+
+    def epochs_without_improvement(self) -> int:
+        """Epochs since the best val accuracy (what early stopping counts)."""
+        return self.epoch - self.best_epoch
+
+
+def cosine_learning_rate(base_lr: float, epoch: int, epochs: int) -> float:
+    """Cosine annealing from ``base_lr`` towards 0 over ``epochs`` (epoch 1 gets ``base_lr``), as CosineAnnealingLR.
+
+    A closed form of the epoch rather than a stateful scheduler, so a resumed run, or one whose --epochs was
+    extended, gets exactly the rate a run started with those epochs would have had.
+    """
+    return base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def training_state(progress: Progress, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Everything beyond the weights that an exact resume needs, as tensors and plain values."""
+    return {
+        "progress": asdict(progress),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": capture_rng_state(),
+    }
+
+
+def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None) -> Progress:
+    """Load optimizer, scaler and RNG states; returns the run's progress."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
+    """``--resume auto``: the output folder's last.pt if there is one; otherwise the given path, which must exist."""
+    if resume == "auto":
+        path = Path(output_dir) / "last.pt"
+        if not path.is_file():
+            print(f"note: --resume auto: no {path} yet, starting a new run")
+            return None
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: file not found; pass a last.pt written by train.py, or auto")
+    return path
+
+
 # --------------------------------------------------------------------------- main
 
 
-@exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train with the given command-line arguments; returns a summary (best epoch, accuracy, output folder)."""
-    args = parse_args(argv)
+@dataclass
+class Run:
+    """The objects one training run works with."""
+
+    args: argparse.Namespace
+    config: dict[str, Any]
+    accel: Accel
+    data: TrainValData
+    loaders: Loaders
+    model: nn.Module
+    step_model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    output_dir: Path
+    logger: TensorBoardLogger | None = None
+
+
+def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run, Progress]:
+    """Device, data, loaders, model, loss, optimizer and schedule; restored from ``resume`` when given."""
     config = config_of(args)
     print("config:\n" + "".join(f"  {key}: {value}\n" for key, value in config.items()), end="")
     device = pick_device(args.device)
@@ -235,52 +407,180 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"device: {describe_device(device)}, precision {accel.precision_name}"
           + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)
-
     data = load_train_val(args.data_dir, args.val_fraction, args.seed)
     describe_data(data)
-    train_loader, val_loader = make_loaders(data, args, device)
-    model = make_model(args, len(data.class_names), accel)
-    step_model = maybe_compile(model, args.compile)
-    criterion = make_criterion(data, args, device)
+    if resume is not None and resume["class_names"] != data.class_names:
+        raise UserError(f"--resume: the checkpoint's classes differ from those in {args.data_dir}/train")
+    model = make_model(args, len(data.class_names), accel, resume)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = make_grad_scaler(accel)
-
+    progress = Progress()
+    if resume is not None:
+        progress = restore_training_state(resume["training_state"], optimizer, scaler)
+        print(f"resumed after epoch {progress.epoch} (best val accuracy {progress.best_val_acc:.2%} "
+              f"at epoch {progress.best_epoch})")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=True))
+    logger = TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
+    run = Run(args, config, accel, data, make_loaders(data, args, accel), model, maybe_compile(model, args.compile),
+              make_criterion(data, args, device), optimizer, scaler, output_dir, logger)
+    return run, progress
 
-    history: list[dict[str, float]] = []
-    best_accuracy, best_epoch, best_eval, stopped_epoch = -1.0, 0, None, None
-    for epoch in range(1, args.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        trained = train_one_epoch(step_model, train_loader, criterion, optimizer, accel, scaler,
-                                  description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress)
-        evaluated = evaluate(step_model, val_loader, criterion, accel, show_progress=not args.no_progress)
-        scheduler.step()
-        row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": evaluated.loss,
-               "val_acc": evaluated.accuracy, "lr": lr, "seconds": trained.seconds + evaluated.seconds}
-        history.append(row)
-        is_best = evaluated.accuracy > best_accuracy
-        print(epoch_line(row, args.epochs, is_best, trained.images / max(trained.seconds, 1e-9), device), flush=True)
 
-        metrics = {key: value for key, value in row.items() if key != "epoch"}
-        checkpoint = make_checkpoint(model, data.class_names, config, epoch, metrics, IMAGENET_MEAN, IMAGENET_STD)
-        if is_best:
-            best_accuracy, best_epoch, best_eval = evaluated.accuracy, epoch, evaluated
-            save_checkpoint(checkpoint, output_dir / "best.pt")
-        save_checkpoint(checkpoint, output_dir / "last.pt")
-        write_history(history, output_dir / "history.csv")
-        if args.patience and epoch - best_epoch >= args.patience and epoch < args.epochs:
-            stopped_epoch = epoch
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a polite request to stop; a second Ctrl-C quits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler and must ignore the signal
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this batch (press Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run_epoch(run: Run, epoch: int, stop: StopRequest) -> tuple[dict[str, float], EvalResult | None, float]:
+    """Train and validate one epoch; returns the history row, the validation result and training images/s.
+
+    The validation result is None when a stop request cut the epoch short.
+    """
+    args = run.args
+    lr = cosine_learning_rate(args.lr, epoch, args.epochs)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.loaders.train.sampler.set_epoch(epoch)
+    trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel, run.scaler,
+                              run.loaders.train_transform, epoch_seed(args.seed, epoch),
+                              description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress,
+                              should_stop=stop)
+    if trained.interrupted:
+        return {}, None, 0.0
+    evaluated = evaluate(run.step_model, run.loaders.val, run.criterion, run.accel, show_progress=not args.no_progress)
+    row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": evaluated.loss,
+           "val_acc": evaluated.accuracy, "lr": lr, "seconds": trained.seconds + evaluated.seconds}
+    return row, evaluated, trained.images / max(trained.seconds, 1e-9)
+
+
+def record_epoch(run: Run, progress: Progress, row: dict[str, float], evaluated: EvalResult) -> bool:
+    """Update the progress with a finished epoch and write best.pt, last.pt and history.csv; True if best."""
+    epoch = int(row["epoch"])
+    is_best = evaluated.accuracy > progress.best_val_acc
+    progress.epoch = epoch
+    progress.history.append(row)
+    if is_best:
+        progress.best_val_acc, progress.best_epoch = evaluated.accuracy, epoch
+        progress.best_predictions = evaluated.predictions.tolist()
+        progress.best_targets = evaluated.targets.tolist()
+    metrics = {key: value for key, value in row.items() if key != "epoch"}
+    checkpoint = make_checkpoint(run.model, run.data.class_names, run.config, epoch, metrics, IMAGENET_MEAN,
+                                 IMAGENET_STD)
+    if is_best:
+        save_checkpoint(checkpoint, run.output_dir / "best.pt")
+    checkpoint["training_state"] = training_state(progress, run.optimizer, run.scaler)
+    save_checkpoint(checkpoint, run.output_dir / "last.pt")
+    write_history(progress.history, run.output_dir / "history.csv")
+    return is_best
+
+
+def write_best_report(run: Run) -> None:
+    """The evaluation report (metrics, per-class table, pictures) of best.pt on the validation split."""
+    best_checkpoint = load_checkpoint(run.output_dir / "best.pt")
+    model = run.accel.prepare_model(model_from_checkpoint(best_checkpoint))
+    write_evaluation_report(model, best_checkpoint, run.data.val_samples, run.output_dir / "report", run.accel,
+                            source=run.data.val_source, history_path=run.output_dir / "history.csv",
+                            batch_size=run.args.batch_size, workers=run.args.workers,
+                            show_progress=not run.args.no_progress)
+
+
+def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str, Any]:
+    """Plots of the whole run and a closing line; returns the run's summary."""
+    best = EvalResult(0.0, progress.best_val_acc, len(progress.best_targets), 0.0,
+                      torch.tensor(progress.best_predictions, dtype=torch.long),
+                      torch.tensor(progress.best_targets, dtype=torch.long))
+    save_final_plots(progress.history, best, progress.best_epoch, stopped_epoch, run.data.class_names, run.output_dir)
+    write_best_report(run)
+    if run.logger is not None:
+        for name in ("loss_curve", "accuracy_curve", "confusion_matrix"):
+            run.logger.log_figure(name, run.output_dir / f"{name}.png")
+        run.logger.close()
+    print(f"best val accuracy {progress.best_val_acc:.2%} at epoch {progress.best_epoch}; wrote {run.output_dir}/"
+          "best.pt, last.pt, history.csv, loss_curve.png, accuracy_curve.png, confusion_matrix.png, config.yaml, "
+          "report/")
+    return {"best_epoch": progress.best_epoch, "best_val_acc": progress.best_val_acc,
+            "output_dir": str(run.output_dir), "epochs_run": len(progress.history)}
+
+
+def report_interruption(run: Run, progress: Progress) -> None:
+    """Say what an interrupted run kept and how to continue it."""
+    last = run.output_dir / "last.pt"
+    if progress.epoch == 0:
+        print("interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
+    else:
+        print(f"interrupted: {last} holds epoch {progress.epoch}; continue with: python train.py --resume {last}",
+              file=sys.stderr)
+
+
+def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
+    """The epoch loop, with early stopping; returns the epoch where early stopping fired, if it did."""
+    args = run.args
+    last_epoch = args.epochs if args.epochs_this_run is None else min(args.epochs, progress.epoch + args.epochs_this_run)
+    for epoch in range(progress.epoch + 1, last_epoch + 1):
+        try:
+            row, evaluated, images_per_second = run_epoch(run, epoch, stop)
+        except NonFiniteLossError as error:
+            raise UserError(f"training diverged in epoch {epoch}: {error}; {run.output_dir} keeps the last good "
+                            "checkpoints; try a lower --lr (or --amp off)") from None
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"out of GPU memory at --batch-size {args.batch_size} in epoch {epoch}; try "
+                            f"--batch-size {max(1, args.batch_size // 2)} (or a smaller --img-size)") from None
+        if evaluated is None:
+            return None
+        is_best = record_epoch(run, progress, row, evaluated)
+        print(epoch_line(row, args.epochs, is_best, images_per_second, run.accel.device), flush=True)
+        if run.logger is not None:
+            run.logger.log_epoch(epoch, row, images_per_second)
+        if stop.requested:
+            return None
+        if args.patience and progress.epochs_without_improvement() >= args.patience and epoch < args.epochs:
             print(f"early stop: no better val accuracy for {args.patience} epochs")
-            break
+            return epoch
+    return None
 
-    save_final_plots(history, best_eval, best_epoch, stopped_epoch, data.class_names, output_dir)
-    print(f"best val accuracy {best_accuracy:.2%} at epoch {best_epoch}; wrote {output_dir}/best.pt, last.pt, "
-          "history.csv, loss_curve.png, accuracy_curve.png, confusion_matrix.png, config.yaml")
-    return {"best_epoch": best_epoch, "best_val_acc": best_accuracy, "output_dir": str(output_dir),
-            "epochs_run": len(history)}
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train with the given command-line arguments; returns a summary (best epoch, accuracy, output folder)."""
+    args, resume = parse_args_and_resume(argv)
+    run, progress = set_up(args, resume)
+    with StopRequest() as stop:
+        stopped_epoch = train_epochs(run, progress, stop)
+    if stop.requested:
+        report_interruption(run, progress)
+        raise SystemExit(130)
+    if progress.epoch < args.epochs and stopped_epoch is None:
+        print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
+              f"python train.py --resume {run.output_dir / 'last.pt'}")
+    return finish(run, progress, stopped_epoch)
 
 
 if __name__ == "__main__":

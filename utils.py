@@ -83,6 +83,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy and PyTorch (CPU and CUDA) random states, as tensors and plain values."""
+    version, mt_state, gauss = random.getstate()
+    bit_generator, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [bit_generator, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng_state`: the random streams continue where they were captured."""
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    bit_generator, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((bit_generator, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a flat dict of option names (dashes become underscores)."""
     import yaml
@@ -97,6 +120,10 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: not valid YAML ({first_line})") from None
     if not isinstance(content, dict):
         raise UserError(f"--config {path}: expected 'option: value' lines at the top level")
+    for key, value in content.items():
+        if value is None or isinstance(value, (list, dict)):
+            raise UserError(f"--config {path}: {key}: {value!r} is not one value; write it as on the command line "
+                            "(e.g. trainable: layer4,fc)")
     return {str(key).replace("-", "_"): value for key, value in content.items()}
 
 
@@ -118,6 +145,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp_path)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class _temporary_sibling:
     """Context manager yielding a temp path beside ``path``; renamed onto ``path`` on success, removed on error."""
 
@@ -128,6 +161,7 @@ class _temporary_sibling:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle, self.tmp_path = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(handle)
+        os.chmod(self.tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
         return self.tmp_path
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:

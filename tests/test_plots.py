@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -11,10 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Let `pytest` find the repo-root module however it is invoked.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import plots  # noqa: E402
+import plots
 
 
 def make_history(num_epochs: int) -> list[dict]:

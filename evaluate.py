@@ -1,0 +1,138 @@
+"""Evaluate a trained checkpoint on a labeled split and write a report folder.
+
+    python evaluate.py --checkpoint checkpoints/best.pt --data-dir data          # DATA_DIR/val
+    python evaluate.py --checkpoint checkpoints/best.pt --split-dir other/labeled # any ImageFolder tree
+
+Class folders are matched to the checkpoint's classes by name. Without DATA_DIR/val, the held-out part of
+DATA_DIR/train that training used is rebuilt from the checkpoint's val_fraction and seed. Writes into
+--report-dir (default: a report/ folder beside the checkpoint) metrics.json, per_class.csv,
+confusion_matrix.png, top_confusions.csv, misclassified.png and report.md; see report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from accel import AMP_CHOICES, Accel, configure_backends, resolve_amp
+from checkpoint import load_checkpoint, model_from_checkpoint
+from dataset import Sample, class_folders, is_image_name, load_train_val, report_ignored, scan_labeled_split
+from report import write_evaluation_report
+from utils import UserError, describe_device, exit_on_user_error, pick_device, resolve_workers
+
+MAX_NAMES_IN_ERROR = 10
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """The evaluation options."""
+    parser = argparse.ArgumentParser(
+        description="Evaluate a checkpoint on a labeled ImageFolder split and write metrics, tables, figures "
+                    "and report.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=add_help,
+    )
+    parser.add_argument("--checkpoint", default="checkpoints/best.pt", help="a best.pt or last.pt written by train.py")
+    parser.add_argument("--data-dir", default="data", help="evaluates DATA_DIR/val/<class>/ (or, without it, "
+                        "the held-out part of DATA_DIR/train/ that training used)")
+    parser.add_argument("--split-dir", help="evaluate this labeled folder of <class>/ sub-folders instead")
+    parser.add_argument("--report-dir", help="where the report goes (None: a report/ folder beside the checkpoint)")
+    parser.add_argument("--top-confusions", type=int, default=20, metavar="N",
+                        help="rows of top_confusions.csv (largest off-diagonal cells)")
+    parser.add_argument("--misclassified", type=int, default=24, metavar="N",
+                        help="most confident mistakes shown in misclassified.png")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision, as in train.py")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject counts that make no sense before any work is done."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    for flag, value in (("--top-confusions", args.top_confusions), ("--misclassified", args.misclassified)):
+        if value < 0:
+            raise UserError(f"{flag} {value}: must be 0 or more")
+    args.workers = resolve_workers(args.workers)
+
+
+def _listed(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:MAX_NAMES_IN_ERROR])
+    return shown + (f" and {len(names) - MAX_NAMES_IN_ERROR} more" if len(names) > MAX_NAMES_IN_ERROR else "")
+
+
+def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[Sample]:
+    """Labeled samples of ``split_dir``, its class folders matched to the checkpoint's classes by name."""
+    if not split_dir.is_dir():
+        raise UserError(f"{flag} {split_dir}: folder not found; it should hold <class>/*.jpg folders")
+    folders = [name for name in class_folders(split_dir)
+               if any(is_image_name(path) for path in (split_dir / name).iterdir())]
+    unknown = [name for name in folders if name not in class_names]
+    if unknown:
+        raise UserError(f"{split_dir}: class folder(s) {_listed(unknown)} are not classes of the checkpoint "
+                        f"(it knows {_listed(list(class_names))})")
+    samples, ignored = scan_labeled_split(split_dir, class_names)
+    report_ignored(str(split_dir), ignored)
+    if not samples:
+        raise UserError(f"{flag} {split_dir}: no images in class folders; expected {split_dir}/<class>/*.jpg")
+    return samples
+
+
+def held_out_split(data_dir: Path, checkpoint: dict[str, Any]) -> tuple[list[Sample], str]:
+    """The part of ``data_dir/train`` that training held out as val, rebuilt from the checkpoint's config."""
+    config = checkpoint["config"]
+    if "val_fraction" not in config or "seed" not in config:
+        raise UserError(f"--data-dir {data_dir}: no val/ folder, and the checkpoint does not record how training "
+                        "split train/; pass --split-dir")
+    data = load_train_val(data_dir, config["val_fraction"], config["seed"])
+    if data.class_names != list(checkpoint["class_names"]):
+        raise UserError(f"--data-dir {data_dir}: the class folders of train/ differ from the checkpoint's, so the "
+                        "held-out split cannot be rebuilt; pass --split-dir")
+    return data.val_samples, data.val_source
+
+
+def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple[list[Sample], str]:
+    """The samples to evaluate and a description of where they come from."""
+    class_names = checkpoint["class_names"]
+    if args.split_dir:
+        return scan_split(Path(args.split_dir), class_names, "--split-dir"), str(args.split_dir)
+    data_dir = Path(args.data_dir)
+    val_dir = data_dir / "val"
+    if val_dir.is_dir():
+        return scan_split(val_dir, class_names, "--data-dir"), str(val_dir)
+    if (data_dir / "train").is_dir():
+        print(f"note: no {val_dir}; evaluating the part of {data_dir / 'train'} that training held out")
+        return held_out_split(data_dir, checkpoint)
+    raise UserError(f"--data-dir {data_dir}: no val/ or train/ folder inside; pass --split-dir DIR to evaluate "
+                    "another labeled folder")
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate and write the report; returns the metrics (as in metrics.json) and the report folder."""
+    args = get_args_parser().parse_args(argv)
+    validate_args(args)
+    checkpoint = load_checkpoint(args.checkpoint)
+    samples, source = resolve_split(args, checkpoint)
+    device = pick_device(args.device)
+    accel = Accel(device, resolve_amp(args.amp, device))
+    configure_backends(device)
+    print(f"device: {describe_device(device)}, precision {accel.precision_name}")
+    print(f"checkpoint: {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
+          f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
+    model = accel.prepare_model(model_from_checkpoint(checkpoint))
+    checkpoint_dir = Path(args.checkpoint).parent
+    return write_evaluation_report(
+        model, checkpoint, samples, Path(args.report_dir) if args.report_dir else checkpoint_dir / "report", accel,
+        source=source, history_path=checkpoint_dir / "history.csv", batch_size=args.batch_size,
+        workers=args.workers, show_progress=not args.no_progress, top_confusions=args.top_confusions,
+        misclassified=args.misclassified,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,394 @@
+"""The evaluation report of a trained checkpoint on a labeled split: metrics, per-class table, figures, report.md.
+
+One implementation, used by ``evaluate.py`` and by ``train.py`` at the end of training (for ``best.pt``):
+
+    write_evaluation_report(model, checkpoint, samples, report_dir, accel, source="data/val", history_path=...)
+
+writes into ``report_dir``:
+
+- ``metrics.json``: accuracy, balanced accuracy, macro-F1, top-k accuracy (k = min(5, classes)), plain
+  cross-entropy loss, image count, and the files that could not be decoded;
+- ``per_class.csv``: support, predictions, precision, recall, F1 and the class each is most confused with;
+- ``confusion_matrix.png``: normalized by true class (classes grouped by confusion past 30 classes);
+- ``top_confusions.csv``: the largest off-diagonal cells;
+- ``misclassified.png``: the most confident mistakes, as the original images;
+- ``report.md``: one page tying these together with the run's configuration and training history.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import metrics
+import plots
+from accel import Accel
+from dataset import Sample, UnlabeledImages, build_eval_transform, collate_with_failures, eval_resize_size, load_rgb
+from engine import predict_probabilities
+from utils import UserError, atomic_write_text
+
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "top_confusions.csv",
+                "misclassified.png", "report.md")
+TOP_K = 5
+THUMBNAIL_PIXELS = 256  # longest side of a misclassified thumbnail; more only makes the figure heavy
+MAX_CAPTION_CHARS = 22  # keeps a caption line within its grid cell
+FULL_CLASS_TABLE_UP_TO = 15  # report.md lists every class up to this count, else only the weakest
+WEAKEST_CLASSES_SHOWN = 10
+TOP_CONFUSIONS_SHOWN = 10
+
+
+@dataclass
+class Predictions:
+    """What the model said about each decoded image of a labeled split, in sample order."""
+
+    paths: list[str]
+    targets: np.ndarray  # [n] true class indices
+    probabilities: np.ndarray  # [n, classes] softmax probabilities
+    failed: list[str]  # files that could not be decoded (left out of everything above)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The most probable class of each image."""
+        return self.probabilities.argmax(axis=1)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def predict_samples(
+    model: torch.nn.Module,
+    checkpoint: dict[str, Any],
+    samples: Sequence[Sample],
+    accel: Accel,
+    batch_size: int = 128,
+    workers: int = 0,
+    show_progress: bool = True,
+) -> Predictions:
+    """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set aside."""
+    paths = [path for path, _ in samples]
+    transform = build_eval_transform(checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
+    loader = DataLoader(UnlabeledImages(paths, transform, eval_resize_size(checkpoint["img_size"])),
+                        batch_size=batch_size, num_workers=workers,
+                        pin_memory=accel.device.type == "cuda", collate_fn=collate_with_failures)
+    probabilities, failed = predict_probabilities(model, loader, len(paths), accel, show_progress)
+    keep = np.ones(len(paths), dtype=bool)
+    keep[failed] = False
+    return Predictions(
+        paths=[path for path, kept in zip(paths, keep) if kept],
+        targets=np.asarray([label for _, label in samples], dtype=np.int64)[keep],
+        probabilities=probabilities.numpy()[keep],
+        failed=[paths[index] for index in failed],
+    )
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_evaluation_report(
+    model: torch.nn.Module,
+    checkpoint: dict[str, Any],
+    samples: Sequence[Sample],
+    report_dir: str | Path,
+    accel: Accel,
+    *,
+    source: str = "",
+    history_path: str | Path | None = None,
+    batch_size: int = 128,
+    workers: int = 0,
+    show_progress: bool = True,
+    top_confusions: int = 20,
+    misclassified: int = 24,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``samples`` (``(path, index into checkpoint['class_names'])``) and write the report.
+
+    ``source`` names the split in the report; ``history_path`` is the run's ``history.csv`` (skipped if absent).
+    Returns the contents of ``metrics.json`` plus ``report_dir``.
+    """
+    if not samples:
+        raise UserError(f"{source or 'evaluation'}: no labeled images to evaluate")
+    predictions = predict_samples(model, checkpoint, samples, accel, batch_size, workers, show_progress)
+    if predictions.failed:
+        print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded: "
+              + ", ".join(predictions.failed))
+    if not predictions.paths:
+        raise UserError(f"{source or 'evaluation'}: none of the {len(samples)} images could be decoded")
+    return write_report_files(predictions, checkpoint, report_dir, source=source, history_path=history_path,
+                              top_confusions=top_confusions, misclassified=misclassified)
+
+
+def write_report_files(
+    predictions: Predictions,
+    checkpoint: dict[str, Any],
+    report_dir: str | Path,
+    *,
+    source: str = "",
+    history_path: str | Path | None = None,
+    top_confusions: int = 20,
+    misclassified: int = 24,
+) -> dict[str, Any]:
+    """Write every report file from finished predictions (no model needed); returns the metrics."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    class_names = [str(name) for name in checkpoint["class_names"]]
+    confusion = metrics.confusion_matrix(predictions.targets, predictions.predicted, len(class_names))
+    summary = {**metrics.summary_metrics(predictions.probabilities, predictions.targets, TOP_K),
+               "classes": len(class_names), "split": source, "undecodable": predictions.failed}
+    atomic_write_text(report_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(report_dir / "per_class.csv", per_class_csv(confusion, class_names))
+    pairs = metrics.top_confusions(confusion, top_confusions)
+    atomic_write_text(report_dir / "top_confusions.csv", top_confusions_csv(pairs, class_names))
+    grouped = plot_report_confusion(confusion, class_names, source, report_dir / "confusion_matrix.png")
+    shown = plot_misclassified(predictions, class_names, misclassified, report_dir / "misclassified.png")
+    history = read_history(history_path)
+    curve = relative_curve_path(history_path, report_dir)
+    atomic_write_text(report_dir / "report.md", report_markdown(
+        summary, confusion, class_names, pairs, checkpoint, history, curve, grouped=grouped, mistakes_shown=shown))
+    print(f"evaluation on {source or 'the split'}: {summary['images']} images, accuracy {summary['accuracy']:.2%}, "
+          f"balanced accuracy {summary['balanced_accuracy']:.2%}, macro-F1 {summary['macro_f1']:.3f}; "
+          f"wrote {report_dir}/" + "{" + ",".join(REPORT_FILES) + "}")
+    return {**summary, "report_dir": str(report_dir)}
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def per_class_csv(confusion: np.ndarray, class_names: Sequence[str]) -> str:
+    """``per_class.csv``: one row per class in folder order."""
+    scores = metrics.class_scores(confusion)
+    confused = metrics.most_confused_with(confusion)
+    rows = []
+    for index, name in enumerate(class_names):
+        other = confused[index]
+        rows.append([name, int(scores.support[index]), int(scores.predicted[index]),
+                     f"{scores.precision[index]:.4f}", f"{scores.recall[index]:.4f}", f"{scores.f1[index]:.4f}",
+                     class_names[other[0]] if other else "", f"{other[1]:.4f}" if other else ""])
+    header = ["class", "support", "predicted", "precision", "recall", "f1", "most_confused_with", "confused_share"]
+    return _csv_text(header, rows)
+
+
+def top_confusions_csv(pairs: Sequence[tuple[int, int, int, float]], class_names: Sequence[str]) -> str:
+    """``top_confusions.csv``: true class, predicted class, count and share of the true class, largest first."""
+    rows = [[class_names[true], class_names[predicted], count, f"{share:.4f}"]
+            for true, predicted, count, share in pairs]
+    return _csv_text(["true", "predicted", "count", "share_of_true"], rows)
+
+
+def read_history(path: str | Path | None) -> list[dict[str, float]]:
+    """The rows of a ``history.csv`` as numbers; empty when there is none or it cannot be read."""
+    if path is None or not Path(path).is_file():
+        return []
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as handle:
+            return [{key: float(value) for key, value in row.items() if value not in ("", None)}
+                    for row in csv.DictReader(handle)]
+    except (OSError, ValueError):
+        return []
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_report_confusion(confusion: np.ndarray, class_names: list[str], source: str, path: Path) -> bool:
+    """The confusion matrix figure, in :func:`plots.auto_class_order`; True when that is not folder order."""
+    order = plots.auto_class_order(confusion)
+    grouped = order != sorted(order)
+    where = f" on {source}" if source else ""
+    title = f"Confusion matrix{where} (normalized by true class{', classes grouped by confusion' if grouped else ''})"
+    plots.plot_confusion_matrix(confusion, class_names, path, title=title, order=order)
+    return grouped
+
+
+def relative_curve_path(history_path: str | Path | None, report_dir: Path) -> str | None:
+    """``accuracy_curve.png`` beside the history, relative to the report folder (for report.md); None if absent."""
+    if history_path is None:
+        return None
+    curve = Path(history_path).parent / "accuracy_curve.png"
+    if not curve.is_file():
+        return None
+    return Path(os.path.relpath(curve.resolve(), report_dir.resolve())).as_posix()
+
+
+def worst_mistakes(predictions: Predictions, limit: int) -> list[int]:
+    """Positions of the wrong predictions with the highest confidence, most confident first."""
+    predicted = predictions.predicted
+    wrong = np.flatnonzero(predicted != predictions.targets)
+    confidence = predictions.probabilities[wrong, predicted[wrong]]
+    ranked = wrong[np.argsort(-confidence, kind="stable")]
+    return [int(position) for position in ranked[: max(limit, 0)]]
+
+
+def plot_misclassified(predictions: Predictions, class_names: Sequence[str], limit: int, path: Path) -> int:
+    """The grid of the most confident mistakes; returns how many it shows."""
+    positions = worst_mistakes(predictions, limit)
+    wrong_total = int((predictions.predicted != predictions.targets).sum())
+    images = [thumbnail(predictions.paths[position]) for position in positions]
+    captions = [mistake_caption(predictions, position, class_names) for position in positions]
+    title = f"Most confident mistakes: {len(positions)} of {wrong_total} misclassified images"
+    plots.plot_image_grid(images, captions, path, title, empty_message="no misclassified images")
+    return len(positions)
+
+
+def thumbnail(path: str) -> np.ndarray:
+    """The original image (EXIF-oriented RGB, not normalized), shrunk to at most ``THUMBNAIL_PIXELS`` a side."""
+    image = load_rgb(path)
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    return np.asarray(image)
+
+
+def _clip(text: str, limit: int = MAX_CAPTION_CHARS, keep_end: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1):] if keep_end else text[: limit - 1] + "…"
+
+
+def mistake_caption(predictions: Predictions, position: int, class_names: Sequence[str]) -> str:
+    """Four lines: true class, predicted class with its confidence, the true class' probability, the file name."""
+    true, guess = int(predictions.targets[position]), int(predictions.predicted[position])
+    probabilities = predictions.probabilities[position]
+    return (f"true: {_clip(class_names[true])}\n"
+            f"pred: {_clip(class_names[guess])} ({probabilities[guess]:.0%})\n"
+            f"p(true) = {probabilities[true]:.1%}\n"
+            f"{_clip(Path(predictions.paths[position]).name, keep_end=True)}")
+
+
+# --------------------------------------------------------------------------- report.md
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+
+
+def report_markdown(
+    summary: dict[str, Any],
+    confusion: np.ndarray,
+    class_names: Sequence[str],
+    pairs: Sequence[tuple[int, int, int, float]],
+    checkpoint: dict[str, Any],
+    history: list[dict[str, float]],
+    curve: str | None,
+    grouped: bool,
+    mistakes_shown: int,
+) -> str:
+    """The one-page summary, linking the figures and CSV files by relative path."""
+    sections = [
+        _header_section(summary, checkpoint),
+        _metrics_section(summary),
+        _training_section(history, checkpoint, curve),
+        _confusion_section(grouped, pairs, class_names),
+        _class_section(confusion, class_names),
+        _mistakes_section(mistakes_shown),
+        _config_section(checkpoint.get("config", {})),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def _header_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list[str]:
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Checkpoint: {checkpoint.get('arch', '?')}, {summary['classes']} classes, {checkpoint.get('img_size', '?')} px, "
+        f"saved at epoch {checkpoint.get('epoch', '?')}. Evaluated on {summary['split'] or 'a labeled split'}: "
+        f"{summary['images']} images.",
+    ]
+    if summary["undecodable"]:
+        lines += ["", f"Left out {len(summary['undecodable'])} file(s) that could not be decoded: "
+                  + ", ".join(f"`{path}`" for path in summary["undecodable"])]
+    return lines
+
+
+def _metrics_section(summary: dict[str, Any]) -> list[str]:
+    rows = [
+        ("accuracy", f"{summary['accuracy']:.2%}"),
+        ("balanced accuracy (mean recall)", f"{summary['balanced_accuracy']:.2%}"),
+        ("macro-F1", f"{summary['macro_f1']:.4f}"),
+        (f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy']:.2%}"),
+        ("loss (plain cross-entropy)", f"{summary['loss']:.4f}"),
+        ("images", summary["images"]),
+    ]
+    return ["## Metrics", "", *_table(["metric", "value"], rows), "",
+            "All figures are in `metrics.json`. The loss has no class weights and no label smoothing, so it "
+            "differs from the val loss in the training log when those were on."]
+
+
+def _training_section(history: list[dict[str, float]], checkpoint: dict[str, Any], curve: str | None) -> list[str]:
+    if not history or not all("val_acc" in row and "epoch" in row for row in history):
+        return ["## Training", "", "No `history.csv` beside the checkpoint."]
+    best = max(history, key=lambda row: row["val_acc"])  # the first of equal maxima, as train.py keeps it
+    final = history[-1]
+    configured = checkpoint.get("config", {}).get("epochs")
+    of = f" of {configured} configured" if configured else ""
+    return ["## Training", "",
+            f"Best epoch {int(best['epoch'])} (val accuracy {best['val_acc']:.2%}); final epoch {int(final['epoch'])}"
+            f"{of} (val accuracy {final['val_acc']:.2%})."] + (["", f"![accuracy curve]({curve})"] if curve else [])
+
+
+def _confusion_section(grouped: bool, pairs: Sequence[tuple[int, int, int, float]],
+                       class_names: Sequence[str]) -> list[str]:
+    order_note = ("Classes are grouped by confusion (average-linkage clustering), so classes mistaken for each "
+                  "other sit together." if grouped else "Classes are in folder order.")
+    lines = ["## Confusion matrix", "", "![confusion matrix](confusion_matrix.png)", "", order_note, "",
+             "### Top confusions", ""]
+    if not pairs:
+        return lines + ["No mistakes."]
+    rows = [(class_names[true], class_names[guess], count, f"{share:.1%}")
+            for true, guess, count, share in pairs[:TOP_CONFUSIONS_SHOWN]]
+    return lines + _table(["true", "predicted as", "count", "share of true class"], rows) + [
+        "", f"The largest {len(pairs)} are in `top_confusions.csv`."]
+
+
+def _class_section(confusion: np.ndarray, class_names: Sequence[str]) -> list[str]:
+    scores = metrics.class_scores(confusion)
+    confused = metrics.most_confused_with(confusion)
+    present = [index for index in range(len(class_names)) if scores.support[index] > 0]
+    if len(class_names) <= FULL_CLASS_TABLE_UP_TO:
+        title, shown = "## Per class", present
+    else:
+        title = f"## Weakest {min(WEAKEST_CLASSES_SHOWN, len(present))} classes (lowest F1)"
+        shown = sorted(present, key=lambda index: (scores.f1[index], index))[:WEAKEST_CLASSES_SHOWN]
+    rows = []
+    for index in shown:
+        other = confused[index]
+        rows.append((class_names[index], int(scores.support[index]), f"{scores.precision[index]:.2f}",
+                     f"{scores.recall[index]:.2f}", f"{scores.f1[index]:.2f}",
+                     f"{class_names[other[0]]} ({other[1]:.0%})" if other else "-"))
+    missing = len(class_names) - len(present)
+    note = [f"{missing} class(es) have no images in this split."] if missing else []
+    return [title, "", *_table(["class", "support", "precision", "recall", "F1", "most confused with"], rows), "",
+            "Every class is in `per_class.csv`.", *note]
+
+
+def _mistakes_section(mistakes_shown: int) -> list[str]:
+    if not mistakes_shown:
+        return ["## Most confident mistakes", "", "No misclassified images."]
+    return ["## Most confident mistakes", "",
+            "The wrong predictions the model was surest of (often label noise or truly ambiguous images):", "",
+            "![most confident mistakes](misclassified.png)"]
+
+
+def _config_section(config: dict[str, Any]) -> list[str]:
+    lines = ["## Configuration", "", "```yaml"]
+    lines += [f"{key}: {value}" for key, value in sorted(config.items())]
+    return lines + ["```"]

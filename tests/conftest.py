@@ -1,0 +1,275 @@
+"""Shared fixtures: a generated, trivially separable 12-class colour dataset, one trained run, CLI helpers.
+
+Everything here is small and deterministic so the whole suite runs on a 2-core CPU in a few minutes:
+32 px images, ResNet-18 and 2 epochs for the shared end-to-end run, one thread per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import random
+import subprocess
+import sys
+import urllib.error
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# Tiny tensors gain nothing from a second thread, and OpenMP threads that spin while another process holds
+# the other core make a run many times slower. Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision.models._api  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32
+NUM_CLASSES = 12
+
+# One solid colour per class folder 0..11: primaries, secondaries, greys and dark primaries.
+CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0),
+    (255, 255, 255),
+    (128, 128, 128),
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (0, 255, 255),
+    (255, 0, 255),
+    (128, 0, 0),
+    (0, 128, 0),
+    (0, 0, 128),
+)
+
+# Flags that keep a run small and repeatable: no worker processes, no progress bars, full fp32 precision
+# (--amp auto would pick bf16 on CPUs that have it, and the accuracy thresholds were checked in fp32).
+PREDICT_FLAGS: tuple[str, ...] = ("--workers", "0", "--no-progress", "--amp", "off")
+FAST_FLAGS: tuple[str, ...] = ("--img-size", str(IMAGE_SIZE), *PREDICT_FLAGS)
+
+# The shared end-to-end recipe: ResNet-18 from scratch, the default --trainable layer4,fc. Checked on 52 runs
+# (training seeds 0-15, data seeds 0-2): 92-100% test accuracy after 2 epochs, 100% in most.
+E2E_TRAIN_FLAGS: tuple[str, ...] = (
+    "--arch", "resnet18", "--weights", "none", "--lr", "5e-4", "--batch-size", "6", "--epochs", "2", "--seed", "0",
+    *FAST_FLAGS,
+)
+
+
+# --------------------------------------------------------------------------- generated data
+
+
+def colour_image(colour: Sequence[int], rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """A ``size`` x ``size`` RGB image of one solid colour plus a little Gaussian noise."""
+    noise = rng.normal(0.0, 8.0, (size, size, 3))
+    pixels = np.clip(np.asarray(colour, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_colour_dataset(
+    root: Path,
+    num_classes: int = NUM_CLASSES,
+    train_per_class: int = 6,
+    val_per_class: int = 2,
+    test_per_class: int = 2,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write ``root/train/<class>/``, ``root/val/<class>/`` (skipped when ``val_per_class`` is 0) and a flat
+    ``root/test/`` of uuid-named JPEGs, plus ``root/test_labels.csv``; returns the test labels by name (no extension).
+
+    Class folders are ``0``..``num_classes - 1`` and class ``k`` is solid ``CLASS_COLOURS[k]``.
+    """
+    rng = np.random.default_rng(seed)
+    names = random.Random(seed)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for label in range(num_classes):
+            folder = root / split / str(label)
+            for index in range(per_class):
+                folder.mkdir(parents=True, exist_ok=True)
+                colour_image(CLASS_COLOURS[label], rng).save(folder / f"{label}_{index}.jpg", quality=95)
+    test_dir = root / "test"
+    test_dir.mkdir(parents=True, exist_ok=True)
+    labels: dict[str, str] = {}
+    for label in range(num_classes):
+        for _ in range(test_per_class):
+            name = str(uuid.UUID(int=names.getrandbits(128), version=4))
+            colour_image(CLASS_COLOURS[label], rng).save(test_dir / f"{name}.jpg", quality=95)
+            labels[name] = str(label)
+    write_labels_csv(root / "test_labels.csv", labels)
+    return labels
+
+
+def write_labels_csv(path: Path, labels: dict[str, str]) -> None:
+    """Write ``image_name,label`` rows, the format ``predict.py --labels`` reads."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["image_name", "label"])
+        writer.writerows(sorted(labels.items()))
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file as dicts keyed by its header."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@dataclass(frozen=True)
+class ColourData:
+    """A generated dataset: its root folder and the true label of each test image (keyed by name, no extension)."""
+
+    root: Path
+    test_labels: dict[str, str]
+
+    @property
+    def test_dir(self) -> Path:
+        return self.root / "test"
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory: pytest.TempPathFactory) -> ColourData:
+    """The 12-class dataset with train/, val/ and test/, plus the clutter real folders have.
+
+    test/ also holds ``.DS_Store`` and ``notes.txt`` (to be ignored); train/3/ holds two files named .jpg that
+    cannot be decoded (an empty file and a text file), which training must skip and list.
+    Treat it as read-only: several tests share it.
+    """
+    root = tmp_path_factory.mktemp("colours")
+    labels = write_colour_dataset(root)
+    (root / "test" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "test" / "notes.txt").write_text("not an image\n")
+    (root / "train" / "3" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "3" / "not-really.jpg").write_text("this is text, not a JPEG\n")
+    return ColourData(root, labels)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> ColourData:
+    """A tiny clean 3-class dataset (4 train, 1 val, 1 test image a class) for quick runs and error cases."""
+    root = tmp_path_factory.mktemp("small")
+    return ColourData(root, write_colour_dataset(root, num_classes=3, train_per_class=4, val_per_class=1,
+                                                 test_per_class=1, seed=1))
+
+
+# --------------------------------------------------------------------------- running the scripts
+
+
+@dataclass
+class CliResult:
+    """What a script run produced: exit code, captured output, and ``main``'s return value when run in-process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    value: Any = None
+
+
+def run_script(script: str, *args: str | Path, cwd: Path = REPO_ROOT) -> CliResult:
+    """Run ``python <repo>/<script> ARGS`` in a subprocess, as a user would from a shell."""
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / script), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def call_main(main: Callable[[list[str]], Any], *args: str | Path) -> CliResult:
+    """Call a script's ``main(argv)`` in this process, as from a notebook, capturing its output and exit code."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            value, code = main([str(arg) for arg in args]), 0
+        except SystemExit as exit_:
+            value, code = None, exit_.code if isinstance(exit_.code, int) else 1
+    return CliResult(code, stdout.getvalue(), stderr.getvalue(), value)
+
+
+def assert_user_error(result: CliResult, *fragments: str | Path) -> str:
+    """A clean user error: exit code 2, no traceback, one ``error: ...`` line on stderr containing ``fragments``."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- the shared trained run
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The shared end-to-end training run: its data, output folder and console output."""
+
+    data: ColourData
+    output_dir: Path
+    result: CliResult
+
+
+@pytest.fixture(scope="session")
+def trained_run(colour_data: ColourData, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """``python train.py`` once, for 2 epochs on the colour dataset; shared by every test that needs a model."""
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    result = run_script("train.py", "--data-dir", colour_data.root, "--output-dir", output_dir, *E2E_TRAIN_FLAGS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return TrainedRun(colour_data, output_dir, result)
+
+
+# --------------------------------------------------------------------------- weights files
+
+
+FROZEN_BY_DEFAULT = ("conv1", "bn1", "layer1", "layer2", "layer3")
+
+
+def torchvision_state_dict(arch: str = "resnet18", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict shaped like torchvision's ImageNet file (1000-class ``fc``), random but reproducible.
+
+    BatchNorm running statistics are made non-trivial so that "unchanged" means something.
+    """
+    torch.manual_seed(seed)
+    state = torchvision.models.get_model(arch, weights=None, num_classes=1000).state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.copy_(torch.randn_like(value) * 0.1)
+        elif key.endswith("running_var"):
+            value.copy_(torch.rand_like(value) + 0.5)
+    return state
+
+
+def block_of(key: str) -> str:
+    """The top-level block a state-dict key belongs to (``layer3.1.bn2.weight`` -> ``layer3``)."""
+    return key.split(".")[0]
+
+
+# --------------------------------------------------------------------------- safety
+
+
+@pytest.fixture(autouse=True)
+def no_weight_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail loudly if an in-process test tries to fetch pretrained weights (tests must pass --weights none/PATH)."""
+
+    def refuse(url: str, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"a test tried to download {url}; use --weights none or a weights file")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
+    """Make torchvision weight downloads fail as they do without network, with ``torch_home`` as an empty cache."""
+
+    def no_network(url: str, *args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
