@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
@@ -88,19 +89,42 @@ def find_test_images(test_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return images, ignored
 
 
-def find_unreadable(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
-    """Files whose image header cannot be read (empty, not an image, unreadable), with the reason.
+def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0) -> list[tuple[str, str]]:
+    """Files that cannot be read as images (empty, not an image, no permission, too large), with the reason.
 
-    This is a fast check of headers only; a file that is truncated further in is caught when it is decoded.
+    By default only headers are read (fast); a file truncated further in is caught when it is decoded.
+    ``full_decode`` decodes every image, in ``workers`` processes.
     """
-    problems = []
-    for path in paths:
+    checker = _ImageCheck([str(path) for path in paths], full_decode)
+    if not full_decode or workers == 0:
+        results = (checker[index] for index in range(len(checker)))
+    else:
+        results = torch.utils.data.DataLoader(checker, batch_size=None, num_workers=workers)
+    return [(path, reason) for path, reason in results if reason]
+
+
+class _ImageCheck(Dataset):
+    """``(path, reason or '')`` for each path: reads the header, or decodes the whole image."""
+
+    def __init__(self, paths: list[str], full_decode: bool) -> None:
+        self.paths, self.full_decode = paths, full_decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        path = self.paths[index]
         try:
-            with Image.open(path) as image:
-                image.size  # noqa: B018 - reading the header is the check
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
-            problems.append((str(path), _short_reason(error)))
-    return problems
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                if self.full_decode:
+                    load_rgb(path)
+                else:
+                    with Image.open(path) as image:
+                        image.size  # noqa: B018 - reading the header is the check
+        except DECODE_ERRORS as error:
+            return path, _short_reason(error)
+        return path, ""
 
 
 def _short_reason(error: Exception) -> str:
@@ -211,7 +235,7 @@ def build_eval_transform(
 
 
 class LabeledImages(Dataset):
-    """``(image tensor, class index)`` pairs; an image that fails to decode yields ``None`` (dropped by the collate).
+    """``(image tensor, class index)`` pairs; an image that fails to decode yields a :class:`DecodeFailure`.
 
     ``decode_min_side`` lets large JPEGs decode at reduced scale (see :func:`load_rgb`).
     """
@@ -229,12 +253,12 @@ class LabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | DecodeFailure:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
         image = _decode_or_warn(path, self.decode_min_side)
         if image is None:
-            return None
+            return DecodeFailure(path)
         if seed is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
@@ -268,16 +292,39 @@ def _decode_or_warn(path: str, min_side: int | None = None, quiet: bool = False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return load_rgb(path, min_side)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         if not quiet:
             print(f"\nwarning: skipping {path}: cannot decode ({_short_reason(error)})", file=sys.stderr)
         return None
 
 
-def collate_skipping_failures(batch: list[Any]) -> Any:
-    """Collate labeled samples, dropping the ``None`` left by images that failed to decode."""
-    kept = [item for item in batch if item is not None]
-    return default_collate(kept) if kept else None
+class DecodeFailure(NamedTuple):
+    """What a dataset yields for an image it could not decode."""
+
+    path: str
+
+
+class LabeledBatch(NamedTuple):
+    """A training or validation batch; ``images``/``targets`` are None when every image in it failed to decode."""
+
+    images: torch.Tensor | None
+    targets: torch.Tensor | None
+    failed: list[str]
+
+
+def split_failures(batch: list[Any]) -> tuple[list[Any], list[str]]:
+    """Separate decoded items from :class:`DecodeFailure` markers (returned as paths)."""
+    failed = [item.path for item in batch if isinstance(item, DecodeFailure)]
+    return [item for item in batch if not isinstance(item, DecodeFailure)], failed
+
+
+def collate_skipping_failures(batch: list[Any]) -> LabeledBatch:
+    """Collate labeled samples; images that failed to decode are left out and named in ``failed``."""
+    kept, failed = split_failures(batch)
+    if not kept:
+        return LabeledBatch(None, None, failed)
+    images, targets = default_collate(kept)
+    return LabeledBatch(images, targets, failed)
 
 
 def collate_with_failures(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, list[int], list[int]]:
@@ -364,8 +411,13 @@ def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
     return weights.float()
 
 
-def load_train_val(data_dir: str | Path, val_fraction: float, seed: int) -> TrainValData:
-    """Scan ``data_dir/train`` and ``data_dir/val`` (or split train) into samples; report what was left out."""
+def load_train_val(
+    data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0
+) -> TrainValData:
+    """Scan ``data_dir/train`` and ``data_dir/val`` (or split train) into samples; report what was left out.
+
+    Unreadable files are found by their headers, or by decoding every image with ``verify_images``.
+    """
     data_dir = Path(data_dir)
     train_dir = _require_train_dir(data_dir)
     class_names = _classes_with_images(train_dir)
@@ -375,7 +427,7 @@ def load_train_val(data_dir: str | Path, val_fraction: float, seed: int) -> Trai
     val_dir = data_dir / "val"
     val_samples = _scan_val(val_dir, class_names) if val_dir.is_dir() else []
     # Drop unreadable files before any split, so the split's guarantees hold for the images actually used.
-    skipped = find_unreadable([path for path, _ in train_samples + val_samples])
+    skipped = find_unreadable([path for path, _ in train_samples + val_samples], verify_images, workers)
     bad = {path for path, _ in skipped}
     train_samples = [sample for sample in train_samples if sample[0] not in bad]
     val_samples = [sample for sample in val_samples if sample[0] not in bad]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -26,6 +26,7 @@ class EpochResult:
     images: int
     seconds: float
     interrupted: bool = False
+    failed: list[str] = field(default_factory=list)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,13 +82,12 @@ def batch_to_device(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, targets)`` on the device from a loader batch.
 
-    A CPU-augmented batch is ``(images, targets)``; a staged batch for on-device augmentation is
-    ``(uint8 images, original sizes, targets)`` and goes through ``transform`` on the device.
+    A CPU-augmented batch is a ``dataset.LabeledBatch``; a staged batch for on-device augmentation is a
+    ``gpu_augment.StagedBatch`` (uint8 images and original sizes) and goes through ``transform`` on the device.
     """
     if transform is None:
-        images, targets = batch
-        return accel.images_to_device(images), targets.to(accel.device, non_blocking=True)
-    staged, sizes, targets = batch
+        return accel.images_to_device(batch.images), batch.targets.to(accel.device, non_blocking=True)
+    staged, sizes, targets = batch.images, batch.sizes, batch.targets
     images = transform(staged.to(accel.device, non_blocking=True), sizes.to(accel.device, non_blocking=True))
     memory_format = torch.channels_last if accel.channels_last else torch.contiguous_format
     return images.contiguous(memory_format=memory_format), targets.to(accel.device, non_blocking=True)
@@ -117,8 +117,10 @@ def train_one_epoch(
     meter = RunningMeter()
     started = time.perf_counter()
     progress = tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
+    failed: list[str] = []
     for batch_index, batch in enumerate(progress):
-        if batch is None:  # every image of the batch failed to decode
+        failed.extend(batch.failed)
+        if batch.targets is None:  # every image of the batch failed to decode
             continue
         images, targets = batch_to_device(batch, accel, seeded(batch_transform, accel, augment_seed + batch_index))
         with accel.autocast():
@@ -138,8 +140,8 @@ def train_one_epoch(
         progress.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.accuracy:.1%}", refresh=False)
         if should_stop():
             progress.close()
-            return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, True)
-    return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started)
+            return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, True, failed)
+    return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, False, failed)
 
 
 def seeded(transform: Any, accel: Accel, seed: int) -> BatchTransform | None:
@@ -166,7 +168,7 @@ def evaluate(
     predictions, targets_seen = [], []
     started = time.perf_counter()
     for batch in tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True):
-        if batch is None:
+        if batch.targets is None:
             continue
         images, targets = batch_to_device(batch, accel, batch_transform)
         with accel.autocast():

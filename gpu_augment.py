@@ -28,7 +28,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ import dataset
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale and PIL's convert("L") use.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = dataset.DECODE_ERRORS
 # EXIF orientations that transpose the image (swap width and height).
 AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Column order of crop boxes, the order of torchvision's RandomResizedCrop.get_params.
@@ -102,23 +102,34 @@ class StagedImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, int] | None:
+        # dataset.EpochSampler yields (index, seed); staging is deterministic, so the seed is not needed here
+        index = key[0] if isinstance(key, tuple) else key
         path, label = self.samples[index]
         try:
             pixels, size = decode_staged(path, self.staging)
         except DECODE_ERRORS as error:
             print(f"\nwarning: skipping {path}: cannot decode ({type(error).__name__}: {error})", file=sys.stderr)
-            return None
+            return dataset.DecodeFailure(path)
         return pixels, size, label
 
 
-def collate_staged(batch: list[Any]) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Stack staged samples into ``(images [B,3,S,S] uint8, sizes [B,2], labels [B])``, dropping ``None``."""
-    kept = [item for item in batch if item is not None]
+class StagedBatch(NamedTuple):
+    """Staged images ``[B,3,S,S]`` uint8, original sizes ``[B,2]``, labels, and the paths that failed to decode."""
+
+    images: Tensor | None
+    sizes: Tensor | None
+    targets: Tensor | None
+    failed: list[str]
+
+
+def collate_staged(batch: list[Any]) -> StagedBatch:
+    """Stack staged samples; images that failed to decode are left out and named in ``failed``."""
+    kept, failed = dataset.split_failures(batch)
     if not kept:
-        return None
+        return StagedBatch(None, None, None, failed)
     images, sizes, labels = zip(*kept)
-    return torch.stack(images), torch.stack(sizes), torch.tensor(labels, dtype=torch.int64)
+    return StagedBatch(torch.stack(images), torch.stack(sizes), torch.tensor(labels, dtype=torch.int64), failed)
 
 
 # --------------------------------------------------------------------------- random parameters

@@ -70,6 +70,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="a best.pt or last.pt written by train.py; several: an ensemble averaging probabilities")
     parser.add_argument("--test-dir", default="data/test", help="folder of unlabeled test images")
     parser.add_argument("--output", default="prediction.csv", help="the submission CSV to write")
+    parser.add_argument("--allow-missing", action="store_true", help="write the submission even if some test images cannot be decoded (their rows are left out and listed)")
     parser.add_argument("--keep-ext", action="store_true", help="keep the file extension in image_name")
     parser.add_argument("--zip", action="store_true", help="also write OUTPUT with .zip, holding prediction.csv, for upload")
     parser.add_argument("--labels", help="CSV of image_name,label to score the predictions against (e.g. data/sample/test_labels.csv)")
@@ -251,6 +252,7 @@ def ensemble_probabilities(
     """Mean softmax probabilities over checkpoints and test-time views, in ``paths`` order; and failed positions."""
     views = tta_views(tta)
     total = torch.zeros(len(paths), len(checkpoints[0]["class_names"]))
+    failed: set[int] = set()
     for group in preprocessing_groups(checkpoints):
         first = checkpoints[group[0]]
         transform = build_eval_transform(first["img_size"], first["mean"], first["std"])
@@ -259,10 +261,9 @@ def ensemble_probabilities(
         models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
         probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), loader, len(paths), accel,
                                                             show_progress)
-        if group_failed:  # no submission will be written: the other groups need not run
-            return total, group_failed
+        failed.update(group_failed)
         total += probabilities * len(group)
-    return total / len(checkpoints), []
+    return total / len(checkpoints), sorted(failed)
 
 
 # --------------------------------------------------------------------------- top-k file
@@ -311,7 +312,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                    resolve_workers(args.workers), not args.no_progress)
     if failed:
         listed = ", ".join(str(paths[index]) for index in failed)
-        raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written: {listed}")
+        if not args.allow_missing:
+            raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written "
+                            f"(--allow-missing writes the other rows): {listed}")
+        print(f"warning: --allow-missing: prediction.csv lacks {len(failed)} row(s) for undecodable images: {listed}",
+              file=sys.stderr)
+        kept = [index for index in range(len(paths)) if index not in set(failed)]
+        names, probabilities = [names[index] for index in kept], probabilities[kept]
 
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
     csv_text = submission_csv(names, predicted)

@@ -84,6 +84,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default="data", help="folder holding train/<class>/ and optionally val/<class>/")
     data.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of train/ used as val/ when there is no val/ folder")
     data.add_argument("--img-size", type=int, default=224, help="training crop and evaluation size, in pixels")
+    data.add_argument("--verify-images", action="store_true", help="decode every image at start (slower) instead of reading headers only, to list all broken files up front")
     data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", help=f"one of: {', '.join(SUPPORTED_ARCHS)}")
@@ -115,7 +116,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 # Options that may differ from the checkpoint's when a run is resumed; any other difference is an error.
 RESUMABLE_OPTIONS = frozenset({"epochs", "patience", "workers", "device", "amp", "channels_last", "compile",
-                               "no_progress", "data_dir", "output_dir", "resume", "epochs_this_run", "tensorboard"})
+                               "no_progress", "data_dir", "output_dir", "resume", "epochs_this_run", "tensorboard",
+                               "verify_images"})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -407,7 +409,7 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
     print(f"device: {describe_device(device)}, precision {accel.precision_name}"
           + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)
-    data = load_train_val(args.data_dir, args.val_fraction, args.seed)
+    data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers)
     describe_data(data)
     if resume is not None and resume["class_names"] != data.class_names:
         raise UserError(f"--resume: the checkpoint's classes differ from those in {args.data_dir}/train")
@@ -422,6 +424,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=True))
+    if data.skipped:
+        write_skipped(data.skipped, output_dir)
     logger = TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
     run = Run(args, config, accel, data, make_loaders(data, args, accel), model, maybe_compile(model, args.compile),
               make_criterion(data, args, device), optimizer, scaler, output_dir, logger)
@@ -459,6 +463,20 @@ class StopRequest:
         return self.requested
 
 
+def record_skipped(run: Run, failed: Sequence[str]) -> None:
+    """Add images that failed to decode during training to the run's skip list and skipped_files.txt."""
+    known = {path for path, _ in run.data.skipped}
+    new = [(path, "cannot be decoded") for path in dict.fromkeys(failed) if path not in known]
+    if new:
+        run.data.skipped.extend(new)
+        write_skipped(run.data.skipped, run.output_dir)
+
+
+def write_skipped(skipped: Sequence[tuple[str, str]], output_dir: Path) -> None:
+    """``skipped_files.txt``: one ``path<TAB>reason`` line per image left out of training or validation."""
+    atomic_write_text(output_dir / "skipped_files.txt", "".join(f"{path}\t{reason}\n" for path, reason in skipped))
+
+
 def run_epoch(run: Run, epoch: int, stop: StopRequest) -> tuple[dict[str, float], EvalResult | None, float]:
     """Train and validate one epoch; returns the history row, the validation result and training images/s.
 
@@ -473,6 +491,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> tuple[dict[str, float]
                               run.loaders.train_transform, epoch_seed(args.seed, epoch),
                               description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress,
                               should_stop=stop)
+    record_skipped(run, trained.failed)
     if trained.interrupted:
         return {}, None, 0.0
     evaluated = evaluate(run.step_model, run.loaders.val, run.criterion, run.accel, show_progress=not args.no_progress)

@@ -141,17 +141,18 @@ def test_staged_images_shapes_sizes_and_undecodable_file(tmp_path):
     pixels, size, label = staged[0]
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, STAGING, STAGING)
     assert size.tolist() == [150, 100] and label == 3
-    assert staged[1] is None
+    assert staged[1] == dataset.DecodeFailure(str(tmp_path / "broken.jpg"))
     gray, _, _ = staged[2]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
     reference = dataset.load_rgb(tmp_path / "wide.png").resize((STAGING, STAGING), Image.BILINEAR)
     assert torch.equal(pixels, torch.from_numpy(np.array(reference)).permute(2, 0, 1))
 
-    images, sizes, labels = ga.collate_staged([staged[index] for index in range(3)])
+    images, sizes, labels, failed = ga.collate_staged([staged[index] for index in range(3)])
     assert images.shape == (2, 3, STAGING, STAGING) and images.dtype == torch.uint8
     assert sizes.tolist() == [[150, 100], [150, 100]] and labels.tolist() == [3, 0]
-    assert ga.collate_staged([None, None]) is None
+    assert failed == [str(tmp_path / "broken.jpg")]
+    assert ga.collate_staged([staged[1]]) == (None, None, None, [str(tmp_path / "broken.jpg")])
 
 
 def test_staged_large_jpeg_is_drafted_and_keeps_its_full_size(tmp_path):
