@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from accel import AMP_CHOICES, Accel, configure_backends, resolve_amp
+from accel import Accel, add_inference_options, configure_backends, resolve_amp
 from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import Sample, class_folders, is_image_name, load_train_val, report_ignored, scan_labeled_split
 from report import write_evaluation_report
@@ -42,11 +42,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="rows of top_confusions.csv (largest off-diagonal cells)")
     parser.add_argument("--misclassified", type=int, default=24, metavar="N",
                         help="most confident mistakes shown in misclassified.png")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision, as in train.py")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_inference_options(parser)
     return parser
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from accel import AMP_CHOICES, Accel, configure_backends, resolve_amp
+from accel import Accel, add_inference_options, configure_backends, resolve_amp
 from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import (
     UnlabeledImages,
@@ -79,11 +79,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                              "centre zoom and its mirror (4 views)")
     parser.add_argument("--topk", type=int, default=0, metavar="K",
                         help="also write probabilities.csv beside OUTPUT with the K most probable labels of each image")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision, as in train.py")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_inference_options(parser)
     return parser
 
 

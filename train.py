@@ -54,6 +54,7 @@ from report import write_evaluation_report
 from tb_logger import TensorBoardLogger
 from utils import (
     UserError,
+    atomic_write_bytes,
     atomic_write_text,
     capture_rng_state,
     describe_device,
@@ -84,6 +85,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default="data", help="folder holding train/<class>/ and optionally val/<class>/")
     data.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of train/ used as val/ when there is no val/ folder")
     data.add_argument("--img-size", type=int, default=224, help="training crop and evaluation size, in pixels")
+    data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     data.add_argument("--verify-images", action="store_true", help="decode every image at start (slower) instead of reading headers only, to list all broken files up front")
     data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
     model = parser.add_argument_group("model")
@@ -106,7 +108,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32")
     run.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions on GPUs and CPUs)")
-    data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a note where it cannot)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true", help="hide the per-batch progress bars")
@@ -140,13 +141,13 @@ def parse_args_and_resume(argv: Sequence[str] | None = None) -> tuple[argparse.N
         args = parser.parse_args(argv)
         validate_args(args)
         return args, None
-    if pre_args.config:
-        raise UserError("--resume takes its options from the checkpoint; drop --config")
     checkpoint = load_checkpoint(resume_path)
     if "training_state" not in checkpoint:
         raise UserError(f"--resume {resume_path}: holds no training state (best.pt is for prediction); use last.pt")
     saved = dict(checkpoint["config"])
-    parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent)})
+    # A --config file (the same cell re-run in Colab, say) counts like flags: it must agree with the checkpoint.
+    from_file = _config_defaults(parser, pre_args.config) if pre_args.config else {}
+    parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent), **from_file})
     args = parser.parse_args(argv)
     changed = sorted(key for key, value in vars(args).items()
                      if key in saved and key not in RESUMABLE_OPTIONS and value != saved[key])
@@ -378,6 +379,15 @@ def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
     return path
 
 
+def carry_over_best_checkpoint(resume_path: Path | None, output_dir: Path) -> None:
+    """A run resumed into another --output-dir takes the best.pt beside its last.pt along (the report needs it)."""
+    if resume_path is None:
+        return
+    source, target = resume_path.parent / "best.pt", output_dir / "best.pt"
+    if source.is_file() and not target.exists():
+        atomic_write_bytes(target, source.read_bytes())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -423,6 +433,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
               f"at epoch {progress.best_epoch})")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        carry_over_best_checkpoint(Path(args.resume) if args.resume != "auto" else None, output_dir)
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=True))
     if data.skipped:
         write_skipped(data.skipped, output_dir)
@@ -537,7 +549,11 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
                       torch.tensor(progress.best_predictions, dtype=torch.long),
                       torch.tensor(progress.best_targets, dtype=torch.long))
     save_final_plots(progress.history, best, progress.best_epoch, stopped_epoch, run.data.class_names, run.output_dir)
-    write_best_report(run)
+    if (run.output_dir / "best.pt").is_file():
+        write_best_report(run)
+    else:  # resumed from a last.pt kept without its best.pt, and no epoch since did better
+        print(f"note: no best.pt in {run.output_dir} (the best epoch, {progress.best_epoch}, was not kept beside "
+              "the resumed last.pt); skipped the evaluation report")
     if run.logger is not None:
         for name in ("loss_curve", "accuracy_curve", "confusion_matrix"):
             run.logger.log_figure(name, run.output_dir / f"{name}.png")

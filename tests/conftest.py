@@ -64,6 +64,13 @@ E2E_TRAIN_FLAGS: tuple[str, ...] = (
 )
 
 
+# A tiny run for the small_data fixture (3 classes, 12 training images): three batches of 4 an epoch, under a
+# second an epoch on one CPU thread. Add --data-dir, --output-dir and --epochs.
+TINY_TRAIN_FLAGS: tuple[str, ...] = (
+    "--arch", "resnet18", "--weights", "none", "--lr", "5e-4", "--batch-size", "4", "--seed", "0", *FAST_FLAGS,
+)
+
+
 # --------------------------------------------------------------------------- generated data
 
 

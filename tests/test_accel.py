@@ -1,0 +1,356 @@
+"""Speed settings (accel.py) and the speed-related model changes: mixed precision choice, the loss scaler, the
+frozen trunk run without autograd, FrozenBatchNorm, the architecture table, GPU augmentation and --compile.
+
+No test needs a GPU: device types and hardware answers are monkeypatched, and the staged (GPU augmentation)
+training path runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import accel
+import gpu_augment
+import train
+from accel import Accel, make_grad_scaler, maybe_compile, resolve_amp
+from checkpoint import load_checkpoint
+from conftest import TINY_TRAIN_FLAGS, ColourData, assert_user_error, call_main
+from model import (
+    ARCH_SPECS,
+    STAGE_NAMES,
+    FrozenBatchNorm,
+    _new_network,
+    build_model,
+    count_frozen_stages,
+    freeze_blocks,
+    parse_trainable,
+)
+from utils import UserError
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+
+
+# --------------------------------------------------------------------------- --amp
+
+
+@pytest.fixture
+def hardware(monkeypatch: pytest.MonkeyPatch):
+    """Set what the GPU and the CPU answer about bfloat16: ``hardware(cuda_bf16=..., cpu_bf16=...)``."""
+
+    def set_hardware(cuda_bf16: bool = False, cpu_bf16: bool = False) -> None:
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
+        monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: cpu_bf16)
+
+    return set_hardware
+
+
+def test_auto_picks_bf16_on_a_bf16_gpu(hardware) -> None:
+    hardware(cuda_bf16=True)
+    assert resolve_amp("auto", CUDA) is torch.bfloat16
+
+
+def test_auto_picks_fp16_on_an_older_gpu(hardware) -> None:
+    hardware(cuda_bf16=False)
+    assert resolve_amp("auto", CUDA) is torch.float16
+
+
+def test_auto_on_a_cpu_is_bf16_only_where_it_is_native(hardware) -> None:
+    hardware(cpu_bf16=True)
+    assert resolve_amp("auto", CPU) is torch.bfloat16
+    hardware(cpu_bf16=False)
+    assert resolve_amp("auto", CPU) is None
+
+
+def test_auto_on_mps_is_full_precision(hardware) -> None:
+    hardware(cuda_bf16=True, cpu_bf16=True)
+    assert resolve_amp("auto", MPS) is None
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA, MPS])
+def test_off_is_full_precision_everywhere(hardware, device: torch.device) -> None:
+    hardware(cuda_bf16=True, cpu_bf16=True)
+    assert resolve_amp("off", device) is None
+
+
+def test_explicit_choices_where_the_hardware_has_them(hardware) -> None:
+    hardware(cuda_bf16=True, cpu_bf16=True)
+    assert resolve_amp("bf16", CUDA) is torch.bfloat16
+    assert resolve_amp("fp16", CUDA) is torch.float16
+    assert resolve_amp("bf16", CPU) is torch.bfloat16
+
+
+@pytest.mark.parametrize("request_, device, fragment", [
+    ("bf16", CPU, "no native bfloat16"),
+    ("bf16", CUDA, "no native bfloat16"),
+    ("bf16", MPS, "no native bfloat16"),
+    ("fp16", CPU, "needs a CUDA GPU"),
+    ("fp16", MPS, "needs a CUDA GPU"),
+    ("fp8", CPU, "expected one of"),
+])
+def test_impossible_precisions_are_user_errors(hardware, request_: str, device: torch.device, fragment: str) -> None:
+    hardware(cuda_bf16=False, cpu_bf16=False)
+    with pytest.raises(UserError, match=f"--amp {request_}") as error:
+        resolve_amp(request_, device)
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"fpu", "avx2", "avx512f", "avx512_bf16"}, True),
+    ({"fpu", "avx2", "amx_bf16", "amx_tile"}, True),
+    ({"fpu", "avx2", "avx512f", "avx512_vnni"}, False),  # AVX-512 alone emulates bf16: slower than fp32
+])
+def test_cpu_bf16_is_read_from_the_cpuinfo_flags(monkeypatch: pytest.MonkeyPatch, flags: set[str],
+                                                 native: bool) -> None:
+    monkeypatch.setattr(accel, "_cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: not native, raising=False)
+    assert accel.cpu_has_native_bf16() is native
+
+
+@pytest.mark.parametrize("onednn_answer", [True, False])
+def test_without_cpuinfo_flags_onednn_is_asked(monkeypatch: pytest.MonkeyPatch, onednn_answer: bool) -> None:
+    monkeypatch.setattr(accel, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_answer, raising=False)
+    assert accel.cpu_has_native_bf16() is onednn_answer
+
+
+def test_without_cpuinfo_flags_a_failing_onednn_query_means_no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> bool:
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setattr(accel, "_cpu_flags", lambda: set())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", broken, raising=False)
+    assert accel.cpu_has_native_bf16() is False
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="x86 Linux /proc/cpuinfo has a flags line")
+def test_cpu_flags_come_from_proc_cpuinfo() -> None:
+    flags = accel._cpu_flags()
+    assert flags and all(isinstance(flag, str) and " " not in flag for flag in flags)
+    assert "fpu" in flags
+
+
+# --------------------------------------------------------------------------- loss scaler
+
+
+def test_grad_scaler_only_for_fp16() -> None:
+    assert isinstance(make_grad_scaler(Accel(CPU, torch.float16)), torch.amp.GradScaler)
+    assert make_grad_scaler(Accel(CPU, torch.bfloat16)) is None
+    assert make_grad_scaler(Accel(CPU, None)) is None
+
+
+def test_precision_names() -> None:
+    assert [Accel(CPU, dtype).precision_name for dtype in (torch.bfloat16, torch.float16, None)] == [
+        "bf16", "fp16", "fp32"]
+
+
+# --------------------------------------------------------------------------- the frozen trunk without autograd
+
+
+@pytest.mark.parametrize("trainable, frozen", [
+    ("all", 0),
+    ("conv1,bn1,layer1,layer2,layer3,layer4,fc", 0),
+    ("bn1,layer4,fc", 1),  # conv1 frozen, bn1 trainable: only conv1 runs without autograd
+    ("layer1,fc", 4),  # relu and maxpool have no parameters: they join the frozen front
+    ("layer3,layer4,fc", 6),
+    ("layer4,fc", 7),
+    ("fc", len(STAGE_NAMES)),
+])
+def test_count_frozen_stages(trainable: str, frozen: int) -> None:
+    assert count_frozen_stages(parse_trainable(trainable)) == frozen
+
+
+def model_pair(trainable: str) -> tuple[nn.Module, nn.Module]:
+    """The same frozen network twice: with its leading stages run without autograd, and on the plain path."""
+    torch.manual_seed(0)
+    fast = build_model("resnet18", num_classes=5, weights="none", dropout=0.0)
+    freeze_blocks(fast, parse_trainable(trainable))
+    plain = copy.deepcopy(fast)
+    plain.frozen_stages = 0
+    assert fast.frozen_stages == count_frozen_stages(parse_trainable(trainable)) > 0
+    return fast, plain
+
+
+def first_trainable_stage(model: nn.Module) -> nn.Module:
+    """The module that runs first with autograd: the stage after the frozen ones, or the head."""
+    return getattr(model, STAGE_NAMES[model.frozen_stages]) if model.frozen_stages < len(STAGE_NAMES) else model.fc
+
+
+@pytest.mark.parametrize("trainable", ["layer4,fc", "layer3,layer4,fc", "fc"])
+def test_no_grad_trunk_gives_the_same_logits_and_gradients(trainable: str) -> None:
+    fast, plain = model_pair(trainable)
+    fast.train(), plain.train()
+    torch.manual_seed(1)
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+
+    fast_logits, plain_logits = fast(images), plain(images)
+    F.cross_entropy(fast_logits, targets).backward()
+    F.cross_entropy(plain_logits, targets).backward()
+
+    assert torch.equal(fast_logits, plain_logits)
+    plain_parameters = dict(plain.named_parameters())
+    trainable_names = [name for name, parameter in fast.named_parameters() if parameter.requires_grad]
+    assert trainable_names
+    for name in trainable_names:
+        assert torch.equal(dict(fast.named_parameters())[name].grad, plain_parameters[name].grad), name
+    # the running statistics of the trainable BatchNorm layers moved the same way
+    for (name, fast_buffer), plain_buffer in zip(fast.named_buffers(), plain.buffers()):
+        assert torch.equal(fast_buffer, plain_buffer), name
+
+
+@pytest.mark.parametrize("trainable", ["layer4,fc", "layer3,layer4,fc", "fc"])
+def test_autograd_records_only_the_trainable_tail(trainable: str) -> None:
+    """Even when the input asks for gradients, the trunk's output reaches the trainable tail without a graph."""
+    fast, plain = model_pair(trainable)
+    seen: dict[str, bool] = {}
+
+    def recorder(label: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            seen[label] = inputs[0].requires_grad
+
+        return hook
+
+    first_trainable_stage(fast).register_forward_pre_hook(recorder("fast"))
+    first_trainable_stage(plain).register_forward_pre_hook(recorder("plain"))
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    logits = fast(images)
+    plain(images)
+
+    assert seen == {"fast": False, "plain": True}
+    assert logits.requires_grad  # the tail is still recorded
+
+
+# --------------------------------------------------------------------------- FrozenBatchNorm
+
+
+def trained_frozen_model() -> nn.Module:
+    """A resnet18 frozen as --trainable layer4,fc and trained for one step, so its state is not the initial one."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3, weights="none", dropout=0.2)
+    freeze_blocks(model, parse_trainable("layer4,fc"))
+    model.train()
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-3)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    return model
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_after_train() -> None:
+    model = trained_frozen_model()
+    model.train()
+
+    frozen = [module for module in model.modules() if isinstance(module, FrozenBatchNorm)]
+    trainable = [module for module in model.modules()
+                 if isinstance(module, nn.BatchNorm2d) and not isinstance(module, FrozenBatchNorm)]
+    assert frozen and trainable
+    assert not any(module.training for module in frozen)
+    assert all(module.training for module in trainable)
+    assert all(isinstance(module, FrozenBatchNorm) for module in model.layer3.modules()
+               if isinstance(module, nn.BatchNorm2d))
+    assert not any(isinstance(module, FrozenBatchNorm) for module in model.layer4.modules())
+
+
+def test_frozen_model_state_dict_loads_strictly_into_plain_torchvision() -> None:
+    model = trained_frozen_model()
+    state = model.state_dict()
+    reference = torchvision.models.resnet18(weights=None)
+    reference.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(reference.fc.in_features, 3))
+
+    assert list(state) == list(reference.state_dict())  # same keys, same order (num_batches_tracked included)
+    reference.load_state_dict(state, strict=True)
+
+    model.eval(), reference.eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), reference(images))
+
+
+# --------------------------------------------------------------------------- the architecture table
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_SPECS))
+def test_arch_specs_build_torchvisions_networks(arch: str) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        ours = _new_network(arch).state_dict()
+        theirs = torchvision.models.get_model(arch, weights=None).state_dict()
+    assert [(key, value.shape) for key, value in ours.items()] == [(key, value.shape) for key, value in theirs.items()]
+
+
+# --------------------------------------------------------------------------- --augment-device
+
+
+def test_gpu_augmentation_on_a_cpu_run_is_a_user_error(small_data: ColourData, tmp_path: Path) -> None:
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "out", "--epochs", "1",
+                       "--device", "cpu", "--augment-device", "gpu", *TINY_TRAIN_FLAGS)
+    assert_user_error(result, "--augment-device gpu", "CUDA", "cpu")
+    assert not (tmp_path / "out" / "best.pt").exists()
+
+
+def test_resolve_augment_device() -> None:
+    assert train.resolve_augment_device("auto", CUDA) == "gpu"
+    assert train.resolve_augment_device("auto", CPU) == "cpu"
+    assert train.resolve_augment_device("cpu", CUDA) == "cpu"
+    assert train.resolve_augment_device("gpu", CUDA) == "gpu"
+
+
+def test_staged_training_path_runs_on_the_cpu(small_data: ColourData, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU augmentation path (staged uint8 batches augmented on the device) trains end to end on a CPU."""
+    monkeypatch.setattr(train, "resolve_augment_device", lambda request, device: "gpu")
+    staged_batches: list[int] = []
+    collate = gpu_augment.collate_staged
+
+    def counting_collate(batch):
+        staged = collate(batch)
+        staged_batches.append(len(staged.targets))
+        return staged
+
+    monkeypatch.setattr(gpu_augment, "collate_staged", counting_collate)
+    output = tmp_path / "out"
+
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, "--epochs", "1",
+                       *TINY_TRAIN_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sum(staged_batches) == 12  # every training image went through the staged loader
+    checkpoint = load_checkpoint(output / "best.pt")
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
+
+
+# --------------------------------------------------------------------------- --compile
+
+
+def test_compile_disabled_returns_the_model_itself() -> None:
+    model = nn.Linear(2, 2)
+    assert maybe_compile(model, False) is model
+
+
+def test_compile_blocked_prints_a_note_and_returns_the_model(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(accel, "_compile_blocker", lambda: "no C++ compiler found")
+
+    def must_not_compile(*args, **kwargs):
+        raise AssertionError("torch.compile was called although a blocker was reported")
+
+    monkeypatch.setattr(torch, "compile", must_not_compile)
+    model = nn.Linear(2, 2)
+
+    assert maybe_compile(model, True) is model
+    assert "note: --compile ignored: no C++ compiler found" in capsys.readouterr().out
+
+
+def test_compile_blocker_names_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel.sys, "platform", "linux")
+    monkeypatch.setattr(accel.shutil, "which", lambda name: None)
+    assert "C++ compiler" in accel._compile_blocker()
+    monkeypatch.setattr(accel.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert accel._compile_blocker() is None

@@ -1,0 +1,407 @@
+"""Every kind of odd or broken file a real image folder holds, through train.py and predict.py.
+
+One training run (in-process, one epoch) goes over a class folder holding all of them at once; each behaviour is
+then its own test against that run. Odd but valid images (CMYK, palette with transparency, RGBA, LA, L, 16-bit,
+EXIF-rotated, 1x1, 3x2, non-ASCII and space-containing names) must be decoded and trained on; unreadable ones
+(empty, text named .jpg, no permission, above the decompression-bomb limit) skipped with a reason and written to
+skipped_files.txt; a truncated JPEG skipped when training meets it (or up front with --verify-images);
+non-image files, hidden files and a symlink loop ignored and listed once; class folders without images left out.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dataset
+import gpu_augment
+import predict
+import train
+from checkpoint import load_checkpoint
+from conftest import (
+    CLASS_COLOURS,
+    PREDICT_FLAGS,
+    TINY_TRAIN_FLAGS,
+    CliResult,
+    ColourData,
+    assert_user_error,
+    call_main,
+    colour_image,
+    read_csv_rows,
+)
+
+# Pillow's decompression-bomb limit, lowered for these tests so the "huge" image can stay small: above twice
+# this many pixels Pillow refuses to open a file. Every other test image is at most 32 x 32 = 1024 pixels.
+TEST_MAX_IMAGE_PIXELS = 2000
+HUGE_SIDE = 100  # 10,000 pixels: over 2 x TEST_MAX_IMAGE_PIXELS
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(sum(map(ord, name)))
+
+
+def _save_rgb(path: Path, colour=CLASS_COLOURS[3], size: int = 32, **options) -> None:
+    colour_image(colour, _rng(path.name), size).save(path, **options)
+
+
+def cmyk_jpeg(path: Path) -> None:
+    colour_image(CLASS_COLOURS[3], _rng(path.name)).convert("CMYK").save(path, format="JPEG")
+
+
+def palette_png_with_transparency(path: Path) -> None:
+    image = colour_image(CLASS_COLOURS[3], _rng(path.name)).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    image.save(path, transparency=0)
+
+
+def rgba_png(path: Path) -> None:
+    image = colour_image(CLASS_COLOURS[3], _rng(path.name)).convert("RGBA")
+    image.putalpha(200)
+    image.save(path)
+
+
+def la_png(path: Path) -> None:
+    colour_image(CLASS_COLOURS[3], _rng(path.name)).convert("LA").save(path)
+
+
+def l_png(path: Path) -> None:
+    colour_image(CLASS_COLOURS[3], _rng(path.name)).convert("L").save(path)
+
+
+def grey16_png(path: Path) -> None:
+    Image.fromarray(np.full((32, 32), 50_000, dtype=np.uint16)).save(path)
+    with Image.open(path) as image:
+        assert image.mode.startswith("I")  # really 16 bits a pixel
+
+
+def exif_rotated_jpeg(path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    Image.new("RGB", (40, 20), CLASS_COLOURS[3]).save(path, exif=exif.tobytes())
+
+
+def one_pixel_png(path: Path) -> None:
+    Image.new("RGB", (1, 1), CLASS_COLOURS[3]).save(path)
+
+
+def three_by_two_jpeg(path: Path) -> None:
+    Image.new("RGB", (3, 2), CLASS_COLOURS[3]).save(path)
+
+
+def plain_jpeg(path: Path) -> None:
+    _save_rgb(path, format="JPEG", quality=95)
+
+
+def plain_png(path: Path) -> None:
+    _save_rgb(path, format="PNG")
+
+
+def truncated_jpeg(path: Path) -> None:
+    """A JPEG whose header is intact but whose data stops at 60%: opens fine, fails when decoded."""
+    buffer = io.BytesIO()
+    Image.fromarray(_rng(path.name).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) * 6 // 10])
+
+
+def empty_file(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def text_file(path: Path) -> None:
+    path.write_text("this is a text file, not a JPEG\n")
+
+
+def huge_png(path: Path) -> None:
+    Image.new("RGB", (HUGE_SIDE, HUGE_SIDE), CLASS_COLOURS[3]).save(path)
+
+
+# Valid images that must be decoded and trained on, by file name.
+GOOD_FILES: dict[str, Callable[[Path], None]] = {
+    "cmyk.jpg": cmyk_jpeg,
+    "palette-transparent.png": palette_png_with_transparency,
+    "rgba.png": rgba_png,
+    "la.png": la_png,
+    "grey.png": l_png,
+    "grey16.png": grey16_png,
+    "exif-rotated.jpg": exif_rotated_jpeg,
+    "one-pixel.png": one_pixel_png,
+    "three-by-two.jpg": three_by_two_jpeg,
+    "café ü.jpg": plain_jpeg,
+    "with space.jpg": plain_jpeg,
+    "日本語 画像.png": plain_png,
+}
+# Files whose header already fails, with a fragment of the reason given for each.
+UNREADABLE_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "empty.jpg": (empty_file, "cannot identify image file"),
+    "text.jpg": (text_file, "cannot identify image file"),
+    "huge.png": (huge_png, "exceeds limit"),
+    "locked.jpg": (plain_jpeg, "Permission denied"),  # reading is refused (see deny_reading)
+}
+IGNORED_NAMES = (".DS_Store", "Thumbs.db", "notes.txt", ".hidden.jpg", "loop-a.jpg", "loop-b.jpg")
+
+
+def write_clutter(folder: Path) -> None:
+    """Non-image files, a hidden image and a symlink loop (loop-a.jpg -> loop-b.jpg -> loop-a.jpg)."""
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1\0")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
+    (folder / "notes.txt").write_text("labels checked on Monday\n")
+    plain_jpeg(folder / ".hidden.jpg")
+    os.symlink("loop-b.jpg", folder / "loop-a.jpg")
+    os.symlink("loop-a.jpg", folder / "loop-b.jpg")
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, denied: set[str]) -> None:
+    """Opening these paths fails as with no read permission (chmod 000 does not stop root, who runs CI)."""
+    real_open = Image.open
+
+    def guarded_open(fp, *args, **kwargs):
+        if isinstance(fp, (str, os.PathLike)) and os.fspath(fp) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", guarded_open)
+
+
+def write_plain_classes(root: Path, split: str, per_class: int) -> None:
+    for label in range(3):
+        folder = root / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            colour_image(CLASS_COLOURS[label], np.random.default_rng(label * 10 + index)).save(
+                folder / f"{label}_{index}.jpg", quality=95)
+
+
+# --------------------------------------------------------------------------- the run over all of them
+
+
+@dataclass(frozen=True)
+class BadRun:
+    train_dir: Path
+    output: Path
+    result: CliResult
+    decoded: dict[str, tuple[int, int]]  # path -> RGB size, for every image decoded during the run
+
+    def path(self, name: str) -> str:
+        return str(self.train_dir / "3" / name)
+
+    def skipped(self) -> dict[str, str]:
+        lines = (self.output / "skipped_files.txt").read_text(encoding="utf-8").splitlines()
+        return dict(line.split("\t", 1) for line in lines)
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory: pytest.TempPathFactory) -> BadRun:
+    """train.py for one epoch on classes 0-2 (plain) and 3 (every odd and broken file), plus empty classes 4, 5."""
+    root = tmp_path_factory.mktemp("bad") / "data"
+    write_plain_classes(root, "train", per_class=3)
+    write_plain_classes(root, "val", per_class=1)
+    odd = root / "train" / "3"
+    odd.mkdir()
+    plain_jpeg(odd / "plain.jpg")
+    for name, make in GOOD_FILES.items():
+        make(odd / name)
+    for name, (make, _) in UNREADABLE_FILES.items():
+        make(odd / name)
+    truncated_jpeg(odd / "truncated.jpg")
+    write_clutter(odd)
+    (root / "val" / "3").mkdir()
+    plain_jpeg(root / "val" / "3" / "v.jpg")
+    (root / "train" / "4").mkdir()  # an empty class folder
+    (root / "train" / "5").mkdir()  # one with no image in it
+    (root / "train" / "5" / "readme.txt").write_text("to do\n")
+
+    output = root.parent / "out"
+    decoded: dict[str, tuple[int, int]] = {}
+    real_load_rgb = dataset.load_rgb
+
+    def recording_load_rgb(path, min_side=None):
+        image = real_load_rgb(path, min_side)
+        decoded[str(path)] = image.size
+        return image
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
+        deny_reading(monkeypatch, {str(odd / "locked.jpg")})
+        monkeypatch.setattr(dataset, "load_rgb", recording_load_rgb)
+        # 3 x 3 plain + 14 in class 3 = 23 training images: batches of 8 leave no lone image to drop
+        result = call_main(train.main, "--data-dir", root, "--output-dir", output, "--epochs", "1",
+                           *TINY_TRAIN_FLAGS, "--batch-size", "8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return BadRun(root / "train", output, result, decoded)
+
+
+def test_training_over_every_kind_of_file_completes(bad_run: BadRun) -> None:
+    checkpoint = load_checkpoint(bad_run.output / "best.pt")
+    assert checkpoint["class_names"] == ["0", "1", "2", "3"]
+    assert "Traceback" not in bad_run.result.stderr
+    assert f"data: 4 classes; train {9 + 1 + len(GOOD_FILES) + 1} images" in bad_run.result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_FILES))
+def test_odd_but_valid_images_are_decoded_and_trained_on(bad_run: BadRun, name: str) -> None:
+    path = bad_run.path(name)
+    assert path in bad_run.decoded, f"{name} was never decoded"
+    assert path not in bad_run.skipped()
+    assert path not in bad_run.result.stdout + bad_run.result.stderr  # never named in a warning or note
+
+
+@pytest.mark.parametrize("name, size", [("exif-rotated.jpg", (20, 40)), ("one-pixel.png", (1, 1)),
+                                        ("three-by-two.jpg", (3, 2)), ("grey16.png", (32, 32))])
+def test_decoded_sizes_follow_the_orientation(bad_run: BadRun, name: str, size: tuple[int, int]) -> None:
+    assert bad_run.decoded[bad_run.path(name)] == size
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE_FILES))
+def test_unreadable_files_are_skipped_up_front_with_the_reason(bad_run: BadRun, name: str) -> None:
+    path, reason = bad_run.path(name), UNREADABLE_FILES[name][1]
+    assert reason in bad_run.skipped()[path]
+    start = bad_run.result.stdout.split("\nepoch ")[0]  # what was said before the first epoch
+    assert f"  {path}: " in start and reason in start.split(f"  {path}: ")[1].splitlines()[0]
+    assert path not in bad_run.decoded
+
+
+def test_the_up_front_list_counts_the_unreadable_files(bad_run: BadRun) -> None:
+    assert f"warning: skipped {len(UNREADABLE_FILES)} unreadable image file(s):" in bad_run.result.stdout
+
+
+def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: BadRun) -> None:
+    path = bad_run.path("truncated.jpg")
+    assert bad_run.skipped()[path] == "cannot be decoded"
+    assert f"warning: skipping {path}: cannot decode (image file is truncated" in bad_run.result.stderr
+    assert path not in bad_run.result.stdout.split("\nepoch ")[0]  # its header was fine: not caught up front
+    assert path not in bad_run.decoded
+
+
+@pytest.mark.parametrize("name", IGNORED_NAMES)
+def test_non_image_hidden_and_looping_entries_are_ignored_and_listed_once(bad_run: BadRun, name: str) -> None:
+    path = bad_run.path(name)
+    output = bad_run.result.stdout + bad_run.result.stderr
+    assert output.count(path) == 1, output[-3000:]
+    [note] = [line for line in bad_run.result.stdout.splitlines() if path in line]
+    assert note.startswith(f"note: ignored {len(IGNORED_NAMES)} non-image entries in {bad_run.train_dir}: ")
+    assert path not in bad_run.skipped() and path not in bad_run.decoded
+
+
+def test_class_folders_without_images_are_left_out_with_a_note(bad_run: BadRun) -> None:
+    assert f"note: left out 2 class folder(s) of {bad_run.train_dir} with no images: 4, 5" in bad_run.result.stdout
+
+
+def test_verify_images_catches_a_truncated_jpeg_up_front(small_data: ColourData, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(small_data.root / "train", root / "train")
+    shutil.copytree(small_data.root / "val", root / "val")
+    truncated = root / "train" / "0" / "truncated.jpg"
+    truncated_jpeg(truncated)
+
+    result = call_main(train.main, "--data-dir", root, "--output-dir", tmp_path / "out", "--epochs", "1",
+                       "--verify-images", *TINY_TRAIN_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    start = result.stdout.split("\nepoch ")[0]
+    assert "warning: skipped 1 unreadable image file(s):" in start
+    assert f"  {truncated}: image file is truncated" in start
+    assert "truncated" in (tmp_path / "out" / "skipped_files.txt").read_text().split(f"{truncated}\t")[1]
+    assert "warning: skipping" not in result.stderr  # training never met it
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_real_unreadable_permissions_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "locked.jpg"
+    plain_jpeg(path)
+    path.chmod(0)
+    try:
+        assert dataset.find_unreadable([path]) == [(str(path), "[Errno 13] Permission denied")]
+    finally:
+        path.chmod(0o644)
+
+
+def test_staged_gpu_decoding_handles_every_kind_of_file(bad_run: BadRun, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU augmentation path's loader decodes the same odd files, and reports the broken ones as failures."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
+    deny_reading(monkeypatch, {bad_run.path("locked.jpg")})
+    names = sorted(GOOD_FILES) + sorted(UNREADABLE_FILES) + ["truncated.jpg"]
+    staged = gpu_augment.StagedImages([(bad_run.path(name), 3) for name in names], staging=64)
+
+    items = {name: staged[index] for index, name in enumerate(names)}
+
+    for name in GOOD_FILES:
+        pixels, size, label = items[name]
+        assert pixels.shape == (3, 64, 64) and label == 3, name
+    assert items["exif-rotated.jpg"][1].tolist() == [20, 40]
+    for name in [*UNREADABLE_FILES, "truncated.jpg"]:
+        assert isinstance(items[name], dataset.DecodeFailure) and items[name].path == bad_run.path(name), name
+
+
+# --------------------------------------------------------------------------- predict.py
+
+
+def test_predict_names_rows_by_file_name_whatever_the_characters_and_format(bad_run: BadRun,
+                                                                            tmp_path: Path) -> None:
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    for name, make in GOOD_FILES.items():
+        make(test_dir / name)
+    write_clutter(test_dir)
+    output = tmp_path / "prediction.csv"
+
+    result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
+                       "--output", output, *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_csv_rows(output)
+    assert sorted(row["image_name"] for row in rows) == sorted(Path(name).stem for name in GOOD_FILES)
+    assert {row["pred_label"] for row in rows} <= {"0", "1", "2", "3"}
+    assert "café ü" in output.read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def test_dir_with_broken_images(tmp_path: Path) -> tuple[Path, list[Path]]:
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    for name in ("a.jpg", "b.png", "z.jpg"):
+        (plain_jpeg if name.endswith("jpg") else plain_png)(test_dir / name)
+    broken = [test_dir / "cut.jpg", test_dir / "empty.jpg", test_dir / "huge.png", test_dir / "text.jpg"]
+    for path, make in zip(broken, (truncated_jpeg, empty_file, huge_png, text_file)):
+        make(path)
+    return test_dir, broken
+
+
+def test_predict_refuses_to_write_a_submission_with_missing_rows(
+    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    test_dir, broken = test_dir_with_broken_images
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
+    output = tmp_path / "prediction.csv"
+
+    result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
+                       "--output", output, *PREDICT_FLAGS)
+
+    assert_user_error(result, "4 test image(s) could not be decoded", "--allow-missing", *broken)
+    assert not output.exists()
+
+
+def test_predict_allow_missing_writes_the_other_rows_and_names_the_missing(
+    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    test_dir, broken = test_dir_with_broken_images
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
+    output = tmp_path / "prediction.csv"
+
+    result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
+                       "--output", output, "--allow-missing", *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [row["image_name"] for row in read_csv_rows(output)] == ["a", "b", "z"]
+    [warning] = [line for line in result.stderr.splitlines() if "--allow-missing" in line]
+    assert "lacks 4 row(s)" in warning and all(str(path) in warning for path in broken)

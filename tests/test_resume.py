@@ -1,0 +1,384 @@
+"""Resuming and stopping: exact resume, --epochs-this-run, --resume auto, what may change on resume, kills at any
+instant (SIGKILL), and a polite stop (SIGINT, exit code 130).
+
+The runs are tiny (small_data: 12 training images, 3 batches of 4) and mostly in-process. The signal tests need
+real processes: the first one of each is ``python train.py`` in a subprocess; the later kills of the SIGKILL test
+hit forked copies of this process running ``train.main`` (a real process to kill, without the seconds a fresh
+interpreter spends importing torch).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from conftest import (
+    REPO_ROOT,
+    TINY_TRAIN_FLAGS,
+    CliResult,
+    ColourData,
+    assert_user_error,
+    call_main,
+    read_csv_rows,
+)
+
+EPOCHS = 4
+
+
+def history_without_seconds(path: Path) -> list[dict[str, str]]:
+    """history.csv rows, without the wall-time column (the one thing that differs between identical runs)."""
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in read_csv_rows(path)]
+
+
+def assert_same(first: Any, second: Any, where: str = "") -> None:
+    """Equal nested structures; tensors bitwise equal (same dtype, same values)."""
+    if isinstance(first, torch.Tensor):
+        assert isinstance(second, torch.Tensor) and first.dtype == second.dtype, where
+        assert torch.equal(first, second), f"{where} differs"
+    elif isinstance(first, dict):
+        assert isinstance(second, dict) and first.keys() == second.keys(), where
+        for key in first:
+            assert_same(first[key], second[key], f"{where}.{key}")
+    elif isinstance(first, (list, tuple)):
+        assert isinstance(second, (list, tuple)) and len(first) == len(second), where
+        for index, (left, right) in enumerate(zip(first, second)):
+            assert_same(left, right, f"{where}[{index}]")
+    else:
+        assert first == second, (where, first, second)
+
+
+def assert_same_training(first: Path, second: Path) -> None:
+    """Two last.pt files hold bitwise the same weights, optimizer, random states and progress (but wall times)."""
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    assert a["epoch"] == b["epoch"]
+    assert_same(a["model"], b["model"], "model")
+    state_a, state_b = a["training_state"], b["training_state"]
+    assert_same(state_a["optimizer"], state_b["optimizer"], "optimizer")
+    assert_same(state_a["rng"], state_b["rng"], "rng")
+    progress_a, progress_b = dict(state_a["progress"]), dict(state_b["progress"])
+    for progress in (progress_a, progress_b):
+        progress["history"] = [{key: value for key, value in row.items() if key != "seconds"}
+                               for row in progress["history"]]
+    assert_same(progress_a, progress_b, "progress")
+
+
+def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
+    """train.main in this process on small_data; asserts it succeeded."""
+    result = call_main(train.main, "--data-dir", data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def no_final_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the end-of-run plots and evaluation report (a second a run) in tests that only compare checkpoints."""
+    monkeypatch.setattr(train, "save_final_plots", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train, "write_best_report", lambda *args, **kwargs: None)
+
+
+@dataclass(frozen=True)
+class Straight:
+    """An uninterrupted EPOCHS-epoch run (started with --resume auto in an empty folder)."""
+
+    output: Path
+    result: CliResult
+
+
+@pytest.fixture(scope="module")
+def straight(small_data: ColourData, tmp_path_factory: pytest.TempPathFactory) -> Straight:
+    output = tmp_path_factory.mktemp("straight") / "out"
+    return Straight(output, tiny_train(small_data, output, "--epochs", str(EPOCHS), "--resume", "auto"))
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def test_resume_auto_without_last_pt_starts_a_new_run(straight: Straight) -> None:
+    assert f"note: --resume auto: no {straight.output / 'last.pt'} yet, starting a new run" in straight.result.stdout
+    assert "resuming from" not in straight.result.stdout
+    assert [row["epoch"] for row in read_csv_rows(straight.output / "history.csv")] == ["1", "2", "3", "4"]
+
+
+def test_stopped_and_resumed_run_is_bitwise_identical(straight: Straight, small_data: ColourData,
+                                                      tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    first = tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2")
+    assert f"stopped after epoch 2 of {EPOCHS}" in first.stdout
+    assert f"python train.py --resume {output / 'last.pt'}" in first.stdout
+    assert load_checkpoint(output / "last.pt")["epoch"] == 2
+
+    second = call_main(train.main, "--resume", output / "last.pt")  # the options come from the checkpoint
+
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from {output / 'last.pt'}" in second.stdout
+    assert "resumed after epoch 2" in second.stdout
+    assert_same_training(output / "last.pt", straight.output / "last.pt")
+    assert history_without_seconds(output / "history.csv") == history_without_seconds(straight.output / "history.csv")
+    assert_same(load_checkpoint(output / "best.pt")["model"], load_checkpoint(straight.output / "best.pt")["model"])
+
+
+def test_worker_count_does_not_change_the_weights(small_data: ColourData, tmp_path: Path,
+                                                   no_final_outputs: None) -> None:
+    """Augmentation randomness comes from (seed, epoch, sample), not from the worker processes."""
+    tiny_train(small_data, tmp_path / "w0", "--epochs", "1")
+    tiny_train(small_data, tmp_path / "w2", "--epochs", "1", "--workers", "2")
+
+    first, second = load_checkpoint(tmp_path / "w0" / "last.pt"), load_checkpoint(tmp_path / "w2" / "last.pt")
+    assert_same(first["model"], second["model"], "model")
+    assert_same(first["training_state"]["optimizer"], second["training_state"]["optimizer"], "optimizer")
+
+
+def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_path: Path) -> None:
+    output = tmp_path / "copy"
+    shutil.copytree(straight.output, output)
+
+    result = call_main(train.main, "--resume", "auto", "--output-dir", output, "--epochs", "6")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming from {output / 'last.pt'}" in result.stdout
+    history = history_without_seconds(output / "history.csv")
+    assert [row["epoch"] for row in history] == ["1", "2", "3", "4", "5", "6"]
+    assert history[:EPOCHS] == history_without_seconds(straight.output / "history.csv")
+    assert float(history[4]["lr"]) == pytest.approx(train.cosine_learning_rate(5e-4, 5, 6))
+    assert load_checkpoint(output / "last.pt")["config"]["epochs"] == 6
+
+
+def test_resume_into_another_output_dir_takes_best_pt_along(straight: Straight, tmp_path: Path) -> None:
+    output = tmp_path / "elsewhere"
+
+    result = call_main(train.main, "--resume", straight.output / "last.pt", "--output-dir", output, "--epochs", "5")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_same(load_checkpoint(output / "best.pt")["model"], load_checkpoint(straight.output / "best.pt")["model"])
+    assert (output / "report" / "metrics.json").is_file()
+    assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1", "2", "3", "4", "5"]
+    assert (straight.output / "last.pt").is_file() and load_checkpoint(straight.output / "last.pt")["epoch"] == EPOCHS
+
+
+def test_resume_of_a_lone_last_pt_finishes_with_a_note(straight: Straight, tmp_path: Path,
+                                                       no_final_outputs: None) -> None:
+    """Only last.pt was kept (e.g. copied to Drive): the run continues; the report of a best.pt it lacks is skipped."""
+    output = tmp_path / "lone"
+    output.mkdir()
+    shutil.copy(straight.output / "last.pt", output / "last.pt")
+
+    result = call_main(train.main, "--resume", "auto", "--output-dir", output, "--epochs", "5")
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert load_checkpoint(output / "last.pt")["epoch"] == 5
+    if not (output / "best.pt").exists():  # no epoch beat the best one, whose weights were not kept
+        assert f"note: no best.pt in {output}" in result.stdout
+
+
+def test_resume_of_best_pt_is_a_clean_error(straight: Straight) -> None:
+    best = straight.output / "best.pt"
+    assert_user_error(call_main(train.main, "--resume", best), "--resume", best, "no training state", "last.pt")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.1"], ["--lr"]),
+    (["--batch-size", "8", "--seed", "3"], ["--batch-size", "--seed"]),
+    (["--arch", "resnet34"], ["--arch"]),
+])
+def test_resume_with_a_changed_recipe_is_a_clean_error(straight: Straight, flags: list[str],
+                                                       named: list[str]) -> None:
+    before = (straight.output / "last.pt").stat().st_mtime_ns
+    result = call_main(train.main, "--resume", straight.output / "last.pt", *flags)
+    assert_user_error(result, "--resume", *named, "--epochs")
+    assert (straight.output / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resume_of_a_missing_file_is_a_clean_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "last.pt"
+    assert_user_error(call_main(train.main, "--resume", missing), "--resume", missing, "file not found", "auto")
+
+
+def test_resume_with_a_conflicting_config_file_is_a_clean_error(straight: Straight, tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.5\n")
+    result = call_main(train.main, "--resume", straight.output / "last.pt", "--config", config,
+                       "--output-dir", tmp_path / "out")
+    assert_user_error(result, "--resume", "--lr")
+
+
+def test_resume_accepts_the_config_file_the_run_started_with(straight: Straight, tmp_path: Path) -> None:
+    """A re-run Colab cell passes the same --config again: that must resume, not fail."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"epochs: {EPOCHS}\n")
+    result = call_main(train.main, "--resume", straight.output / "last.pt", "--config", config,
+                       "--output-dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed after epoch" in result.stdout
+
+
+# --------------------------------------------------------------------------- processes to stop and kill
+
+
+def _train_in_child(argv: list[str], log_path: str) -> None:
+    """Body of a forked training process: stdout and stderr go to ``log_path``."""
+    descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    train.main(argv)
+
+
+class TrainingProcess:
+    """A training run in its own process, with its console output in a file that can be watched."""
+
+    def __init__(self, argv: list[str | Path], log_path: Path, fork: bool = False) -> None:
+        self.log_path = log_path
+        argv = [str(arg) for arg in argv]
+        log_path.touch()
+        if fork:
+            self.process: Any = multiprocessing.get_context("fork").Process(
+                target=_train_in_child, args=(argv, str(log_path)))
+            self.process.start()
+            self.pid = self.process.pid
+        else:  # stderr apart, to check what goes where
+            with log_path.open("w") as log, self.stderr_path.open("w") as errors:
+                self.process = subprocess.Popen([sys.executable, "-u", str(REPO_ROOT / "train.py"), *argv],
+                                                cwd=REPO_ROOT, stdout=log, stderr=errors)
+            self.pid = self.process.pid
+
+    def running(self) -> bool:
+        if isinstance(self.process, subprocess.Popen):
+            return self.process.poll() is None
+        return self.process.is_alive()
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.log_path.with_suffix(".stderr")
+
+    def output(self) -> str:
+        """Everything written so far (stdout, then stderr when it is kept apart)."""
+        errors = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        return self.log_path.read_text(errors="replace") + errors
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+        """Poll ``condition`` until it holds; fail if the process ends first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.running(), f"the process ended before {what}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.output()[-3000:]}"
+            time.sleep(0.002)
+
+    def wait_for_line(self, pattern: str, timeout: float = 120.0) -> None:
+        self.wait_for(lambda: re.search(pattern, self.output(), re.MULTILINE) is not None, repr(pattern), timeout)
+
+    def send(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 120.0) -> int:
+        if isinstance(self.process, subprocess.Popen):
+            return self.process.wait(timeout)
+        self.process.join(timeout)
+        assert not self.process.is_alive(), "the process did not end"
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        if self.running():
+            self.send(signal.SIGKILL)
+            self.wait(30)
+
+
+@pytest.fixture
+def processes():
+    """Processes started by a test; any still running at its end are killed."""
+    started: list[TrainingProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+EPOCH_LINE = r"^epoch +\d+/\d+ "
+
+
+def assert_checkpoints_load(output: Path) -> int:
+    """best.pt and last.pt are complete checkpoints; returns last.pt's epoch."""
+    best, last = load_checkpoint(output / "best.pt"), load_checkpoint(output / "last.pt")
+    assert "training_state" in last and best["epoch"] <= last["epoch"] + 1
+    return last["epoch"]
+
+
+def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
+    straight: Straight, small_data: ColourData, tmp_path: Path, processes: list[TrainingProcess],
+    no_final_outputs: None,
+) -> None:
+    """Kill a run three times (after an epoch line, in the middle of writing a checkpoint, at a random moment
+    of a resumed run); the files always load, and --resume auto then finishes with the weights of a run that
+    was never killed."""
+    rng = random.Random(1234)
+    output = tmp_path / "out"
+    argv = ["--data-dir", small_data.root, "--output-dir", output, "--epochs", str(EPOCHS), *TINY_TRAIN_FLAGS]
+    kills: list[str] = []
+
+    # 1. `python train.py`, killed a random moment after its first epoch line
+    first = TrainingProcess(argv, tmp_path / "run1.log")
+    processes.append(first)
+    first.wait_for_line(EPOCH_LINE)
+    time.sleep(rng.uniform(0.0, 0.4))
+    first.kill()
+    kills.append(f"after epoch line, last.pt epoch {assert_checkpoints_load(output)}")
+
+    # 2. a resumed run killed as soon as a checkpoint is being written (its temporary file exists)
+    second = TrainingProcess(["--resume", "auto", *argv], tmp_path / "run2.log", fork=True)
+    processes.append(second)
+    leftovers = set(output.glob(".*.tmp"))  # the first kill may have left one
+    second.wait_for(lambda: bool(set(output.glob(".*.pt.*.tmp")) - leftovers), "a checkpoint write")
+    second.kill()
+    kills.append(f"mid-write of {[path.name for path in output.glob('.*.tmp')]}, "
+                 f"last.pt epoch {assert_checkpoints_load(output)}")
+
+    # 3. a resumed run killed a random moment after it announced the resume (set-up or training)
+    third = TrainingProcess(["--resume", "auto", *argv], tmp_path / "run3.log", fork=True)
+    processes.append(third)
+    third.wait_for_line(r"^resumed after epoch")
+    time.sleep(rng.uniform(0.0, 0.4))
+    third.kill()
+    kills.append(f"random, last.pt epoch {assert_checkpoints_load(output)}")
+
+    final = call_main(train.main, "--resume", "auto", "--output-dir", output)
+
+    assert final.returncode == 0, (kills, final.stdout[-3000:], final.stderr[-3000:])
+    assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1", "2", "3", "4"], kills
+    assert_same_training(output / "last.pt", straight.output / "last.pt")
+
+
+def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
+    small_data: ColourData, tmp_path: Path, processes: list[TrainingProcess]
+) -> None:
+    output = tmp_path / "out"
+    run = TrainingProcess(["--data-dir", small_data.root, "--output-dir", output, "--epochs", "20",
+                           *TINY_TRAIN_FLAGS], tmp_path / "run.log")
+    processes.append(run)
+    run.wait_for_line(EPOCH_LINE)
+
+    run.send(signal.SIGINT)
+    code = run.wait(60)
+
+    stderr = run.stderr_path.read_text()
+    assert code == 130, run.output()[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "SIGINT: stopping after this batch" in stderr
+    epoch = load_checkpoint(output / "last.pt")["epoch"]
+    assert 1 <= epoch < 20
+    assert f"interrupted: {output / 'last.pt'} holds epoch {epoch}; continue with: " \
+           f"python train.py --resume {output / 'last.pt'}" in stderr
+    assert len(read_csv_rows(output / "history.csv")) == epoch
