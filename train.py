@@ -31,6 +31,7 @@ import gpu_augment
 import plots
 from accel import AMP_CHOICES, Accel, configure_backends, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from accel import maybe_compile, resolve_amp
+from cache import CachedPilImages, CachedStagedImages, build_staged_cache
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
     IMAGENET_MEAN,
@@ -88,6 +89,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     data.add_argument("--verify-images", action="store_true", help="decode every image at start (slower) instead of reading headers only, to list all broken files up front")
     data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
+    data.add_argument("--cache", action="store_true", help="decode and resize the training images once into a uint8 memory-mapped file in OUTPUT_DIR/cache, so later epochs skip JPEG decoding")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", help=f"one of: {', '.join(SUPPORTED_ARCHS)}")
     model.add_argument("--weights", default="imagenet", help="imagenet (torchvision's best), none, or a PATH to a state dict")
@@ -118,7 +120,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # Options that may differ from the checkpoint's when a run is resumed; any other difference is an error.
 RESUMABLE_OPTIONS = frozenset({"epochs", "patience", "workers", "device", "amp", "channels_last", "compile",
                                "no_progress", "data_dir", "output_dir", "resume", "epochs_this_run", "tensorboard",
-                               "verify_images"})
+                               "verify_images", "cache"})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -240,13 +242,19 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> 
     decode_min_side = eval_resize_size(args.img_size)
     val_set = LabeledImages(data.val_samples, build_eval_transform(args.img_size), decode_min_side)
     val = DataLoader(val_set, shuffle=False, collate_fn=collate_skipping_failures, **options)
+    staging = gpu_augment.staging_size(args.img_size)
+    cache = build_staged_cache(data.train_samples, staging, Path(args.output_dir) / "cache",
+                               args.workers) if args.cache else None
     if resolve_augment_device(args.augment_device, accel.device) == "gpu":
-        staged = gpu_augment.StagedImages(data.train_samples, gpu_augment.staging_size(args.img_size))
+        staged = (CachedStagedImages(cache) if cache is not None
+                  else gpu_augment.StagedImages(data.train_samples, staging))
         train = DataLoader(staged, sampler=EpochSampler(len(staged), args.seed), drop_last=drops_lone_batch(
                            len(staged), args.batch_size), collate_fn=gpu_augment.collate_staged, **options)
         augment = gpu_augment.GpuTrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(accel.device)
         return Loaders(train, val, train_transform=augment)
-    train_set = LabeledImages(data.train_samples, build_train_transform(args.img_size), decode_min_side)
+    train_transform = build_train_transform(args.img_size)
+    train_set = (CachedPilImages(cache, train_transform) if cache is not None
+                 else LabeledImages(data.train_samples, train_transform, decode_min_side))
     train = DataLoader(train_set, sampler=EpochSampler(len(train_set), args.seed), drop_last=drops_lone_batch(
                        len(train_set), args.batch_size), collate_fn=collate_skipping_failures, **options)
     return Loaders(train, val)

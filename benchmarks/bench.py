@@ -39,8 +39,6 @@ import gpu_augment  # noqa: E402
 import train  # noqa: E402
 from accel import Accel, configure_backends, make_grad_scaler, resolve_amp  # noqa: E402
 from dataset import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     LabeledBatch,
     LabeledImages,
     TrainValData,
