@@ -1,0 +1,106 @@
+"""Surviving interruptions: the run state an exact resume needs, finding the checkpoint, and stop requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils import UserError, atomic_write_bytes, capture_rng_state, restore_rng_state
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last completed epoch: what a resume needs beyond the weights and optimizer."""
+
+    epoch: int = 0
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_predictions: list[int] = field(default_factory=list)
+    best_targets: list[int] = field(default_factory=list)
+
+    def epochs_without_improvement(self) -> int:
+        """Epochs since the best val accuracy (what early stopping counts)."""
+        return self.epoch - self.best_epoch
+
+
+def training_state(progress: Progress, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """Everything beyond the weights that an exact resume needs, as tensors and plain values."""
+    return {
+        "progress": asdict(progress),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": capture_rng_state(),
+    }
+
+
+def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None) -> Progress:
+    """Load optimizer, scaler and RNG states; returns the run's progress."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    return Progress(**state["progress"])
+
+
+def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
+    """``--resume auto``: the output folder's last.pt if there is one; otherwise the given path, which must exist."""
+    if resume == "auto":
+        path = Path(output_dir) / "last.pt"
+        if not path.is_file():
+            print(f"note: --resume auto: no {path} yet, starting a new run")
+            return None
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: file not found; pass a last.pt written by train.py, or auto")
+    return path
+
+
+def carry_over_best_checkpoint(resume_path: Path | None, output_dir: Path) -> None:
+    """A run resumed into another --output-dir takes the best.pt beside its last.pt along (the report needs it)."""
+    if resume_path is None:
+        return
+    source, target = resume_path.parent / "best.pt", output_dir / "best.pt"
+    if source.is_file() and not target.exists():
+        atomic_write_bytes(target, source.read_bytes())
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a polite request to stop; a second Ctrl-C quits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()  # forked DataLoader workers inherit the handler and must ignore the signal
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this batch (press Ctrl-C again to quit at once)",
+              file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.requested
