@@ -13,8 +13,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset, Sampler, default_collate
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from utils import UserError
@@ -22,6 +22,8 @@ from utils import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# EXIF orientations that transpose the image (swap width and height).
+AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
@@ -150,19 +152,31 @@ def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
     With ``min_side``, a JPEG much larger than needed is decoded at a reduced scale (1/2, 1/4 or 1/8) whose
     shorter side stays at least ``min_side``: far less decoding work for the same resized result.
     """
+    return decode_rgb(path, min_side=min_side)[0]
+
+
+def decode_rgb(
+    path: str | Path, min_side: int | None = None, min_size: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The RGB image (EXIF orientation applied) and its full-resolution ``(width, height)`` as oriented.
+
+    JPEGs are decoded at a reduced DCT scale when that keeps the shorter side at least ``min_side``, or both
+    sides at least ``min_size``; the returned size is that of the whole image, whatever scale was decoded.
+    """
     with Image.open(path) as image:
-        if min_side and image.format == "JPEG":
-            _draft_keeping(image, min_side)
+        width, height = image.size
+        if image.format == "JPEG" and (min_side or min_size):
+            image.draft(image.mode, min_size or _draft_request(image.size, min_side))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in AXIS_SWAPPING_ORIENTATIONS:
+            width, height = height, width
+        return to_rgb(ImageOps.exif_transpose(image)), (width, height)
 
 
-def _draft_keeping(image: Image.Image, min_side: int) -> None:
-    width, height = image.size
-    scale = min(width, height) / min_side
-    if scale >= 2:
-        image.draft(image.mode, (int(width / scale) + 1, int(height / scale) + 1))
+def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    width, height = size
+    scale = max(min(width, height) / min_side, 1.0)
+    return int(width / scale) + 1, int(height / scale) + 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -363,6 +377,21 @@ class EpochSampler(Sampler):
 def epoch_seed(seed: int, epoch: int) -> int:
     """A seed for one epoch of a run, distinct for every ``(seed, epoch)`` pair."""
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**62
+
+
+def prediction_loader(
+    paths: Sequence[str | Path],
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of ``(images, positions, failed positions)`` over ``paths`` with the eval transform, in order."""
+    images = UnlabeledImages(paths, build_eval_transform(img_size, mean, std), eval_resize_size(img_size))
+    return DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                      collate_fn=collate_with_failures)
 
 
 # --------------------------------------------------------------------------- splits and weights

@@ -87,10 +87,8 @@ def batch_to_device(
     """
     if transform is None:
         return accel.images_to_device(batch.images), batch.targets.to(accel.device, non_blocking=True)
-    staged, sizes, targets = batch.images, batch.sizes, batch.targets
-    images = transform(staged.to(accel.device, non_blocking=True), sizes.to(accel.device, non_blocking=True))
-    memory_format = torch.channels_last if accel.channels_last else torch.contiguous_format
-    return images.contiguous(memory_format=memory_format), targets.to(accel.device, non_blocking=True)
+    staged, sizes = batch.images.to(accel.device, non_blocking=True), batch.sizes.to(accel.device, non_blocking=True)
+    return accel.images_to_device(transform(staged, sizes)), batch.targets.to(accel.device, non_blocking=True)
 
 
 def train_one_epoch(

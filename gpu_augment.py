@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -42,8 +42,6 @@ import dataset
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale and PIL's convert("L") use.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 DECODE_ERRORS = dataset.DECODE_ERRORS
-# EXIF orientations that transpose the image (swap width and height).
-AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Column order of crop boxes, the order of torchvision's RandomResizedCrop.get_params.
 BOX_TOP, BOX_LEFT, BOX_HEIGHT, BOX_WIDTH = range(4)
 # Colour-jitter operation indices, as in torchvision's ColorJitter.get_params permutation.
@@ -80,13 +78,7 @@ def decode_staged(path: str, staging: int) -> tuple[Tensor, Tensor]:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            width, height = image.size
-            image.draft("RGB", (staging, staging))  # a no-op for formats other than JPEG
-            image.load()
-            if image.getexif().get(ExifTags.Base.Orientation, 1) in AXIS_SWAPPING_ORIENTATIONS:
-                width, height = height, width
-            rgb = dataset.to_rgb(ImageOps.exif_transpose(image))
+        rgb, (width, height) = dataset.decode_rgb(path, min_size=(staging, staging))
     staged = rgb.resize((staging, staging), Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.array(staged, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
     return pixels, torch.tensor([width, height], dtype=torch.int64)

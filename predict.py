@@ -32,16 +32,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from accel import Accel, add_inference_options, configure_backends, resolve_amp
 from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import (
-    UnlabeledImages,
-    build_eval_transform,
-    collate_with_failures,
-    eval_resize_size,
     find_test_images,
+    prediction_loader,
     report_ignored,
 )
 from engine import predict_probabilities
@@ -251,9 +247,8 @@ def ensemble_probabilities(
     failed: set[int] = set()
     for group in preprocessing_groups(checkpoints):
         first = checkpoints[group[0]]
-        transform = build_eval_transform(first["img_size"], first["mean"], first["std"])
-        loader = DataLoader(UnlabeledImages(paths, transform, eval_resize_size(first["img_size"])), batch_size=batch_size, num_workers=workers,
-                            pin_memory=accel.device.type == "cuda", collate_fn=collate_with_failures)
+        loader = prediction_loader(paths, first["img_size"], first["mean"], first["std"], batch_size, workers,
+                                   pin_memory=accel.device.type == "cuda")
         models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
         probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), loader, len(paths), accel,
                                                             show_progress)

@@ -27,12 +27,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import metrics
 import plots
 from accel import Accel
-from dataset import Sample, UnlabeledImages, build_eval_transform, collate_with_failures, eval_resize_size, load_rgb
+from dataset import Sample, load_rgb, prediction_loader
 from engine import predict_probabilities
 from utils import UserError, atomic_write_text
 
@@ -75,10 +74,8 @@ def predict_samples(
 ) -> Predictions:
     """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set aside."""
     paths = [path for path, _ in samples]
-    transform = build_eval_transform(checkpoint["img_size"], checkpoint["mean"], checkpoint["std"])
-    loader = DataLoader(UnlabeledImages(paths, transform, eval_resize_size(checkpoint["img_size"])),
-                        batch_size=batch_size, num_workers=workers,
-                        pin_memory=accel.device.type == "cuda", collate_fn=collate_with_failures)
+    loader = prediction_loader(paths, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"], batch_size,
+                               workers, pin_memory=accel.device.type == "cuda")
     probabilities, failed = predict_probabilities(model, loader, len(paths), accel, show_progress)
     keep = np.ones(len(paths), dtype=bool)
     keep[failed] = False

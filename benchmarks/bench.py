@@ -39,14 +39,15 @@ import gpu_augment  # noqa: E402
 import train  # noqa: E402
 from accel import Accel, configure_backends, make_grad_scaler, resolve_amp  # noqa: E402
 from dataset import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     LabeledBatch,
     LabeledImages,
     TrainValData,
-    UnlabeledImages,
     build_eval_transform,
     build_train_transform,
-    collate_with_failures,
     eval_resize_size,
+    prediction_loader,
 )
 from engine import evaluate, predict_probabilities, train_one_epoch  # noqa: E402
 from model import trainable_parameters  # noqa: E402
@@ -223,10 +224,8 @@ def run_ours(samples: list, args: argparse.Namespace, device: torch.device, num_
     criterion = train.make_criterion(data, options, device)
     scaler = make_grad_scaler(accel)
     loaders = train.make_loaders(data, options, accel)
-    predict_set = UnlabeledImages([path for path, _ in samples], build_eval_transform(args.img_size),
-                                  eval_resize_size(args.img_size))
-    predict_loader = DataLoader(predict_set, batch_size=args.batch_size, num_workers=options.workers,
-                                pin_memory=device.type == "cuda", collate_fn=collate_with_failures)
+    predict_loader = prediction_loader([path for path, _ in samples], args.img_size, IMAGENET_MEAN, IMAGENET_STD,
+                                       args.batch_size, options.workers, pin_memory=device.type == "cuda")
 
     def train_epoch(loader: Iterable) -> None:
         train_one_epoch(model, loader, criterion, optimizer, accel, scaler, loaders.train_transform, show_progress=False)
