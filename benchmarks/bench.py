@@ -309,7 +309,7 @@ def results_table(baseline: dict, ours: dict, ceiling: dict) -> str:
 
 def append_results(text: str) -> None:
     """Append a section to benchmarks/results.md."""
-    header = "" if RESULTS.exists() else "# Benchmark results\n\nAppended by `python benchmarks/bench.py`.\n"
+    header = "" if RESULTS.exists() else "# Benchmark results\n\nAppended by the scripts in benchmarks/.\n"
     with RESULTS.open("a", encoding="utf-8") as handle:
         handle.write(header + "\n" + text + "\n")
 
