@@ -89,9 +89,13 @@ def resolve_amp(request: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return torch.float16 if device.type == "cuda" else None
     if request == "bf16":
-        if not bf16_ok:
-            raise UserError(f"--amp bf16: this {device.type} has no native bfloat16; use --amp auto, fp16 or off")
-        return torch.bfloat16
+        if bf16_ok:
+            return torch.bfloat16
+        if device.type == "cpu":  # oneDNN emulates it: same rounding as native bf16, so it checks bf16 numerics
+            print("warning: --amp bf16: this CPU has no native bfloat16, so it is emulated and several times slower "
+                  "than fp32 (--amp auto picks fp32 here)", file=sys.stderr)
+            return torch.bfloat16
+        raise UserError(f"--amp bf16: this {device.type} has no native bfloat16; use --amp auto, fp16 or off")
     if device.type != "cuda":
         raise UserError(f"--amp fp16: needs a CUDA GPU (this run uses {device.type}); use --amp auto or off")
     return torch.float16

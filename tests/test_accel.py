@@ -87,8 +87,14 @@ def test_explicit_choices_where_the_hardware_has_them(hardware) -> None:
     assert resolve_amp("bf16", CPU) is torch.bfloat16
 
 
+def test_explicit_bf16_on_a_cpu_without_it_runs_emulated_with_a_warning(hardware, capsys) -> None:
+    hardware(cpu_bf16=False)
+    assert resolve_amp("bf16", CPU) is torch.bfloat16
+    assert "--amp bf16: this CPU has no native bfloat16, so it is emulated" in capsys.readouterr().err
+    assert resolve_amp("auto", CPU) is None
+
+
 @pytest.mark.parametrize("request_, device, fragment", [
-    ("bf16", CPU, "no native bfloat16"),
     ("bf16", CUDA, "no native bfloat16"),
     ("bf16", MPS, "no native bfloat16"),
     ("fp16", CPU, "needs a CUDA GPU"),
