@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 import dataset
 import gpu_augment
@@ -110,14 +109,12 @@ def build_staged_cache(
     failures: list[str] = []
     if samples:
         array = np.memmap(tmp_path, dtype=np.uint8, mode="w+", shape=shape)
-        decoder = _DecodeStaged([path for path, _ in samples], staging)
-        items = (decoder[index] for index in range(len(decoder))) if workers == 0 else DataLoader(
-            decoder, batch_size=None, num_workers=workers)
-        for index, pixels, size, error in items:
-            if pixels is None:
-                print(f"\nwarning: skipping {samples[index][0]}: cannot decode ({error})", file=sys.stderr)
-                failures.append(samples[index][0])
+        decoded = dataset.iterate_items(gpu_augment.StagedImages(samples, staging), workers)
+        for index, item in enumerate(decoded):
+            if isinstance(item, dataset.DecodeFailure):  # StagedImages has printed the warning
+                failures.append(item.path)
                 continue
+            pixels, size, _ = item
             array[index] = pixels.numpy()
             sizes[index] = size.numpy()
         array.flush()
@@ -148,23 +145,6 @@ def _load_complete(data_path: Path, meta_path: Path, samples: list[tuple[str, in
         return None
     sizes = np.asarray(meta["sizes"], dtype=np.int64).reshape(len(samples), 2)
     return StagedCache(data_path, staging, sizes, meta["labels"], meta["paths"], list(meta["failures"]))
-
-
-class _DecodeStaged(Dataset):
-    """``(index, uint8 [3,S,S] or None, [w, h] or None, error text)`` per path, for the parallel build."""
-
-    def __init__(self, paths: list[str], staging: int) -> None:
-        self.paths, self.staging = paths, staging
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, Tensor | None, str]:
-        try:
-            pixels, size = gpu_augment.decode_staged(self.paths[index], self.staging)
-        except dataset.DECODE_ERRORS as error:
-            return index, None, None, f"{type(error).__name__}: {error}"
-        return index, pixels, size, ""
 
 
 class _CachedImages(Dataset):
@@ -226,9 +206,4 @@ class CachedPilImages(_CachedImages):
         path = self.cache.paths[index]
         if path in self._failed:
             return dataset.DecodeFailure(path)
-        image, label = self.image(index), self.cache.labels[index]
-        if seed is None:
-            return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), label
+        return dataset.transform_seeded(self.transform, self.image(index), seed), self.cache.labels[index]

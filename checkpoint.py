@@ -23,10 +23,9 @@ def make_checkpoint(
     metrics: dict[str, float],
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything prediction needs, as tensors and plain Python values only (loadable with ``weights_only=True``)."""
-    checkpoint = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "model": {key: value.detach().cpu() for key, value in model.state_dict().items()},
         "arch": config["arch"],
@@ -38,8 +37,6 @@ def make_checkpoint(
         "epoch": int(epoch),
         "metrics": {key: float(value) for key, value in metrics.items()},
     }
-    checkpoint.update(extra or {})
-    return checkpoint
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:

@@ -9,7 +9,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -98,11 +98,15 @@ def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, work
     ``full_decode`` decodes every image, in ``workers`` processes.
     """
     checker = _ImageCheck([str(path) for path in paths], full_decode)
-    if not full_decode or workers == 0:
-        results = (checker[index] for index in range(len(checker)))
-    else:
-        results = torch.utils.data.DataLoader(checker, batch_size=None, num_workers=workers)
+    results = iterate_items(checker, workers if full_decode else 0)
     return [(path, reason) for path, reason in results if reason]
+
+
+def iterate_items(items: Dataset, workers: int) -> Iterable[Any]:
+    """Every item of ``items`` in order: in this process when ``workers`` is 0, else in that many processes."""
+    if workers == 0:
+        return (items[index] for index in range(len(items)))
+    return DataLoader(items, batch_size=None, num_workers=workers)
 
 
 class _ImageCheck(Dataset):
@@ -273,11 +277,17 @@ class LabeledImages(Dataset):
         image = _decode_or_warn(path, self.decode_min_side)
         if image is None:
             return DecodeFailure(path)
-        if seed is None:
-            return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), label
+        return transform_seeded(self.transform, image, seed), label
+
+
+def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image,
+                     seed: int | None) -> torch.Tensor:
+    """``transform(image)``, its randomness drawn from ``seed`` when given, leaving the global RNG untouched."""
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
 
 
 class UnlabeledImages(Dataset):

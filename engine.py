@@ -87,8 +87,8 @@ def batch_to_device(
     """
     if transform is None:
         return accel.images_to_device(batch.images), batch.targets.to(accel.device, non_blocking=True)
-    staged, sizes = batch.images.to(accel.device, non_blocking=True), batch.sizes.to(accel.device, non_blocking=True)
-    return accel.images_to_device(transform(staged, sizes)), batch.targets.to(accel.device, non_blocking=True)
+    staged = batch.images.to(accel.device, non_blocking=True)  # the sizes stay on the host: see gpu_augment
+    return accel.images_to_device(transform(staged, batch.sizes)), batch.targets.to(accel.device, non_blocking=True)
 
 
 def train_one_epoch(
@@ -120,7 +120,7 @@ def train_one_epoch(
         failed.extend(batch.failed)
         if batch.targets is None:  # every image of the batch failed to decode
             continue
-        images, targets = batch_to_device(batch, accel, seeded(batch_transform, accel, augment_seed + batch_index))
+        images, targets = batch_to_device(batch, accel, seeded(batch_transform, augment_seed + batch_index))
         with accel.autocast():
             logits = model(images)
             loss = criterion(logits.float(), targets)
@@ -142,11 +142,15 @@ def train_one_epoch(
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, False, failed)
 
 
-def seeded(transform: Any, accel: Accel, seed: int) -> BatchTransform | None:
-    """``transform`` with its randomness drawn from a generator seeded with ``seed`` (None stays None)."""
+def seeded(transform: Any, seed: int) -> BatchTransform | None:
+    """``transform`` with its randomness drawn from a CPU generator seeded with ``seed`` (None stays None).
+
+    On the CPU the parameter draw never waits on the GPU (see gpu_augment), and a seed gives the same
+    augmentation on every device.
+    """
     if transform is None:
         return None
-    generator = torch.Generator(accel.device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     return lambda images, sizes: transform(images, sizes, generator=generator)
 
 
@@ -156,7 +160,6 @@ def evaluate(
     loader: Iterable,
     criterion: nn.Module,
     accel: Accel,
-    batch_transform: BatchTransform | None = None,
     description: str = "val",
     show_progress: bool = True,
 ) -> EvalResult:
@@ -168,7 +171,7 @@ def evaluate(
     for batch in tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True):
         if batch.targets is None:
             continue
-        images, targets = batch_to_device(batch, accel, batch_transform)
+        images, targets = batch_to_device(batch, accel)
         with accel.autocast():
             logits = model(images)
         meter.update(criterion(logits.float(), targets), logits, targets)
@@ -210,9 +213,3 @@ def predict_probabilities(
     if probabilities is None:
         probabilities = torch.zeros(num_images, 0)
     return probabilities, sorted(failed)
-
-
-def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Count matrix ``[true, predicted]``."""
-    flat = targets.long() * num_classes + predictions.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)

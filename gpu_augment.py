@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 import dataset
 
@@ -85,7 +85,7 @@ def decode_staged(path: str, staging: int) -> tuple[Tensor, Tensor]:
 
 
 class StagedImages(Dataset):
-    """``(uint8 [3, S, S] image, [orig_w, orig_h], label)`` per sample, or ``None`` if it cannot be decoded."""
+    """``(uint8 [3, S, S] image, [orig_w, orig_h], label)`` per sample, or a ``dataset.DecodeFailure`` if it cannot be decoded."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], staging: int) -> None:
         self.samples = list(samples)
@@ -94,7 +94,7 @@ class StagedImages(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, int] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, int] | dataset.DecodeFailure:
         # dataset.EpochSampler yields (index, seed); staging is deterministic, so the seed is not needed here
         index = key[0] if isinstance(key, tuple) else key
         path, label = self.samples[index]
@@ -120,8 +120,7 @@ def collate_staged(batch: list[Any]) -> StagedBatch:
     kept, failed = dataset.split_failures(batch)
     if not kept:
         return StagedBatch(None, None, None, failed)
-    images, sizes, labels = zip(*kept)
-    return StagedBatch(torch.stack(images), torch.stack(sizes), torch.tensor(labels, dtype=torch.int64), failed)
+    return StagedBatch(*default_collate(kept), failed)  # in a worker, stacks straight into shared memory
 
 
 # --------------------------------------------------------------------------- random parameters

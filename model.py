@@ -96,7 +96,7 @@ def offline_weights_message(url: str, error: Exception) -> str:
     """The one-line explanation for a failed weights download: which file, where it goes, the alternatives."""
     file_name = os.path.basename(url)
     cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    reason = _first_line(error)
     return (
         f"--weights imagenet: could not download {url} ({reason}); "
         f"copy {file_name} to {cache} ($TORCH_HOME/hub/checkpoints/), "

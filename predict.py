@@ -211,8 +211,9 @@ def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 def class_list_difference(first: Sequence[str], second: Sequence[str]) -> str:
     """A short description of how two class lists differ."""
-    only_first = [name for name in first if name not in set(second)]
-    only_second = [name for name in second if name not in set(first)]
+    first_set, second_set = set(first), set(second)
+    only_first = [name for name in first if name not in second_set]
+    only_second = [name for name in second if name not in first_set]
     if not only_first and not only_second:
         return "the same classes in a different order" if len(first) == len(second) else "repeated class names"
     parts = [f"{len(first)} vs {len(second)} classes"]
@@ -308,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             f"(--allow-missing writes the other rows): {listed}")
         print(f"warning: --allow-missing: prediction.csv lacks {len(failed)} row(s) for undecodable images: {listed}",
               file=sys.stderr)
-        kept = [index for index in range(len(paths)) if index not in set(failed)]
+        missing = set(failed)
+        kept = [index for index in range(len(paths)) if index not in missing]
         names, probabilities = [names[index] for index in kept], probabilities[kept]
 
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import gpu_augment
+import metrics
 import plots
 from accel import AMP_CHOICES, Accel, configure_backends, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from accel import maybe_compile, resolve_amp
@@ -45,7 +46,7 @@ from dataset import (
     eval_resize_size,
     load_train_val,
 )
-from engine import BatchTransform, EvalResult, NonFiniteLossError, confusion_matrix, evaluate, train_one_epoch
+from engine import BatchTransform, EvalResult, NonFiniteLossError, evaluate, train_one_epoch
 from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, parameter_summary, parse_trainable
 from model import trainable_parameters
 from report import write_evaluation_report
@@ -137,8 +138,9 @@ def parse_args_and_resume(argv: Sequence[str] | None = None) -> tuple[argparse.N
     """
     parser = get_args_parser()
     pre_args, _ = parser.parse_known_args(argv)
-    if pre_args.config:
-        parser.set_defaults(**_config_defaults(parser, pre_args.config))
+    from_file = _config_defaults(parser, pre_args.config) if pre_args.config else {}
+    if from_file:
+        parser.set_defaults(**from_file)
         pre_args, _ = parser.parse_known_args(argv)
     resume_path = resolve_resume_path(pre_args.resume, pre_args.output_dir) if pre_args.resume else None
     if resume_path is None:
@@ -150,7 +152,6 @@ def parse_args_and_resume(argv: Sequence[str] | None = None) -> tuple[argparse.N
         raise UserError(f"--resume {resume_path}: holds no training state (best.pt is for prediction); use last.pt")
     saved = dict(checkpoint["config"])
     # A --config file (the same cell re-run in Colab, say) counts like flags: it must agree with the checkpoint.
-    from_file = _config_defaults(parser, pre_args.config) if pre_args.config else {}
     parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent), **from_file})
     args = parser.parse_args(argv)
     changed = sorted(key for key, value in vars(args).items()
@@ -247,19 +248,20 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> 
     staging = gpu_augment.staging_size(args.img_size)
     cache = build_staged_cache(data.train_samples, staging, Path(args.output_dir) / "cache",
                                args.workers) if args.cache else None
+    augment: BatchTransform | None = None
     if resolve_augment_device(args.augment_device, accel.device) == "gpu":
-        staged = (CachedStagedImages(cache) if cache is not None
-                  else gpu_augment.StagedImages(data.train_samples, staging))
-        train = DataLoader(staged, sampler=EpochSampler(len(staged), args.seed), drop_last=drops_lone_batch(
-                           len(staged), args.batch_size), collate_fn=gpu_augment.collate_staged, **options)
+        train_set = (CachedStagedImages(cache) if cache is not None
+                     else gpu_augment.StagedImages(data.train_samples, staging))
+        collate = gpu_augment.collate_staged
         augment = gpu_augment.GpuTrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(accel.device)
-        return Loaders(train, val, train_transform=augment)
-    train_transform = build_train_transform(args.img_size)
-    train_set = (CachedPilImages(cache, train_transform) if cache is not None
-                 else LabeledImages(data.train_samples, train_transform, decode_min_side))
+    else:
+        train_transform = build_train_transform(args.img_size)
+        train_set = (CachedPilImages(cache, train_transform) if cache is not None
+                     else LabeledImages(data.train_samples, train_transform, decode_min_side))
+        collate = collate_skipping_failures
     train = DataLoader(train_set, sampler=EpochSampler(len(train_set), args.seed), drop_last=drops_lone_batch(
-                       len(train_set), args.batch_size), collate_fn=collate_skipping_failures, **options)
-    return Loaders(train, val)
+                       len(train_set), args.batch_size), collate_fn=collate, **options)
+    return Loaders(train, val, train_transform=augment)
 
 
 def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -317,12 +319,11 @@ def epoch_line(row: dict[str, float], epochs: int, is_best: bool, images_per_sec
             f"{images_per_second:.0f} img/s  peak {memory}" + ("  * best" if is_best else ""))
 
 
-def save_final_plots(history: list[dict], best: EvalResult, best_epoch: int, stopped_epoch: int | None,
-                     class_names: list[str], output_dir: Path) -> None:
+def save_final_plots(progress: Progress, stopped_epoch: int | None, class_names: list[str], output_dir: Path) -> None:
     """Loss and accuracy curves, and the best model's normalized confusion matrix on val."""
-    plots.plot_loss_curve(history, output_dir / "loss_curve.png", best_epoch, stopped_epoch)
-    plots.plot_accuracy_curve(history, output_dir / "accuracy_curve.png", best_epoch, stopped_epoch)
-    matrix = confusion_matrix(best.predictions, best.targets, len(class_names)).numpy()
+    plots.plot_loss_curve(progress.history, output_dir / "loss_curve.png", progress.best_epoch, stopped_epoch)
+    plots.plot_accuracy_curve(progress.history, output_dir / "accuracy_curve.png", progress.best_epoch, stopped_epoch)
+    matrix = metrics.confusion_matrix(progress.best_targets, progress.best_predictions, len(class_names))
     plots.plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")
 
 
@@ -438,8 +439,8 @@ def record_epoch(run: Run, progress: Progress, row: dict[str, float], evaluated:
         progress.best_val_acc, progress.best_epoch = evaluated.accuracy, epoch
         progress.best_predictions = evaluated.predictions.tolist()
         progress.best_targets = evaluated.targets.tolist()
-    metrics = {key: value for key, value in row.items() if key != "epoch"}
-    checkpoint = make_checkpoint(run.model, run.data.class_names, run.config, epoch, metrics, IMAGENET_MEAN,
+    epoch_metrics = {key: value for key, value in row.items() if key != "epoch"}
+    checkpoint = make_checkpoint(run.model, run.data.class_names, run.config, epoch, epoch_metrics, IMAGENET_MEAN,
                                  IMAGENET_STD)
     if is_best:
         save_checkpoint(checkpoint, run.output_dir / "best.pt")
@@ -461,10 +462,7 @@ def write_best_report(run: Run) -> None:
 
 def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str, Any]:
     """Plots of the whole run and a closing line; returns the run's summary."""
-    best = EvalResult(0.0, progress.best_val_acc, len(progress.best_targets), 0.0,
-                      torch.tensor(progress.best_predictions, dtype=torch.long),
-                      torch.tensor(progress.best_targets, dtype=torch.long))
-    save_final_plots(progress.history, best, progress.best_epoch, stopped_epoch, run.data.class_names, run.output_dir)
+    save_final_plots(progress, stopped_epoch, run.data.class_names, run.output_dir)
     if (run.output_dir / "best.pt").is_file():
         write_best_report(run)
     else:  # resumed from a last.pt kept without its best.pt, and no epoch since did better

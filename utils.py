@@ -145,10 +145,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp_path)
 
 
-def _current_umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once: setting the umask to read it is process-wide, and other threads (TensorBoard's writer) create files.
+_UMASK = _read_umask()
 
 
 class _temporary_sibling:
@@ -161,7 +165,7 @@ class _temporary_sibling:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle, self.tmp_path = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(handle)
-        os.chmod(self.tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(self.tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         return self.tmp_path
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:

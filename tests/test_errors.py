@@ -135,39 +135,32 @@ def negative_workers(inputs: Inputs) -> BadRun:
     return BadRun("train.py", ["--data-dir", inputs.data.root, "--workers", "-1"], ["--workers -1", "0 or more"])
 
 
+def train_with_config(inputs: Inputs, text: str, *fragments: str) -> BadRun:
+    """train.py given a ``--config`` file holding ``text``: its error must name the file and ``fragments``."""
+    config = inputs.tmp / "config.yaml"
+    config.write_text(text)
+    return BadRun("train.py", ["--config", config, "--data-dir", inputs.data.root], ["--config", config, *fragments])
+
+
 def config_not_yaml(inputs: Inputs) -> BadRun:
-    config = inputs.tmp / "broken.yaml"
-    config.write_text("arch: [resnet18\nepochs: 3\n")
-    return BadRun("train.py", ["--config", config, "--data-dir", inputs.data.root],
-                  ["--config", config, "not valid YAML"])
+    return train_with_config(inputs, "arch: [resnet18\nepochs: 3\n", "not valid YAML")
 
 
 def config_with_unknown_key(inputs: Inputs) -> BadRun:
-    config = inputs.tmp / "typo.yaml"
-    config.write_text("arch: resnet18\nlearning_rate: 0.001\n")
-    return BadRun("train.py", ["--config", config, "--data-dir", inputs.data.root],
-                  ["--config", config, "unknown option(s) learning_rate", "--help"])
+    return train_with_config(inputs, "arch: resnet18\nlearning_rate: 0.001\n",
+                             "unknown option(s) learning_rate", "--help")
 
 
 def config_not_a_mapping(inputs: Inputs) -> BadRun:
-    config = inputs.tmp / "list.yaml"
-    config.write_text("- resnet18\n- 3\n")
-    return BadRun("train.py", ["--config", config, "--data-dir", inputs.data.root],
-                  ["--config", config, "option: value"])
+    return train_with_config(inputs, "- resnet18\n- 3\n", "option: value")
 
 
 def config_with_a_list(inputs: Inputs) -> BadRun:
-    config = inputs.tmp / "list_value.yaml"
-    config.write_text("trainable: [layer4, fc]\n")
-    return BadRun("train.py", ["--config", config, "--data-dir", inputs.data.root],
-                  ["--config", config, "trainable", "layer4,fc"])
+    return train_with_config(inputs, "trainable: [layer4, fc]\n", "trainable", "layer4,fc")
 
 
 def config_with_an_empty_value(inputs: Inputs) -> BadRun:
-    config = inputs.tmp / "empty_value.yaml"
-    config.write_text("arch: resnet18\nweights:\n")
-    return BadRun("train.py", ["--config", config, "--data-dir", inputs.data.root],
-                  ["--config", config, "weights: None is not one value"])
+    return train_with_config(inputs, "arch: resnet18\nweights:\n", "weights: None is not one value")
 
 
 def class_with_only_unreadable_images(inputs: Inputs) -> BadRun:

@@ -15,7 +15,15 @@ import evaluate
 import predict
 import train
 from checkpoint import load_checkpoint, make_checkpoint
-from conftest import PREDICT_FLAGS, TINY_TRAIN_FLAGS, ColourData, assert_user_error, call_main, read_csv_rows
+from conftest import (
+    PREDICT_FLAGS,
+    TINY_TRAIN_FLAGS,
+    CliResult,
+    ColourData,
+    assert_user_error,
+    call_main,
+    read_csv_rows,
+)
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model, freeze_blocks, parse_trainable
 
@@ -108,16 +116,21 @@ class NaNFromCall(nn.Module):
         return loss
 
 
+def train_with_nan_loss(monkeypatch: pytest.MonkeyPatch, data: ColourData, output: Path, from_call: int,
+                        epochs: int) -> CliResult:
+    """train.py on ``data`` whose loss turns NaN from its ``from_call``-th training batch on."""
+    make_criterion = train.make_criterion
+    monkeypatch.setattr(train, "make_criterion", lambda *args: NaNFromCall(make_criterion(*args), start=from_call))
+    return call_main(train.main, "--data-dir", data.root, "--output-dir", output, "--epochs", str(epochs),
+                     *TINY_TRAIN_FLAGS)
+
+
 def test_nan_loss_stops_with_the_epoch_and_batch_and_keeps_earlier_checkpoints(
     small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    make_criterion = train.make_criterion
-    # 12 images in batches of 4: three batches an epoch, so the 5th training batch is epoch 2, batch 2
-    monkeypatch.setattr(train, "make_criterion", lambda *args: NaNFromCall(make_criterion(*args), start=5))
     output = tmp_path / "out"
-
-    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, "--epochs", "3",
-                       *TINY_TRAIN_FLAGS)
+    # 12 images in batches of 4: three batches an epoch, so the 5th training batch is epoch 2, batch 2
+    result = train_with_nan_loss(monkeypatch, small_data, output, from_call=5, epochs=3)
 
     line = assert_user_error(result, "diverged in epoch 2", "nan at batch 2", output, "--lr")
     assert "last good checkpoints" in line
@@ -130,12 +143,8 @@ def test_nan_loss_stops_with_the_epoch_and_batch_and_keeps_earlier_checkpoints(
 def test_nan_loss_in_the_first_batch_writes_no_checkpoint(
     small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    make_criterion = train.make_criterion
-    monkeypatch.setattr(train, "make_criterion", lambda *args: NaNFromCall(make_criterion(*args), start=1))
     output = tmp_path / "out"
-
-    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, "--epochs", "2",
-                       *TINY_TRAIN_FLAGS)
+    result = train_with_nan_loss(monkeypatch, small_data, output, from_call=1, epochs=2)
 
     assert_user_error(result, "diverged in epoch 1", "nan at batch 1")
     assert not (output / "best.pt").exists() and not (output / "last.pt").exists()
