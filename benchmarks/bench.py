@@ -242,19 +242,19 @@ def run_ours(samples: list, args: argparse.Namespace, device: torch.device, num_
 
 def run_ceiling(ours: tuple, args: argparse.Namespace, device: torch.device, num_classes: int, count: int) -> dict:
     """Our model step alone, on batches already on the device: the speed with free data loading."""
-    model, optimizer, criterion, scaler, accel, transform = ours
+    model, optimizer, criterion, scaler, accel, _ = ours
     batches = max(1, count // args.batch_size)
     images = accel.images_to_device(torch.randn(args.batch_size, 3, args.img_size, args.img_size))
     targets = torch.randint(0, num_classes, (args.batch_size,), device=device)
     loader = [LabeledBatch(images, targets, [])] * batches
 
     def predict_only() -> None:
+        model.eval()  # train_one_epoch left it in training mode
         with torch.inference_mode(), accel.autocast():
             for batch in loader:
                 model(accel.images_to_device(batch.images)).float().softmax(dim=1)
 
     warm_up(lambda: train_one_epoch(model, loader[:1], criterion, optimizer, accel, scaler, show_progress=False))
-    model.eval()
     return {
         "train": timed(device, batches * args.batch_size,
                        lambda: train_one_epoch(model, loader, criterion, optimizer, accel, scaler, show_progress=False)),
