@@ -13,7 +13,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from utils import UserError
+from utils import UserError, pick_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
@@ -107,6 +107,14 @@ def _bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return False
+
+
+def set_up_accel(device_name: str, amp: str, channels_last: bool = True) -> Accel:
+    """The device for ``--device``, its precision for ``--amp``, and that device's backends configured."""
+    device = pick_device(device_name)
+    accel = Accel(device, resolve_amp(amp, device), channels_last)
+    configure_backends(device)
+    return accel
 
 
 def make_grad_scaler(accel: Accel) -> torch.amp.GradScaler | None:

@@ -507,9 +507,19 @@ def _require_train_dir(data_dir: Path) -> Path:
     return train_dir
 
 
+def has_images(folder: Path) -> bool:
+    """True when ``folder`` holds at least one file with an image extension."""
+    return any(is_image_name(path) for path in folder.iterdir())
+
+
+def unknown_class_folders(split_dir: Path, class_names: Sequence[str]) -> list[str]:
+    """Class folders of ``split_dir`` that hold images but are not among ``class_names``."""
+    return [name for name in class_folders(split_dir) if name not in class_names and has_images(split_dir / name)]
+
+
 def _classes_with_images(train_dir: Path) -> list[str]:
     names = class_folders(train_dir)
-    kept = [name for name in names if any(is_image_name(path) for path in (train_dir / name).iterdir())]
+    kept = [name for name in names if has_images(train_dir / name)]
     empty = [name for name in names if name not in kept]
     if empty:
         print(f"note: left out {len(empty)} class folder(s) of {train_dir} with no images: {', '.join(empty)}")
@@ -519,8 +529,7 @@ def _classes_with_images(train_dir: Path) -> list[str]:
 
 
 def _scan_val(val_dir: Path, class_names: list[str]) -> list[Sample]:
-    unknown = [name for name in class_folders(val_dir) if name not in class_names]
-    unknown = [name for name in unknown if any(is_image_name(path) for path in (val_dir / name).iterdir())]
+    unknown = unknown_class_folders(val_dir, class_names)
     if unknown:
         raise UserError(
             f"{val_dir}: class folder(s) {', '.join(unknown)} have no images in train/; "

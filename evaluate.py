@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from accel import Accel, add_inference_options, configure_backends, resolve_amp
+from accel import add_inference_options, set_up_accel
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import Sample, class_folders, is_image_name, load_train_val, report_ignored, scan_labeled_split
+from dataset import Sample, load_train_val, report_ignored, scan_labeled_split, unknown_class_folders
 from report import write_evaluation_report
-from utils import UserError, describe_device, exit_on_user_error, pick_device, resolve_workers
+from utils import UserError, describe_device, exit_on_user_error, resolve_workers
 
 MAX_NAMES_IN_ERROR = 10
 
@@ -65,9 +65,7 @@ def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[S
     """Labeled samples of ``split_dir``, its class folders matched to the checkpoint's classes by name."""
     if not split_dir.is_dir():
         raise UserError(f"{flag} {split_dir}: folder not found; it should hold <class>/*.jpg folders")
-    folders = [name for name in class_folders(split_dir)
-               if any(is_image_name(path) for path in (split_dir / name).iterdir())]
-    unknown = [name for name in folders if name not in class_names]
+    unknown = unknown_class_folders(split_dir, class_names)
     if unknown:
         raise UserError(f"{split_dir}: class folder(s) {_listed(unknown)} are not classes of the checkpoint "
                         f"(it knows {_listed(list(class_names))})")
@@ -114,10 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     validate_args(args)
     checkpoint = load_checkpoint(args.checkpoint)
     samples, source = resolve_split(args, checkpoint)
-    device = pick_device(args.device)
-    accel = Accel(device, resolve_amp(args.amp, device))
-    configure_backends(device)
-    print(f"device: {describe_device(device)}, precision {accel.precision_name}")
+    accel = set_up_accel(args.device, args.amp)
+    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}")
     print(f"checkpoint: {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
           f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))

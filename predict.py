@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accel import Accel, add_inference_options, configure_backends, resolve_amp
+from accel import Accel, add_inference_options, set_up_accel
 from checkpoint import load_checkpoint, model_from_checkpoint
 from dataset import (
     find_test_images,
@@ -45,9 +45,9 @@ from utils import (
     UserError,
     atomic_write_bytes,
     atomic_write_text,
+    csv_text,
     describe_device,
     exit_on_user_error,
-    pick_device,
     resolve_workers,
 )
 
@@ -90,18 +90,14 @@ def image_names(paths: Sequence[Path], keep_ext: bool) -> list[str]:
 
 def submission_csv(names: Sequence[str], labels: Sequence[str]) -> str:
     """The CSV text: header ``image_name,pred_label`` and one row per image."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image_name", "pred_label"])
-    writer.writerows(zip(names, labels))
-    return buffer.getvalue()
+    return csv_text(["image_name", "pred_label"], zip(names, labels))
 
 
-def write_zip(csv_text: str, zip_path: Path) -> None:
+def write_zip(submission: str, zip_path: Path) -> None:
     """A zip archive holding ``prediction.csv``, as the course's upload page wants."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("prediction.csv", csv_text)
+        archive.writestr("prediction.csv", submission)
     atomic_write_bytes(zip_path, buffer.getvalue())
 
 
@@ -264,13 +260,10 @@ def ensemble_probabilities(
 def probabilities_csv(names: Sequence[str], probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> str:
     """``image_name,label_1,prob_1,...,label_K,prob_K``: each image's K most probable classes, most probable first."""
     top_probabilities, top_indices = probabilities.topk(k, dim=1)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image_name"] + [f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "prob")])
-    for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()):
-        writer.writerow([name] + [item for index, value in zip(indices, values)
-                                  for item in (class_names[index], f"{value:.6f}")])
-    return buffer.getvalue()
+    header = ["image_name"] + [f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "prob")]
+    rows = ([name] + [item for index, value in zip(indices, values) for item in (class_names[index], f"{value:.6f}")]
+            for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()))
+    return csv_text(header, rows)
 
 
 def resolve_topk(requested: int, num_classes: int) -> int:
@@ -291,10 +284,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     checkpoints = load_checkpoints(args.checkpoint)
     class_names = checkpoints[0]["class_names"]
     topk = resolve_topk(args.topk, len(class_names))
-    device = pick_device(args.device)
-    accel = Accel(device, resolve_amp(args.amp, device))
-    configure_backends(device)
-    print(f"device: {describe_device(device)}, precision {accel.precision_name}; test-time views: {args.tta}"
+    accel = set_up_accel(args.device, args.amp)
+    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}; test-time views: {args.tta}"
           + (f"; ensemble of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""))
     paths, ignored = find_test_images(args.test_dir)
     report_ignored(args.test_dir, ignored)
@@ -314,13 +305,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         names, probabilities = [names[index] for index in kept], probabilities[kept]
 
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
-    csv_text = submission_csv(names, predicted)
+    submission = submission_csv(names, predicted)
     output = Path(args.output)
-    atomic_write_text(output, csv_text)
+    atomic_write_text(output, submission)
     print(f"wrote {output}: {len(names)} rows")
     result: dict[str, Any] = {"output": str(output), "rows": len(names)}
     if args.zip:
-        write_zip(csv_text, output.with_suffix(".zip"))
+        write_zip(submission, output.with_suffix(".zip"))
         print(f"wrote {output.with_suffix('.zip')}")
     if topk:
         probabilities_path = output.parent / "probabilities.csv"

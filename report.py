@@ -18,7 +18,6 @@ writes into ``report_dir``:
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import plots
 from accel import Accel
 from dataset import Sample, load_rgb, prediction_loader
 from engine import predict_probabilities
-from utils import UserError, atomic_write_text
+from utils import UserError, atomic_write_text, csv_text
 
 REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "top_confusions.csv",
                 "misclassified.png", "report.md")
@@ -158,14 +157,6 @@ def write_report_files(
 # --------------------------------------------------------------------------- tables
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def per_class_csv(confusion: np.ndarray, class_names: Sequence[str]) -> str:
     """``per_class.csv``: one row per class in folder order."""
     scores = metrics.class_scores(confusion)
@@ -177,14 +168,14 @@ def per_class_csv(confusion: np.ndarray, class_names: Sequence[str]) -> str:
                      f"{scores.precision[index]:.4f}", f"{scores.recall[index]:.4f}", f"{scores.f1[index]:.4f}",
                      class_names[other[0]] if other else "", f"{other[1]:.4f}" if other else ""])
     header = ["class", "support", "predicted", "precision", "recall", "f1", "most_confused_with", "confused_share"]
-    return _csv_text(header, rows)
+    return csv_text(header, rows)
 
 
 def top_confusions_csv(pairs: Sequence[tuple[int, int, int, float]], class_names: Sequence[str]) -> str:
     """``top_confusions.csv``: true class, predicted class, count and share of the true class, largest first."""
     rows = [[class_names[true], class_names[predicted], count, f"{share:.4f}"]
             for true, predicted, count, share in pairs]
-    return _csv_text(["true", "predicted", "count", "share_of_true"], rows)
+    return csv_text(["true", "predicted", "count", "share_of_true"], rows)
 
 
 def read_history(path: str | Path | None) -> list[dict[str, float]]:

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 import gpu_augment
 import metrics
 import plots
-from accel import AMP_CHOICES, Accel, configure_backends, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
-from accel import maybe_compile, resolve_amp
+from accel import AMP_CHOICES, Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
+from accel import maybe_compile, set_up_accel
 from cache import CachedPilImages, CachedStagedImages, build_staged_cache
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
@@ -66,7 +66,6 @@ from utils import (
     exit_on_user_error,
     format_count,
     load_yaml_config,
-    pick_device,
     resolve_workers,
     seed_everything,
 )
@@ -361,9 +360,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
     """Device, data, loaders, model, loss, optimizer and schedule; restored from ``resume`` when given."""
     config = config_of(args)
     print("config:\n" + "".join(f"  {key}: {value}\n" for key, value in config.items()), end="")
-    device = pick_device(args.device)
-    accel = Accel(device, resolve_amp(args.amp, device), args.channels_last)
-    configure_backends(device)
+    accel = set_up_accel(args.device, args.amp, args.channels_last)
+    device = accel.device
     print(f"device: {describe_device(device)}, precision {accel.precision_name}"
           + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)
