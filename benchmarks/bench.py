@@ -1,6 +1,6 @@
 """Throughput benchmark: our training, validation and prediction against a faithful reference loop.
 
-    python benchmarks/bench.py --device cpu          # about 4 minutes on 2 cores
+    python benchmarks/bench.py --device cpu          # about 2 minutes on 2 cores
     python benchmarks/bench.py --device cuda         # defaults sized for a datacentre GPU
 
 In one process and on the same generated JPEG dataset it measures, in images per second:
