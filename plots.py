@@ -2,27 +2,38 @@
 
 Figures are built with matplotlib's object API (``Figure``, never pyplot), so
 drawing them works on headless machines and never changes the plotting backend
-of a notebook that imports ``train``. Each figure is written to a temporary file
-in the destination folder and then moved into place with ``os.replace``, so a
-crash mid-write never leaves a truncated image behind; the figure is
-not kept by pyplot, so long training runs do not leak memory.
+of a notebook that imports ``train``. Each figure is rendered in memory and
+written with :func:`utils.atomic_write_bytes`, so a crash mid-write never leaves
+a truncated image behind; the figure is not kept by pyplot, so long training
+runs do not leak memory. Text the default font cannot draw (CJK class names) is
+drawn with an installed font that has the glyphs, when there is one.
 """
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator, Sequence
+import functools
+import io
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, font_manager, rc_context, rcParams
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize, PowerNorm
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontEntry
+from matplotlib.ft2font import FT2Font
 from matplotlib.image import AxesImage
 from matplotlib.ticker import MaxNLocator, PercentFormatter
+from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial.distance import squareform
+
+import metrics
+import utils
 
 DPI = 130
 TRAIN_COLOR = "tab:blue"
@@ -31,6 +42,8 @@ BEST_COLOR = "tab:green"
 STOP_COLOR = "tab:red"
 LR_COLOR = "0.55"  # grey: the learning rate is context, not the story
 CONFUSION_CMAP = "Blues"
+DEFAULT_CONFUSION_TITLE = "Confusion matrix (normalized by true class)"
+GROUPED_BY_CONFUSION = "classes grouped by confusion"
 
 # Per-cell numbers are only legible up to this many classes.
 MAX_CLASSES_WITH_CELL_TEXT = 30
@@ -39,6 +52,20 @@ MAX_CLASSES_WITH_CELL_TEXT = 30
 VERTICAL_LABELS_ABOVE = 15
 # Longer class names are shortened so one odd folder name cannot swamp the plot.
 MAX_LABEL_CHARS = 32
+# How many characters a shortened label gains per round while it still collides with another.
+LABEL_GROWTH_CHARS = 8
+# A loss more than this many times the median loss is drawn clipped at the top edge, so that
+# the huge first-epoch validation loss of a fresh head does not flatten the rest of the curve.
+LOSS_OUTLIER_FACTOR = 5.0
+
+MISSING_FONT_HINT = "install a CJK font such as fonts-noto-cjk"
+# Fonts that map every character to a placeholder box (matplotlib ships "Last Resort High-Efficiency"):
+# choosing one as fallback would hide that the real glyphs are missing.
+PLACEHOLDER_FONT_PREFIXES = ("Last Resort",)
+_GLYPH_WARNING = r"Glyph \d+ .* missing from font"
+# Characters already named in a "no installed font" note: each is reported once per process,
+# not once per figure (training and evaluation draw the same class names several times).
+_REPORTED_MISSING_GLYPHS: set[str] = set()
 
 
 # --------------------------------------------------------------------------
@@ -47,29 +74,147 @@ MAX_LABEL_CHARS = 32
 
 
 @contextmanager
-def _figure(figsize: tuple[float, float]) -> Iterator[Figure]:
-    """Yield a new stand-alone figure (not registered with pyplot) and free its artists afterwards."""
-    fig = Figure(figsize=figsize)
-    try:
-        yield fig
-    finally:
-        fig.clear()
+def _figure(figsize: tuple[float, float], texts: Iterable[str] = ()) -> Iterator[Figure]:
+    """Yield a new stand-alone figure (not registered with pyplot) and free its artists afterwards.
+
+    ``texts`` are the figure's user-supplied strings (class names, captions,
+    title): the figure is drawn with fonts that have their glyphs, see
+    :func:`_fonts_for`.
+    """
+    with _fonts_for(texts):
+        fig = Figure(figsize=figsize)
+        try:
+            yield fig
+        finally:
+            fig.clear()
 
 
-def _save_atomically(fig: Figure, path: str | Path) -> None:
-    """Save ``fig`` to ``path`` via a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_format = path.suffix.lstrip(".").lower() or "png"
-    # A plain open() (not mkstemp) so the file gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def _save_figure(fig: Figure, path: str | Path) -> None:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names (PNG without one)."""
+    image_format = Path(path).suffix.lstrip(".").lower() or "png"
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=image_format, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
+    utils.atomic_write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------
+# Fonts for text the default font cannot draw (CJK class names)
+# --------------------------------------------------------------------------
+
+
+def _glyphs_in_font(font_path: str, chars: frozenset[str]) -> frozenset[str]:
+    """The characters of ``chars`` that the font file at ``font_path`` has glyphs for (none if unreadable)."""
     try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format=image_format, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        font = FT2Font(font_path)
+    except (OSError, RuntimeError):
+        return frozenset()
+    return frozenset(char for char in chars if font.get_char_index(ord(char)))
+
+
+def _chars_missing_from_default_font(texts: Iterable[str]) -> frozenset[str]:
+    """The characters of ``texts`` the default font has no glyph for; plain ASCII returns at once."""
+    chars = frozenset(char for text in texts for char in text if not char.isascii() and not char.isspace())
+    if not chars:
+        return chars
+    default_font = font_manager.findfont(font_manager.FontProperties())
+    return chars - _glyphs_in_font(default_font, chars)
+
+
+def fallback_font_family(chars: frozenset[str], fonts: Sequence[FontEntry]) -> tuple[str | None, frozenset[str]]:
+    """The family of the font in ``fonts`` with glyphs for most of ``chars``, and the characters it lacks.
+
+    The first font that has them all wins; ``(None, chars)`` when no font has any.
+    Placeholder fonts (``PLACEHOLDER_FONT_PREFIXES``) are never chosen.
+    """
+    best_family, best_covered = None, frozenset()
+    for font in fonts:
+        if font.name.startswith(PLACEHOLDER_FONT_PREFIXES):
+            continue
+        covered = _glyphs_in_font(font.fname, chars)
+        if len(covered) > len(best_covered):
+            best_family, best_covered = font.name, covered
+            if covered == chars:
+                break
+    return best_family, chars - best_covered
+
+
+@functools.lru_cache(maxsize=64)
+def _installed_fallback_family(chars: frozenset[str]) -> tuple[str | None, frozenset[str]]:
+    """:func:`fallback_font_family` over the installed fonts, cached: scanning opens every font file."""
+    return fallback_font_family(chars, font_manager.fontManager.ttflist)
+
+
+def _note_missing_glyphs(texts: list[str], missing: frozenset[str]) -> None:
+    """Print one note naming the words drawn as boxes, unless their characters were reported before."""
+    if missing <= _REPORTED_MISSING_GLYPHS:
+        return
+    _REPORTED_MISSING_GLYPHS.update(missing)
+    words = list(dict.fromkeys(word for text in texts for word in text.split() if missing & set(word)))
+    shown = ", ".join(words[:3]) + (", ..." if len(words) > 3 else "")
+    print(f"note: no installed font has the glyphs of {len(words)} label(s) ({shown}); "
+          f"they show as boxes in the figures; {MISSING_FONT_HINT}")
+
+
+@contextmanager
+def _fonts_for(texts: Iterable[str]) -> Iterator[None]:
+    """Draw ``texts`` with an installed fallback font for the characters the default font lacks.
+
+    Characters that no installed font has are named in one note instead of
+    matplotlib's warning per glyph. Costs nothing when the default font has
+    every character.
+    """
+    texts = [str(text) for text in texts]
+    missing = _chars_missing_from_default_font(texts)
+    if not missing:
+        yield
+        return
+    family, unavailable = _installed_fallback_family(missing)
+    _note_missing_glyphs(texts, unavailable)
+    families = list(rcParams["font.family"]) + ([family] if family else [])
+    with rc_context({"font.family": families}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_GLYPH_WARNING)
+        yield
+
+
+# --------------------------------------------------------------------------
+# Tick labels
+# --------------------------------------------------------------------------
+
+
+def _shorten_middle(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` characters by an ellipsis in the middle, keeping its head and tail."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    head = limit - 1 - tail
+    return f"{name[:head]}…{name[-tail:]}"
+
+
+def _colliding_shortened(labels: list[str], names: list[str]) -> list[int]:
+    """Positions of shortened labels that equal the label of a different name."""
+    names_by_label: dict[str, set[str]] = {}
+    for label, name in zip(labels, names):
+        names_by_label.setdefault(label, set()).add(name)
+    return [position for position, (label, name) in enumerate(zip(labels, names))
+            if label != name and len(names_by_label[label]) > 1]
+
+
+def shorten_labels(names: Sequence[str], limit: int = MAX_LABEL_CHARS) -> list[str]:
+    """Class names as tick labels, those over ``limit`` characters shortened in the middle.
+
+    Head and tail are kept (``Quercus_robur_su…orma_fastigiata``) because class
+    folders often share a prefix or a suffix. Labels that would still collide
+    are shortened less, a few characters per round, until they differ, so the
+    labels are pairwise distinct whenever the names are.
+    """
+    names = [str(name) for name in names]
+    limits = [limit] * len(names)
+    labels = [_shorten_middle(name, limit) for name in names]
+    while colliding := _colliding_shortened(labels, names):
+        for position in colliding:
+            limits[position] += LABEL_GROWTH_CHARS
+            labels[position] = _shorten_middle(names[position], limits[position])
+    return labels
 
 
 # --------------------------------------------------------------------------
@@ -174,6 +319,55 @@ def _legend_below(ax: Axes, *extra_axes: Axes | None) -> None:
               ncol=min(len(labels), 3), frameon=False, fontsize=9)
 
 
+class LossAxisRange(NamedTuple):
+    """y limits for a loss plot, and the losses above ``top`` that are drawn clipped at the top edge."""
+
+    bottom: float
+    top: float
+    outliers: list[float]
+
+
+def loss_axis_range(values: Sequence[float]) -> LossAxisRange | None:
+    """y limits that keep the bulk of the losses readable when a few are far above the rest.
+
+    Losses over ``LOSS_OUTLIER_FACTOR`` times the median are left out of the
+    range, which spans the other losses plus a band on top for the outlier
+    markers. None when no loss is that far out: matplotlib's usual range then
+    applies. NaN (missing) values are ignored.
+    """
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    median = float(np.median(finite)) if finite.size else 0.0
+    if median <= 0 or not (finite > LOSS_OUTLIER_FACTOR * median).any():
+        return None
+    inliers = finite[finite <= LOSS_OUTLIER_FACTOR * median]
+    low, high = float(inliers.min()), float(inliers.max())
+    span = high - low or abs(high)
+    top = high + 0.12 * span  # headroom for the outlier markers and their values
+    return LossAxisRange(bottom=low - 0.05 * span, top=top, outliers=sorted(finite[finite > top].tolist()))
+
+
+def _mark_clipped(ax: Axes, epochs: list[int], values: list[float], top: float, color: str) -> None:
+    """Draw the losses above ``top`` as triangles on the top edge, each with its value under it."""
+    for epoch, value in zip(epochs, values):
+        if value > top:
+            ax.plot(epoch, top, marker="^", markersize=8, color=color, markeredgecolor="black",
+                    linestyle="none", clip_on=False, zorder=3)
+            ax.annotate(f"{value:.3g}", (epoch, top), xytext=(0, -7), textcoords="offset points",
+                        ha="center", va="top", fontsize=8, color=color, annotation_clip=False, zorder=4,
+                        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+
+
+def _clip_loss_outliers(ax: Axes, epochs: list[int], train: list[float], val: list[float]) -> None:
+    """Limit the y axis to the typical losses when a few are far above them (see :func:`loss_axis_range`)."""
+    limits = loss_axis_range(train + val)
+    if limits is None:
+        return
+    ax.set_ylim(limits.bottom, limits.top)
+    _mark_clipped(ax, epochs, train, limits.top, TRAIN_COLOR)
+    _mark_clipped(ax, epochs, val, limits.top, VAL_COLOR)
+
+
 def plot_loss_curve(
     history: list[dict],
     path: str | Path,
@@ -185,23 +379,26 @@ def plot_loss_curve(
     ``history`` holds one dict per epoch with keys ``epoch``, ``train_loss``,
     ``val_loss`` and ``lr`` (other keys are ignored). ``best_epoch`` adds a
     dotted line labelled with that epoch's validation accuracy;
-    ``stopped_epoch`` adds a dashed "early stop" line.
+    ``stopped_epoch`` adds a dashed "early stop" line. Losses far above the
+    rest (a fresh head's first epochs) are marked at the top edge with their
+    value instead of stretching the axis, see :func:`loss_axis_range`.
     """
     _check_history(history)
     epochs = _epochs(history)
-    val = _column(history, "val_loss")
+    train, val = _column(history, "train_loss"), _column(history, "val_loss")
     with _figure((8, 5)) as fig:
         ax = fig.add_subplot()
-        _draw_train_val(ax, epochs, _column(history, "train_loss"), val)
+        _draw_train_val(ax, epochs, train, val)
         _mark_epochs(ax, history, val, best_epoch, stopped_epoch)
         _set_epoch_axis(ax, epochs, best_epoch, stopped_epoch)
+        _clip_loss_outliers(ax, epochs, train, val)
         lr_ax = _draw_learning_rate(ax, history)
         ax.set_zorder(2)  # curves above the lr line, but keep the lr axis' background invisible
         ax.patch.set_visible(False)
         ax.set_ylabel("loss")
         ax.set_title("Loss")
         _legend_below(ax, lr_ax)
-        _save_atomically(fig, path)
+        _save_figure(fig, path)
 
 
 def plot_accuracy_curve(
@@ -229,7 +426,7 @@ def plot_accuracy_curve(
         ax.set_ylabel("accuracy")
         ax.set_title("Accuracy")
         _legend_below(ax)
-        _save_atomically(fig, path)
+        _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
@@ -254,21 +451,14 @@ def normalize_confusion(confusion: np.ndarray) -> np.ndarray:
 
 def _accuracy_text(counts: np.ndarray) -> str:
     """Overall accuracy from raw counts, e.g. 'accuracy 87.3%'."""
-    total = counts.sum()
-    if total <= 0:
+    if counts.sum() <= 0:
         return "accuracy n/a (no samples)"
-    return f"accuracy {np.trace(counts) / total:.1%}"
+    return f"accuracy {metrics.accuracy(counts):.1%}"
 
 
 def _matrix_side_inches(num_classes: int) -> float:
     """Side of the square matrix axes: grows with the class count, within limits."""
     return max(6.0, min(num_classes * 0.22, 30.0))
-
-
-def _shorten(name: str) -> str:
-    """Clip very long class names with an ellipsis."""
-    name = str(name)
-    return name if len(name) <= MAX_LABEL_CHARS else name[: MAX_LABEL_CHARS - 1] + "…"
 
 
 def _cell_text(value: float, num_classes: int) -> str:
@@ -294,11 +484,10 @@ def _annotate_cells(
                 fontsize=fontsize, color="white" if luminance < 0.5 else "black")
 
 
-def _label_axes(ax: Axes, class_names: list[str], row_support: np.ndarray, cell_points: float) -> None:
+def _label_axes(ax: Axes, labels: list[str], row_support: np.ndarray, cell_points: float) -> None:
     """Every class as a tick on both axes, font and rotation scaled to the class count."""
-    num_classes = len(class_names)
+    num_classes = len(labels)
     fontsize = max(4.0, min(10.0, 0.6 * cell_points))
-    labels = [_shorten(name) for name in class_names]
     # An all-blank row would otherwise look like a plotting bug.
     row_labels = [f"{label} (n=0)" if n == 0 else label for label, n in zip(labels, row_support)]
     ticks = np.arange(num_classes)
@@ -317,12 +506,29 @@ def _label_axes(ax: Axes, class_names: list[str], row_support: np.ndarray, cell_
         ax.tick_params(top=True, labeltop=True)
 
 
+def _check_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """``confusion`` as an array, after checking it is (K, K) with K >= 1 and has K class names."""
+    counts = np.asarray(confusion)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
+        raise ValueError(f"confusion must be square (K, K) with K >= 1, got shape {counts.shape}")
+    if len(class_names) != counts.shape[0]:
+        raise ValueError(f"{len(class_names)} class names for a {counts.shape[0]}-class confusion matrix")
+    return counts
+
+
 def _check_order(order: Sequence[int], num_classes: int) -> list[int]:
     """``order`` as a list, after checking it is a permutation of 0..K-1."""
     order = [int(index) for index in order]
     if sorted(order) != list(range(num_classes)):
         raise ValueError(f"order must be a permutation of 0..{num_classes - 1}")
     return order
+
+
+def _with_grouping_note(title: str, order: list[int]) -> str:
+    """``title`` plus ", classes grouped by confusion" when ``order`` is not folder order, unless it says so already."""
+    if order == sorted(order) or GROUPED_BY_CONFUSION in title:
+        return title
+    return f"{title}, {GROUPED_BY_CONFUSION}"
 
 
 def _confusion_cmap() -> Colormap:
@@ -344,53 +550,61 @@ def _colorbar_ticks(num_classes: int) -> list[float]:
     return [0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+def _draw_confusion(fig: Figure, counts: np.ndarray, labels: list[str], title: str) -> None:
+    """The heat map of ``counts`` (already in display order) with its colour bar, tick labels and title."""
+    num_classes = counts.shape[0]
+    normalized = normalize_confusion(counts)
+    side = fig.get_figwidth()
+    cell_points = side * 72 / num_classes
+    # Fixed axes geometry; labels and title spill outside and are kept by
+    # bbox_inches="tight", so long class names never squash the matrix.
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    colorbar_ax = fig.add_axes((1.0 + 0.2 / side, 0.0, 0.3 / side, 1.0))
+    image = ax.imshow(np.ma.masked_where(counts == 0, normalized), cmap=_confusion_cmap(),
+                      norm=_confusion_norm(num_classes), interpolation="nearest")
+    colorbar = fig.colorbar(image, cax=colorbar_ax, format=PercentFormatter(xmax=1.0, decimals=0))
+    colorbar.set_ticks(_colorbar_ticks(num_classes))
+    colorbar.set_label("share of true class", fontsize=11)
+    _label_axes(ax, labels, counts.sum(axis=1), cell_points)
+    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+        _annotate_cells(ax, normalized, counts, image, cell_points)
+    ax.set_title(title, fontsize=13, pad=12)
+
+
 def plot_confusion_matrix(
     confusion: np.ndarray,
     class_names: list[str],
     path: str | Path,
-    title: str = "Confusion matrix (normalized by true class)",
+    title: str = DEFAULT_CONFUSION_TITLE,
     order: Sequence[int] | None = None,
-) -> None:
-    """Save the row-normalized confusion matrix as a heat map.
+) -> list[int]:
+    """Save the row-normalized confusion matrix as a heat map; return the class order drawn.
 
     ``confusion`` is a (K, K) matrix of raw counts indexed [true, predicted];
-    ``class_names`` gives the K tick labels in index order. ``order`` (a
-    permutation of 0..K-1, e.g. from :func:`auto_class_order`) sets the order
-    of the classes along both axes; by default it is the index order. The
-    overall accuracy (from the raw counts) is appended to ``title``. The figure
-    grows with K; cell percentages are written only while K <= 30, and past that
-    the colour scale is a square root so that 2-10% confusions still show. Zero
-    cells are left white, and true classes without samples get an "(n=0)" label.
+    ``class_names`` gives the K class names in index order. The classes are
+    drawn in :func:`auto_class_order` (folder order up to 30 classes, grouped by
+    confusion beyond, which the title then says), so every caller draws the
+    same model the same way; ``order`` (a permutation of 0..K-1) overrides it.
+    The overall accuracy is appended to ``title``. The figure grows with K;
+    cell percentages are written only while K <= 30, and past that the colour
+    scale is a square root so that 2-10% confusions still show. Zero cells are
+    left white, true classes without samples get an "(n=0)" label, and long
+    names are shortened (see :func:`shorten_labels`).
     """
-    counts = np.asarray(confusion)
-    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] == 0:
-        raise ValueError(f"confusion must be square (K, K) with K >= 1, got shape {counts.shape}")
-    num_classes = counts.shape[0]
-    if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a {num_classes}-class confusion matrix")
-    if order is not None:
-        order = _check_order(order, num_classes)
-        counts = counts[np.ix_(order, order)]
-        class_names = [class_names[index] for index in order]
-    normalized = normalize_confusion(counts)
-
-    side = _matrix_side_inches(num_classes)
-    cell_points = side * 72 / num_classes
-    with _figure((side, side)) as fig:
-        # Fixed axes geometry; labels and title spill outside and are kept by
-        # bbox_inches="tight", so long class names never squash the matrix.
-        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-        colorbar_ax = fig.add_axes((1.0 + 0.2 / side, 0.0, 0.3 / side, 1.0))
-        image = ax.imshow(np.ma.masked_where(counts == 0, normalized), cmap=_confusion_cmap(),
-                          norm=_confusion_norm(num_classes), interpolation="nearest")
-        colorbar = fig.colorbar(image, cax=colorbar_ax, format=PercentFormatter(xmax=1.0, decimals=0))
-        colorbar.set_ticks(_colorbar_ticks(num_classes))
-        colorbar.set_label("share of true class", fontsize=11)
-        _label_axes(ax, [str(name) for name in class_names], counts.sum(axis=1), cell_points)
-        if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
-            _annotate_cells(ax, normalized, counts, image, cell_points)
-        ax.set_title(f"{title} — {_accuracy_text(counts)}", fontsize=13, pad=12)
-        _save_atomically(fig, path)
+    counts = _check_confusion(confusion, class_names)
+    if order is None:
+        order = auto_class_order(counts)
+        title = _with_grouping_note(title, order)
+    else:
+        order = _check_order(order, counts.shape[0])
+    counts = counts[np.ix_(order, order)]
+    labels = shorten_labels([class_names[index] for index in order])
+    title = f"{title} — {_accuracy_text(counts)}"
+    side = _matrix_side_inches(counts.shape[0])
+    with _figure((side, side), texts=[title, *labels]) as fig:
+        _draw_confusion(fig, counts, labels, title)
+        _save_figure(fig, path)
+    return order
 
 
 # --------------------------------------------------------------------------
@@ -416,49 +630,39 @@ def auto_class_order(confusion: np.ndarray) -> list[int]:
 
 
 def confusion_cluster_order(confusion: np.ndarray) -> list[int]:
-    """Class indices ordered by average-linkage clustering of the symmetric confusion shares.
+    """Class indices ordered so that classes mistaken for each other sit side by side.
 
-    The similarity of two classes is the mean of the share of each mistaken for
-    the other. Clusters are merged most-similar first, each merge oriented so
-    that the two most confused end classes touch. Merging stops when no
-    confusion links the remaining clusters, which are then laid out by their
+    Classes are linked when either is ever predicted as the other. Each group
+    of linked classes is ordered by average-linkage clustering of the symmetric
+    confusion shares, with optimal leaf ordering so the most confused
+    neighbours touch. Groups, single classes included, are laid out by their
     lowest class index, so classes that are never confused keep folder order.
     """
+    similarity = _confusion_similarity(confusion)
+    num_groups, group_of = connected_components(similarity > 0, directed=False)
+    groups = sorted((np.flatnonzero(group_of == group) for group in range(num_groups)), key=min)
+    return [int(members[position]) for members in groups
+            for position in _leaf_order(similarity[np.ix_(members, members)])]
+
+
+def _confusion_similarity(confusion: np.ndarray) -> np.ndarray:
+    """For each pair of classes, the mean of the share of each mistaken for the other; zero diagonal."""
     shares = normalize_confusion(confusion)
     similarity = (shares + shares.T) / 2
     np.fill_diagonal(similarity, 0.0)
-    num_classes = len(similarity)
-    clusters: dict[int, list[int]] = {index: [index] for index in range(num_classes)}
-    linkage = similarity.copy()  # summed similarity between the members of two clusters
-    sizes = np.ones(num_classes)
-    while len(clusters) > 1:
-        first, second = _most_similar_pair(linkage, sizes, list(clusters))
-        if first is None:
-            break
-        clusters[first] = _join_ends(clusters[first], clusters.pop(second), similarity)
-        linkage[first] += linkage[second]
-        linkage[:, first] += linkage[:, second]
-        linkage[first, first] = 0.0
-        sizes[first] += sizes[second]
-    return [index for members in sorted(clusters.values(), key=min) for index in members]
+    return similarity
 
 
-def _most_similar_pair(linkage: np.ndarray, sizes: np.ndarray, active: list[int]) -> tuple[int | None, int]:
-    """The two active clusters with the highest mean similarity, or ``(None, 0)`` when none is positive."""
-    rows = np.asarray(active)
-    average = linkage[np.ix_(rows, rows)] / np.outer(sizes[rows], sizes[rows])
-    np.fill_diagonal(average, -1.0)
-    i, j = np.unravel_index(int(average.argmax()), average.shape)
-    if average[i, j] <= 0:
-        return None, 0
-    return int(rows[min(i, j)]), int(rows[max(i, j)])
-
-
-def _join_ends(left: list[int], right: list[int], similarity: np.ndarray) -> list[int]:
-    """``left + right``, each possibly reversed, whichever puts the most similar pair of end classes side by side."""
-    candidates = [left + right, left + right[::-1], left[::-1] + right, left[::-1] + right[::-1]]
-    seams = [similarity[a[len(left) - 1], a[len(left)]] for a in candidates]
-    return candidates[int(np.argmax(seams))]
+def _leaf_order(similarity: np.ndarray) -> list[int]:
+    """Positions 0..n-1 in the leaf order of the optimally ordered average-linkage tree, lower end first."""
+    if len(similarity) <= 2:
+        return list(range(len(similarity)))
+    distance = 1.0 - similarity  # shares are at most 1, so distances stay in 0..1
+    np.fill_diagonal(distance, 0.0)
+    condensed = squareform(distance)
+    tree = optimal_leaf_ordering(linkage(condensed, method="average"), condensed)
+    leaves = [int(leaf) for leaf in leaves_list(tree)]
+    return leaves if leaves[0] < leaves[-1] else leaves[::-1]
 
 
 # --------------------------------------------------------------------------
@@ -496,7 +700,7 @@ def plot_image_grid(
     cell_width = GRID_IMAGE_INCHES + GRID_GAP_INCHES
     cell_height = GRID_CAPTION_INCHES + GRID_IMAGE_INCHES + GRID_GAP_INCHES
     width, height = columns * cell_width, GRID_TITLE_INCHES + rows * cell_height
-    with _figure((width, height)) as fig:
+    with _figure((width, height), texts=[title, *captions]) as fig:
         for position, (image, caption) in enumerate(zip(images, captions)):
             row, column = divmod(position, columns)
             bottom = height - GRID_TITLE_INCHES - (row + 1) * cell_height + GRID_GAP_INCHES
@@ -508,12 +712,12 @@ def plot_image_grid(
             fig.text(box[0], (bottom + GRID_IMAGE_INCHES + 0.04) / height, caption, ha="left", va="bottom",
                      fontsize=8.5, linespacing=1.3)
         fig.text(0.0, 1.0, title, ha="left", va="top", fontsize=12)
-        _save_atomically(fig, path)
+        _save_figure(fig, path)
 
 
 def _plot_message(path: str | Path, title: str, message: str) -> None:
     """A small figure holding just a title and a message."""
-    with _figure((6, 1.6)) as fig:
+    with _figure((6, 1.6), texts=[title, message]) as fig:
         fig.suptitle(title, fontsize=12)
         fig.text(0.5, 0.4, message, ha="center", va="center", fontsize=11, color="0.3")
-        _save_atomically(fig, path)
+        _save_figure(fig, path)
