@@ -1,8 +1,10 @@
-"""Classification metrics from predicted probabilities, in plain NumPy (scikit-learn is only a test dependency).
+"""Classification metrics from predicted probabilities, computed with scikit-learn.
 
-Conventions follow scikit-learn's defaults, so the numbers match what a notebook would print:
-a ratio with a zero denominator (precision of a class never predicted, F1 of a class with neither
-support nor predictions) is 0, and class-averaged scores skip classes absent from the data.
+Conventions, so the numbers match what a notebook would print: a ratio with a zero denominator (precision
+of a class never predicted) is 0, and the class-averaged scores - balanced accuracy and macro-F1 - both
+average over the classes that have images in the evaluated split (see :func:`classes_with_images`), so a
+class absent from the split counts in neither. Functions that take a confusion matrix hand it to
+scikit-learn as weighted (true, predicted) pairs, one per non-empty cell, so they need at least one image.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn import metrics as skm
 
 # Probabilities are clamped here before the log, so a confidently wrong image costs at most ~87 nats
 # instead of making the mean loss infinite.
@@ -29,66 +32,78 @@ class ClassScores:
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Count matrix ``[true, predicted]`` of shape ``(num_classes, num_classes)``."""
-    targets = np.asarray(targets, dtype=np.int64)
-    predictions = np.asarray(predictions, dtype=np.int64)
-    flat = np.bincount(targets * num_classes + predictions, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
+    if len(targets) == 0 or num_classes == 1:
+        # scikit-learn rejects empty input, and warns about any 1 x 1 matrix (predict.py may score a single label)
+        return np.full((num_classes, num_classes), len(targets), dtype=np.int64)
+    return skm.confusion_matrix(targets, predictions, labels=np.arange(num_classes))
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Element-wise ``numerator / denominator``, 0 where the denominator is 0."""
-    numerator = np.asarray(numerator, dtype=np.float64)
-    out = np.zeros_like(numerator)
-    np.divide(numerator, denominator, out=out, where=np.asarray(denominator) > 0)
-    return out
+def _weighted_labels(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The confusion matrix as ``(true, predicted, count)`` vectors, one entry per non-empty cell."""
+    confusion = np.asarray(confusion)
+    true, predicted = np.nonzero(confusion)
+    return true, predicted, confusion[true, predicted]
+
+
+def classes_with_images(confusion: np.ndarray) -> list[int]:
+    """The classes with at least one true image: the ones balanced accuracy and macro-F1 average over."""
+    return np.flatnonzero(np.asarray(confusion).sum(axis=1)).tolist()
 
 
 def class_scores(confusion: np.ndarray) -> ClassScores:
     """Support, prediction count, precision, recall and F1 of every class of a confusion matrix."""
     confusion = np.asarray(confusion)
-    hits = np.diag(confusion).astype(np.float64)
-    support = confusion.sum(axis=1)
-    predicted = confusion.sum(axis=0)
-    precision = _ratio(hits, predicted)
-    recall = _ratio(hits, support)
-    f1 = _ratio(2 * hits, support + predicted)  # = 2PR / (P + R), and 0 where both are 0
-    return ClassScores(support, predicted, precision, recall, f1)
+    true, predicted, count = _weighted_labels(confusion)
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        true, predicted, labels=np.arange(len(confusion)), sample_weight=count, zero_division=0)
+    return ClassScores(confusion.sum(axis=1), confusion.sum(axis=0), precision, recall, f1)
 
 
 def accuracy(confusion: np.ndarray) -> float:
     """Share of images whose predicted class is the true one."""
-    confusion = np.asarray(confusion)
-    total = confusion.sum()
-    return float(np.trace(confusion) / total) if total else 0.0
+    true, predicted, count = _weighted_labels(confusion)
+    return float(skm.accuracy_score(true, predicted, sample_weight=count))
 
 
 def balanced_accuracy(confusion: np.ndarray) -> float:
-    """Mean recall over the classes that have images (scikit-learn's ``balanced_accuracy_score``)."""
-    scores = class_scores(confusion)
-    present = scores.support > 0
-    return float(scores.recall[present].mean()) if present.any() else 0.0
+    """Mean recall over the classes with images (scikit-learn's ``balanced_accuracy_score``)."""
+    true, predicted, count = _weighted_labels(confusion)
+    # recall_score with explicit labels, not balanced_accuracy_score: the same number, but the averaged classes
+    # are spelled out as in macro_f1, and there is no warning when a class is predicted but never true.
+    return float(skm.recall_score(true, predicted, labels=classes_with_images(confusion), average="macro",
+                                  sample_weight=count))
 
 
 def macro_f1(confusion: np.ndarray) -> float:
-    """Mean F1 over the classes that are true or predicted at least once (``f1_score(average='macro')``)."""
-    scores = class_scores(confusion)
-    seen = (scores.support > 0) | (scores.predicted > 0)
-    return float(scores.f1[seen].mean()) if seen.any() else 0.0
+    """Mean F1 over the classes with images (not scikit-learn's default, which adds classes only predicted)."""
+    true, predicted, count = _weighted_labels(confusion)
+    return float(skm.f1_score(true, predicted, labels=classes_with_images(confusion), average="macro",
+                              sample_weight=count, zero_division=0))
 
 
 def top_k_accuracy(probabilities: np.ndarray, targets: np.ndarray, k: int) -> float:
-    """Share of images whose true class is among the ``k`` most probable ones."""
+    """Share of images whose true class is among the ``k`` most probable ones.
+
+    Among equal probabilities, top-1 ranks the lower class index first (as the predicted class, the argmax, does);
+    for larger ``k`` the figure is scikit-learn's, which ranks the higher index first.
+    """
     probabilities = np.asarray(probabilities)
-    targets = np.asarray(targets)
-    if len(targets) == 0:
-        return 0.0
-    k = min(k, probabilities.shape[1])
-    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    return float((top == targets[:, None]).any(axis=1).mean())
+    num_classes = probabilities.shape[1]
+    if k >= num_classes:
+        return 1.0  # every class is in the top k (scikit-learn warns that such a score is meaningless)
+    if k == 1:  # top-1 is plain accuracy; top_k_accuracy_score rejects the two-column scores of 2 classes
+        return float(skm.accuracy_score(targets, probabilities.argmax(axis=1)))
+    return float(skm.top_k_accuracy_score(targets, probabilities, k=k, labels=np.arange(num_classes)))
 
 
 def cross_entropy(probabilities: np.ndarray, targets: np.ndarray) -> float:
-    """Mean negative log-probability of the true class (plain cross-entropy: no weights, no smoothing)."""
+    """Mean negative log-probability of the true class (plain cross-entropy: no weights, no smoothing).
+
+    Not ``sklearn.metrics.log_loss``: it clips probabilities at the machine epsilon of their dtype, so with
+    float32 softmax outputs a confidently wrong image costs at most ~16 nats, understating the loss that
+    training logs from the logits. The clamp here, at the smallest float32, only acts where the softmax
+    itself underflowed to 0.
+    """
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.asarray(targets)
     if len(targets) == 0:
@@ -129,7 +144,7 @@ def top_confusions(confusion: np.ndarray, limit: int) -> list[tuple[int, int, in
 
 
 def summary_metrics(probabilities: np.ndarray, targets: np.ndarray, top_k: int = 5) -> dict[str, float | int]:
-    """The headline figures of an evaluation, as plain numbers ready for JSON.
+    """The headline figures of an evaluation of at least one image, as plain numbers ready for JSON.
 
     ``top_k`` is capped at the class count, and the value used is returned as ``top_k``.
     """

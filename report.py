@@ -7,9 +7,11 @@ One implementation, used by ``evaluate.py`` and by ``train.py`` at the end of tr
 writes into ``report_dir``:
 
 - ``metrics.json``: accuracy, balanced accuracy, macro-F1, top-k accuracy (k = min(5, classes)), plain
-  cross-entropy loss, image count, and the files that could not be decoded;
+  cross-entropy loss, image count, the classes with no images in the split (balanced accuracy and macro-F1
+  average over the others), and the files that could not be decoded, each with the reason;
 - ``per_class.csv``: support, predictions, precision, recall, F1 and the class each is most confused with;
-- ``confusion_matrix.png``: normalized by true class (classes grouped by confusion past 30 classes);
+- ``confusion_matrix.png``: normalized by true class, in :func:`plots.auto_class_order` (folder order up to 30
+  classes, grouped by confusion beyond);
 - ``top_confusions.csv``: the largest off-diagonal cells;
 - ``misclassified.png``: the most confident mistakes, as the original images;
 - ``report.md``: one page tying these together with the run's configuration and training history.
@@ -30,7 +32,7 @@ import torch
 import metrics
 import plots
 from accel import Accel
-from dataset import Sample, load_rgb, prediction_loader
+from dataset import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_rgb, prediction_loader
 from engine import predict_probabilities
 from utils import UserError, atomic_write_text, csv_text
 
@@ -51,7 +53,7 @@ class Predictions:
     paths: list[str]
     targets: np.ndarray  # [n] true class indices
     probabilities: np.ndarray  # [n, classes] softmax probabilities
-    failed: list[str]  # files that could not be decoded (left out of everything above)
+    failed: list[tuple[str, str]]  # (path, reason) of each file that could not be decoded, left out of the above
 
     @property
     def predicted(self) -> np.ndarray:
@@ -70,19 +72,21 @@ def predict_samples(
     batch_size: int = 128,
     workers: int = 0,
     show_progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Predictions:
-    """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set aside."""
+    """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set
+    aside (``max_pixels``: see ``dataset.check_pixel_count``)."""
     paths = [path for path, _ in samples]
     loader = prediction_loader(paths, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"], batch_size,
-                               workers, pin_memory=accel.device.type == "cuda")
-    probabilities, failed = predict_probabilities(model, loader, len(paths), accel, show_progress)
+                               workers, pin_memory=accel.device.type == "cuda", max_pixels=max_pixels)
+    probabilities, reasons = predict_probabilities(model, loader, len(paths), accel, show_progress)
     keep = np.ones(len(paths), dtype=bool)
-    keep[failed] = False
+    keep[list(reasons)] = False
     return Predictions(
         paths=[path for path, kept in zip(paths, keep) if kept],
         targets=np.asarray([label for _, label in samples], dtype=np.int64)[keep],
         probabilities=probabilities.numpy()[keep],
-        failed=[paths[index] for index in failed],
+        failed=[(paths[position], reasons[position]) for position in sorted(reasons)],
     )
 
 
@@ -103,6 +107,7 @@ def write_evaluation_report(
     show_progress: bool = True,
     top_confusions: int = 20,
     misclassified: int = 24,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``samples`` (``(path, index into checkpoint['class_names'])``) and write the report.
 
@@ -111,10 +116,10 @@ def write_evaluation_report(
     """
     if not samples:
         raise UserError(f"{source or 'evaluation'}: no labeled images to evaluate")
-    predictions = predict_samples(model, checkpoint, samples, accel, batch_size, workers, show_progress)
+    predictions = predict_samples(model, checkpoint, samples, accel, batch_size, workers, show_progress, max_pixels)
     if predictions.failed:
-        print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded: "
-              + ", ".join(predictions.failed))
+        print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded:"
+              + "".join(f"\n  {path}: {reason}" for path, reason in predictions.failed))
     if not predictions.paths:
         raise UserError(f"{source or 'evaluation'}: none of the {len(samples)} images could be decoded")
     return write_report_files(predictions, checkpoint, report_dir, source=source, history_path=history_path,
@@ -136,8 +141,9 @@ def write_report_files(
     report_dir.mkdir(parents=True, exist_ok=True)
     class_names = [str(name) for name in checkpoint["class_names"]]
     confusion = metrics.confusion_matrix(predictions.targets, predictions.predicted, len(class_names))
-    summary = {**metrics.summary_metrics(predictions.probabilities, predictions.targets, TOP_K),
-               "classes": len(class_names), "split": source, "undecodable": predictions.failed}
+    summary = metrics_summary(predictions, confusion, class_names, source)
+    if summary["classes_without_images"]:
+        print(classes_without_images_note(summary))
     atomic_write_text(report_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(report_dir / "per_class.csv", per_class_csv(confusion, class_names))
     pairs = metrics.top_confusions(confusion, top_confusions)
@@ -152,6 +158,28 @@ def write_report_files(
           f"balanced accuracy {summary['balanced_accuracy']:.2%}, macro-F1 {summary['macro_f1']:.3f}; "
           f"wrote {report_dir}/" + "{" + ",".join(REPORT_FILES) + "}")
     return {**summary, "report_dir": str(report_dir)}
+
+
+def metrics_summary(predictions: Predictions, confusion: np.ndarray, class_names: Sequence[str],
+                    source: str) -> dict[str, Any]:
+    """The contents of ``metrics.json``."""
+    return {**metrics.summary_metrics(predictions.probabilities, predictions.targets, TOP_K),
+            "classes": len(class_names), "split": source,
+            "classes_without_images": classes_without_images(confusion, class_names),
+            "undecodable": [{"path": path, "reason": reason} for path, reason in predictions.failed]}
+
+
+def classes_without_images(confusion: np.ndarray, class_names: Sequence[str]) -> list[str]:
+    """Names of the classes with no true image in the evaluated split, in folder order."""
+    present = set(metrics.classes_with_images(confusion))
+    return [name for index, name in enumerate(class_names) if index not in present]
+
+
+def classes_without_images_note(summary: dict[str, Any]) -> str:
+    """The console note naming the classes without images, which the class-averaged metrics leave out."""
+    absent = summary["classes_without_images"]
+    return (f"note: {len(absent)} class(es) have no images in {summary['split'] or 'the split'}: {', '.join(absent)}; "
+            f"balanced accuracy and macro-F1 average over the other {summary['classes'] - len(absent)}")
 
 
 # --------------------------------------------------------------------------- tables
@@ -195,12 +223,11 @@ def read_history(path: str | Path | None) -> list[dict[str, float]]:
 
 def plot_report_confusion(confusion: np.ndarray, class_names: list[str], source: str, path: Path) -> bool:
     """The confusion matrix figure, in :func:`plots.auto_class_order`; True when that is not folder order."""
-    order = plots.auto_class_order(confusion)
-    grouped = order != sorted(order)
     where = f" on {source}" if source else ""
-    title = f"Confusion matrix{where} (normalized by true class{', classes grouped by confusion' if grouped else ''})"
-    plots.plot_confusion_matrix(confusion, class_names, path, title=title, order=order)
-    return grouped
+    title = f"Confusion matrix{where} (normalized by true class)"
+    # Without an order, plots draws auto_class_order and adds a grouping to the title itself.
+    order = plots.plot_confusion_matrix(confusion, class_names, path, title=title)
+    return order != list(range(len(class_names)))
 
 
 def relative_curve_path(history_path: str | Path | None, report_dir: Path) -> str | None:
@@ -247,13 +274,18 @@ def _clip(text: str, limit: int = MAX_CAPTION_CHARS, keep_end: bool = False) -> 
 
 
 def mistake_caption(predictions: Predictions, position: int, class_names: Sequence[str]) -> str:
-    """Four lines: true class, predicted class with its confidence, the true class' probability, the file name."""
+    """Four lines: true class, predicted class with its confidence, the true class' probability, ``folder/file``.
+
+    The file is named with its class folder (``3/0.jpg``), since file names repeat across classes; a long one
+    keeps its end.
+    """
     true, guess = int(predictions.targets[position]), int(predictions.predicted[position])
     probabilities = predictions.probabilities[position]
+    path = Path(predictions.paths[position])
     return (f"true: {_clip(class_names[true])}\n"
             f"pred: {_clip(class_names[guess])} ({probabilities[guess]:.0%})\n"
             f"p(true) = {probabilities[true]:.1%}\n"
-            f"{_clip(Path(predictions.paths[position]).name, keep_end=True)}")
+            f"{_clip(f'{path.parent.name}/{path.name}', keep_end=True)}")
 
 
 # --------------------------------------------------------------------------- report.md
@@ -302,8 +334,8 @@ def _header_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list
         f"{summary['images']} images.",
     ]
     if summary["undecodable"]:
-        lines += ["", f"Left out {len(summary['undecodable'])} file(s) that could not be decoded: "
-                  + ", ".join(f"`{path}`" for path in summary["undecodable"])]
+        lines += ["", f"Left out {len(summary['undecodable'])} file(s) that could not be decoded:", ""]
+        lines += [f"- `{failure['path']}`: {failure['reason']}" for failure in summary["undecodable"]]
     return lines
 
 
@@ -317,8 +349,15 @@ def _metrics_section(summary: dict[str, Any]) -> list[str]:
         ("images", summary["images"]),
     ]
     return ["## Metrics", "", *_table(["metric", "value"], rows), "",
-            "All figures are in `metrics.json`. The loss has no class weights and no label smoothing, so it "
-            "differs from the val loss in the training log when those were on."]
+            f"{_averaging_convention(summary)} All figures are in `metrics.json`. The loss has no class weights and "
+            "no label smoothing, so it differs from the val loss in the training log when those were on."]
+
+
+def _averaging_convention(summary: dict[str, Any]) -> str:
+    absent = summary["classes_without_images"]
+    averaged = (f"Balanced accuracy and macro-F1 average over the {summary['classes'] - len(absent)} classes with "
+                "images in this split")
+    return f"{averaged}; class(es) {', '.join(absent)} have none and are left out." if absent else f"{averaged}."
 
 
 def _training_section(history: list[dict[str, float]], checkpoint: dict[str, Any], curve: str | None) -> list[str]:
@@ -350,7 +389,7 @@ def _confusion_section(grouped: bool, pairs: Sequence[tuple[int, int, int, float
 def _class_section(confusion: np.ndarray, class_names: Sequence[str]) -> list[str]:
     scores = metrics.class_scores(confusion)
     confused = metrics.most_confused_with(confusion)
-    present = [index for index in range(len(class_names)) if scores.support[index] > 0]
+    present = metrics.classes_with_images(confusion)
     if len(class_names) <= FULL_CLASS_TABLE_UP_TO:
         title, shown = "## Per class", present
     else:

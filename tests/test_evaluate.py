@@ -19,16 +19,18 @@ from sklearn import metrics as skm
 import evaluate
 import metrics
 import plots
+import report
 from accel import Accel
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
 from dataset import IMAGENET_MEAN, IMAGENET_STD, scan_labeled_split
 from model import model_from_config
-from report import REPORT_FILES, Predictions, write_evaluation_report, write_report_files
+from report import (MAX_CAPTION_CHARS, REPORT_FILES, Predictions, mistake_caption, write_evaluation_report,
+                    write_report_files)
 
 CLASSES = ["0", "1", "2"]
 
-# A fixed 5-class case: class 3 is predicted but never true, class 4 is neither (sklearn's defaults skip it).
+# A fixed 5-class case: class 3 is predicted but never true, class 4 is neither. Only classes 0-2 have images.
 Y_TRUE = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
 Y_PRED = np.array([0, 1, 0, 1, 3, 2, 0, 2, 2, 0])
 SCORES = np.array([
@@ -82,10 +84,14 @@ def test_summary_metrics_match_sklearn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns that class 3 is predicted but never true
         expected_balanced = skm.balanced_accuracy_score(Y_TRUE, Y_PRED)
+    assert metrics.classes_with_images(metrics.confusion_matrix(Y_TRUE, Y_PRED, 5)) == [0, 1, 2]
     assert summary["images"] == 10
     assert summary["accuracy"] == pytest.approx(skm.accuracy_score(Y_TRUE, Y_PRED))
     assert summary["balanced_accuracy"] == pytest.approx(expected_balanced)
-    assert summary["macro_f1"] == pytest.approx(skm.f1_score(Y_TRUE, Y_PRED, average="macro"))
+    # Macro-F1 averages over the classes with images, as balanced accuracy does: not f1_score's default labels,
+    # which would add class 3 (predicted, never true) with an F1 of 0.
+    assert summary["macro_f1"] == pytest.approx(skm.f1_score(Y_TRUE, Y_PRED, labels=[0, 1, 2], average="macro"))
+    assert summary["macro_f1"] > skm.f1_score(Y_TRUE, Y_PRED, average="macro")
     assert summary["top_k"] == 2
     assert summary["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(Y_TRUE, SCORES, k=2, labels=labels))
     assert summary["loss"] == pytest.approx(skm.log_loss(Y_TRUE, SCORES, labels=labels))
@@ -108,6 +114,28 @@ def test_top_k_is_capped_at_the_class_count() -> None:
     assert summary["top_k"] == 3 and summary["top_k_accuracy"] == 1.0
 
 
+def test_top_k_of_two_classes_and_of_classes_missing_from_the_targets() -> None:
+    two_classes = np.array([[0.7, 0.3], [0.4, 0.6], [0.2, 0.8]])
+    assert metrics.top_k_accuracy(two_classes, np.array([1, 1, 1]), 1) == pytest.approx(2 / 3)
+    assert metrics.top_k_accuracy(two_classes, np.array([1, 1, 1]), 2) == 1.0
+    assert metrics.top_k_accuracy(SCORES, Y_TRUE, 3) == pytest.approx(
+        skm.top_k_accuracy_score(Y_TRUE, SCORES, k=3, labels=list(range(5))))
+
+
+def test_top_k_matches_sklearn_on_tied_probabilities() -> None:
+    # The figure is scikit-learn's, ties included: among equal probabilities the higher class index ranks first.
+    tied, target = np.array([[0.4, 0.2, 0.2, 0.2]]), np.array([3])
+    expected = skm.top_k_accuracy_score(target, tied, k=2, labels=list(range(4)))
+    assert metrics.top_k_accuracy(tied, target, 2) == expected == 1.0
+
+
+def test_confusion_matrix_of_no_images_and_of_one_class() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn warns about a 1 x 1 matrix; predict.py may score one label
+        np.testing.assert_array_equal(metrics.confusion_matrix([0, 0], [0, 0], 1), [[2]])
+    np.testing.assert_array_equal(metrics.confusion_matrix([], [], 3), np.zeros((3, 3)))
+
+
 def test_loss_of_a_zero_probability_is_finite() -> None:
     assert np.isfinite(metrics.cross_entropy(np.array([[1.0, 0.0]]), np.array([1])))
 
@@ -122,6 +150,32 @@ def test_most_confused_and_top_confusions() -> None:
 
 
 # --------------------------------------------------------------------------- class order and figures
+
+
+def test_report_confusion_figure_leaves_order_and_grouping_title_to_plots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = []
+
+    def draw(confusion: np.ndarray, class_names: list[str], path: Path, **options: object) -> list[int]:
+        drawn.append(options)
+        return plots.auto_class_order(confusion)  # the order drawn, as plots.plot_confusion_matrix returns it
+
+    monkeypatch.setattr(plots, "plot_confusion_matrix", draw)
+    clustered = np.eye(40, dtype=int) * 20
+    clustered[3, 31] = clustered[31, 3] = 6
+    names = [str(index) for index in range(40)]
+    assert report.plot_report_confusion(clustered, names, "val", tmp_path / "cm.png") is True  # grouped
+    assert report.plot_report_confusion(np.eye(3, dtype=int), names[:3], "val", tmp_path / "cm.png") is False
+    # No order given: plots draws auto_class_order and adds ", classes grouped by confusion" itself when it groups.
+    assert drawn == [{"title": "Confusion matrix on val (normalized by true class)"}] * 2
+
+
+def test_report_confusion_figure_is_drawn(tmp_path: Path) -> None:
+    clustered = np.eye(40, dtype=int) * 20
+    clustered[3, 31] = 6
+    assert report.plot_report_confusion(clustered, [f"class {index}" for index in range(40)], "val",
+                                        tmp_path / "cm.png") is True
+    assert Image.open(tmp_path / "cm.png").format == "PNG"
 
 
 def test_auto_order_keeps_folder_order_for_few_classes() -> None:
@@ -196,6 +250,7 @@ def test_default_report_dir_is_beside_the_checkpoint(tiny: tuple[Path, Path], tm
 
 
 def test_split_dir_with_a_subset_of_classes_and_an_undecodable_file(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Class 1 has no images here and one file is not an image: both are named in the output and the report."""
     data_dir, checkpoint = tiny
     split = tmp_path / "split"
     for name in ("0", "2"):
@@ -206,11 +261,14 @@ def test_split_dir_with_a_subset_of_classes_and_an_undecodable_file(tiny: tuple[
     result = run_evaluate("--checkpoint", checkpoint, "--split-dir", split, "--report-dir", tmp_path / "r")
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert summary["images"] == 6
-    assert summary["undecodable"] == [str(split / "2" / "broken.jpg")]
-    assert "broken.jpg" in result.stdout
-    report = (tmp_path / "r" / "report.md").read_text()
-    assert "1 class(es) have no images in this split." in report and "broken.jpg" in report
+    assert summary["images"] == 6 and summary["classes_without_images"] == ["1"]
+    [failure] = summary["undecodable"]
+    assert failure["path"] == str(split / "2" / "broken.jpg") and failure["reason"]
+    assert f"{failure['path']}: {failure['reason']}" in result.stdout
+    assert f"note: 1 class(es) have no images in {split}: 1; " in result.stdout
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "1 class(es) have no images in this split." in text
+    assert f"- `{failure['path']}`: {failure['reason']}" in text
 
 
 def test_without_val_folder_the_held_out_split_is_rebuilt(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -233,12 +291,65 @@ def test_library_call_as_train_py_makes_it(tiny: tuple[Path, Path], tmp_path: Pa
     assert summary["images"] == 9 and Path(summary["report_dir"]).is_dir()
 
 
-def test_report_with_no_mistakes(tmp_path: Path) -> None:
+def test_report_with_no_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     predictions = Predictions(paths=[], targets=np.array([0, 1]), probabilities=np.eye(2), failed=[])
     summary = write_report_files(predictions, {"class_names": ["a", "b"], "config": {}}, tmp_path)
-    assert summary["accuracy"] == 1.0
+    assert summary["accuracy"] == 1.0 and summary["classes_without_images"] == []
     assert read_csv_rows(tmp_path / "top_confusions.csv") == []
-    assert "No misclassified images." in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "No misclassified images." in text
+    assert "Balanced accuracy and macro-F1 average over the 2 classes with images in this split." in text
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_classes_without_images_are_named_and_left_out_of_both_averages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Classes b and d have no images; one image of c is predicted as b, which costs c's recall and F1 only.
+    probabilities = np.array([[0.9, 0.1, 0.0, 0.0], [0.1, 0.1, 0.8, 0.0], [0.1, 0.6, 0.3, 0.0]])
+    predictions = Predictions(paths=["a/0.jpg", "c/0.jpg", "c/1.jpg"], targets=np.array([0, 2, 2]),
+                              probabilities=probabilities, failed=[])
+    monkeypatch.setattr(report, "thumbnail", lambda path: np.zeros((8, 8, 3), np.uint8))  # no image files here
+    summary = write_report_files(predictions, {"class_names": ["a", "b", "c", "d"], "config": {}}, tmp_path,
+                                 source="data/val")
+    assert summary["classes_without_images"] == ["b", "d"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["classes_without_images"] == ["b", "d"]
+    assert summary["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)
+    assert summary["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)  # not over b's F1 of 0 too
+    assert ("note: 2 class(es) have no images in data/val: b, d; balanced accuracy and macro-F1 average over the "
+            "other 2") in capsys.readouterr().out
+    assert ("Balanced accuracy and macro-F1 average over the 2 classes with images in this split; class(es) b, d "
+            "have none and are left out.") in (tmp_path / "report.md").read_text()
+
+
+def test_undecodable_files_are_reported_with_their_reasons(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    samples = [("val/a/0.jpg", 0), ("val/b/huge.png", 1), ("val/b/1.jpg", 1), ("val/a/bad.jpg", 0)]
+    reasons = {3: "cannot identify image file", 1: "image of 24960x24960 = 623.0 megapixels is above the limit"}
+    probabilities = torch.tensor([[0.9, 0.1], [0.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
+    monkeypatch.setattr(report, "predict_probabilities", lambda *args: (probabilities, reasons))
+    checkpoint = {"class_names": ["a", "b"], "config": {}, "img_size": 32, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    accel = Accel(torch.device("cpu"), None)
+    predictions = report.predict_samples(None, checkpoint, samples, accel)
+    assert predictions.paths == ["val/a/0.jpg", "val/b/1.jpg"] and predictions.targets.tolist() == [0, 1]
+    assert predictions.failed == [("val/b/huge.png", reasons[1]), ("val/a/bad.jpg", reasons[3])]
+
+    summary = write_evaluation_report(None, checkpoint, samples, tmp_path, accel, show_progress=False)
+    assert summary["undecodable"] == [{"path": "val/b/huge.png", "reason": reasons[1]},
+                                      {"path": "val/a/bad.jpg", "reason": reasons[3]}]
+    assert json.loads((tmp_path / "metrics.json").read_text())["undecodable"] == summary["undecodable"]
+    assert ("warning: left out 2 image(s) that could not be decoded:\n"
+            f"  val/b/huge.png: {reasons[1]}\n  val/a/bad.jpg: {reasons[3]}\n") in capsys.readouterr().out
+    text = (tmp_path / "report.md").read_text()
+    assert f"- `val/b/huge.png`: {reasons[1]}\n- `val/a/bad.jpg`: {reasons[3]}" in text
+
+
+def test_mistake_caption_names_the_class_folder_and_keeps_the_end_of_a_long_path() -> None:
+    predictions = Predictions(paths=["data/val/3/0.jpg", "data/val/a_very_long_class_name/img_0001.jpg"],
+                              targets=np.array([3, 0]), probabilities=np.eye(4)[[0, 3]], failed=[])
+    assert mistake_caption(predictions, 0, ["0", "1", "2", "3"]).splitlines()[-1] == "3/0.jpg"
+    long_line = mistake_caption(predictions, 1, ["0", "1", "2", "3"]).splitlines()[-1]
+    assert len(long_line) == MAX_CAPTION_CHARS
+    assert long_line.startswith("…") and long_line.endswith("_name/img_0001.jpg")
 
 
 # --------------------------------------------------------------------------- error paths
