@@ -35,7 +35,7 @@ import dataset
 import gpu_augment
 from utils import UserError, atomic_write_text
 
-CACHE_FORMAT = 1  # bump when what is stored (or how it is decoded) changes, so old caches are rebuilt
+CACHE_FORMAT = 2  # bump when what is stored (or how it is decoded) changes, so old caches are rebuilt
 
 
 @dataclass
@@ -47,7 +47,7 @@ class StagedCache:
     sizes: np.ndarray  # int64 [N, 2]: original (width, height), EXIF-oriented; 0 for failures
     labels: list[int]
     paths: list[str]
-    failures: list[str]  # paths that could not be decoded at build time
+    failures: dict[str, str]  # path -> why it could not be decoded at build time
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -75,7 +75,8 @@ def cache_key(samples: Sequence[tuple[str, int]], staging: int) -> str:
 
 
 def build_staged_cache(
-    samples: Sequence[tuple[str, int]], staging: int, cache_dir: str | Path, workers: int = 0
+    samples: Sequence[tuple[str, int]], staging: int, cache_dir: str | Path, workers: int = 0,
+    max_pixels: int = dataset.DEFAULT_MAX_IMAGE_PIXELS,
 ) -> StagedCache:
     """The cache of ``samples`` at staging size ``staging`` in ``cache_dir``: reused if complete, else built.
 
@@ -106,13 +107,13 @@ def build_staged_cache(
     start = time.perf_counter()
     tmp_path = cache_dir / f".{stem}.u8.partial"
     sizes = np.zeros((len(samples), 2), dtype=np.int64)
-    failures: list[str] = []
+    failures: dict[str, str] = {}
     if samples:
         array = np.memmap(tmp_path, dtype=np.uint8, mode="w+", shape=shape)
-        decoded = dataset.iterate_items(gpu_augment.StagedImages(samples, staging), workers)
+        decoded = dataset.iterate_items(gpu_augment.StagedImages(samples, staging, max_pixels), workers)
         for index, item in enumerate(decoded):
             if isinstance(item, dataset.DecodeFailure):  # StagedImages has printed the warning
-                failures.append(item.path)
+                failures[item.path] = item.reason
                 continue
             pixels, size, _ = item
             array[index] = pixels.numpy()
@@ -144,7 +145,7 @@ def _load_complete(data_path: Path, meta_path: Path, samples: list[tuple[str, in
     if not complete:
         return None
     sizes = np.asarray(meta["sizes"], dtype=np.int64).reshape(len(samples), 2)
-    return StagedCache(data_path, staging, sizes, meta["labels"], meta["paths"], list(meta["failures"]))
+    return StagedCache(data_path, staging, sizes, meta["labels"], meta["paths"], dict(meta["failures"]))
 
 
 class _CachedImages(Dataset):
@@ -152,7 +153,6 @@ class _CachedImages(Dataset):
 
     def __init__(self, cache: StagedCache) -> None:
         self.cache = cache
-        self._failed = set(cache.failures)
         self._array: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -175,8 +175,8 @@ class CachedStagedImages(_CachedImages):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, int] | dataset.DecodeFailure:
         index = key[0] if isinstance(key, tuple) else key
         path = self.cache.paths[index]
-        if path in self._failed:
-            return dataset.DecodeFailure(path)
+        if path in self.cache.failures:
+            return dataset.DecodeFailure(path, self.cache.failures[path])
         size = torch.from_numpy(self.cache.sizes[index].copy())
         return torch.from_numpy(self._read(index)), size, self.cache.labels[index]
 
@@ -204,6 +204,6 @@ class CachedPilImages(_CachedImages):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int] | dataset.DecodeFailure:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path = self.cache.paths[index]
-        if path in self._failed:
-            return dataset.DecodeFailure(path)
+        if path in self.cache.failures:
+            return dataset.DecodeFailure(path, self.cache.failures[path])
         return dataset.transform_seeded(self.transform, self.image(index), seed), self.cache.labels[index]

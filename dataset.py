@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import random
 import re
 import sys
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
@@ -22,6 +24,8 @@ from utils import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Where Pillow refuses to open an image by default (twice its warning limit): about 179 megapixels.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # EXIF orientations that transpose the image (swap width and height).
 AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 IMAGE_EXTENSIONS = frozenset(
@@ -47,24 +51,83 @@ def sort_class_names(names: Sequence[str]) -> list[str]:
 
 
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Image files directly in ``folder`` sorted by name, and the other entries that were ignored."""
-    images, ignored = [], []
-    for entry in sorted(folder.iterdir(), key=lambda path: path.name):
-        if entry.is_file() and is_image_name(entry):
+    """Image files in ``folder`` and its sub-folders (as torchvision's ImageFolder reads a class folder), in path
+    order, and the entries that were ignored: other files, hidden files and folders (``.DS_Store``,
+    ``.ipynb_checkpoints/``), broken links, and a folder met a second time through a symbolic link.
+    """
+    images: list[Path] = []
+    ignored: list[Path] = []
+    _collect_images(folder, images, ignored, {folder.resolve()})
+    return images, ignored
+
+
+def _collect_images(folder: Path, images: list[Path], ignored: list[Path], visited: set[Path]) -> None:
+    try:
+        entries = sorted(folder.iterdir(), key=lambda path: path.name)
+    except OSError:  # no permission to list it
+        ignored.append(folder)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            ignored.append(entry)
+        elif entry.is_dir():
+            real = entry.resolve()
+            if real in visited:  # a link back up the tree, or to a folder already read
+                ignored.append(entry)
+                continue
+            visited.add(real)
+            _collect_images(entry, images, ignored, visited)
+        elif entry.is_file() and is_image_name(entry):
             images.append(entry)
         else:
             ignored.append(entry)
-    return images, ignored
+
+
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` whose names do not start with a dot, sorted by name."""
+    return sorted((entry for entry in folder.iterdir() if not entry.name.startswith(".")), key=lambda path: path.name)
 
 
 def class_folders(split_dir: Path) -> list[str]:
     """Names of the (visible) sub-folders of ``split_dir``, in class order."""
-    names = [entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith(".")]
-    return sort_class_names(names)
+    return sort_class_names([entry.name for entry in visible_entries(split_dir) if entry.is_dir()])
+
+
+def require_no_loose_images(split_dir: Path) -> None:
+    """Refuse images lying directly in a labeled split folder: they belong to no class, so they would be lost."""
+    loose = [entry for entry in visible_entries(split_dir) if entry.is_file() and is_image_name(entry)]
+    if loose:
+        raise UserError(f"{split_dir}: {len(loose)} image(s) lie directly in it ({_first_names(loose)}) rather than "
+                        f"in a class folder; move them into {split_dir}/<class>/ (or pass the folder above the "
+                        "class folders)")
+
+
+def require_not_nested_once_more(split_dir: Path, flag: str | None = None) -> None:
+    """Refuse a Kaggle-style ``train/train/<class>/``: one folder whose sub-folders hold the images.
+
+    ``flag`` names the option that would point one level down instead (``--data-dir`` for ``train/``).
+    """
+    entries = visible_entries(split_dir)
+    if len(entries) != 1 or not entries[0].is_dir():
+        return
+    inner = entries[0]
+    if not any(entry.is_file() and is_image_name(entry) for entry in inner.iterdir()) and \
+            sum(entry.is_dir() for entry in visible_entries(inner)) >= 2:
+        instead = f", or pass {flag} {split_dir}" if flag else ""
+        raise UserError(f"{split_dir}: its only folder, {inner.name}/, holds the class folders ({inner}/<class>/); "
+                        f"move them up into {split_dir}/{instead}")
+
+
+def _first_names(paths: Sequence[Path], limit: int = 3) -> str:
+    shown = ", ".join(path.name for path in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
 def scan_labeled_split(split_dir: Path, class_names: Sequence[str]) -> tuple[list[Sample], list[Path]]:
-    """Samples ``(path, class index)`` for each class folder present in ``split_dir``, and ignored files."""
+    """Samples ``(path, class index)`` of each class folder present in ``split_dir`` (sub-folders included), and
+    the entries ignored. Images lying directly in ``split_dir`` are refused (see :func:`require_no_loose_images`).
+    """
+    require_no_loose_images(split_dir)
     samples: list[Sample] = []
     ignored: list[Path] = []
     for index, name in enumerate(class_names):
@@ -74,30 +137,42 @@ def scan_labeled_split(split_dir: Path, class_names: Sequence[str]) -> tuple[lis
         images, skipped = list_images(folder)
         samples.extend((str(path), index) for path in images)
         ignored.extend(skipped)
-    ignored.extend(entry for entry in split_dir.iterdir() if entry.is_file())
+    ignored.extend(entry for entry in split_dir.iterdir() if not entry.is_dir() or entry.name.startswith("."))
     return samples, ignored
 
 
 def find_test_images(test_dir: str | Path) -> tuple[list[Path], list[Path]]:
-    """Every image file in ``test_dir`` (sorted by name) and the entries ignored; errors if there are none."""
+    """Every image file in ``test_dir`` and its sub-folders (in path order) and the entries ignored.
+
+    Errors when there are none, or when the folder holds nothing but one sub-folder (``test/test/*.jpg``): that
+    sub-folder is what to pass.
+    """
     test_dir = Path(test_dir)
     if not test_dir.is_dir():
         raise UserError(f"--test-dir {test_dir}: folder not found; point it at the folder of unlabeled test images")
+    entries = visible_entries(test_dir)
+    if len(entries) == 1 and entries[0].is_dir():
+        raise UserError(f"--test-dir {test_dir}: holds only the folder {entries[0].name}/; pass --test-dir "
+                        f"{entries[0]}")
     images, ignored = list_images(test_dir)
     if not images:
         raise UserError(
             f"--test-dir {test_dir}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
+    nested = sorted({path.parent.relative_to(test_dir).as_posix() for path in images} - {"."})
+    if nested:
+        print(f"note: {test_dir}: also predicting the images in its sub-folder(s) {', '.join(nested)}")
     return images, ignored
 
 
-def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0) -> list[tuple[str, str]]:
+def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0,
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
     """Files that cannot be read as images (empty, not an image, no permission, too large), with the reason.
 
     By default only headers are read (fast); a file truncated further in is caught when it is decoded.
-    ``full_decode`` decodes every image, in ``workers`` processes.
+    ``full_decode`` decodes every image, in ``workers`` processes. ``max_pixels``: see :func:`check_pixel_count`.
     """
-    checker = _ImageCheck([str(path) for path in paths], full_decode)
+    checker = _ImageCheck([str(path) for path in paths], full_decode, max_pixels)
     results = iterate_items(checker, workers if full_decode else 0)
     return [(path, reason) for path, reason in results if reason]
 
@@ -112,8 +187,8 @@ def iterate_items(items: Dataset, workers: int) -> Iterable[Any]:
 class _ImageCheck(Dataset):
     """``(path, reason or '')`` for each path: reads the header, or decodes the whole image."""
 
-    def __init__(self, paths: list[str], full_decode: bool) -> None:
-        self.paths, self.full_decode = paths, full_decode
+    def __init__(self, paths: list[str], full_decode: bool, max_pixels: int) -> None:
+        self.paths, self.full_decode, self.max_pixels = paths, full_decode, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -121,21 +196,22 @@ class _ImageCheck(Dataset):
     def __getitem__(self, index: int) -> tuple[str, str]:
         path = self.paths[index]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                if self.full_decode:
-                    load_rgb(path)
-                else:
-                    with Image.open(path) as image:
-                        image.size  # noqa: B018 - reading the header is the check
+            if self.full_decode:
+                decode_rgb(path, max_pixels=self.max_pixels)
+            else:
+                with open_image(path, self.max_pixels):
+                    pass  # opening reads the header and checks the size
         except DECODE_ERRORS as error:
-            return path, _short_reason(error)
+            return path, decode_error_reason(error, path)
         return path, ""
 
 
-def _short_reason(error: Exception) -> str:
+def decode_error_reason(error: Exception, path: str | Path) -> str:
+    """Why ``path`` could not be decoded, in one line and without the path itself (the caller names it)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text.replace(str(getattr(error, "filename", "") or "\0"), "").strip(" :'") or type(error).__name__
+    for name in {str(path), str(getattr(error, "filename", "") or "")} - {""}:
+        text = text.replace(f"'{name}'", "").replace(name, "")
+    return text.strip(" :'") or type(error).__name__
 
 
 def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
@@ -150,24 +226,69 @@ def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+class ImageTooLarge(ValueError):
+    """An image with more pixels than ``--max-image-pixels`` allows."""
+
+
+def check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image of ``size`` (width, height) above ``max_pixels`` pixels (0: no limit).
+
+    Decoding one uses 3 bytes a pixel and more, so a limit keeps a stray poster-sized file (or a crafted
+    "decompression bomb") from exhausting memory. The default is where Pillow itself refuses.
+    """
+    pixels = size[0] * size[1]
+    if max_pixels and pixels > max_pixels:
+        raise ImageTooLarge(f"{size[0]}x{size[1]} pixels ({pixels:,}) is above the limit of {max_pixels:,} "
+                            "(--max-image-pixels N raises it; 0 = no limit)")
+
+
+def add_max_image_pixels_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--max-image-pixels``, shared by train.py, predict.py and evaluate.py."""
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                        help="images with more pixels are skipped and listed as too large (decoding one takes "
+                             "3 bytes a pixel and more); 0 = no limit. The default is Pillow's")
+
+
+def check_max_image_pixels(value: int) -> None:
+    """Refuse a negative ``--max-image-pixels``."""
+    if value < 0:
+        raise UserError(f"--max-image-pixels {value}: must be 0 (no limit) or a pixel count")
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """``Image.open(path)`` with :func:`check_pixel_count` instead of Pillow's own limit, which has no flag."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # restored below; Pillow reads it while opening and while loading some formats
+    try:
+        with Image.open(path) as image:
+            check_pixel_count(image.size, max_pixels)
+            yield image
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def load_rgb(path: str | Path, min_side: int | None = None,
+             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image file to an RGB PIL image, with its EXIF orientation applied.
 
     With ``min_side``, a JPEG much larger than needed is decoded at a reduced scale (1/2, 1/4 or 1/8) whose
     shorter side stays at least ``min_side``: far less decoding work for the same resized result.
     """
-    return decode_rgb(path, min_side=min_side)[0]
+    return decode_rgb(path, min_side=min_side, max_pixels=max_pixels)[0]
 
 
 def decode_rgb(
-    path: str | Path, min_side: int | None = None, min_size: tuple[int, int] | None = None
+    path: str | Path, min_side: int | None = None, min_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """The RGB image (EXIF orientation applied) and its full-resolution ``(width, height)`` as oriented.
 
     JPEGs are decoded at a reduced DCT scale when that keeps the shorter side at least ``min_side``, or both
     sides at least ``min_size``; the returned size is that of the whole image, whatever scale was decoded.
+    Images above ``max_pixels`` raise :class:`ImageTooLarge`.
     """
-    with Image.open(path) as image:
+    with open_image(path, max_pixels) as image:
         width, height = image.size
         if image.format == "JPEG" and (min_side or min_size):
             image.draft(image.mode, min_size or _draft_request(image.size, min_side))
@@ -255,7 +376,8 @@ def build_eval_transform(
 class LabeledImages(Dataset):
     """``(image tensor, class index)`` pairs; an image that fails to decode yields a :class:`DecodeFailure`.
 
-    ``decode_min_side`` lets large JPEGs decode at reduced scale (see :func:`load_rgb`).
+    ``decode_min_side`` lets large JPEGs decode at reduced scale (see :func:`load_rgb`); ``max_pixels`` is the
+    size limit of :func:`check_pixel_count`.
     """
 
     def __init__(
@@ -263,10 +385,12 @@ class LabeledImages(Dataset):
         samples: Sequence[Sample],
         transform: Callable[[Image.Image], torch.Tensor],
         decode_min_side: int | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.decode_min_side = decode_min_side
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -274,58 +398,64 @@ class LabeledImages(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | DecodeFailure:
         index, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        image = _decode_or_warn(path, self.decode_min_side)
-        if image is None:
-            return DecodeFailure(path)
+        image = decode_or_failure(path, self.decode_min_side, self.max_pixels)
+        if isinstance(image, DecodeFailure):
+            print(f"\nwarning: skipping {path}: cannot decode ({image.reason})", file=sys.stderr)
+            return image
         return transform_seeded(self.transform, image, seed), label
 
 
 def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image,
                      seed: int | None) -> torch.Tensor:
-    """``transform(image)``, its randomness drawn from ``seed`` when given, leaving the global RNG untouched."""
+    """``transform(image)``, its randomness drawn from ``seed`` when given, leaving the global RNG untouched.
+
+    Only the CPU generator is seeded (torchvision's transforms draw from it): ``torch.manual_seed`` would also
+    reseed the CUDA generator, and dropout on the GPU would then repeat its masks (with ``--workers 0``).
+    """
     if seed is None:
         return transform(image)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return transform(image)
 
 
 class UnlabeledImages(Dataset):
-    """``(image tensor or None, position)`` for prediction; failures are reported, not dropped."""
+    """``(image tensor or DecodeFailure, position)`` for prediction; failures are reported, not dropped."""
 
     def __init__(
         self,
         paths: Sequence[str | Path],
         transform: Callable[[Image.Image], torch.Tensor],
         decode_min_side: int | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.paths = [str(path) for path in paths]
         self.transform = transform
         self.decode_min_side = decode_min_side
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
-        image = _decode_or_warn(self.paths[index], self.decode_min_side, quiet=True)
-        return (None if image is None else self.transform(image)), index
-
-
-def _decode_or_warn(path: str, min_side: int | None = None, quiet: bool = False) -> Image.Image | None:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return load_rgb(path, min_side)
-    except DECODE_ERRORS as error:
-        if not quiet:
-            print(f"\nwarning: skipping {path}: cannot decode ({_short_reason(error)})", file=sys.stderr)
-        return None
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | DecodeFailure, int]:
+        image = decode_or_failure(self.paths[index], self.decode_min_side, self.max_pixels)
+        return (image if isinstance(image, DecodeFailure) else self.transform(image)), index
 
 
 class DecodeFailure(NamedTuple):
-    """What a dataset yields for an image it could not decode."""
+    """What a dataset yields for an image it could not decode: its path and why."""
 
     path: str
+    reason: str = "cannot be decoded"
+
+
+def decode_or_failure(path: str, min_side: int | None = None,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | DecodeFailure:
+    """The RGB image of ``path`` (see :func:`load_rgb`), or a :class:`DecodeFailure` saying why there is none."""
+    try:
+        return load_rgb(path, min_side, max_pixels)
+    except DECODE_ERRORS as error:
+        return DecodeFailure(path, decode_error_reason(error, path))
 
 
 class LabeledBatch(NamedTuple):
@@ -333,12 +463,12 @@ class LabeledBatch(NamedTuple):
 
     images: torch.Tensor | None
     targets: torch.Tensor | None
-    failed: list[str]
+    failed: list[DecodeFailure]
 
 
-def split_failures(batch: list[Any]) -> tuple[list[Any], list[str]]:
-    """Separate decoded items from :class:`DecodeFailure` markers (returned as paths)."""
-    failed = [item.path for item in batch if isinstance(item, DecodeFailure)]
+def split_failures(batch: list[Any]) -> tuple[list[Any], list[DecodeFailure]]:
+    """Separate decoded items from :class:`DecodeFailure` markers."""
+    failed = [item for item in batch if isinstance(item, DecodeFailure)]
     return [item for item in batch if not isinstance(item, DecodeFailure)], failed
 
 
@@ -351,12 +481,20 @@ def collate_skipping_failures(batch: list[Any]) -> LabeledBatch:
     return LabeledBatch(images, targets, failed)
 
 
-def collate_with_failures(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torch.Tensor | None, list[int], list[int]]:
-    """Collate prediction samples into ``(images, decoded positions, failed positions)``."""
-    decoded = [(tensor, index) for tensor, index in batch if tensor is not None]
-    failed = [index for tensor, index in batch if tensor is None]
+class PredictionBatch(NamedTuple):
+    """A batch of unlabeled images, the dataset positions they came from, and the reason for each failed one."""
+
+    images: torch.Tensor | None
+    positions: list[int]
+    failed: dict[int, str]
+
+
+def collate_with_failures(batch: list[tuple[torch.Tensor | DecodeFailure, int]]) -> PredictionBatch:
+    """Collate prediction samples, setting aside (with their reasons) the ones that failed to decode."""
+    decoded = [(tensor, index) for tensor, index in batch if not isinstance(tensor, DecodeFailure)]
+    failed = {index: item.reason for item, index in batch if isinstance(item, DecodeFailure)}
     images = torch.stack([tensor for tensor, _ in decoded]) if decoded else None
-    return images, [index for _, index in decoded], failed
+    return PredictionBatch(images, [index for _, index in decoded], failed)
 
 
 class EpochSampler(Sampler):
@@ -397,9 +535,11 @@ def prediction_loader(
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> DataLoader:
-    """Batches of ``(images, positions, failed positions)`` over ``paths`` with the eval transform, in order."""
-    images = UnlabeledImages(paths, build_eval_transform(img_size, mean, std), eval_resize_size(img_size))
+    """:class:`PredictionBatch` es over ``paths`` with the eval transform, in order."""
+    images = UnlabeledImages(paths, build_eval_transform(img_size, mean, std), eval_resize_size(img_size),
+                             max_pixels)
     return DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
                       collate_fn=collate_with_failures)
 
@@ -409,13 +549,18 @@ def prediction_loader(
 
 @dataclass
 class TrainValData:
-    """What training needs to know about the data: samples of both splits and the class names in order."""
+    """What training needs to know about the data: samples of both splits and the class names in order.
+
+    ``held_out`` lists the validation images split off ``train/`` (paths relative to it), to be stored with the
+    run so that resuming and evaluating use exactly these; it is None when the data has a ``val/`` folder.
+    """
 
     class_names: list[str]
     train_samples: list[Sample]
     val_samples: list[Sample]
     val_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    held_out: list[str] | None = None
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -435,58 +580,95 @@ def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
+def split_by_list(samples: Sequence[Sample], root: Path, held_out: Sequence[str]) -> tuple[list[Sample], list[Sample],
+                                                                                           list[str]]:
+    """(train, val, missing): the samples whose path relative to ``root`` is in ``held_out`` are val, the others
+    train; ``missing`` are the listed paths no sample has any more."""
+    listed = set(held_out)
+    val = [sample for sample in samples if relative_name(sample[0], root) in listed]
+    train = [sample for sample in samples if relative_name(sample[0], root) not in listed]
+    found = {relative_name(path, root) for path, _ in val}
+    return train, val, [name for name in held_out if name not in found]
+
+
+def relative_name(path: str | Path, root: Path) -> str:
+    """``path`` relative to ``root``, with forward slashes (how a held-out list stores it on every OS)."""
+    return Path(path).relative_to(root).as_posix()
+
+
 def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     """How many samples each class index has."""
     counts = Counter(label for _, label in samples)
     return [counts.get(index, 0) for index in range(num_classes)]
 
 
-def balanced_class_weights(counts: Sequence[int]) -> torch.Tensor:
-    """sklearn's 'balanced' weights, ``n_samples / (n_classes * count)``; classes with no samples get 0."""
-    counts_tensor = torch.tensor(counts, dtype=torch.float64)
-    present = counts_tensor > 0
-    weights = torch.zeros_like(counts_tensor)
-    weights[present] = counts_tensor.sum() / (present.sum() * counts_tensor[present])
-    return weights.float()
+def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """scikit-learn's 'balanced' weights, ``n_samples / (n_classes * count)``, for class indices
+    ``0..num_classes-1``; a class with no samples gets 0."""
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    weights = np.zeros(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def load_train_val(
-    data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0
+    data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, held_out: Sequence[str] | None = None,
 ) -> TrainValData:
     """Scan ``data_dir/train`` and ``data_dir/val`` (or split train) into samples; report what was left out.
 
-    Unreadable files are found by their headers, or by decoding every image with ``verify_images``.
+    Unreadable files are found by their headers, or by decoding every image with ``verify_images``. Without
+    ``val/``, ``held_out`` (a run's stored list) decides the validation images; without it, a stratified
+    ``val_fraction`` of train/ drawn with ``seed``.
     """
     data_dir = Path(data_dir)
     train_dir = _require_train_dir(data_dir)
-    class_names = _classes_with_images(train_dir)
-    train_samples, ignored = scan_labeled_split(train_dir, class_names)
-    report_ignored(str(train_dir), ignored)
+    class_names, train_samples = _scan_train(train_dir)
 
     val_dir = data_dir / "val"
     val_samples = _scan_val(val_dir, class_names) if val_dir.is_dir() else []
     # Drop unreadable files before any split, so the split's guarantees hold for the images actually used.
-    skipped = find_unreadable([path for path, _ in train_samples + val_samples], verify_images, workers)
+    skipped = find_unreadable([path for path, _ in train_samples + val_samples], verify_images, workers, max_pixels)
     bad = {path for path, _ in skipped}
     train_samples = [sample for sample in train_samples if sample[0] not in bad]
     val_samples = [sample for sample in val_samples if sample[0] not in bad]
     _require_readable_images(train_dir, class_names, train_samples)
 
-    if val_dir.is_dir():
-        val_source = str(val_dir)
+    data = TrainValData(class_names, train_samples, val_samples, str(val_dir), skipped)
+    if not val_dir.is_dir():
+        _hold_out_val(data, train_dir, val_fraction, seed, held_out)
+    _note_classes_without_val_images(data)
+    return data
+
+
+def _hold_out_val(data: TrainValData, train_dir: Path, val_fraction: float, seed: int,
+                  held_out: Sequence[str] | None) -> None:
+    if held_out is not None:
+        data.train_samples, data.val_samples, missing = split_by_list(data.train_samples, train_dir, held_out)
+        if missing:
+            print(f"note: {len(missing)} of the {len(held_out)} validation images this run held out of {train_dir} "
+                  f"are missing or unreadable now ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+                  f"validating on the other {len(data.val_samples)}")
+        data.val_source = f"the {len(data.val_samples)} images of {train_dir} the run held out as val"
     else:
         if not 0 < val_fraction < 1:
-            raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1 (no {val_dir} folder exists)")
-        train_samples, val_samples = stratified_split(train_samples, val_fraction, seed)
-        val_source = f"{val_fraction:.0%} of {train_dir} (stratified, seed {seed})"
+            raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1 (no {train_dir.parent / 'val'} "
+                            "folder exists)")
+        data.train_samples, data.val_samples = stratified_split(data.train_samples, val_fraction, seed)
+        data.val_source = f"{val_fraction:.0%} of {train_dir} (stratified, seed {seed})"
+    data.held_out = [relative_name(path, train_dir) for path, _ in data.val_samples]
+    if not data.val_samples:
+        raise UserError(f"{train_dir}: no image left to validate on; add a val/ folder or more training images")
 
-    return TrainValData(
-        class_names=class_names,
-        train_samples=train_samples,
-        val_samples=val_samples,
-        val_source=val_source,
-        skipped=skipped,
-    )
+
+def _note_classes_without_val_images(data: TrainValData) -> None:
+    counts = class_counts(data.val_samples, len(data.class_names))
+    absent = [name for name, count in zip(data.class_names, counts) if count == 0]
+    if absent and data.val_samples:
+        shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        print(f"note: {len(absent)} class(es) have no validation images ({shown}); validation accuracy cannot "
+              "tell how well the model knows them")
 
 
 def _require_readable_images(train_dir: Path, class_names: list[str], train_samples: list[Sample]) -> None:
@@ -508,8 +690,8 @@ def _require_train_dir(data_dir: Path) -> Path:
 
 
 def has_images(folder: Path) -> bool:
-    """True when ``folder`` holds at least one file with an image extension."""
-    return any(is_image_name(path) for path in folder.iterdir())
+    """True when ``folder`` or one of its sub-folders holds a file with an image extension."""
+    return bool(list_images(folder)[0])
 
 
 def unknown_class_folders(split_dir: Path, class_names: Sequence[str]) -> list[str]:
@@ -517,18 +699,28 @@ def unknown_class_folders(split_dir: Path, class_names: Sequence[str]) -> list[s
     return [name for name in class_folders(split_dir) if name not in class_names and has_images(split_dir / name)]
 
 
-def _classes_with_images(train_dir: Path) -> list[str]:
+def _scan_train(train_dir: Path) -> tuple[list[str], list[Sample]]:
+    """The class names (folders with images, in class order) and the samples of ``train_dir``."""
+    require_not_nested_once_more(train_dir, flag="--data-dir")
     names = class_folders(train_dir)
-    kept = [name for name in names if has_images(train_dir / name)]
-    empty = [name for name in names if name not in kept]
+    samples, ignored = scan_labeled_split(train_dir, names)
+    report_ignored(str(train_dir), ignored)
+    counts = class_counts(samples, len(names))
+    kept = [name for name, count in zip(names, counts) if count]
+    empty = [name for name, count in zip(names, counts) if not count]
     if empty:
         print(f"note: left out {len(empty)} class folder(s) of {train_dir} with no images: {', '.join(empty)}")
     if not kept:
         raise UserError(f"{train_dir}: no class folders with images; expected {train_dir}/<class>/*.jpg")
-    return kept
+    if len(kept) == 1:
+        raise UserError(f"{train_dir}: only one class folder with images ({kept[0]}); a classifier needs at least "
+                        f"two classes, as {train_dir}/<class>/*.jpg folders")
+    new_index = {names.index(name): index for index, name in enumerate(kept)}
+    return kept, [(path, new_index[label]) for path, label in samples]
 
 
 def _scan_val(val_dir: Path, class_names: list[str]) -> list[Sample]:
+    require_not_nested_once_more(val_dir)
     unknown = unknown_class_folders(val_dir, class_names)
     if unknown:
         raise UserError(

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from accel import Accel
+from dataset import DecodeFailure
 
 # Turns a staged uint8 batch and the original image sizes into model-ready images on the device (GPU augmentation).
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -26,7 +27,7 @@ class EpochResult:
     images: int
     seconds: float
     interrupted: bool = False
-    failed: list[str] = field(default_factory=list)
+    failed: list[DecodeFailure] = field(default_factory=list)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,14 +58,12 @@ class RunningMeter:
         self.correct = 0
         self.count = 0
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> float:
-        """Add one batch (``loss`` is the batch mean); returns that loss as a float."""
+    def update(self, loss_value: float, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one batch (``loss_value`` is the batch mean)."""
         batch = targets.numel()
-        loss_value = float(loss)
         self.loss_sum += loss_value * batch
         self.correct += int((logits.argmax(dim=1) == targets).sum())
         self.count += batch
-        return loss_value
 
     @property
     def loss(self) -> float:
@@ -109,13 +108,13 @@ def train_one_epoch(
     Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive.
     ``batch_transform`` (on-device augmentation) draws batch ``i``'s randomness from seed ``augment_seed + i``.
     The epoch is abandoned (``interrupted=True``) once ``should_stop()`` is true; a NaN or infinite loss raises
-    :class:`NonFiniteLossError`.
+    :class:`NonFiniteLossError` before the optimizer steps, so the weights stay those of the last good batch.
     """
     model.train()
     meter = RunningMeter()
     started = time.perf_counter()
     progress = tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
-    failed: list[str] = []
+    failed: list[DecodeFailure] = []
     for batch_index, batch in enumerate(progress):
         failed.extend(batch.failed)
         if batch.targets is None:  # every image of the batch failed to decode
@@ -124,6 +123,9 @@ def train_one_epoch(
         with accel.autocast():
             logits = model(images)
             loss = criterion(logits.float(), targets)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(batch_index, loss_value)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -132,9 +134,7 @@ def train_one_epoch(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        loss_value = meter.update(loss.detach(), logits.detach(), targets)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(batch_index, loss_value)
+        meter.update(loss_value, logits.detach(), targets)
         progress.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.accuracy:.1%}", refresh=False)
         if should_stop():
             progress.close()
@@ -174,7 +174,7 @@ def evaluate(
         images, targets = batch_to_device(batch, accel)
         with accel.autocast():
             logits = model(images)
-        meter.update(criterion(logits.float(), targets), logits, targets)
+        meter.update(float(criterion(logits.float(), targets)), logits, targets)
         predictions.append(logits.argmax(dim=1).cpu())
         targets_seen.append(targets.cpu())
     return EvalResult(
@@ -190,18 +190,19 @@ def evaluate(
 @torch.inference_mode()
 def predict_probabilities(
     model: nn.Module, loader: Iterable, num_images: int, accel: Accel, show_progress: bool = True
-) -> tuple[torch.Tensor, list[int]]:
-    """Softmax probabilities ``[num_images, classes]`` in dataset order, and the positions that failed to decode.
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Softmax probabilities ``[num_images, classes]`` in dataset order, and why each position that failed to
+    decode did (in position order).
 
-    ``loader`` yields ``(images, positions, failed_positions)`` as made by ``dataset.collate_with_failures``.
+    ``loader`` yields ``dataset.PredictionBatch`` es, as made by ``dataset.collate_with_failures``.
     """
     model.eval()
     probabilities: torch.Tensor | None = None
-    failed: list[int] = []
+    failed: dict[int, str] = {}
     for images, positions, failed_positions in tqdm(
         loader, desc="predict", leave=False, disable=not show_progress, dynamic_ncols=True
     ):
-        failed.extend(failed_positions)
+        failed.update(failed_positions)
         if images is None:
             continue
         with accel.autocast():
@@ -212,4 +213,4 @@ def predict_probabilities(
         probabilities[positions] = batch_probabilities
     if probabilities is None:
         probabilities = torch.zeros(num_images, 0)
-    return probabilities, sorted(failed)
+    return probabilities, dict(sorted(failed.items()))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -68,17 +67,16 @@ def staging_size(img_size: int) -> int:
 # --------------------------------------------------------------------------- worker side: decode and stage
 
 
-def decode_staged(path: str, staging: int) -> tuple[Tensor, Tensor]:
+def decode_staged(path: str, staging: int,
+                  max_pixels: int = dataset.DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Tensor, Tensor]:
     """Decode ``path`` to RGB and resize it to ``staging x staging`` ignoring aspect ratio.
 
     Returns the ``uint8 [3, S, S]`` image and ``[width, height]`` of the full-resolution, EXIF-oriented image.
     JPEGs are decoded at a reduced DCT scale (``draft``) when they are at least twice as big as needed; the
     drafted image still covers the whole picture, so the original size is what crops are drawn in.
-    Raises what ``dataset.load_rgb`` raises on an undecodable file.
+    Raises what ``dataset.decode_rgb`` raises on an undecodable file.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        rgb, (width, height) = dataset.decode_rgb(path, min_size=(staging, staging))
+    rgb, (width, height) = dataset.decode_rgb(path, min_size=(staging, staging), max_pixels=max_pixels)
     staged = rgb.resize((staging, staging), Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.array(staged, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
     return pixels, torch.tensor([width, height], dtype=torch.int64)
@@ -87,9 +85,11 @@ def decode_staged(path: str, staging: int) -> tuple[Tensor, Tensor]:
 class StagedImages(Dataset):
     """``(uint8 [3, S, S] image, [orig_w, orig_h], label)`` per sample, or a ``dataset.DecodeFailure`` if it cannot be decoded."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], staging: int) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], staging: int,
+                 max_pixels: int = dataset.DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.samples = list(samples)
         self.staging = staging
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -99,10 +99,11 @@ class StagedImages(Dataset):
         index = key[0] if isinstance(key, tuple) else key
         path, label = self.samples[index]
         try:
-            pixels, size = decode_staged(path, self.staging)
+            pixels, size = decode_staged(path, self.staging, self.max_pixels)
         except DECODE_ERRORS as error:
-            print(f"\nwarning: skipping {path}: cannot decode ({type(error).__name__}: {error})", file=sys.stderr)
-            return dataset.DecodeFailure(path)
+            failure = dataset.DecodeFailure(path, dataset.decode_error_reason(error, path))
+            print(f"\nwarning: skipping {path}: cannot decode ({failure.reason})", file=sys.stderr)
+            return failure
         return pixels, size, label
 
 
@@ -112,7 +113,7 @@ class StagedBatch(NamedTuple):
     images: Tensor | None
     sizes: Tensor | None
     targets: Tensor | None
-    failed: list[str]
+    failed: list[dataset.DecodeFailure]
 
 
 def collate_staged(batch: list[Any]) -> StagedBatch:

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 import dataset
+import evaluate
 import gpu_augment
 import predict
 import train
@@ -39,10 +40,11 @@ from conftest import (
     read_csv_rows,
 )
 
-# Pillow's decompression-bomb limit, lowered for these tests so the "huge" image can stay small: above twice
-# this many pixels Pillow refuses to open a file. Every other test image is at most 32 x 32 = 1024 pixels.
-TEST_MAX_IMAGE_PIXELS = 2000
-HUGE_SIDE = 100  # 10,000 pixels: over 2 x TEST_MAX_IMAGE_PIXELS
+# --max-image-pixels, lowered for these tests so the "huge" image can stay small. Every other test image is at most
+# 32 x 32 = 1024 pixels.
+TEST_MAX_IMAGE_PIXELS = 4000
+HUGE_SIDE = 100  # 10,000 pixels: over TEST_MAX_IMAGE_PIXELS
+LIMIT_FLAGS = ("--max-image-pixels", str(TEST_MAX_IMAGE_PIXELS))
 
 
 # --------------------------------------------------------------------------- the files
@@ -145,7 +147,7 @@ GOOD_FILES: dict[str, Callable[[Path], None]] = {
 UNREADABLE_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty.jpg": (empty_file, "cannot identify image file"),
     "text.jpg": (text_file, "cannot identify image file"),
-    "huge.png": (huge_png, "exceeds limit"),
+    "huge.png": (huge_png, "100x100 pixels (10,000) is above the limit of 4,000 (--max-image-pixels"),
     "locked.jpg": (plain_jpeg, "Permission denied"),  # reading is refused (see deny_reading)
 }
 IGNORED_NAMES = (".DS_Store", "Thumbs.db", "notes.txt", ".hidden.jpg", "loop-a.jpg", "loop-b.jpg")
@@ -225,18 +227,17 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> BadRun:
     decoded: dict[str, tuple[int, int]] = {}
     real_load_rgb = dataset.load_rgb
 
-    def recording_load_rgb(path, min_side=None):
-        image = real_load_rgb(path, min_side)
+    def recording_load_rgb(path, *args, **kwargs):
+        image = real_load_rgb(path, *args, **kwargs)
         decoded[str(path)] = image.size
         return image
 
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
         deny_reading(monkeypatch, {str(odd / "locked.jpg")})
         monkeypatch.setattr(dataset, "load_rgb", recording_load_rgb)
         # 3 x 3 plain + 14 in class 3 = 23 training images: batches of 8 leave no lone image to drop
         result = call_main(train.main, "--data-dir", root, "--output-dir", output, "--epochs", "1",
-                           *TINY_TRAIN_FLAGS, "--batch-size", "8")
+                           *TINY_TRAIN_FLAGS, "--batch-size", "8", *LIMIT_FLAGS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return BadRun(root / "train", output, result, decoded)
 
@@ -277,7 +278,7 @@ def test_the_up_front_list_counts_the_unreadable_files(bad_run: BadRun) -> None:
 
 def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: BadRun) -> None:
     path = bad_run.path("truncated.jpg")
-    assert bad_run.skipped()[path] == "cannot be decoded"
+    assert bad_run.skipped()[path].startswith("image file is truncated")
     assert f"warning: skipping {path}: cannot decode (image file is truncated" in bad_run.result.stderr
     assert path not in bad_run.result.stdout.split("\nepoch ")[0]  # its header was fine: not caught up front
     assert path not in bad_run.decoded
@@ -289,7 +290,8 @@ def test_non_image_hidden_and_looping_entries_are_ignored_and_listed_once(bad_ru
     output = bad_run.result.stdout + bad_run.result.stderr
     assert output.count(path) == 1, output[-3000:]
     [note] = [line for line in bad_run.result.stdout.splitlines() if path in line]
-    assert note.startswith(f"note: ignored {len(IGNORED_NAMES)} non-image entries in {bad_run.train_dir}: ")
+    # and train/5/readme.txt, in the class folder left out for having no images
+    assert note.startswith(f"note: ignored {len(IGNORED_NAMES) + 1} non-image entries in {bad_run.train_dir}: ")
     assert path not in bad_run.skipped() and path not in bad_run.decoded
 
 
@@ -328,10 +330,10 @@ def test_real_unreadable_permissions_are_reported(tmp_path: Path) -> None:
 
 def test_staged_gpu_decoding_handles_every_kind_of_file(bad_run: BadRun, monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU augmentation path's loader decodes the same odd files, and reports the broken ones as failures."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
     deny_reading(monkeypatch, {bad_run.path("locked.jpg")})
     names = sorted(GOOD_FILES) + sorted(UNREADABLE_FILES) + ["truncated.jpg"]
-    staged = gpu_augment.StagedImages([(bad_run.path(name), 3) for name in names], staging=64)
+    staged = gpu_augment.StagedImages([(bad_run.path(name), 3) for name in names], staging=64,
+                                      max_pixels=TEST_MAX_IMAGE_PIXELS)
 
     items = {name: staged[index] for index, name in enumerate(names)}
 
@@ -378,30 +380,62 @@ def test_dir_with_broken_images(tmp_path: Path) -> tuple[Path, list[Path]]:
 
 
 def test_predict_refuses_to_write_a_submission_with_missing_rows(
-    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path
 ) -> None:
     test_dir, broken = test_dir_with_broken_images
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
     output = tmp_path / "prediction.csv"
 
     result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
-                       "--output", output, *PREDICT_FLAGS)
+                       "--output", output, *PREDICT_FLAGS, *LIMIT_FLAGS)
 
-    assert_user_error(result, "4 test image(s) could not be decoded", "--allow-missing", *broken)
+    line = assert_user_error(result, "4 test image(s) could not be decoded", "--allow-missing", *broken)
     assert not output.exists()
+    # each file with its reason
+    assert f"{test_dir / 'huge.png'} (100x100 pixels (10,000) is above the limit of 4,000" in line
+    assert f"{test_dir / 'cut.jpg'} (image file is truncated" in line
+    assert f"{test_dir / 'empty.jpg'} (cannot identify image file" in line
 
 
 def test_predict_allow_missing_writes_the_other_rows_and_names_the_missing(
-    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path
 ) -> None:
     test_dir, broken = test_dir_with_broken_images
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", TEST_MAX_IMAGE_PIXELS)
-    output = tmp_path / "prediction.csv"
+    output = tmp_path / "submission.csv"
 
     result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
-                       "--output", output, "--allow-missing", *PREDICT_FLAGS)
+                       "--output", output, "--allow-missing", *PREDICT_FLAGS, *LIMIT_FLAGS)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [row["image_name"] for row in read_csv_rows(output)] == ["a", "b", "z"]
     [warning] = [line for line in result.stderr.splitlines() if "--allow-missing" in line]
-    assert "lacks 4 row(s)" in warning and all(str(path) in warning for path in broken)
+    assert "submission.csv lacks 4 row(s)" in warning and all(str(path) in warning for path in broken)
+    assert "prediction.csv" not in warning
+
+
+def test_max_image_pixels_0_lifts_the_limit_and_the_default_is_pillows(
+    bad_run: BadRun, test_dir_with_broken_images, tmp_path: Path
+) -> None:
+    test_dir, _ = test_dir_with_broken_images
+    huge = test_dir / "huge.png"
+    assert dataset.DEFAULT_MAX_IMAGE_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # where Pillow itself refuses
+    assert dataset.decode_or_failure(str(huge), max_pixels=0).size == (HUGE_SIDE, HUGE_SIDE)
+    assert dataset.decode_or_failure(str(huge)).size == (HUGE_SIDE, HUGE_SIDE)
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # Pillow's own setting is left as it was
+    for broken in ("cut.jpg", "empty.jpg", "text.jpg"):
+        (test_dir / broken).unlink()
+
+    result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
+                       "--output", tmp_path / "p.csv", "--max-image-pixels", "0", *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "huge" in [row["image_name"] for row in read_csv_rows(tmp_path / "p.csv")]
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py"])
+def test_every_script_takes_max_image_pixels_and_refuses_a_negative_one(script: str, tmp_path: Path) -> None:
+    module = {"train.py": train, "predict.py": predict, "evaluate.py": evaluate}[script]
+    [option] = [action for action in module.get_args_parser()._actions if "--max-image-pixels" in action.option_strings]
+    assert option.default == dataset.DEFAULT_MAX_IMAGE_PIXELS and "0 = no limit" in option.help
+    result = call_main(module.main, "--max-image-pixels", "-1", "--output-dir" if script == "train.py" else
+                       "--batch-size", tmp_path if script == "train.py" else "8")
+    assert_user_error(result, "--max-image-pixels -1")

@@ -67,7 +67,7 @@ def test_cached_items_equal_staged_images(samples, tmp_path, capsys):
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]) and got[2] == expected[2]
         # (index, seed) keys from dataset.EpochSampler select the same item
         assert torch.equal(cached[(index, 12345)][0], expected[0])
-    assert cached[5] == DecodeFailure(samples[5][0])
+    assert cached[5] == DecodeFailure(samples[5][0], "cannot identify image file")
 
 
 def test_cached_staged_images_in_worker_processes(samples, tmp_path):
@@ -75,7 +75,7 @@ def test_cached_staged_images_in_worker_processes(samples, tmp_path):
     cached[0]  # opens the memmap in this process; workers must open their own
     loader = DataLoader(cached, batch_size=3, num_workers=1, collate_fn=gpu_augment.collate_staged)
     batches = list(loader)
-    assert [batch.failed for batch in batches] == [[], [samples[5][0]]]
+    assert [[failure.path for failure in batch.failed] for batch in batches] == [[], [samples[5][0]]]
     assert torch.equal(batches[0].images[1], cached[1][0])
     assert batches[1].images.shape == (2, 3, STAGING, STAGING)
 
@@ -92,7 +92,7 @@ def test_second_build_reuses_the_cache(samples, tmp_path, monkeypatch, capsys):
     second = build(samples, tmp_path)
     assert "reusing" in capsys.readouterr().out
     assert cache_files(tmp_path) == files
-    assert second.failures == first.failures == [samples[5][0]]
+    assert second.failures == first.failures == {samples[5][0]: "cannot identify image file"}
     assert torch.equal(cache.CachedStagedImages(second)[3][0], cache.CachedStagedImages(first)[3][0])
 
 
@@ -111,11 +111,11 @@ def test_killed_build_is_not_reused(samples, tmp_path, monkeypatch):
     calls = []
     real = gpu_augment.decode_staged
 
-    def killed_midway(path, staging):
+    def killed_midway(path, *args):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(path)
-        return real(path, staging)
+        return real(path, *args)
 
     monkeypatch.setattr(gpu_augment, "decode_staged", killed_midway)
     with pytest.raises(KeyboardInterrupt):
@@ -146,7 +146,7 @@ def test_cached_pil_images_follow_the_train_transform(samples, tmp_path):
         assert tensor.shape == (3, IMG_SIZE, IMG_SIZE) and label == samples[index][1]
         assert torch.equal(dataset[(index, 7)][0], tensor)  # same (index, seed): same augmentation
     assert not torch.equal(dataset[(0, 7)][0], dataset[(0, 8)][0])
-    assert dataset[(5, 7)] == DecodeFailure(samples[5][0])
+    assert dataset[(5, 7)] == DecodeFailure(samples[5][0], "cannot identify image file")
 
 
 def test_training_with_cache(small_data: ColourData, tmp_path):

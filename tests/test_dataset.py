@@ -15,13 +15,16 @@ from sklearn.utils.class_weight import compute_class_weight
 from conftest import ColourData
 from dataset import (
     balanced_class_weights,
+    build_train_transform,
     find_test_images,
     find_unreadable,
+    list_images,
     load_rgb,
     load_train_val,
     sort_class_names,
     stratified_split,
     to_rgb,
+    transform_seeded,
 )
 from utils import UserError
 
@@ -54,12 +57,12 @@ def test_find_test_images_sorts_by_name_and_ignores_other_entries(tmp_path: Path
     (tmp_path / ".DS_Store").write_bytes(b"\0")
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".hidden.jpg").write_bytes(b"")
-    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "folder.jpg").mkdir()  # a folder, however named, is looked into: here it holds nothing
 
     images, ignored = find_test_images(tmp_path)
 
     assert [path.name for path in images] == ["a.JPG", "b.png", "c.jpeg"]
-    assert sorted(path.name for path in ignored) == [".DS_Store", ".hidden.jpg", "folder.jpg", "notes.txt"]
+    assert sorted(path.name for path in ignored) == [".DS_Store", ".hidden.jpg", "notes.txt"]
 
 
 def test_find_test_images_errors_on_missing_or_imageless_folder(tmp_path: Path) -> None:
@@ -180,17 +183,17 @@ def test_balanced_class_weights_match_sklearn() -> None:
     labels = np.repeat(np.arange(len(counts)), counts)
     expected = compute_class_weight("balanced", classes=np.arange(len(counts)), y=labels)
 
-    weights = balanced_class_weights(counts)
+    weights = balanced_class_weights(labels.tolist(), len(counts))
 
     assert weights.dtype == torch.float32
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
 
 
 def test_balanced_class_weights_give_empty_classes_zero() -> None:
-    counts = [10, 0, 5]
-    expected = compute_class_weight("balanced", classes=np.array([0, 2]), y=np.repeat([0, 2], [10, 5]))
+    labels = np.repeat([0, 2], [10, 5])
+    expected = compute_class_weight("balanced", classes=np.array([0, 2]), y=labels)
 
-    weights = balanced_class_weights(counts)
+    weights = balanced_class_weights(labels, 3)
 
     assert weights[1] == 0
     np.testing.assert_allclose(weights[[0, 2]].numpy(), expected, rtol=1e-6)
@@ -240,3 +243,91 @@ def test_without_val_folder_train_is_split(small_data: ColourData, tmp_path: Pat
     assert "stratified" in data.val_source
     with pytest.raises(UserError, match="--val-fraction"):
         load_train_val(tmp_path, val_fraction=1.5, seed=0)
+
+
+def test_the_held_out_list_decides_validation_whatever_changed_in_train(small_data: ColourData,
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    shutil.copytree(small_data.root / "train", tmp_path / "train")
+    first = load_train_val(tmp_path, val_fraction=0.25, seed=0)
+    assert first.held_out == sorted(str(Path(path).relative_to(tmp_path / "train").as_posix())
+                                    for path, _ in first.val_samples)
+    # Files change: one held-out image is deleted, new images arrive, one of them named so it sorts first.
+    gone = Path(first.val_samples[0][0])
+    gone.unlink()
+    for name in ("0/000-new.jpg", "1/zzz-new.jpg"):
+        shutil.copy(first.train_samples[0][0], tmp_path / "train" / name)
+
+    again = load_train_val(tmp_path, val_fraction=0.25, seed=0, held_out=first.held_out)
+
+    assert again.val_samples == [sample for sample in first.val_samples if sample[0] != str(gone)]
+    assert not set(again.val_samples) & set(again.train_samples)
+    assert {str(tmp_path / "train" / "0" / "000-new.jpg"), str(tmp_path / "train" / "1" / "zzz-new.jpg")} <= \
+        {path for path, _ in again.train_samples}
+    assert (f"1 of the 3 validation images this run held out of {tmp_path / 'train'} are missing or unreadable now "
+            f"({gone.relative_to(tmp_path / 'train').as_posix()})") in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- folders inside folders
+
+
+def write_image(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def test_class_folders_take_images_from_their_sub_folders(tmp_path: Path) -> None:
+    for path in ("train/cat/a.jpg", "train/cat/more/b.jpg", "train/cat/more/deeper/c.png", "train/dog/d.jpg",
+                 "train/dog/.ipynb_checkpoints/d-checkpoint.jpg"):
+        write_image(tmp_path / path)
+
+    data = load_train_val(tmp_path, val_fraction=0.5, seed=0)
+
+    samples = sorted(data.train_samples + data.val_samples)
+    assert [(Path(path).relative_to(tmp_path / "train").as_posix(), label) for path, label in samples] == [
+        ("cat/a.jpg", 0), ("cat/more/b.jpg", 0), ("cat/more/deeper/c.png", 0), ("dog/d.jpg", 1)]
+
+
+def test_test_images_in_sub_folders_are_predicted_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for path in ("a.jpg", "extra/b.jpg", "extra/more/c.jpg"):
+        write_image(tmp_path / path)
+
+    images, _ = find_test_images(tmp_path)
+
+    assert [path.relative_to(tmp_path).as_posix() for path in images] == ["a.jpg", "extra/b.jpg", "extra/more/c.jpg"]
+    assert f"note: {tmp_path}: also predicting the images in its sub-folder(s) extra, extra/more" in \
+        capsys.readouterr().out
+
+
+def test_a_folder_linked_into_itself_is_read_once(tmp_path: Path) -> None:
+    write_image(tmp_path / "cat" / "a.jpg")
+    (tmp_path / "cat" / "loop").symlink_to(tmp_path / "cat")
+
+    images, ignored = list_images(tmp_path / "cat")
+
+    assert images == [tmp_path / "cat" / "a.jpg"] and ignored == [tmp_path / "cat" / "loop"]
+
+
+def test_a_single_class_is_refused(tmp_path: Path) -> None:
+    write_image(tmp_path / "train" / "cat" / "a.jpg")
+    write_image(tmp_path / "train" / "cat" / "b.jpg")
+    (tmp_path / "train" / "dog").mkdir()
+    with pytest.raises(UserError, match=r"only one class folder with images \(cat\); a classifier needs at least two"):
+        load_train_val(tmp_path, val_fraction=0.5, seed=0)
+
+
+# --------------------------------------------------------------------------- seeded augmentation
+
+
+def test_a_seeded_transform_leaves_the_cuda_generator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reseeding CUDA per image (as torch.manual_seed does) would repeat the dropout masks of a GPU run."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    image = Image.new("RGB", (8, 8), (10, 200, 30))
+    crop = build_train_transform(8)
+
+    first, second = transform_seeded(crop, image, 123), transform_seeded(crop, image, 123)
+
+    assert torch.equal(first, second)  # the seed still decides the augmentation
+    assert reseeded == []

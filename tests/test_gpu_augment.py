@@ -141,7 +141,7 @@ def test_staged_images_shapes_sizes_and_undecodable_file(tmp_path):
     pixels, size, label = staged[0]
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, STAGING, STAGING)
     assert size.tolist() == [150, 100] and label == 3
-    assert staged[1] == dataset.DecodeFailure(str(tmp_path / "broken.jpg"))
+    assert staged[1] == dataset.DecodeFailure(str(tmp_path / "broken.jpg"), "cannot identify image file")
     gray, _, _ = staged[2]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
@@ -151,8 +151,8 @@ def test_staged_images_shapes_sizes_and_undecodable_file(tmp_path):
     images, sizes, labels, failed = ga.collate_staged([staged[index] for index in range(3)])
     assert images.shape == (2, 3, STAGING, STAGING) and images.dtype == torch.uint8
     assert sizes.tolist() == [[150, 100], [150, 100]] and labels.tolist() == [3, 0]
-    assert failed == [str(tmp_path / "broken.jpg")]
-    assert ga.collate_staged([staged[1]]) == (None, None, None, [str(tmp_path / "broken.jpg")])
+    assert [failure.path for failure in failed] == [str(tmp_path / "broken.jpg")]
+    assert ga.collate_staged([staged[1]]) == (None, None, None, [staged[1]])
 
 
 def test_staged_large_jpeg_is_drafted_and_keeps_its_full_size(tmp_path):

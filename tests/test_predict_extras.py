@@ -55,7 +55,7 @@ def test_ensemble_averages_models_and_survives_predict_probabilities() -> None:
     probabilities, failed = predict_probabilities(wrapper, loader, 2, CPU, show_progress=False)
     expected = (torch.tensor(first).softmax(0) + torch.tensor(second).softmax(0)) / 2
     torch.testing.assert_close(probabilities, expected.expand(2, -1))
-    assert failed == []
+    assert failed == {}
 
 
 def test_multi_views_keep_the_batch_shape_and_zoom_into_the_centre() -> None:
