@@ -16,6 +16,7 @@ from torch import nn
 from utils import UserError, pick_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,12 @@ class Accel:
 
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """The options predict.py and evaluate.py share: batch size, workers, device, precision, progress bar."""
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (lower it if the GPU "
+                        "runs out of memory)")
+    parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto (one per "
+                        "CPU core, up to 8)")
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto = CUDA, then Apple MPS, "
+                        "then the CPU")
     parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision, as in train.py")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -23,8 +23,14 @@ def make_checkpoint(
     metrics: dict[str, float],
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    held_out: list[str] | None = None,
+    runtime: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything prediction needs, as tensors and plain Python values only (loadable with ``weights_only=True``)."""
+    """Everything prediction needs, as tensors and plain Python values only (loadable with ``weights_only=True``).
+
+    ``held_out`` is the list of validation images split off train/ (see ``dataset.TrainValData``); ``runtime``
+    records what the options resolved to on the machine that trained (device, precision, workers, versions).
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "model": {key: value.detach().cpu() for key, value in model.state_dict().items()},
@@ -36,6 +42,8 @@ def make_checkpoint(
         "config": dict(config),
         "epoch": int(epoch),
         "metrics": {key: float(value) for key, value in metrics.items()},
+        "held_out_val_files": None if held_out is None else list(held_out),
+        "runtime": dict(runtime or {}),
     }
 
 
@@ -44,25 +52,45 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
     atomic_torch_save(checkpoint, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read one of our checkpoints safely (``weights_only=True``); anything else is a :class:`UserError`."""
+def load_checkpoint(path: str | Path, flag: str = "--checkpoint", file_in_folder: str = "best.pt") -> dict[str, Any]:
+    """Read one of our checkpoints safely (``weights_only=True``); anything else is a :class:`UserError`.
+
+    A run folder stands for its ``file_in_folder``. ``flag`` is the option errors name.
+    """
     path = Path(path)
+    if path.is_dir():
+        path = path / file_in_folder
+        if not path.is_file():
+            raise UserError(f"{flag} {path.parent}: a folder without {file_in_folder}; pass a run's output folder or "
+                            "a checkpoint file written by train.py")
+        print(f"{flag}: using {path}")
     if not path.is_file():
-        raise UserError(f"--checkpoint {path}: file not found; train first (python train.py) or pass the right path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - every failure means the file is not a checkpoint we can trust
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(
-            f"--checkpoint {path}: not a checkpoint of this project, or it holds objects that are unsafe to load "
-            f"({first_line[:160]})"
-        ) from None
+        raise UserError(f"{flag} {path}: file not found; train first (python train.py) or pass the right path")
+    checkpoint = _read_safely(path, flag)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"--checkpoint {path}: not a checkpoint written by this project's train.py")
+        raise UserError(f"{flag} {path}: not a checkpoint written by this project's train.py")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
-        raise UserError(f"--checkpoint {path}: incomplete checkpoint, missing {', '.join(missing)}")
+        raise UserError(f"{flag} {path}: incomplete checkpoint, missing {', '.join(missing)}")
     return checkpoint
+
+
+def _read_safely(path: Path, flag: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - every failure means the file is not a checkpoint we can trust
+        raise UserError(f"{flag} {path}: {_why_unreadable(path, error)}") from None
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    if "GLOBAL" in str(error):  # the weights-only unpickler met an object it refuses to build
+        return ("holds Python objects that are unsafe to load (a checkpoint of this project holds only tensors and "
+                "plain values); refusing to read it")
+    with path.open("rb") as handle:
+        if handle.read(64).startswith(b"version https://git-lfs"):
+            return "a Git LFS pointer, not the file itself; fetch it with git lfs pull"
+    return ("truncated or corrupt, or not a checkpoint of this project at all; use another copy, or the run's "
+            "last.pt or best.pt")
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -18,9 +18,10 @@ from typing import Any, Sequence
 
 from accel import add_inference_options, set_up_accel
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import Sample, load_train_val, report_ignored, scan_labeled_split, unknown_class_folders
+from dataset import Sample, add_max_image_pixels_option, check_max_image_pixels, load_train_val, report_ignored
+from dataset import require_not_nested_once_more, scan_labeled_split, unknown_class_folders
 from report import write_evaluation_report
-from utils import UserError, describe_device, exit_on_user_error, resolve_workers
+from utils import UserError, argument_list, describe_device, exit_on_user_error, resolve_workers
 
 MAX_NAMES_IN_ERROR = 10
 
@@ -28,12 +29,14 @@ MAX_NAMES_IN_ERROR = 10
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The evaluation options."""
     parser = argparse.ArgumentParser(
+        prog="evaluate.py",
         description="Evaluate a checkpoint on a labeled ImageFolder split and write metrics, tables, figures "
                     "and report.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
-    parser.add_argument("--checkpoint", default="checkpoints/best.pt", help="a best.pt or last.pt written by train.py")
+    parser.add_argument("--checkpoint", default="checkpoints/best.pt", help="a best.pt or last.pt written by "
+                        "train.py, or a run's output folder (its best.pt)")
     parser.add_argument("--data-dir", default="data", help="evaluates DATA_DIR/val/<class>/ (or, without it, "
                         "the held-out part of DATA_DIR/train/ that training used)")
     parser.add_argument("--split-dir", help="evaluate this labeled folder of <class>/ sub-folders instead")
@@ -43,6 +46,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--misclassified", type=int, default=24, metavar="N",
                         help="most confident mistakes shown in misclassified.png")
     add_inference_options(parser)
+    add_max_image_pixels_option(parser)
     return parser
 
 
@@ -54,6 +58,7 @@ def validate_args(args: argparse.Namespace) -> None:
         if value < 0:
             raise UserError(f"{flag} {value}: must be 0 or more")
     args.workers = resolve_workers(args.workers)
+    check_max_image_pixels(args.max_image_pixels)
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -65,6 +70,7 @@ def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[S
     """Labeled samples of ``split_dir``, its class folders matched to the checkpoint's classes by name."""
     if not split_dir.is_dir():
         raise UserError(f"{flag} {split_dir}: folder not found; it should hold <class>/*.jpg folders")
+    require_not_nested_once_more(split_dir, "--split-dir" if flag == "--split-dir" else None)
     unknown = unknown_class_folders(split_dir, class_names)
     if unknown:
         raise UserError(f"{split_dir}: class folder(s) {_listed(unknown)} are not classes of the checkpoint "
@@ -76,13 +82,19 @@ def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[S
     return samples
 
 
-def held_out_split(data_dir: Path, checkpoint: dict[str, Any]) -> tuple[list[Sample], str]:
-    """The part of ``data_dir/train`` that training held out as val, rebuilt from the checkpoint's config."""
+def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) -> tuple[list[Sample], str]:
+    """The part of ``data_dir/train`` that training held out as val: the checkpoint's list of those images (older
+    checkpoints: the split rebuilt from the run's --val-fraction and --seed)."""
     config = checkpoint["config"]
-    if "val_fraction" not in config or "seed" not in config:
-        raise UserError(f"--data-dir {data_dir}: no val/ folder, and the checkpoint does not record how training "
-                        "split train/; pass --split-dir")
-    data = load_train_val(data_dir, config["val_fraction"], config["seed"])
+    held_out = checkpoint.get("held_out_val_files")
+    if held_out is None:
+        if "val_fraction" not in config or "seed" not in config:
+            raise UserError(f"--data-dir {data_dir}: no val/ folder, and the checkpoint does not record how training "
+                            "split train/; pass --split-dir")
+        print("note: this checkpoint predates stored validation lists; the split is rebuilt from its --val-fraction "
+              f"and --seed, which matches training only if {data_dir / 'train'} has not changed since")
+    data = load_train_val(data_dir, config.get("val_fraction", 0.1), config.get("seed", 0), max_pixels=max_pixels,
+                          held_out=held_out)
     if data.class_names != list(checkpoint["class_names"]):
         raise UserError(f"--data-dir {data_dir}: the class folders of train/ differ from the checkpoint's, so the "
                         "held-out split cannot be rebuilt; pass --split-dir")
@@ -100,29 +112,29 @@ def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple
         return scan_split(val_dir, class_names, "--data-dir"), str(val_dir)
     if (data_dir / "train").is_dir():
         print(f"note: no {val_dir}; evaluating the part of {data_dir / 'train'} that training held out")
-        return held_out_split(data_dir, checkpoint)
+        return held_out_split(data_dir, checkpoint, args.max_image_pixels)
     raise UserError(f"--data-dir {data_dir}: no val/ or train/ folder inside; pass --split-dir DIR to evaluate "
                     "another labeled folder")
 
 
 @exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate and write the report; returns the metrics (as in metrics.json) and the report folder."""
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argument_list(argv, "evaluate.py"))
     validate_args(args)
     checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     samples, source = resolve_split(args, checkpoint)
     accel = set_up_accel(args.device, args.amp)
     print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}")
     print(f"checkpoint: {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
           f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))
-    checkpoint_dir = Path(args.checkpoint).parent
     return write_evaluation_report(
         model, checkpoint, samples, Path(args.report_dir) if args.report_dir else checkpoint_dir / "report", accel,
         source=source, history_path=checkpoint_dir / "history.csv", batch_size=args.batch_size,
         workers=args.workers, show_progress=not args.no_progress, top_confusions=args.top_confusions,
-        misclassified=args.misclassified,
+        misclassified=args.misclassified, max_pixels=args.max_image_pixels,
     )
 
 

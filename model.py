@@ -12,7 +12,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from utils import UserError
+from utils import UserError, first_line
 
 # torchvision's constructor arguments for each architecture (block, layers, groups, width per group).
 ARCH_SPECS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
@@ -96,7 +96,7 @@ def offline_weights_message(url: str, error: Exception) -> str:
     """The one-line explanation for a failed weights download: which file, where it goes, the alternatives."""
     file_name = os.path.basename(url)
     cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-    reason = _first_line(error)
+    reason = first_line(error)
     return (
         f"--weights imagenet: could not download {url} ({reason}); "
         f"copy {file_name} to {cache} ($TORCH_HOME/hub/checkpoints/), "
@@ -105,20 +105,42 @@ def offline_weights_message(url: str, error: Exception) -> str:
 
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict or checkpoint file into ``model``; head weights that do not fit are dropped with a note."""
+    """Load a state dict or checkpoint file into ``model``; a head (``fc``) that does not fit is dropped with a note.
+
+    Weights of another architecture (a resnet18 file for a resnet50, say) are refused, naming the architecture
+    they fit when it is one of :data:`SUPPORTED_ARCHS`.
+    """
     state = read_state_dict(path)
     own = model.state_dict()
-    unfit = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
-    head_aliases = [key for key in state if key.startswith("fc.") and key not in own]
-    if unfit or head_aliases:
-        dropped = sorted(set(unfit) | set(head_aliases))
-        print(f"note: {path}: dropped {len(dropped)} head weight(s) that do not fit this model: {', '.join(dropped)}")
-        state = {key: value for key, value in state.items() if key not in dropped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if not key.startswith("fc.") and not key.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"--weights {path}: does not match this architecture ({detail}); check --arch")
+    body = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    body_own = {key: value for key, value in own.items() if not key.startswith("fc.")}
+    if _shapes(body, ignore_counters=True) != _shapes(body_own, ignore_counters=True):
+        raise UserError(f"--weights {path}: these weights are for another architecture than this model "
+                        f"({_architecture_hint(body)}); pass the --arch they were trained with")
+    head = {key: value for key, value in state.items() if key.startswith("fc.")}
+    if _shapes(head) != _shapes({key: value for key, value in own.items() if key.startswith("fc.")}):
+        if head:
+            print(f"note: {path}: its classification head ({', '.join(sorted(head))}) does not fit this model's "
+                  f"{len(own['fc.1.bias'])} classes; the new head starts from scratch")
+        state = body
+    model.load_state_dict(state, strict=False)
+
+
+def _shapes(state: dict[str, torch.Tensor], ignore_counters: bool = False) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()
+            if not (ignore_counters and key.endswith("num_batches_tracked"))}
+
+
+def _architecture_hint(body: dict[str, torch.Tensor]) -> str:
+    """'they fit resnet18' when the trunk weights match one of the supported architectures, else a key that differs."""
+    wanted = _shapes(body, ignore_counters=True)
+    for arch in SUPPORTED_ARCHS:
+        with torch.device("meta"):
+            candidate = _new_network(arch).state_dict()
+        if _shapes({key: value for key, value in candidate.items() if not key.startswith("fc.")},
+                   ignore_counters=True) == wanted:
+            return f"they fit {arch}"
+    return "they fit none of " + ", ".join(SUPPORTED_ARCHS)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -129,7 +151,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here means "not a weights file we can read"
-        raise UserError(f"--weights {path}: not a readable PyTorch weights file ({_first_line(error)})") from None
+        raise UserError(f"--weights {path}: not a readable PyTorch weights file ({first_line(error)})") from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]
@@ -146,12 +168,11 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
-
-
 def parse_trainable(spec: str) -> list[str]:
-    """Blocks named by ``--trainable`` (comma list, or ``all``), validated against :data:`BLOCK_NAMES`."""
+    """Blocks named by ``--trainable`` (comma list, or ``all``), validated against :data:`BLOCK_NAMES`.
+
+    The new, randomly initialised head ``fc`` is always among them: frozen, it could not learn at all.
+    """
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if names == ["all"]:
         return list(BLOCK_NAMES)
@@ -161,7 +182,12 @@ def parse_trainable(spec: str) -> list[str]:
             f"--trainable {spec}: {', '.join(unknown) or 'empty'} is not a block; "
             f"use 'all' or a comma list of {', '.join(BLOCK_NAMES)}"
         )
-    return [name for name in BLOCK_NAMES if name in names]
+    return [name for name in BLOCK_NAMES if name in names or name == "fc"]  # the new head always trains
+
+
+def has_trainable_batchnorm(trainable: Iterable[str]) -> bool:
+    """True when a block in ``trainable`` holds BatchNorm layers that learn (all but ``conv1`` and ``fc`` do)."""
+    return bool(set(trainable) - {"conv1", "fc"})
 
 
 def freeze_blocks(model: FineTuneResNet, trainable: Iterable[str]) -> None:

@@ -25,7 +25,6 @@ import csv
 import io
 import sys
 import zipfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,16 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import metrics
 from accel import Accel, add_inference_options, set_up_accel
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import (
-    find_test_images,
-    prediction_loader,
-    report_ignored,
-)
+from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, prediction_loader
+from dataset import report_ignored
 from engine import predict_probabilities
 from utils import (
     UserError,
+    argument_list,
     atomic_write_bytes,
     atomic_write_text,
     csv_text,
@@ -58,6 +56,7 @@ MULTI_ZOOM = 1.15  # how far "--tta multi" zooms into the centre crop
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The prediction options."""
     parser = argparse.ArgumentParser(
+        prog="predict.py",
         description="Write prediction.csv (image_name,pred_label) for every image in the test folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
@@ -76,15 +75,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--topk", type=int, default=0, metavar="K",
                         help="also write probabilities.csv beside OUTPUT with the K most probable labels of each image")
     add_inference_options(parser)
+    add_max_image_pixels_option(parser)
     return parser
 
 
 def image_names(paths: Sequence[Path], keep_ext: bool) -> list[str]:
     """The ``image_name`` column: file names without extension (unless ``keep_ext``); must be unique."""
     names = [path.name if keep_ext else path.stem for path in paths]
-    clashes = sorted(name for name, count in Counter(names).items() if count > 1)
-    if clashes:
-        raise UserError(f"test images share the name {clashes[0]!r} once extensions are dropped; use --keep-ext")
+    first_with: dict[str, Path] = {}
+    for path, name in zip(paths, names):
+        if name in first_with:
+            other = first_with[name]
+            fix = "use --keep-ext" if other.name != path.name else "rename one of them"
+            raise UserError(f"test images {other} and {path} would share the image_name {name!r}; {fix}")
+        first_with[name] = path
     return names
 
 
@@ -118,12 +122,11 @@ def score(names: Sequence[str], predicted: Sequence[str], truth: dict[str, str])
     pairs = [(truth[Path(name).stem], label) for name, label in zip(names, predicted) if Path(name).stem in truth]
     if not pairs:
         raise UserError("--labels: none of the test images appear in the labels file")
-    accuracy = sum(true == guess for true, guess in pairs) / len(pairs)
-    per_class: dict[str, list[bool]] = {}
-    for true, guess in pairs:
-        per_class.setdefault(true, []).append(true == guess)
-    balanced = sum(sum(hits) / len(hits) for hits in per_class.values()) / len(per_class)
-    return accuracy, balanced, len(pairs)
+    labels = sorted({label for pair in pairs for label in pair})
+    index = {label: position for position, label in enumerate(labels)}
+    confusion = metrics.confusion_matrix([index[true] for true, _ in pairs], [index[guess] for _, guess in pairs],
+                                         len(labels))
+    return metrics.accuracy(confusion), metrics.balanced_accuracy(confusion), len(pairs)
 
 
 # --------------------------------------------------------------------------- test-time views and ensembles
@@ -236,22 +239,24 @@ def ensemble_probabilities(
     tta: str,
     batch_size: int,
     workers: int,
+    max_pixels: int,
     show_progress: bool,
-) -> tuple[torch.Tensor, list[int]]:
-    """Mean softmax probabilities over checkpoints and test-time views, in ``paths`` order; and failed positions."""
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """Mean softmax probabilities over checkpoints and test-time views, in ``paths`` order; and why each position
+    that failed to decode did."""
     views = tta_views(tta)
     total = torch.zeros(len(paths), len(checkpoints[0]["class_names"]))
-    failed: set[int] = set()
+    failed: dict[int, str] = {}
     for group in preprocessing_groups(checkpoints):
         first = checkpoints[group[0]]
         loader = prediction_loader(paths, first["img_size"], first["mean"], first["std"], batch_size, workers,
-                                   pin_memory=accel.device.type == "cuda")
+                                   pin_memory=accel.device.type == "cuda", max_pixels=max_pixels)
         models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
         probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), loader, len(paths), accel,
                                                             show_progress)
         failed.update(group_failed)
         total += probabilities * len(group)
-    return total / len(checkpoints), sorted(failed)
+    return total / len(checkpoints), dict(sorted(failed.items()))
 
 
 # --------------------------------------------------------------------------- top-k file
@@ -275,36 +280,40 @@ def resolve_topk(requested: int, num_classes: int) -> int:
     return min(requested, num_classes)
 
 
-@exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Predict every test image and write the submission; returns the output path and row count."""
-    args = get_args_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    checkpoints = load_checkpoints(args.checkpoint)
-    class_names = checkpoints[0]["class_names"]
-    topk = resolve_topk(args.topk, len(class_names))
-    accel = set_up_accel(args.device, args.amp)
-    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}; test-time views: {args.tta}"
-          + (f"; ensemble of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""))
-    paths, ignored = find_test_images(args.test_dir)
-    report_ignored(args.test_dir, ignored)
-    names = image_names(paths, args.keep_ext)
+def check_output_paths(output: Path, zip_too: bool, topk: int) -> None:
+    """Refuse, before any work, output paths that cannot be written as files."""
+    targets = [("--output", output)]
+    if zip_too:
+        targets.append(("--zip", output.with_suffix(".zip")))
+    if topk:
+        targets.append(("--topk", output.parent / "probabilities.csv"))
+    for flag, path in targets:
+        if path.is_dir():
+            raise UserError(f"{flag}: {path} is a folder; pass a file name for --output, such as "
+                            f"{output / 'prediction.csv' if flag == '--output' else output.with_name('prediction.csv')}")
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--output {output}: {parent} is a file, not a folder")
 
-    probabilities, failed = ensemble_probabilities(checkpoints, paths, accel, args.tta, args.batch_size,
-                                                   resolve_workers(args.workers), not args.no_progress)
-    if failed:
-        listed = ", ".join(str(paths[index]) for index in failed)
-        if not args.allow_missing:
-            raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written "
-                            f"(--allow-missing writes the other rows): {listed}")
-        print(f"warning: --allow-missing: prediction.csv lacks {len(failed)} row(s) for undecodable images: {listed}",
-              file=sys.stderr)
-        missing = set(failed)
-        kept = [index for index in range(len(paths)) if index not in missing]
-        names, probabilities = [names[index] for index in kept], probabilities[kept]
 
-    predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
+def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict[int, str], paths: Sequence[Path],
+                     output: Path, allow_missing: bool) -> tuple[list[str], torch.Tensor]:
+    """The rows of the images that were decoded; refuses (unless ``allow_missing``) when any was not."""
+    if not failed:
+        return names, probabilities
+    listed = "; ".join(f"{paths[index]} ({reason})" for index, reason in failed.items())
+    if not allow_missing:
+        raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written "
+                        f"(--allow-missing writes the other rows): {listed}")
+    print(f"warning: --allow-missing: {output.name} lacks {len(failed)} row(s) for undecodable images: {listed}",
+          file=sys.stderr)
+    kept = [index for index in range(len(names)) if index not in failed]
+    return [names[index] for index in kept], probabilities[kept]
+
+
+def write_outputs(args: argparse.Namespace, names: list[str], predicted: list[str], probabilities: torch.Tensor,
+                  class_names: list[str], topk: int) -> dict[str, Any]:
+    """The submission, and as asked its zip and the top-k probabilities file; returns what was written."""
     submission = submission_csv(names, predicted)
     output = Path(args.output)
     atomic_write_text(output, submission)
@@ -318,8 +327,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         atomic_write_text(probabilities_path, probabilities_csv(names, probabilities, class_names, topk))
         print(f"wrote {probabilities_path}: top {topk} labels and probabilities per image")
         result["probabilities"] = str(probabilities_path)
-    if args.labels:
-        accuracy, balanced, scored = score(names, predicted, read_labels(args.labels))
+    return result
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject option values that would only fail later."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    args.workers = resolve_workers(args.workers)
+    check_max_image_pixels(args.max_image_pixels)
+
+
+@exit_on_user_error
+def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Predict every test image and write the submission; returns the output path and row count."""
+    args = get_args_parser().parse_args(argument_list(argv, "predict.py"))
+    validate_args(args)
+    truth = read_labels(args.labels) if args.labels else None
+    checkpoints = load_checkpoints(args.checkpoint)
+    class_names = checkpoints[0]["class_names"]
+    topk = resolve_topk(args.topk, len(class_names))
+    check_output_paths(Path(args.output), args.zip, topk)
+    accel = set_up_accel(args.device, args.amp)
+    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}; test-time views: {args.tta}"
+          + (f"; ensemble of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""))
+    paths, ignored = find_test_images(args.test_dir)
+    report_ignored(args.test_dir, ignored)
+    names = image_names(paths, args.keep_ext)
+
+    probabilities, failed = ensemble_probabilities(checkpoints, paths, accel, args.tta, args.batch_size, args.workers,
+                                                   args.max_image_pixels, not args.no_progress)
+    names, probabilities = drop_failed_rows(names, probabilities, failed, paths, Path(args.output), args.allow_missing)
+    predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
+    result = write_outputs(args, names, predicted, probabilities, class_names, topk)
+    if truth is not None:
+        accuracy, balanced, scored = score(names, predicted, truth)
         print(f"score on {scored} labeled images: accuracy {accuracy:.2%}, balanced accuracy {balanced:.2%}")
         result.update(accuracy=accuracy, balanced_accuracy=balanced)
     return result

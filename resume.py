@@ -53,7 +53,8 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
 
 
 def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
-    """``--resume auto``: the output folder's last.pt if there is one; otherwise the given path, which must exist."""
+    """``--resume auto``: the output folder's last.pt if there is one; otherwise the given last.pt (or the last.pt
+    in the given run folder), which must exist."""
     if resume == "auto":
         path = Path(output_dir) / "last.pt"
         if not path.is_file():
@@ -61,8 +62,11 @@ def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
             return None
         return path
     path = Path(resume)
+    if path.is_dir():
+        path = path / "last.pt"
     if not path.is_file():
-        raise UserError(f"--resume {resume}: file not found; pass a last.pt written by train.py, or auto")
+        raise UserError(f"--resume {resume}: file not found; pass a last.pt written by train.py (or its folder), "
+                        "or auto")
     return path
 
 

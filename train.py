@@ -14,12 +14,15 @@ import argparse
 import csv
 import io
 import math
+import platform
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+import torchvision
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
@@ -27,28 +30,31 @@ from torch.utils.data import DataLoader
 import gpu_augment
 import metrics
 import plots
-from accel import AMP_CHOICES, Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
+from accel import AMP_CHOICES, DEVICE_CHOICES, Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from accel import maybe_compile, set_up_accel
 from cache import CachedPilImages, CachedStagedImages, build_staged_cache
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DecodeFailure,
+    EpochSampler,
     LabeledImages,
     TrainValData,
+    add_max_image_pixels_option,
     balanced_class_weights,
     build_eval_transform,
     build_train_transform,
+    check_max_image_pixels,
     class_counts,
-    EpochSampler,
     collate_skipping_failures,
     epoch_seed,
     eval_resize_size,
     load_train_val,
 )
 from engine import BatchTransform, EvalResult, NonFiniteLossError, evaluate, train_one_epoch
-from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, parameter_summary, parse_trainable
-from model import trainable_parameters
+from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, has_trainable_batchnorm
+from model import parameter_summary, parse_trainable, trainable_parameters
 from report import write_evaluation_report
 from resume import (
     Progress,
@@ -61,7 +67,9 @@ from resume import (
 from tb_logger import TensorBoardLogger
 from utils import (
     UserError,
+    argument_list,
     atomic_write_text,
+    command_hint,
     describe_device,
     exit_on_user_error,
     format_count,
@@ -79,6 +87,7 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The training options; defaults are the reference recipe."""
     parser = argparse.ArgumentParser(
+        prog="train.py",
         description="Fine-tune an ImageNet-pretrained ResNet on data/train/<class>/*.jpg.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
@@ -90,30 +99,32 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--img-size", type=int, default=224, help="training crop and evaluation size, in pixels")
     data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     data.add_argument("--verify-images", action="store_true", help="decode every image at start (slower) instead of reading headers only, to list all broken files up front")
-    data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto")
+    data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto (one per CPU core, up to 8)")
     data.add_argument("--cache", action="store_true", help="decode and resize the training images once into a uint8 memory-mapped file in OUTPUT_DIR/cache, so later epochs skip JPEG decoding")
+    add_max_image_pixels_option(data)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", help=f"one of: {', '.join(SUPPORTED_ARCHS)}")
     model.add_argument("--weights", default="imagenet", help="imagenet (torchvision's best), none, or a PATH to a state dict")
-    model.add_argument("--trainable", default=DEFAULT_TRAINABLE, help="blocks to train, comma-separated (conv1,bn1,layer1..layer4,fc), or all")
+    model.add_argument("--trainable", default=DEFAULT_TRAINABLE, help="blocks to train, comma-separated (conv1,bn1,layer1..layer4; the new head fc always trains), or all")
     model.add_argument("--dropout", type=float, default=0.2, help="dropout before the final Linear layer")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=50, help="maximum epochs; the cosine schedule spans them")
-    optim.add_argument("--batch-size", type=int, default=128)
+    optim.add_argument("--batch-size", type=int, default=128, help="training images per step (lower it if the GPU runs out of memory)")
     optim.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
     optim.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    optim.add_argument("--label-smoothing", type=float, default=0.05)
+    optim.add_argument("--label-smoothing", type=float, default=0.05, help="share of each target spread over the other classes")
     optim.add_argument("--class-weights", choices=("balanced", "none"), default="balanced", help="cross-entropy class weights")
     optim.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val accuracy; 0 never stops early")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="checkpoints", help="where checkpoints, history, plots and config go")
+    run.add_argument("--overwrite", action="store_true", help="start a new run in an --output-dir that holds another one, deleting its checkpoints, history, plots and report")
     run.add_argument("--epochs-this-run", type=int, help="stop after this many epochs now and resume later (e.g. within a Colab session's time)")
-    run.add_argument("--resume", help="continue a run exactly: a last.pt, or auto (the output folder's last.pt, if any)")
-    run.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
-    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32")
+    run.add_argument("--resume", help="continue a run exactly: a last.pt, its folder, or auto (the output folder's last.pt, if any)")
+    run.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto = CUDA, then Apple MPS, then the CPU")
+    run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32 (off)")
     run.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions on GPUs and CPUs)")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a note where it cannot)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seeds the split, the data order, every augmentation and the weights of new layers")
     run.add_argument("--no-progress", action="store_true", help="hide the per-batch progress bars")
     run.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT_DIR/tensorboard (needs the tensorboard package)")
     return parser
@@ -122,22 +133,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # Options that may differ from the checkpoint's when a run is resumed; any other difference is an error.
 RESUMABLE_OPTIONS = frozenset({"epochs", "patience", "workers", "device", "amp", "channels_last", "compile",
                                "no_progress", "data_dir", "output_dir", "resume", "epochs_this_run", "tensorboard",
-                               "verify_images", "cache"})
+                               "verify_images", "cache", "overwrite", "max_image_pixels"})
+# Options in which a command may differ from the one that started the run in --output-dir and still be that run's
+# own: they change how a run goes, not what it computes (and the folder is the run's, however it is spelled).
+SAME_RUN_MAY_DIFFER = frozenset({"workers", "no_progress", "verify_images", "tensorboard", "max_image_pixels",
+                                 "output_dir"})
+# Options that are about this invocation only, never saved.
+INVOCATION_OPTIONS = ("config", "resume", "epochs_this_run", "overwrite")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: str | Sequence[str] | None = None) -> argparse.Namespace:
     """Parse flags; a ``--config`` file sets the defaults first, so the command line wins."""
     return parse_args_and_resume(argv)[0]
 
 
-def parse_args_and_resume(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any] | None]:
+def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any] | None]:
     """The effective options and, with ``--resume``, the checkpoint to continue from.
 
     A resumed run takes its options from the checkpoint; flags may change only :data:`RESUMABLE_OPTIONS`.
     """
+    argv = argument_list(argv, "train.py")
     parser = get_args_parser()
     pre_args, _ = parser.parse_known_args(argv)
-    from_file = _config_defaults(parser, pre_args.config) if pre_args.config else {}
+    from_file = config_file_defaults(parser, pre_args.config) if pre_args.config else {}
     if from_file:
         parser.set_defaults(**from_file)
         pre_args, _ = parser.parse_known_args(argv)
@@ -146,35 +164,75 @@ def parse_args_and_resume(argv: Sequence[str] | None = None) -> tuple[argparse.N
         args = parser.parse_args(argv)
         validate_args(args)
         return args, None
-    checkpoint = load_checkpoint(resume_path)
+    checkpoint = load_checkpoint(resume_path, flag="--resume", file_in_folder="last.pt")
     if "training_state" not in checkpoint:
         raise UserError(f"--resume {resume_path}: holds no training state (best.pt is for prediction); use last.pt")
     saved = dict(checkpoint["config"])
     # A --config file (the same cell re-run in Colab, say) counts like flags: it must agree with the checkpoint.
     parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent), **from_file})
     args = parser.parse_args(argv)
-    changed = sorted(key for key, value in vars(args).items()
-                     if key in saved and key not in RESUMABLE_OPTIONS and value != saved[key])
-    if changed:
-        flags = ", ".join(f"--{key.replace('_', '-')}" for key in changed)
-        raise UserError(f"--resume: {flags} differ from the checkpoint's; only --epochs, --patience, --workers, "
-                        "--device, --amp, --data-dir, --output-dir and such may change when resuming")
     validate_args(args)
+    changed = differing_options(vars(args), saved, ignore=RESUMABLE_OPTIONS)
+    if changed:
+        raise UserError(f"--resume: {flag_names(changed)} differ from the checkpoint's; only --epochs, --patience, "
+                        "--workers, --device, --amp, --data-dir, --output-dir and such may change when resuming")
     print(f"resuming from {resume_path}")
     return args, checkpoint
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+def differing_options(options: dict[str, Any], saved: dict[str, Any], ignore: Iterable[str]) -> list[str]:
+    """The option names whose value differs from a run's ``saved`` config (options the run did not know: equal)."""
+    ignore = set(ignore)
+    return sorted(key for key, value in options.items() if key in saved and key not in ignore and value != saved[key])
+
+
+def flag_names(keys: Iterable[str]) -> str:
+    """``['batch_size', 'lr']`` -> ``'--batch-size, --lr'``."""
+    return ", ".join(f"--{key.replace('_', '-')}" for key in keys)
+
+
+def config_file_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """The options of a ``--config`` file, each checked and converted as its command-line flag would be."""
     values = load_yaml_config(path)
-    known = {action.dest for action in parser._actions} - {"help", "config"}
-    unknown = sorted(set(values) - known)
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
         raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see python train.py --help")
-    return values
+    return {key: config_value(actions[key], value, path) for key, value in values.items()}
+
+
+YAML_TRUE = frozenset({"true", "yes", "on", "1"})
+YAML_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def config_value(action: argparse.Action, value: Any, path: str) -> Any:
+    """A config file's ``value`` for ``action``, converted and checked like the flag's command-line text.
+
+    YAML reads ``amp: off`` as the boolean false: a boolean given to an option of choices is read back as the
+    word among them (``off``, ``none``).
+    """
+    flag = action.option_strings[0]
+    if action.nargs == 0:  # a switch such as --tensorboard or --channels-last
+        text = str(value).lower()
+        if isinstance(value, bool) or text in YAML_TRUE | YAML_FALSE:
+            return value if isinstance(value, bool) else text in YAML_TRUE
+        raise UserError(f"--config {path}: {action.dest}: {value!r} is not true or false (as {flag} is a switch)")
+    if isinstance(value, bool) and action.choices is not None:
+        words = YAML_TRUE if value else YAML_FALSE | {"none"}
+        value = next((choice for choice in action.choices if choice in words), value)
+    try:
+        converted = action.type(str(value)) if action.type is not None else str(value)
+    except (TypeError, ValueError):
+        kind = {int: "a whole number", float: "a number"}.get(action.type, "valid")
+        raise UserError(f"--config {path}: {action.dest}: {value!r} is not {kind} (as {flag} takes)") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(f"--config {path}: {action.dest}: {value!r} is not one of "
+                        f"{', '.join(map(str, action.choices))} (as {flag} takes)")
+    return converted
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Reject values that would only fail later, deep in the loop."""
+    """Reject values that would only fail later, deep in the loop; spell --trainable and --workers out."""
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--img-size": args.img_size}
     for flag, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -183,19 +241,38 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--img-size {args.img_size}: too small for a ResNet; use 16 or more (224 is the recipe)")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr}: must be positive")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight-decay {args.weight_decay}: must be 0 or more (1e-4 is the recipe)")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.epochs_this_run is not None and args.epochs_this_run < 1:
         raise UserError(f"--epochs-this-run {args.epochs_this_run}: must be at least 1")
     if args.patience < 0:
         raise UserError(f"--patience {args.patience}: must be 0 (never stop early) or more")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"--output-dir {args.output_dir}: is a file; pass a folder (it is created if missing)")
+    check_max_image_pixels(args.max_image_pixels)
     args.workers = resolve_workers(args.workers)
-    parse_trainable(args.trainable)
+    args.trainable = spelled_out_trainable(args.trainable)
+    if args.batch_size < 2 and has_trainable_batchnorm(parse_trainable(args.trainable)):
+        raise UserError(f"--batch-size {args.batch_size}: the trained blocks ({args.trainable}) hold BatchNorm "
+                        "layers, which need at least 2 images a batch; use --batch-size 2 or more")
+
+
+def spelled_out_trainable(spec: str) -> str:
+    """``--trainable`` as the blocks that will train; the head (fc) is added, with a note, when it was left out."""
+    if spec.strip() == "all":
+        return "all"
+    blocks = parse_trainable(spec)
+    if "fc" not in [name.strip() for name in spec.split(",")]:
+        print(f"note: --trainable {spec}: the new head (fc) starts from random weights, so it always trains; "
+              f"training {','.join(blocks)}")
+    return ",".join(blocks)
 
 
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
     """The effective configuration as plain values (what is printed, saved and stored in checkpoints)."""
-    return {key: value for key, value in sorted(vars(args).items()) if key not in ("config", "resume", "epochs_this_run")}
+    return {key: value for key, value in sorted(vars(args).items()) if key not in INVOCATION_OPTIONS}
 
 
 # --------------------------------------------------------------------------- setup
@@ -242,21 +319,23 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> 
     """
     options = loader_options(args, accel.device)
     decode_min_side = eval_resize_size(args.img_size)
-    val_set = LabeledImages(data.val_samples, build_eval_transform(args.img_size), decode_min_side)
+    val_set = LabeledImages(data.val_samples, build_eval_transform(args.img_size), decode_min_side,
+                            args.max_image_pixels)
     val = DataLoader(val_set, shuffle=False, collate_fn=collate_skipping_failures, **options)
     staging = gpu_augment.staging_size(args.img_size)
-    cache = build_staged_cache(data.train_samples, staging, Path(args.output_dir) / "cache",
-                               args.workers) if args.cache else None
+    cache = build_staged_cache(data.train_samples, staging, Path(args.output_dir) / "cache", args.workers,
+                               args.max_image_pixels) if args.cache else None
     augment: BatchTransform | None = None
     if resolve_augment_device(args.augment_device, accel.device) == "gpu":
         train_set = (CachedStagedImages(cache) if cache is not None
-                     else gpu_augment.StagedImages(data.train_samples, staging))
+                     else gpu_augment.StagedImages(data.train_samples, staging, args.max_image_pixels))
         collate = gpu_augment.collate_staged
         augment = gpu_augment.GpuTrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(accel.device)
     else:
         train_transform = build_train_transform(args.img_size)
         train_set = (CachedPilImages(cache, train_transform) if cache is not None
-                     else LabeledImages(data.train_samples, train_transform, decode_min_side))
+                     else LabeledImages(data.train_samples, train_transform, decode_min_side,
+                                        args.max_image_pixels))
         collate = collate_skipping_failures
     train = DataLoader(train_set, sampler=EpochSampler(len(train_set), args.seed), drop_last=drops_lone_batch(
                        len(train_set), args.batch_size), collate_fn=collate, **options)
@@ -267,7 +346,8 @@ def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.d
     """Cross-entropy with label smoothing and, by default, 'balanced' class weights from the train counts."""
     weights = None
     if args.class_weights == "balanced":
-        weights = balanced_class_weights(class_counts(data.train_samples, len(data.class_names))).to(device)
+        weights = balanced_class_weights([label for _, label in data.train_samples], len(data.class_names))
+        weights = weights.to(device)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
 
@@ -275,6 +355,10 @@ def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
                resume: dict[str, Any] | None = None) -> nn.Module:
     """The network with its pretrained trunk (or a resumed checkpoint's weights), frozen blocks fixed, on the device."""
     weights = "none" if resume is not None else args.weights
+    if weights == "none" and resume is None and args.trainable != "all":
+        print(f"warning: --weights none with --trainable {args.trainable}: the frozen blocks keep their random "
+              "initial weights, so only the trained blocks learn; use --weights imagenet (or a weights file), or "
+              "--trainable all")
     model = build_model(args.arch, num_classes, weights=weights, dropout=args.dropout)
     freeze_blocks(model, parse_trainable(args.trainable))
     if resume is not None:
@@ -353,6 +437,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     output_dir: Path
+    runtime: dict[str, Any]
     logger: TensorBoardLogger | None = None
 
 
@@ -365,7 +450,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
     print(f"device: {describe_device(device)}, precision {accel.precision_name}"
           + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)
-    data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers)
+    data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
+                          args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None)
     describe_data(data)
     if resume is not None and resume["class_names"] != data.class_names:
         raise UserError(f"--resume: the checkpoint's classes differ from those in {args.data_dir}/train")
@@ -379,21 +465,45 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
               f"at epoch {progress.best_epoch})")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if resume is not None:
-        carry_over_best_checkpoint(Path(args.resume) if args.resume != "auto" else None, output_dir)
-    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config, sort_keys=True))
+    if args.resume not in (None, "auto"):
+        carry_over_best_checkpoint(resolve_resume_path(args.resume, args.output_dir), output_dir)
+    runtime = runtime_record(args, accel)
+    atomic_write_text(output_dir / "config.yaml", config_yaml(config, runtime))
     if data.skipped:
         write_skipped(data.skipped, output_dir)
     logger = TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
     run = Run(args, config, accel, data, make_loaders(data, args, accel), model, maybe_compile(model, args.compile),
-              make_criterion(data, args, device), optimizer, scaler, output_dir, logger)
+              make_criterion(data, args, device), optimizer, scaler, output_dir, runtime, logger)
     return run, progress
 
 
-def record_skipped(run: Run, failed: Sequence[str]) -> None:
+def runtime_record(args: argparse.Namespace, accel: Accel) -> dict[str, Any]:
+    """What the run's options resolved to on this machine ("auto" included), and the software versions."""
+    return {"device": describe_device(accel.device), "device_type": accel.device.type,
+            "precision": accel.precision_name, "workers": args.workers,
+            "augment_device": resolve_augment_device(args.augment_device, accel.device),
+            "channels_last": accel.channels_last, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": platform.python_version()}
+
+
+def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
+    """config.yaml: the options with every "auto" replaced by what it chose here, so the file repeats the run."""
+    as_run = {**config, "device": runtime["device_type"], "workers": runtime["workers"],
+              "augment_device": runtime["augment_device"],
+              "amp": {"fp32": "off"}.get(runtime["precision"], runtime["precision"])}
+    header = (f"# Ran on {runtime['device']} in {runtime['precision']}, {runtime['workers']} loader workers, "
+              f"augmentation on the {runtime['augment_device']};\n"
+              f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "
+              "Options given as auto are written as what\n"
+              "# they chose, so `python train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run.\n")
+    return header + yaml.safe_dump(as_run, sort_keys=True)
+
+
+def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
     """Add images that failed to decode during training to the run's skip list and skipped_files.txt."""
     known = {path for path, _ in run.data.skipped}
-    new = [(path, "cannot be decoded") for path in dict.fromkeys(failed) if path not in known]
+    new = list({failure.path: (failure.path, failure.reason) for failure in failed
+                if failure.path not in known}.values())
     if new:
         run.data.skipped.extend(new)
         write_skipped(run.data.skipped, run.output_dir)
@@ -439,7 +549,7 @@ def record_epoch(run: Run, progress: Progress, row: dict[str, float], evaluated:
         progress.best_targets = evaluated.targets.tolist()
     epoch_metrics = {key: value for key, value in row.items() if key != "epoch"}
     checkpoint = make_checkpoint(run.model, run.data.class_names, run.config, epoch, epoch_metrics, IMAGENET_MEAN,
-                                 IMAGENET_STD)
+                                 IMAGENET_STD, held_out=run.data.held_out, runtime=run.runtime)
     if is_best:
         save_checkpoint(checkpoint, run.output_dir / "best.pt")
     checkpoint["training_state"] = training_state(progress, run.optimizer, run.scaler)
@@ -455,7 +565,7 @@ def write_best_report(run: Run) -> None:
     write_evaluation_report(model, best_checkpoint, run.data.val_samples, run.output_dir / "report", run.accel,
                             source=run.data.val_source, history_path=run.output_dir / "history.csv",
                             batch_size=run.args.batch_size, workers=run.args.workers,
-                            show_progress=not run.args.no_progress)
+                            show_progress=not run.args.no_progress, max_pixels=run.args.max_image_pixels)
 
 
 def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str, Any]:
@@ -473,8 +583,18 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
     print(f"best val accuracy {progress.best_val_acc:.2%} at epoch {progress.best_epoch}; wrote {run.output_dir}/"
           "best.pt, last.pt, history.csv, loss_curve.png, accuracy_curve.png, confusion_matrix.png, config.yaml, "
           "report/")
+    return run_summary(progress, run.output_dir)
+
+
+def run_summary(progress: Progress, output_dir: Path) -> dict[str, Any]:
+    """What ``main`` returns: the best epoch and its val accuracy, the output folder, the epochs run."""
     return {"best_epoch": progress.best_epoch, "best_val_acc": progress.best_val_acc,
-            "output_dir": str(run.output_dir), "epochs_run": len(progress.history)}
+            "output_dir": str(output_dir), "epochs_run": len(progress.history)}
+
+
+def resume_hint(output_dir: Path) -> str:
+    """The command (or, in a notebook, the ``train.main`` call) that continues the run in ``output_dir``."""
+    return command_hint("train.py", ["--resume", str(output_dir / "last.pt")])
 
 
 def report_interruption(run: Run, progress: Progress) -> None:
@@ -483,7 +603,7 @@ def report_interruption(run: Run, progress: Progress) -> None:
     if progress.epoch == 0:
         print("interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
     else:
-        print(f"interrupted: {last} holds epoch {progress.epoch}; continue with: python train.py --resume {last}",
+        print(f"interrupted: {last} holds epoch {progress.epoch}; continue with: {resume_hint(run.output_dir)}",
               file=sys.stderr)
 
 
@@ -495,8 +615,10 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
         try:
             row, evaluated, images_per_second = run_epoch(run, epoch, stop)
         except NonFiniteLossError as error:
-            raise UserError(f"training diverged in epoch {epoch}: {error}; {run.output_dir} keeps the last good "
-                            "checkpoints; try a lower --lr (or --amp off)") from None
+            kept = (f"{run.output_dir / 'last.pt'} keeps epoch {progress.epoch}, the last good one" if progress.epoch
+                    else "no epoch had finished, so nothing was saved")
+            raise UserError(f"training diverged in epoch {epoch}: {error}; {kept}; try a lower --lr (or --amp off)"
+                            ) from None
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory at --batch-size {args.batch_size} in epoch {epoch}; try "
                             f"--batch-size {max(1, args.batch_size // 2)} (or a smaller --img-size)") from None
@@ -514,10 +636,88 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
     return None
 
 
-@exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Train with the given command-line arguments; returns a summary (best epoch, accuracy, output folder)."""
-    args, resume = parse_args_and_resume(argv)
+# --------------------------------------------------------------------------- the output folder
+
+# Their presence means a run lives in the folder.
+RUN_FILES = ("last.pt", "best.pt", "history.csv")
+# Everything train.py writes there (the content-keyed image cache aside, which a new run can reuse).
+RUN_OUTPUTS = (*RUN_FILES, "config.yaml", "loss_curve.png", "accuracy_curve.png", "confusion_matrix.png",
+               "skipped_files.txt", "report", "tensorboard")
+
+
+def run_to_continue(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The last.pt of the run in --output-dir when this command is that run's own (a re-run cell, a re-submitted
+    job); None when there is no run there, or --overwrite. Any other run there is refused, never replaced."""
+    output_dir = Path(args.output_dir)
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found or args.overwrite:
+        return None
+    last = output_dir / "last.pt"
+    if not last.is_file():
+        raise UserError(f"--output-dir {output_dir}: holds {', '.join(found)} of an earlier run but no last.pt to "
+                        "continue it; start over there with --overwrite, or pass another --output-dir")
+    checkpoint = load_checkpoint(last, flag="--output-dir")
+    changed = differing_options(config_of(args), checkpoint["config"], ignore=SAME_RUN_MAY_DIFFER)
+    if changed or "training_state" not in checkpoint:
+        raise UserError(f"--output-dir {output_dir}: holds another run ({describe_run(checkpoint)}; other "
+                        f"{flag_names(changed) or 'options'}); continue it with --resume auto, start over with "
+                        "--overwrite, or pass another --output-dir")
+    return checkpoint
+
+
+def describe_run(checkpoint: dict[str, Any]) -> str:
+    """'epoch 7 of 50, best val accuracy 81.20% at epoch 6' for a last.pt."""
+    progress = checkpoint.get("training_state", {}).get("progress", {})
+    return (f"epoch {progress.get('epoch', checkpoint.get('epoch', '?'))} of {checkpoint['config'].get('epochs', '?')}"
+            f", best val accuracy {progress.get('best_val_acc', 0.0):.2%} at epoch {progress.get('best_epoch', '?')}")
+
+
+def clear_run_outputs(output_dir: Path) -> None:
+    """Delete what an earlier run wrote into ``output_dir`` (only train.py's own files), so none of it outlives it."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name + ("/" if name in ("report", "tensorboard") else ""))
+    if removed:
+        print(f"note: removed the earlier run's {', '.join(removed)} from {output_dir}")
+
+
+def run_is_complete(args: argparse.Namespace, progress: Progress) -> bool:
+    """True when the run has trained all --epochs, or early stopping has ended it."""
+    early_stopped = bool(args.patience) and progress.epochs_without_improvement() >= args.patience
+    return progress.epoch >= args.epochs or early_stopped
+
+
+def say_complete(args: argparse.Namespace, progress: Progress) -> None:
+    """Tell that the run is already complete, and how to train it further."""
+    output_dir = Path(args.output_dir)
+    how = "all epochs trained" if progress.epoch >= args.epochs else f"early stopping after epoch {progress.epoch}"
+    longer = command_hint("train.py", ["--resume", str(output_dir / "last.pt"), "--epochs", str(args.epochs + 10)])
+    print(f"the run in {output_dir} is complete ({how} of {args.epochs}; best val accuracy "
+          f"{progress.best_val_acc:.2%} at epoch {progress.best_epoch}); to train longer: {longer}"
+          + (" (with a larger --patience)" if progress.epoch < args.epochs else ""))
+
+
+def note_schedule_change(args: argparse.Namespace, checkpoint: dict[str, Any], progress: Progress) -> None:
+    """Say so when --epochs differs from the run's: the cosine schedule is re-stretched over the new count."""
+    before = int(checkpoint["config"].get("epochs", args.epochs))
+    if before == args.epochs or progress.epoch >= args.epochs:
+        return
+    last_lr = cosine_learning_rate(args.lr, progress.epoch, before)
+    next_lr = cosine_learning_rate(args.lr, progress.epoch + 1, args.epochs)
+    print(f"note: --epochs {args.epochs} (the run had {before}): the cosine schedule is re-stretched over "
+          f"{args.epochs} epochs, so the learning rate goes from {last_lr:.2e} at epoch {progress.epoch} to "
+          f"{next_lr:.2e} at epoch {progress.epoch + 1}" + (" (it rises)" if next_lr > last_lr else ""))
+
+
+def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
+    """Set the run up, train the epochs left, and write the final plots and report; returns the summary."""
     run, progress = set_up(args, resume)
     with StopRequest() as stop:
         stopped_epoch = train_epochs(run, progress, stop)
@@ -526,8 +726,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(130)
     if progress.epoch < args.epochs and stopped_epoch is None:
         print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
-              f"python train.py --resume {run.output_dir / 'last.pt'}")
+              f"{resume_hint(run.output_dir)}")
     return finish(run, progress, stopped_epoch)
+
+
+def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """A complete run: its summary, after writing the plots and report only if they are missing."""
+    say_complete(args, progress)
+    output_dir = Path(args.output_dir)
+    if (output_dir / "report" / "metrics.json").is_file() and (output_dir / "confusion_matrix.png").is_file():
+        return run_summary(progress, output_dir)
+    run, progress = set_up(args, resume)
+    return finish(run, progress, progress.epoch if progress.epoch < args.epochs else None)
+
+
+@exit_on_user_error
+def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Train with the given arguments (a list, or one string split as a shell would); returns a summary (best
+    epoch, accuracy, output folder)."""
+    args, resume = parse_args_and_resume(argv)
+    same_command = False
+    if resume is None:  # no --resume: the folder may hold this very command's run, to continue
+        resume = run_to_continue(args)
+        same_command = resume is not None
+    if resume is None:
+        clear_run_outputs(Path(args.output_dir))
+        return train_and_finish(args, None)
+    progress = Progress(**resume["training_state"]["progress"])
+    note_schedule_change(args, resume, progress)
+    if run_is_complete(args, progress):
+        return finish_complete_run(args, resume, progress)
+    if same_command:
+        print(f"note: {args.output_dir} holds this run ({describe_run(resume)}); continuing it (--overwrite starts "
+              "over)")
+    return train_and_finish(args, resume)
 
 
 if __name__ == "__main__":

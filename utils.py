@@ -7,6 +7,7 @@ import functools
 import io
 import os
 import random
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,38 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def argument_list(argv: str | Sequence[str] | None, script: str) -> list[str]:
+    """The arguments ``main`` was given, as a list.
+
+    A string is split as a shell would (``"--epochs 5"``, handy in a notebook); None means the command line's
+    arguments when ``script`` runs from a shell, and none when it is called from Python (in a notebook,
+    ``sys.argv`` holds the kernel's own arguments).
+    """
+    if argv is None:
+        return sys.argv[1:] if launched_as_script(script) else []
+    if isinstance(argv, str):
+        return shlex.split(argv)
+    return [str(arg) for arg in argv]
+
+
+def launched_as_script(script: str) -> bool:
+    """True when the running program is ``python SCRIPT`` (not a notebook or another program importing it)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is not None and Path(main_file).name == script
+
+
+def command_hint(script: str, args: Sequence[str]) -> str:
+    """How to run ``script`` with ``args`` the way it was started: a shell command, or a ``main([...])`` call."""
+    if launched_as_script(script):
+        return " ".join(["python", script, *(shlex.quote(str(arg)) for arg in args)])
+    return f"{Path(script).stem}.main({[str(arg) for arg in args]!r})"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def pick_device(name: str = "auto") -> torch.device:

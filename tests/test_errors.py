@@ -163,6 +163,22 @@ def config_with_an_empty_value(inputs: Inputs) -> BadRun:
     return train_with_config(inputs, "arch: resnet18\nweights:\n", "weights: None is not one value")
 
 
+def config_switch_not_a_boolean(inputs: Inputs) -> BadRun:
+    return train_with_config(inputs, "channels_last: maybe\n", "channels_last: 'maybe' is not true or false")
+
+
+def config_fraction_for_a_count(inputs: Inputs) -> BadRun:
+    return train_with_config(inputs, "epochs: 2.5\n", "epochs: 2.5 is not a whole number", "--epochs")
+
+
+def config_value_not_a_choice(inputs: Inputs) -> BadRun:
+    return train_with_config(inputs, "amp: fast\n", "amp: 'fast' is not one of auto, bf16, fp16, off")
+
+
+def config_text_for_a_number(inputs: Inputs) -> BadRun:
+    return train_with_config(inputs, "lr: small\n", "lr: 'small' is not a number", "--lr")
+
+
 def class_with_only_unreadable_images(inputs: Inputs) -> BadRun:
     data_dir = inputs.tmp / "data"
     shutil.copytree(inputs.data.root / "train", data_dir / "train")
@@ -170,6 +186,58 @@ def class_with_only_unreadable_images(inputs: Inputs) -> BadRun:
         path.write_bytes(b"")  # e.g. an interrupted copy
     return BadRun("train.py", ["--data-dir", data_dir],
                   [data_dir / "train" / "2", "can be decoded", "remove the folder"], [inputs.tmp / "out" / "best.pt"])
+
+
+def copy_of_small_data(inputs: Inputs, splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """A private copy of the small dataset's ``splits`` under the scratch folder; returns its root."""
+    for split in splits:
+        shutil.copytree(inputs.data.root / split, inputs.tmp / "data" / split)
+    return inputs.tmp / "data"
+
+
+def loose_images_in_train(inputs: Inputs) -> BadRun:
+    data_dir = copy_of_small_data(inputs)
+    colour_image((1, 2, 3), np.random.default_rng(0)).save(data_dir / "train" / "stray.jpg")
+    return BadRun("train.py", ["--data-dir", data_dir],
+                  [data_dir / "train", "1 image(s) lie directly in it (stray.jpg)", "class folder"])
+
+
+def kaggle_style_nested_train(inputs: Inputs) -> BadRun:
+    shutil.copytree(inputs.data.root / "train", inputs.tmp / "data" / "train" / "train")
+    train_dir = inputs.tmp / "data" / "train"
+    return BadRun("train.py", ["--data-dir", train_dir.parent],
+                  [train_dir, "its only folder, train/, holds the class folders", f"--data-dir {train_dir}"])
+
+
+def a_single_class(inputs: Inputs) -> BadRun:
+    shutil.copytree(inputs.data.root / "train" / "0", inputs.tmp / "data" / "train" / "0")
+    return BadRun("train.py", ["--data-dir", inputs.tmp / "data"],
+                  [inputs.tmp / "data" / "train", "only one class folder with images (0)", "at least two classes"],
+                  [inputs.tmp / "out" / "best.pt"])
+
+
+def output_dir_is_a_file(inputs: Inputs) -> BadRun:
+    path = inputs.tmp / "out"
+    path.write_text("a file where the run folder should go\n")
+    return BadRun("train.py", ["--data-dir", inputs.data.root, "--output-dir", path],
+                  ["--output-dir", path, "is a file", "pass a folder"])
+
+
+def negative_weight_decay(inputs: Inputs) -> BadRun:
+    return BadRun("train.py", ["--data-dir", inputs.data.root, "--weight-decay", "-1"],
+                  ["--weight-decay -1.0", "0 or more"])
+
+
+def batch_of_one_with_trained_batchnorm(inputs: Inputs) -> BadRun:
+    return BadRun("train.py", ["--data-dir", inputs.data.root, "--batch-size", "1"],
+                  ["--batch-size 1", "BatchNorm", "--batch-size 2 or more"], [inputs.tmp / "out" / "last.pt"])
+
+
+def truncated_last_pt_to_resume(inputs: Inputs) -> BadRun:
+    last = inputs.tmp / "run" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(inputs.checkpoint.read_bytes()[:5000])
+    return BadRun("train.py", ["--resume", last], ["--resume", last, "truncated or corrupt"])
 
 
 # --------------------------------------------------------------------------- predict.py cases
@@ -208,7 +276,7 @@ def checkpoint_that_is_text(inputs: Inputs) -> BadRun:
     checkpoint = inputs.tmp / "best.pt"
     checkpoint.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 94000000\n")
     return BadRun("predict.py", predict_args(inputs, checkpoint, inputs.data.test_dir),
-                  ["--checkpoint", checkpoint, "not a checkpoint of this project"], [inputs.tmp / "prediction.csv"])
+                  ["--checkpoint", checkpoint, "a Git LFS pointer", "git lfs pull"], [inputs.tmp / "prediction.csv"])
 
 
 def undecodable_test_image(inputs: Inputs) -> BadRun:
@@ -219,6 +287,48 @@ def undecodable_test_image(inputs: Inputs) -> BadRun:
     return BadRun("predict.py", predict_args(inputs, inputs.checkpoint, test_dir),
                   ["2 test image(s) could not be decoded", "no submission was written",
                    test_dir / "zz-empty.jpg", test_dir / "aa-text.png"],
+                  [inputs.tmp / "prediction.csv"])
+
+
+def truncated_checkpoint(inputs: Inputs) -> BadRun:
+    checkpoint = inputs.tmp / "best.pt"
+    checkpoint.write_bytes(inputs.checkpoint.read_bytes()[:5000])  # a copy cut short
+    return BadRun("predict.py", predict_args(inputs, checkpoint, inputs.data.test_dir),
+                  ["--checkpoint", checkpoint, "truncated or corrupt", "another copy"], [inputs.tmp / "prediction.csv"])
+
+
+def run_folder_without_best_pt(inputs: Inputs) -> BadRun:
+    folder = inputs.tmp / "run"
+    folder.mkdir()
+    return BadRun("predict.py", predict_args(inputs, folder, inputs.data.test_dir),
+                  ["--checkpoint", folder, "a folder without best.pt"], [inputs.tmp / "prediction.csv"])
+
+
+def missing_labels_file(inputs: Inputs) -> BadRun:
+    test_dir = inputs.tmp / "test"
+    shutil.copytree(inputs.data.test_dir, test_dir)
+    (test_dir / "broken.jpg").write_bytes(b"")  # inference would fail on it: the labels must be checked first
+    labels = inputs.tmp / "labels.csv"
+    return BadRun("predict.py", [*predict_args(inputs, inputs.checkpoint, test_dir), "--labels", labels],
+                  ["--labels", labels, "file not found"], [inputs.tmp / "prediction.csv"])
+
+
+def only_one_folder_in_test_dir(inputs: Inputs) -> BadRun:
+    test_dir = inputs.tmp / "test"
+    shutil.copytree(inputs.data.test_dir, test_dir / "test")
+    return BadRun("predict.py", predict_args(inputs, inputs.checkpoint, test_dir),
+                  ["--test-dir", test_dir, "holds only the folder test/", f"--test-dir {test_dir / 'test'}"],
+                  [inputs.tmp / "prediction.csv"])
+
+
+def sub_folder_images_sharing_a_name(inputs: Inputs) -> BadRun:
+    test_dir = inputs.tmp / "test"
+    shutil.copytree(inputs.data.test_dir, test_dir)
+    for folder in ("a", "b"):
+        (test_dir / folder).mkdir()
+        colour_image((9, 9, 9), np.random.default_rng(0)).save(test_dir / folder / "same.jpg")
+    return BadRun("predict.py", predict_args(inputs, inputs.checkpoint, test_dir),
+                  [test_dir / "a" / "same.jpg", test_dir / "b" / "same.jpg", "image_name 'same'", "rename one"],
                   [inputs.tmp / "prediction.csv"])
 
 
@@ -238,11 +348,27 @@ CASES: list[Callable[[Inputs], BadRun]] = [
     config_with_a_list,
     config_with_an_empty_value,
     class_with_only_unreadable_images,
+    loose_images_in_train,
+    kaggle_style_nested_train,
+    a_single_class,
+    config_switch_not_a_boolean,
+    config_fraction_for_a_count,
+    config_value_not_a_choice,
+    config_text_for_a_number,
+    output_dir_is_a_file,
+    negative_weight_decay,
+    batch_of_one_with_trained_batchnorm,
+    truncated_last_pt_to_resume,
     imageless_test_dir,
     missing_checkpoint,
     checkpoint_of_someone_else,
     checkpoint_that_is_text,
     undecodable_test_image,
+    truncated_checkpoint,
+    run_folder_without_best_pt,
+    missing_labels_file,
+    only_one_folder_in_test_dir,
+    sub_folder_images_sharing_a_name,
 ]
 # One per kind of check, run as real subprocesses: argument validation, the data scan, the checkpoint, decoding.
 SHELL_CASES = [missing_data_dir, unknown_trainable_block, checkpoint_that_is_text, undecodable_test_image]

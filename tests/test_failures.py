@@ -24,7 +24,9 @@ from conftest import (
     call_main,
     read_csv_rows,
 )
-from dataset import IMAGENET_MEAN, IMAGENET_STD
+from accel import Accel
+from dataset import IMAGENET_MEAN, IMAGENET_STD, LabeledBatch
+from engine import NonFiniteLossError, train_one_epoch
 from model import build_model, freeze_blocks, parse_trainable
 
 # --------------------------------------------------------------------------- checkpoints that would run code
@@ -133,7 +135,7 @@ def test_nan_loss_stops_with_the_epoch_and_batch_and_keeps_earlier_checkpoints(
     result = train_with_nan_loss(monkeypatch, small_data, output, from_call=5, epochs=3)
 
     line = assert_user_error(result, "diverged in epoch 2", "nan at batch 2", output, "--lr")
-    assert "last good checkpoints" in line
+    assert f"{output / 'last.pt'} keeps epoch 1, the last good one" in line
     last = load_checkpoint(output / "last.pt")
     assert last["epoch"] == load_checkpoint(output / "best.pt")["epoch"] == 1
     assert all(torch.isfinite(value).all() for value in last["model"].values() if value.is_floating_point())
@@ -146,8 +148,32 @@ def test_nan_loss_in_the_first_batch_writes_no_checkpoint(
     output = tmp_path / "out"
     result = train_with_nan_loss(monkeypatch, small_data, output, from_call=1, epochs=2)
 
-    assert_user_error(result, "diverged in epoch 1", "nan at batch 1")
+    line = assert_user_error(result, "diverged in epoch 1", "nan at batch 1")
+    assert "nothing was saved" in line and "keeps" not in line
     assert not (output / "best.pt").exists() and not (output / "last.pt").exists()
+
+
+def test_a_nan_loss_leaves_the_weights_of_the_last_good_step(small_data: ColourData) -> None:
+    """The check comes before optimizer.step(): a NaN loss must not reach the weights."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=3, weights="none")
+    criterion = NaNFromCall(nn.CrossEntropyLoss(), start=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    batches = [LabeledBatch(images, targets, []), LabeledBatch(images, targets, [])]
+    after_first_step: dict[str, torch.Tensor] = {}
+
+    def remember_first_step() -> bool:
+        after_first_step.update({name: value.clone() for name, value in model.named_parameters()})
+        return False
+
+    with pytest.raises(NonFiniteLossError):
+        train_one_epoch(model, batches, criterion, optimizer, Accel(torch.device("cpu")), show_progress=False,
+                        should_stop=remember_first_step)
+
+    for name, value in model.named_parameters():  # no step was taken with the NaN loss
+        assert torch.equal(value, after_first_step[name]), name
+    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
 
 
 # --------------------------------------------------------------------------- out of GPU memory

@@ -119,7 +119,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(straight: Straight, small_
     output = tmp_path / "out"
     first = tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2")
     assert f"stopped after epoch 2 of {EPOCHS}" in first.stdout
-    assert f"python train.py --resume {output / 'last.pt'}" in first.stdout
+    assert f"continue with: train.main(['--resume', '{output / 'last.pt'}'])" in first.stdout  # called in-process
     assert load_checkpoint(output / "last.pt")["epoch"] == 2
 
     second = call_main(train.main, "--resume", output / "last.pt")  # the options come from the checkpoint
@@ -156,6 +156,8 @@ def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_pa
     assert history[:EPOCHS] == history_without_seconds(straight.output / "history.csv")
     assert float(history[4]["lr"]) == pytest.approx(train.cosine_learning_rate(5e-4, 5, 6))
     assert load_checkpoint(output / "last.pt")["config"]["epochs"] == 6
+    assert ("note: --epochs 6 (the run had 4): the cosine schedule is re-stretched over 6 epochs, so the learning "
+            "rate goes from 7.32e-05 at epoch 4 to 1.25e-04 at epoch 5 (it rises)") in result.stdout
 
 
 def test_resume_into_another_output_dir_takes_best_pt_along(straight: Straight, tmp_path: Path) -> None:
@@ -224,6 +226,104 @@ def test_resume_accepts_the_config_file_the_run_started_with(straight: Straight,
                        "--output-dir", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed after epoch" in result.stdout
+
+
+# --------------------------------------------------------------------------- the output folder of a run
+
+
+def copy_of_run(straight: Straight, tmp_path: Path) -> Path:
+    """A private copy of the straight run's folder, and the modification time of each file in it."""
+    output = tmp_path / "run"
+    shutil.copytree(straight.output, output)
+    return output
+
+
+def file_times(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def test_another_command_into_a_run_folder_is_refused_and_changes_nothing(straight: Straight,
+                                                                            small_data: ColourData,
+                                                                            tmp_path: Path) -> None:
+    output = copy_of_run(straight, tmp_path)
+    before = file_times(output)
+
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, *TINY_TRAIN_FLAGS,
+                       "--epochs", str(EPOCHS), "--lr", "0.01")
+
+    assert_user_error(result, f"--output-dir {output}: holds another run (epoch {EPOCHS} of {EPOCHS}, best val "
+                      "accuracy", "other --lr", "--resume auto", "--overwrite", "another --output-dir")
+    assert file_times(output) == before
+
+
+@pytest.mark.parametrize("how", ["same command", "--resume"])
+def test_a_complete_run_run_again_says_so_and_returns_its_summary(straight: Straight, small_data: ColourData,
+                                                                  tmp_path: Path, how: str) -> None:
+    output = copy_of_run(straight, tmp_path)
+    before = file_times(output)
+    flags = ["--epochs", str(EPOCHS)] if how == "same command" else ["--resume", output / "last.pt"]
+
+    result = tiny_train(small_data, output, *flags)
+
+    assert f"the run in {output} is complete (all epochs trained of {EPOCHS}; best val accuracy" in result.stdout
+    assert f"to train longer: train.main(['--resume', '{output / 'last.pt'}', '--epochs', '{EPOCHS + 10}'])" \
+        in result.stdout
+    assert result.value == {**straight.result.value, "output_dir": str(output)}
+    assert file_times(output) == before  # nothing retrained, re-evaluated or rewritten
+    assert not re.search(r"epoch +\d+/\d+ +train loss", result.stdout) and "continuing" not in result.stdout
+
+
+def test_the_same_command_continues_an_interrupted_run(straight: Straight, small_data: ColourData,
+                                                       tmp_path: Path) -> None:
+    """A re-run notebook cell or re-submitted job: continues where the run stopped, as --resume auto would."""
+    output = tmp_path / "out"
+    tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2")
+
+    again = tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2", "--workers", "2")
+
+    assert f"note: {output} holds this run (epoch 2 of {EPOCHS}" in again.stdout and "continuing it" in again.stdout
+    assert_same_training(output / "last.pt", straight.output / "last.pt")
+    assert history_without_seconds(output / "history.csv") == history_without_seconds(straight.output / "history.csv")
+
+
+def test_overwrite_starts_over_and_keeps_nothing_of_the_old_run(straight: Straight, small_data: ColourData,
+                                                               tmp_path: Path) -> None:
+    output = copy_of_run(straight, tmp_path)
+    (output / "skipped_files.txt").write_text("/gone/a.jpg\tcannot identify image file\n")
+    (output / "report" / "from-the-old-run.txt").write_text("old\n")
+
+    result = tiny_train(small_data, output, "--epochs", "1", "--lr", "0.01", "--overwrite")
+
+    assert "note: removed the earlier run's last.pt, best.pt, history.csv" in result.stdout
+    assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1"]
+    assert load_checkpoint(output / "last.pt")["config"]["lr"] == 0.01
+    assert not (output / "skipped_files.txt").exists() and not (output / "report" / "from-the-old-run.txt").exists()
+    assert (output / "report" / "metrics.json").is_file()
+
+
+def test_a_fresh_run_clears_the_leftovers_of_an_older_one(small_data: ColourData, tmp_path: Path,
+                                                          no_final_outputs: None) -> None:
+    output = tmp_path / "out"
+    (output / "report").mkdir(parents=True)
+    (output / "report" / "metrics.json").write_text("{}\n")
+    (output / "skipped_files.txt").write_text("/gone/a.jpg\tcannot identify image file\n")
+    (output / "my-notes.txt").write_text("not train.py's: stays\n")
+
+    tiny_train(small_data, output, "--epochs", "1")
+
+    assert not (output / "skipped_files.txt").exists() and not (output / "report").exists()
+    assert (output / "my-notes.txt").is_file() and (output / "last.pt").is_file()
+
+
+def test_a_best_pt_without_its_last_pt_is_not_replaced(straight: Straight, small_data: ColourData,
+                                                       tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    shutil.copy(straight.output / "best.pt", output / "best.pt")
+
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, *TINY_TRAIN_FLAGS)
+
+    assert_user_error(result, "holds best.pt of an earlier run but no last.pt", "--overwrite")
 
 
 # --------------------------------------------------------------------------- processes to stop and kill

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import re
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+import evaluate
 import predict
 import train
 from accel import Accel
@@ -21,9 +26,11 @@ from conftest import (
     FAST_FLAGS,
     FROZEN_BY_DEFAULT,
     PREDICT_FLAGS,
+    TINY_TRAIN_FLAGS,
     CliResult,
     ColourData,
     TrainedRun,
+    assert_user_error,
     block_of,
     call_main,
     read_csv_rows,
@@ -32,6 +39,7 @@ from conftest import (
     write_labels_csv,
 )
 from dataset import build_eval_transform, load_rgb, load_train_val
+from model import build_model, freeze_blocks, parse_trainable
 
 OUTPUT_FILES = ("best.pt", "last.pt", "history.csv", "loss_curve.png", "accuracy_curve.png",
                 "confusion_matrix.png", "config.yaml")
@@ -266,7 +274,7 @@ def test_frozen_blocks_are_unchanged_after_training(
                        "--arch", "resnet18", "--weights", weights, "--epochs", "2", "--lr", "1e-3", *FAST_FLAGS)
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "dropped 2 head weight(s)" in result.stdout  # the file's 1000-class fc
+    assert "its classification head (fc.bias, fc.weight) does not fit" in result.stdout  # the file's 1000-class fc
     for name in ("best.pt", "last.pt"):
         trained = load_checkpoint_file(tmp_path / "out" / name)["model"]
         frozen = [key for key in start if block_of(key) in FROZEN_BY_DEFAULT]
@@ -296,3 +304,121 @@ def test_default_architecture_trains_and_predicts(small_data: ColourData, tmp_pa
     rows = read_csv_rows(tmp_path / "prediction.csv")
     assert sorted(row["image_name"] for row in rows) == sorted(small_data.test_labels)
     assert {row["pred_label"] for row in rows} <= {"0", "1", "2"}
+
+
+# --------------------------------------------------------------------------- what a run records, and says
+
+
+def test_config_yaml_records_what_ran(trained_run: TrainedRun) -> None:
+    text = (trained_run.output_dir / "config.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert config["device"] == "cpu" and config["amp"] == "off" and config["augment_device"] == "cpu"  # not auto
+    assert config["workers"] == 0
+    assert text.startswith("# Ran on cpu (") and "in fp32, 0 loader workers, augmentation on the cpu" in text
+    runtime = load_checkpoint_file(trained_run.output_dir / "best.pt")["runtime"]
+    assert runtime["precision"] == "fp32" and runtime["device_type"] == "cpu" and runtime["torch"] == torch.__version__
+
+
+def test_the_sample_config_pins_fp32_on_every_cpu() -> None:
+    args = train.parse_args(["--config", str(Path(train.__file__).parent / "configs" / "sample.yaml")])
+    assert args.amp == "off"
+
+
+def test_config_switches_written_as_text_are_read_as_booleans(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text('channels_last: "false"\ntensorboard: "no"\ncompile: "True"\namp: off\nclass_weights: none\n')
+    args = train.parse_args(["--config", str(config)])
+    assert args.channels_last is False and args.tensorboard is False and args.compile is True
+    assert args.amp == "off" and args.class_weights == "none"
+
+
+def test_weights_none_with_a_frozen_trunk_is_warned_about(trained_run: TrainedRun) -> None:
+    assert ("warning: --weights none with --trainable layer4,fc: the frozen blocks keep their random initial "
+            "weights") in trained_run.result.stdout
+
+
+def test_the_new_head_always_trains(capsys: pytest.CaptureFixture) -> None:
+    args = train.parse_args(["--trainable", "layer4", *FAST_FLAGS])
+
+    assert args.trainable == "layer4,fc"
+    assert "the new head (fc) starts from random weights, so it always trains; training layer4,fc" in \
+        capsys.readouterr().out
+    model = build_model("resnet18", num_classes=3, weights="none")
+    freeze_blocks(model, parse_trainable("layer4"))
+    assert all(parameter.requires_grad for parameter in model.fc.parameters())
+
+
+def test_the_held_out_validation_list_is_stored_and_evaluate_uses_it(
+    config_run: tuple[CliResult, Path, Path], tmp_path: Path
+) -> None:
+    _, output_dir, data_dir = config_run
+    checkpoint = load_checkpoint_file(output_dir / "best.pt")
+    held_out = checkpoint["held_out_val_files"]
+    assert len(held_out) == 3 and all((data_dir / "train" / name).is_file() for name in held_out)
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    for label in ("0", "1", "2"):  # new images change what a fresh stratified split would pick
+        shutil.copy(data / "train" / held_out[0], data / "train" / label / "000-new.jpg")
+
+    result = call_main(evaluate.main, "--checkpoint", output_dir / "best.pt", "--data-dir", data,
+                       "--report-dir", tmp_path / "report", *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"3 images from the 3 images of {data / 'train'} the run held out as val" in result.stdout
+    assert "rebuilt" not in result.stdout
+
+
+# --------------------------------------------------------------------------- from Python, and --help
+
+
+def test_main_takes_its_arguments_as_one_string(small_data: ColourData, tmp_path: Path) -> None:
+    output = tmp_path / "with space"
+    command = f"--data-dir {small_data.root} --output-dir '{output}' --epochs 1 {' '.join(TINY_TRAIN_FLAGS)}"
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        summary = train.main(command)  # as typed in a notebook cell
+
+    assert summary["epochs_run"] == 1 and (output / "best.pt").is_file()
+
+
+def test_in_a_notebook_the_kernels_own_arguments_are_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/ipykernel_launcher.py", "-f", "/root/kernel-1.json"])
+    assert train.parse_args(None).epochs == 50  # the defaults, not "unrecognized arguments: -f"
+
+
+@pytest.mark.parametrize("module", [train, predict, evaluate], ids=lambda module: module.__name__)
+def test_errors_and_help_name_the_script_and_every_flag_has_help(module: Any) -> None:
+    parser = module.get_args_parser()
+    assert parser.prog == f"{module.__name__}.py"  # not the notebook kernel's name
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # it shows each default after the help
+    undocumented = [action.option_strings for action in parser._actions if not action.help]
+    assert undocumented == []
+    assert "(default: 128)" in re.sub(r"\s+", " ", parser.format_help())
+
+
+def test_predict_takes_a_run_folder_and_test_images_in_sub_folders(trained_run: TrainedRun, tmp_path: Path) -> None:
+    test_dir = tmp_path / "test"
+    shutil.copytree(trained_run.data.test_dir, test_dir)
+    extra = sorted(test_dir.glob("*.jpg"))[:3]
+    (test_dir / "extra").mkdir()
+    for path in extra:
+        path.rename(test_dir / "extra" / path.name)
+
+    result = call_main(predict.main, "--checkpoint", trained_run.output_dir, "--test-dir", test_dir,
+                       "--output", tmp_path / "prediction.csv", *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"--checkpoint: using {trained_run.output_dir / 'best.pt'}" in result.stdout
+    assert sorted(row["image_name"] for row in read_csv_rows(tmp_path / "prediction.csv")) == \
+        sorted(trained_run.data.test_labels)
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_any_work(trained_run: TrainedRun, tmp_path: Path) -> None:
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+
+    result = call_main(predict.main, "--checkpoint", trained_run.output_dir / "best.pt", "--test-dir",
+                       trained_run.data.test_dir, "--output", folder, *PREDICT_FLAGS)
+
+    assert_user_error(result, f"--output: {folder} is a folder", folder / "prediction.csv")
+    assert list(folder.iterdir()) == []  # no temporary file left behind
