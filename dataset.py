@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import random
 import re
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from sklearn.utils.class_weight import compute_class_weight
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
 from utils import UserError
@@ -24,6 +25,8 @@ from utils import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# RandomResizedCrop's smallest crop, as a share of the image's area (torchvision's default).
+TRAIN_MIN_SCALE = 0.08
 # Where Pillow refuses to open an image by default (twice its warning limit): about 179 megapixels.
 DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # EXIF orientations that transpose the image (swap width and height).
@@ -165,16 +168,36 @@ def find_test_images(test_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return images, ignored
 
 
-def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0,
-                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
-    """Files that cannot be read as images (empty, not an image, no permission, too large), with the reason.
+class ImageCheck(NamedTuple):
+    """What reading the images' headers found: the unreadable files with the reason, and every other file's
+    ``(width, height)`` as stored (before EXIF orientation)."""
 
-    By default only headers are read (fast); a file truncated further in is caught when it is decoded.
-    ``full_decode`` decodes every image, in ``workers`` processes. ``max_pixels``: see :func:`check_pixel_count`.
+    unreadable: list[tuple[str, str]]
+    sizes: dict[str, tuple[int, int]]
+
+
+def check_images(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageCheck:
+    """Read every image's header: which cannot be read as an image (empty, not an image, no permission, too
+    large), and the sizes of the others.
+
+    A header read is fast; a file truncated further in is caught when it is decoded. ``full_decode`` decodes
+    every image, in ``workers`` processes. ``max_pixels``: see :func:`check_pixel_count`.
     """
     checker = _ImageCheck([str(path) for path in paths], full_decode, max_pixels)
-    results = iterate_items(checker, workers if full_decode else 0)
-    return [(path, reason) for path, reason in results if reason]
+    unreadable, sizes = [], {}
+    for path, reason, size in iterate_items(checker, workers if full_decode else 0):
+        if reason:
+            unreadable.append((path, reason))
+        else:
+            sizes[path] = tuple(size)
+    return ImageCheck(unreadable, sizes)
+
+
+def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0,
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
+    """The files of ``paths`` that cannot be read as images, with the reason (see :func:`check_images`)."""
+    return check_images(paths, full_decode, workers, max_pixels).unreadable
 
 
 def iterate_items(items: Dataset, workers: int) -> Iterable[Any]:
@@ -185,7 +208,7 @@ def iterate_items(items: Dataset, workers: int) -> Iterable[Any]:
 
 
 class _ImageCheck(Dataset):
-    """``(path, reason or '')`` for each path: reads the header, or decodes the whole image."""
+    """``(path, reason or '', (width, height))`` for each path: reads the header, or decodes the whole image."""
 
     def __init__(self, paths: list[str], full_decode: bool, max_pixels: int) -> None:
         self.paths, self.full_decode, self.max_pixels = paths, full_decode, max_pixels
@@ -193,17 +216,16 @@ class _ImageCheck(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
+    def __getitem__(self, index: int) -> tuple[str, str, tuple[int, int]]:
         path = self.paths[index]
         try:
+            with open_image(path, self.max_pixels) as image:  # opening reads the header and checks the size
+                size = image.size
             if self.full_decode:
                 decode_rgb(path, max_pixels=self.max_pixels)
-            else:
-                with open_image(path, self.max_pixels):
-                    pass  # opening reads the header and checks the size
         except DECODE_ERRORS as error:
-            return path, decode_error_reason(error, path)
-        return path, ""
+            return path, decode_error_reason(error, path), (0, 0)
+        return path, "", size
 
 
 def decode_error_reason(error: Exception, path: str | Path) -> str:
@@ -340,13 +362,24 @@ def eval_resize_size(img_size: int) -> int:
     return int(round(img_size * 256 / 224))
 
 
+def train_decode_side(img_size: int, min_scale: float = TRAIN_MIN_SCALE) -> int:
+    """The shorter side an image needs for training: 792 for 224.
+
+    RandomResizedCrop's smallest crop covers ``min_scale`` of the area, a side of about ``sqrt(min_scale)``
+    of the image's; for that crop to still hold ``img_size`` pixels a side, the image's shorter side needs
+    ``img_size / sqrt(min_scale)``. Larger JPEGs may be decoded at a reduced scale down to it, and the device path
+    scales larger images down to it once, without blurring any crop the recipe can draw.
+    """
+    return math.ceil(img_size / math.sqrt(min_scale))
+
+
 def build_train_transform(
     img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The reference recipe's training augmentation, ending in a normalized tensor."""
     return T.Compose(
         [
-            T.RandomResizedCrop(img_size),
+            T.RandomResizedCrop(img_size, scale=(TRAIN_MIN_SCALE, 1.0)),
             T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
             T.RandomRotation(15),
@@ -373,36 +406,51 @@ def build_eval_transform(
 # --------------------------------------------------------------------------- datasets
 
 
-class LabeledImages(Dataset):
-    """``(image tensor, class index)`` pairs; an image that fails to decode yields a :class:`DecodeFailure`.
+class DecodeFailure(NamedTuple):
+    """What a dataset yields for an image it could not decode: its path, why, and its position in the dataset."""
 
-    ``decode_min_side`` lets large JPEGs decode at reduced scale (see :func:`load_rgb`); ``max_pixels`` is the
-    size limit of :func:`check_pixel_count`.
+    path: str
+    reason: str = "cannot be decoded"
+    position: int = -1
+
+
+class ImageFiles(Dataset):
+    """The CPU path's items: ``(image tensor, label, position)``, decoded with PIL and transformed in the worker.
+
+    Keys are positions, or ``(position, seed)`` from :class:`EpochSampler`: the transform's randomness is then drawn
+    from that seed. ``labels`` None gives label -1 (unlabeled images). An image that fails to decode yields a
+    :class:`DecodeFailure` (with a warning when ``warn``). ``decode_min_side`` lets large JPEGs decode at a reduced
+    scale (see :func:`load_rgb`); ``max_pixels`` is the size limit of :func:`check_pixel_count`.
     """
 
     def __init__(
         self,
-        samples: Sequence[Sample],
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | None,
         transform: Callable[[Image.Image], torch.Tensor],
         decode_min_side: int | None = None,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        warn: bool = True,
     ) -> None:
-        self.samples = list(samples)
+        self.paths = [str(path) for path in paths]
+        self.labels = [-1] * len(self.paths) if labels is None else [int(label) for label in labels]
         self.transform = transform
         self.decode_min_side = decode_min_side
         self.max_pixels = max_pixels
+        self.warn = warn
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int] | DecodeFailure:
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        path, label = self.samples[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | DecodeFailure:
+        position, seed = key if isinstance(key, tuple) else (key, None)
+        path = self.paths[position]
         image = decode_or_failure(path, self.decode_min_side, self.max_pixels)
         if isinstance(image, DecodeFailure):
-            print(f"\nwarning: skipping {path}: cannot decode ({image.reason})", file=sys.stderr)
-            return image
-        return transform_seeded(self.transform, image, seed), label
+            if self.warn:
+                print(f"\nwarning: skipping {path}: cannot decode ({image.reason})", file=sys.stderr)
+            return image._replace(position=position)
+        return transform_seeded(self.transform, image, seed), self.labels[position], position
 
 
 def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image,
@@ -419,36 +467,6 @@ def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Im
         return transform(image)
 
 
-class UnlabeledImages(Dataset):
-    """``(image tensor or DecodeFailure, position)`` for prediction; failures are reported, not dropped."""
-
-    def __init__(
-        self,
-        paths: Sequence[str | Path],
-        transform: Callable[[Image.Image], torch.Tensor],
-        decode_min_side: int | None = None,
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    ) -> None:
-        self.paths = [str(path) for path in paths]
-        self.transform = transform
-        self.decode_min_side = decode_min_side
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | DecodeFailure, int]:
-        image = decode_or_failure(self.paths[index], self.decode_min_side, self.max_pixels)
-        return (image if isinstance(image, DecodeFailure) else self.transform(image)), index
-
-
-class DecodeFailure(NamedTuple):
-    """What a dataset yields for an image it could not decode: its path and why."""
-
-    path: str
-    reason: str = "cannot be decoded"
-
-
 def decode_or_failure(path: str, min_side: int | None = None,
                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | DecodeFailure:
     """The RGB image of ``path`` (see :func:`load_rgb`), or a :class:`DecodeFailure` saying why there is none."""
@@ -458,43 +476,10 @@ def decode_or_failure(path: str, min_side: int | None = None,
         return DecodeFailure(path, decode_error_reason(error, path))
 
 
-class LabeledBatch(NamedTuple):
-    """A training or validation batch; ``images``/``targets`` are None when every image in it failed to decode."""
-
-    images: torch.Tensor | None
-    targets: torch.Tensor | None
-    failed: list[DecodeFailure]
-
-
 def split_failures(batch: list[Any]) -> tuple[list[Any], list[DecodeFailure]]:
     """Separate decoded items from :class:`DecodeFailure` markers."""
     failed = [item for item in batch if isinstance(item, DecodeFailure)]
     return [item for item in batch if not isinstance(item, DecodeFailure)], failed
-
-
-def collate_skipping_failures(batch: list[Any]) -> LabeledBatch:
-    """Collate labeled samples; images that failed to decode are left out and named in ``failed``."""
-    kept, failed = split_failures(batch)
-    if not kept:
-        return LabeledBatch(None, None, failed)
-    images, targets = default_collate(kept)
-    return LabeledBatch(images, targets, failed)
-
-
-class PredictionBatch(NamedTuple):
-    """A batch of unlabeled images, the dataset positions they came from, and the reason for each failed one."""
-
-    images: torch.Tensor | None
-    positions: list[int]
-    failed: dict[int, str]
-
-
-def collate_with_failures(batch: list[tuple[torch.Tensor | DecodeFailure, int]]) -> PredictionBatch:
-    """Collate prediction samples, setting aside (with their reasons) the ones that failed to decode."""
-    decoded = [(tensor, index) for tensor, index in batch if not isinstance(tensor, DecodeFailure)]
-    failed = {index: item.reason for item, index in batch if isinstance(item, DecodeFailure)}
-    images = torch.stack([tensor for tensor, _ in decoded]) if decoded else None
-    return PredictionBatch(images, [index for _, index in decoded], failed)
 
 
 class EpochSampler(Sampler):
@@ -527,23 +512,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**62
 
 
-def prediction_loader(
-    paths: Sequence[str | Path],
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    workers: int,
-    pin_memory: bool = False,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> DataLoader:
-    """:class:`PredictionBatch` es over ``paths`` with the eval transform, in order."""
-    images = UnlabeledImages(paths, build_eval_transform(img_size, mean, std), eval_resize_size(img_size),
-                             max_pixels)
-    return DataLoader(images, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
-                      collate_fn=collate_with_failures)
-
-
 # --------------------------------------------------------------------------- splits and weights
 
 
@@ -553,6 +521,7 @@ class TrainValData:
 
     ``held_out`` lists the validation images split off ``train/`` (paths relative to it), to be stored with the
     run so that resuming and evaluating use exactly these; it is None when the data has a ``val/`` folder.
+    ``sizes`` are the images' stored sizes from their headers (what the decoded-image cache will need).
     """
 
     class_names: list[str]
@@ -561,6 +530,7 @@ class TrainValData:
     val_source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     held_out: list[str] | None = None
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # (width, height) of each readable image
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -629,13 +599,14 @@ def load_train_val(
     val_dir = data_dir / "val"
     val_samples = _scan_val(val_dir, class_names) if val_dir.is_dir() else []
     # Drop unreadable files before any split, so the split's guarantees hold for the images actually used.
-    skipped = find_unreadable([path for path, _ in train_samples + val_samples], verify_images, workers, max_pixels)
+    check = check_images([path for path, _ in train_samples + val_samples], verify_images, workers, max_pixels)
+    skipped = check.unreadable
     bad = {path for path, _ in skipped}
     train_samples = [sample for sample in train_samples if sample[0] not in bad]
     val_samples = [sample for sample in val_samples if sample[0] not in bad]
     _require_readable_images(train_dir, class_names, train_samples)
 
-    data = TrainValData(class_names, train_samples, val_samples, str(val_dir), skipped)
+    data = TrainValData(class_names, train_samples, val_samples, str(val_dir), skipped, sizes=check.sizes)
     if not val_dir.is_dir():
         _hold_out_val(data, train_dir, val_fraction, seed, held_out)
     _note_classes_without_val_images(data)

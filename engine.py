@@ -1,11 +1,15 @@
-"""The loop: one training epoch, one evaluation pass, and batched prediction."""
+"""The loop: one training epoch, one evaluation pass, and batched prediction.
+
+The loops consume ``pipeline.Batch`` es, whose images are already on the device. They never wait for the device
+batch by batch: losses, correct counts and predictions are summed and kept on the device, and read back every
+:func:`readback_interval` batches (for the progress bar and the check for a non-finite loss) and at the end.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,8 +18,7 @@ from tqdm.auto import tqdm
 from accel import Accel
 from dataset import DecodeFailure
 
-# Turns a staged uint8 batch and the original image sizes into model-ready images on the device (GPU augmentation).
-BatchTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CUDA_READBACK_BATCHES = 25  # how often a CUDA run reads its running sums back (a few times a second)
 
 
 @dataclass
@@ -31,11 +34,12 @@ class EpochResult:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite in batches ``first``..``last`` (counted from 0)."""
 
-    def __init__(self, batch_index: int, value: float) -> None:
-        super().__init__(f"loss is {value} at batch {batch_index + 1}")
-        self.batch_index = batch_index
+    def __init__(self, first: int, last: int, value: float) -> None:
+        where = f"at batch {last + 1}" if first == last else f"in one of batches {first + 1} to {last + 1}"
+        super().__init__(f"loss is {value} {where}")
+        self.first, self.last = first, last
 
 
 @dataclass
@@ -50,167 +54,178 @@ class EvalResult:
     targets: torch.Tensor
 
 
+def readback_interval(device: torch.device) -> int:
+    """Batches between two reads of the running sums: every batch on the CPU (it costs nothing there, and a
+    non-finite loss is then named by its batch), every :data:`CUDA_READBACK_BATCHES` elsewhere."""
+    return 1 if device.type == "cpu" else CUDA_READBACK_BATCHES
+
+
 class RunningMeter:
-    """Accumulates summed loss and correct counts over batches."""
+    """Summed loss, correct predictions and non-finite losses, kept on the device until :meth:`read`."""
 
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.correct = 0
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)
+        self.last_bad = torch.zeros((), device=device, dtype=torch.float32)
         self.count = 0
+        self.loss, self.accuracy, self.nonfinite_seen, self.bad_value = 0.0, 0.0, 0, 0.0
 
-    def update(self, loss_value: float, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add one batch (``loss_value`` is the batch mean)."""
-        batch = targets.numel()
-        self.loss_sum += loss_value * batch
-        self.correct += int((logits.argmax(dim=1) == targets).sum())
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one batch (``loss`` is the batch mean); a non-finite loss is counted instead of summed."""
+        batch = targets.shape[0]
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.double() * batch, 0.0)
+        self.correct += (logits.argmax(dim=1) == targets).sum()
+        self.nonfinite += (~finite).long()
+        self.last_bad = torch.where(finite, self.last_bad, loss.float())
         self.count += batch
 
-    @property
-    def loss(self) -> float:
-        """Mean loss so far."""
-        return self.loss_sum / max(self.count, 1)
-
-    @property
-    def accuracy(self) -> float:
-        """Accuracy so far, as a fraction."""
-        return self.correct / max(self.count, 1)
+    def read(self) -> None:
+        """Copy the sums to the host (one wait for the device): sets ``loss``, ``accuracy``, ``nonfinite_seen``."""
+        loss_sum, correct, nonfinite, bad = torch.stack(
+            [self.loss_sum, self.correct.double(), self.nonfinite.double(), self.last_bad.double()]).tolist()
+        self.loss = loss_sum / max(self.count, 1)
+        self.accuracy = correct / max(self.count, 1)
+        self.nonfinite_seen, self.bad_value = int(nonfinite), bad
 
 
-def batch_to_device(
-    batch: Any, accel: Accel, transform: BatchTransform | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, targets)`` on the device from a loader batch.
-
-    A CPU-augmented batch is a ``dataset.LabeledBatch``; a staged batch for on-device augmentation is a
-    ``gpu_augment.StagedBatch`` (uint8 images and original sizes) and goes through ``transform`` on the device.
-    """
-    if transform is None:
-        return accel.images_to_device(batch.images), batch.targets.to(accel.device, non_blocking=True)
-    staged = batch.images.to(accel.device, non_blocking=True)  # the sizes stay on the host: see gpu_augment
-    return accel.images_to_device(transform(staged, batch.sizes)), batch.targets.to(accel.device, non_blocking=True)
+def make_optimizer(parameters: list[nn.Parameter], lr: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel where PyTorch has it (CUDA and CPU): faster, and it can skip a step on the
+    device when the loss is not finite (see :func:`train_step`)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable,
+    batches: Iterable,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
     accel: Accel,
     scaler: torch.amp.GradScaler | None = None,
-    batch_transform: BatchTransform | None = None,
-    augment_seed: int = 0,
     description: str = "train",
     show_progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochResult:
-    """Train ``model`` for one pass over ``loader``; returns mean loss and accuracy.
+    """Train ``model`` for one pass over ``batches`` (``pipeline.Batch`` es); returns mean loss and accuracy.
 
-    Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive.
-    ``batch_transform`` (on-device augmentation) draws batch ``i``'s randomness from seed ``augment_seed + i``.
-    The epoch is abandoned (``interrupted=True``) once ``should_stop()`` is true; a NaN or infinite loss raises
-    :class:`NonFiniteLossError` before the optimizer steps, so the weights stay those of the last good batch.
+    Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive. A batch
+    whose loss is NaN or infinite takes no optimizer step; the next readback raises :class:`NonFiniteLossError`
+    naming the batches. The epoch is abandoned (``interrupted=True``) once ``should_stop()`` is true.
     """
     model.train()
-    meter = RunningMeter()
+    meter = RunningMeter(accel.device)
+    interval = readback_interval(accel.device)
     started = time.perf_counter()
-    progress = tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
+    progress = tqdm(batches, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
     failed: list[DecodeFailure] = []
+    last_read = batch_index = -1
     for batch_index, batch in enumerate(progress):
         failed.extend(batch.failed)
         if batch.targets is None:  # every image of the batch failed to decode
             continue
-        images, targets = batch_to_device(batch, accel, seeded(batch_transform, augment_seed + batch_index))
-        with accel.autocast():
-            logits = model(images)
-            loss = criterion(logits.float(), targets)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(batch_index, loss_value)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        meter.update(loss_value, logits.detach(), targets)
-        progress.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.accuracy:.1%}", refresh=False)
+        train_step(model, batch.images, batch.targets, criterion, optimizer, accel, scaler, meter)
+        if (batch_index + 1) % interval == 0:
+            check_readback(meter, last_read + 1, batch_index)
+            last_read = batch_index
+            progress.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.accuracy:.1%}", refresh=False)
         if should_stop():
             progress.close()
+            check_readback(meter, last_read + 1, batch_index)
             return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, True, failed)
+    check_readback(meter, last_read + 1, batch_index)
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, False, failed)
 
 
-def seeded(transform: Any, seed: int) -> BatchTransform | None:
-    """``transform`` with its randomness drawn from a CPU generator seeded with ``seed`` (None stays None).
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, accel: Accel, scaler: torch.amp.GradScaler | None,
+               meter: RunningMeter) -> None:
+    """Forward, backward and (unless the loss is not finite) an optimizer step on one batch."""
+    with accel.autocast():
+        logits = model(images)
+        loss = criterion(logits.float(), targets)
+    meter.update(loss.detach(), logits.detach(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # GradScaler skips steps whose gradients are not finite, on the device
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    loss.backward()
+    if optimizer.defaults.get("fused"):
+        # The fused kernel reads this flag on the device, as GradScaler uses it: no waiting for the loss.
+        optimizer.found_inf = (~torch.isfinite(loss.detach())).float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif torch.isfinite(loss.detach()):  # waits for the device
+        optimizer.step()
 
-    On the CPU the parameter draw never waits on the GPU (see gpu_augment), and a seed gives the same
-    augmentation on every device.
-    """
-    if transform is None:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    return lambda images, sizes: transform(images, sizes, generator=generator)
+
+def check_readback(meter: RunningMeter, first: int, last: int) -> None:
+    """Read the running sums; raise :class:`NonFiniteLossError` for batches ``first``..``last`` when a loss
+    among them was not finite."""
+    seen = meter.nonfinite_seen
+    meter.read()
+    if meter.nonfinite_seen > seen:
+        raise NonFiniteLossError(first, last, meter.bad_value)
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    loader: Iterable,
+    batches: Iterable,
     criterion: nn.Module,
     accel: Accel,
     description: str = "val",
     show_progress: bool = True,
 ) -> EvalResult:
-    """Evaluate ``model`` on a labeled loader: mean loss, accuracy, and all predictions with their targets."""
+    """Evaluate ``model`` on labeled ``batches``: mean loss, accuracy, and all predictions with their targets."""
     model.eval()
-    meter = RunningMeter()
+    meter = RunningMeter(accel.device)
     predictions, targets_seen = [], []
     started = time.perf_counter()
-    for batch in tqdm(loader, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True):
+    for batch in tqdm(batches, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True):
         if batch.targets is None:
             continue
-        images, targets = batch_to_device(batch, accel)
         with accel.autocast():
-            logits = model(images)
-        meter.update(float(criterion(logits.float(), targets)), logits, targets)
-        predictions.append(logits.argmax(dim=1).cpu())
-        targets_seen.append(targets.cpu())
+            logits = model(batch.images)
+        meter.update(criterion(logits.float(), batch.targets), logits, batch.targets)
+        predictions.append(logits.argmax(dim=1))
+        targets_seen.append(batch.targets)
+    meter.read()
+    empty = torch.empty(0, dtype=torch.long)
     return EvalResult(
         loss=meter.loss,
         accuracy=meter.accuracy,
         images=meter.count,
         seconds=time.perf_counter() - started,
-        predictions=torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long),
-        targets=torch.cat(targets_seen) if targets_seen else torch.empty(0, dtype=torch.long),
+        predictions=torch.cat(predictions).cpu() if predictions else empty,
+        targets=torch.cat(targets_seen).cpu() if targets_seen else empty,
     )
 
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: nn.Module, loader: Iterable, num_images: int, accel: Accel, show_progress: bool = True
+    model: nn.Module, batches: Iterable, num_images: int, accel: Accel, show_progress: bool = True
 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """Softmax probabilities ``[num_images, classes]`` in dataset order, and why each position that failed to
-    decode did (in position order).
-
-    ``loader`` yields ``dataset.PredictionBatch`` es, as made by ``dataset.collate_with_failures``.
-    """
+    """Softmax probabilities ``[num_images, classes]`` in dataset order (zero rows for images that failed to
+    decode), and why each position that failed to decode did (in position order)."""
     model.eval()
-    probabilities: torch.Tensor | None = None
+    parts: list[tuple[list[int], torch.Tensor]] = []
     failed: dict[int, str] = {}
-    for images, positions, failed_positions in tqdm(
-        loader, desc="predict", leave=False, disable=not show_progress, dynamic_ncols=True
-    ):
-        failed.update(failed_positions)
-        if images is None:
+    for batch in tqdm(batches, desc="predict", leave=False, disable=not show_progress, dynamic_ncols=True):
+        failed.update((failure.position, failure.reason) for failure in batch.failed)
+        if batch.images is None:
             continue
         with accel.autocast():
-            logits = model(accel.images_to_device(images))
-        batch_probabilities = logits.float().softmax(dim=1).cpu()
-        if probabilities is None:
-            probabilities = torch.zeros(num_images, batch_probabilities.shape[1])
-        probabilities[positions] = batch_probabilities
-    if probabilities is None:
-        probabilities = torch.zeros(num_images, 0)
+            logits = model(batch.images)
+        parts.append((batch.positions, logits.float().softmax(dim=1)))
+    if not parts:
+        return torch.zeros(num_images, 0), dict(sorted(failed.items()))
+    positions = [position for batch_positions, _ in parts for position in batch_positions]
+    values = torch.cat([probabilities for _, probabilities in parts]).cpu()
+    probabilities = torch.zeros(num_images, values.shape[1])
+    probabilities[positions] = values
     return probabilities, dict(sorted(failed.items()))

@@ -1,127 +1,47 @@
-"""Training augmentation run batched on the device instead of in the DataLoader workers.
+"""The training and evaluation recipes run batched on the device, from decoded images of any size.
 
-The CPU recipe (``dataset.build_train_transform``) decodes, crops, flips, jitters and rotates every image in a
-worker process. Here the workers only decode an image and resize it, ignoring its aspect ratio, to a fixed
-``S x S`` "staging" square (``StagedImages``), keeping the original width and height. Everything random then runs
-on the whole batch on the device (``GpuTrainAugment``), with per-sample parameters drawn like torchvision's:
+``pipeline.py`` decodes a batch on the device (or takes it from the decoded-image cache): a list of ``uint8
+[3, H, W]`` images, each of its own size. Here the random part of ``dataset.build_train_transform`` runs on the
+list, with per-sample parameters drawn like torchvision's, in the CPU recipe's order:
 
-* ``RandomResizedCrop`` boxes are drawn in *original* pixels. The anisotropic staging resize maps the original
-  image's normalized coordinates ``[-1, 1]`` linearly onto the staging square's, so a box in original pixels is
-  an exact box in normalized coordinates of the staging image.
-* crop, horizontal flip and rotation (about the centre of the ``img_size`` square, as ``RandomRotation`` does
-  after the crop was resized) are composed into one affine matrix per sample, applied by a single
-  ``affine_grid`` + bilinear ``grid_sample``. Pixels whose rotated position falls outside the crop get the fill 0
-  (in ``[0, 1]`` space, i.e. ``-mean/std`` once normalized), like ``RandomRotation(fill=0)``.
-* ``ColorJitter`` runs brightness, contrast, saturation and hue in a random order per sample.
-* ``GpuEvalTransform`` expresses the eval recipe (shorter side resize, centre crop) as one box per sample.
+* ``RandomResizedCrop``: boxes drawn in the pixels of each image, each crop resized to ``img_size`` with an
+  antialiased bilinear filter (``F.interpolate(antialias=True)``, torchvision's tensor resize, which follows
+  PIL's), one call per image;
+* ``RandomHorizontalFlip`` and ``ColorJitter`` (brightness, contrast, saturation and hue in a random order per
+  sample) on the batch;
+* ``RandomRotation``: nearest-neighbour, about the centre, corners filled with 0 (before normalization), as
+  torchvision does on PIL images; one ``affine_grid`` + ``grid_sample`` for the batch.
 
-All of it is pure torch, in float32 whatever autocast is active, and device-agnostic: the same code runs on
-CPU and CUDA. Randomness comes from an optional ``torch.Generator``; the parameters (a few numbers per image)
-are drawn on the generator's device, the CPU by default, and copied to the images' device asynchronously.
-Keep ``original_sizes`` on the host and use a CPU generator (or none) and a training step never waits on
-the device for them; a CUDA generator works too, at the price of one small synchronisation per batch.
+``EvalTransform`` is the eval recipe (shorter side resized to ``round(img_size * 256 / 224)`` with torchvision's
+integer arithmetic, antialiased; centre crop). All of it is pure torch, in float32 whatever autocast is active,
+and device-agnostic: the same code runs on the CPU (where the tests run it) and on CUDA. Randomness comes from an
+optional ``torch.Generator``: the parameters (a few numbers per image) are drawn on the generator's device, the CPU
+by default, from sizes the host knows (tensor shapes), so a training step never waits on the device for them.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
 
 import dataset
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale and PIL's convert("L") use.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-DECODE_ERRORS = dataset.DECODE_ERRORS
 # Column order of crop boxes, the order of torchvision's RandomResizedCrop.get_params.
 BOX_TOP, BOX_LEFT, BOX_HEIGHT, BOX_WIDTH = range(4)
 # Colour-jitter operation indices, as in torchvision's ColorJitter.get_params permutation.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 
-def staging_size(img_size: int) -> int:
-    """Side S of the square the workers resize every image to: ``2 * img_size`` (448 for 224).
-
-    The staging image is all the detail the device ever sees, so S bounds how sharp a crop can be: a crop of
-    area fraction ``a`` covers about ``sqrt(a) * S`` staging pixels per side, and crops below ``img_size`` of
-    them are upsampled (blurred) where the CPU recipe reads the full-resolution original. On 1/f-noise
-    ("natural-statistics") images of 375 to 1024 pixels, outputs at S = 256 (the eval resize size) kept only
-    ~60% of the CPU recipe's gradient energy (mean |pixel - CPU pixel| 0.029); at S = 448, ~87% (0.014);
-    S = 512 gave 0.012, with diminishing returns. S = 2 * img_size costs 3 * 448**2 bytes of uint8 per image,
-    exactly the bytes of the float32 ``3 x 224 x 224`` tensor the CPU recipe already sends from workers and
-    to the device, so worker IPC and host-to-device traffic do not grow. The largest crops are then
-    downsampled up to 2x by the (not antialiased) bilinear ``grid_sample``; measured, supersampling to fix
-    that did not bring the output closer to the CPU recipe's (its extra blur cancels the aliasing gained).
-    """
-    return int(round(img_size * 2))
-
-
-# --------------------------------------------------------------------------- worker side: decode and stage
-
-
-def decode_staged(path: str, staging: int,
-                  max_pixels: int = dataset.DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Tensor, Tensor]:
-    """Decode ``path`` to RGB and resize it to ``staging x staging`` ignoring aspect ratio.
-
-    Returns the ``uint8 [3, S, S]`` image and ``[width, height]`` of the full-resolution, EXIF-oriented image.
-    JPEGs are decoded at a reduced DCT scale (``draft``) when they are at least twice as big as needed; the
-    drafted image still covers the whole picture, so the original size is what crops are drawn in.
-    Raises what ``dataset.decode_rgb`` raises on an undecodable file.
-    """
-    rgb, (width, height) = dataset.decode_rgb(path, min_size=(staging, staging), max_pixels=max_pixels)
-    staged = rgb.resize((staging, staging), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(staged, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-    return pixels, torch.tensor([width, height], dtype=torch.int64)
-
-
-class StagedImages(Dataset):
-    """``(uint8 [3, S, S] image, [orig_w, orig_h], label)`` per sample, or a ``dataset.DecodeFailure`` if it cannot be decoded."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], staging: int,
-                 max_pixels: int = dataset.DEFAULT_MAX_IMAGE_PIXELS) -> None:
-        self.samples = list(samples)
-        self.staging = staging
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, int] | dataset.DecodeFailure:
-        # dataset.EpochSampler yields (index, seed); staging is deterministic, so the seed is not needed here
-        index = key[0] if isinstance(key, tuple) else key
-        path, label = self.samples[index]
-        try:
-            pixels, size = decode_staged(path, self.staging, self.max_pixels)
-        except DECODE_ERRORS as error:
-            failure = dataset.DecodeFailure(path, dataset.decode_error_reason(error, path))
-            print(f"\nwarning: skipping {path}: cannot decode ({failure.reason})", file=sys.stderr)
-            return failure
-        return pixels, size, label
-
-
-class StagedBatch(NamedTuple):
-    """Staged images ``[B,3,S,S]`` uint8, original sizes ``[B,2]``, labels, and the paths that failed to decode."""
-
-    images: Tensor | None
-    sizes: Tensor | None
-    targets: Tensor | None
-    failed: list[dataset.DecodeFailure]
-
-
-def collate_staged(batch: list[Any]) -> StagedBatch:
-    """Stack staged samples; images that failed to decode are left out and named in ``failed``."""
-    kept, failed = dataset.split_failures(batch)
-    if not kept:
-        return StagedBatch(None, None, None, failed)
-    return StagedBatch(*default_collate(kept), failed)  # in a worker, stacks straight into shared memory
+def image_sizes(images: Sequence[Tensor]) -> Tensor:
+    """``[B, 2]`` int64 (width, height) of ``[3, H, W]`` images, from their shapes (no device access)."""
+    return torch.tensor([[image.shape[-1], image.shape[-2]] for image in images], dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- random parameters
@@ -227,6 +147,22 @@ def jitter_range(amount: float, centre: float, clamp_low: float | None) -> tuple
 # --------------------------------------------------------------------------- geometry
 
 
+def crop_and_resize(images: Sequence[Tensor], boxes: Tensor, out_size: int) -> Tensor:
+    """Each ``uint8 [3, H, W]`` image's box ``(top, left, height, width)`` resized to ``out_size`` square,
+    antialiased bilinear, as ``[B, 3, out, out]`` float32 in ``[0, 1]``."""
+    crops = []
+    for image, (top, left, height, width) in zip(images, boxes.to(torch.int64).tolist()):
+        crop = image[None, :, top : top + height, left : left + width].to(torch.float32)
+        crops.append(F.interpolate(crop, size=(out_size, out_size), mode="bilinear", antialias=True,
+                                   align_corners=False))
+    return torch.cat(crops).clamp_(0, 255).mul_(1 / 255)
+
+
+def flip_horizontally(images: Tensor, flips: Tensor) -> Tensor:
+    """Mirror the samples whose ``flips`` is True."""
+    return torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
 def rotation_matrices(angles: Tensor) -> Tensor:
     """``[B, 2, 2]`` maps from output to input normalized coordinates (y down) for counter-clockwise degrees.
 
@@ -237,76 +173,32 @@ def rotation_matrices(angles: Tensor) -> Tensor:
     return torch.stack([torch.stack([cos, -sin], dim=-1), torch.stack([sin, cos], dim=-1)], dim=-2)
 
 
-def box_to_normalized(boxes: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre ``[B, 2]`` (x, y) and half-extent ``[B, 2]`` of pixel boxes in ``[-1, 1]`` image coordinates."""
-    width, height = sizes[:, 0].to(torch.float32), sizes[:, 1].to(torch.float32)
-    top, left = boxes[:, BOX_TOP], boxes[:, BOX_LEFT]
-    box_h, box_w = boxes[:, BOX_HEIGHT], boxes[:, BOX_WIDTH]
-    centre = torch.stack([(2 * left + box_w) / width - 1, (2 * top + box_h) / height - 1], dim=1)
-    half = torch.stack([box_w / width, box_h / height], dim=1)
-    return centre, half
+def rotate(images: Tensor, angles: Tensor) -> Tensor:
+    """Rotate each square image about its centre by its angle (degrees, counter-clockwise), nearest neighbour,
+    with 0 where the rotated image does not reach (``RandomRotation(fill=0)``)."""
+    count, _, height, width = images.shape
+    theta = torch.cat([rotation_matrices(angles), angles.new_zeros(count, 2, 1, dtype=torch.float32)], dim=2)
+    grid = F.affine_grid(theta, [count, 1, height, width], align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def crop_flip_rotate_grid(
-    boxes: Tensor, sizes: Tensor, flips: Tensor, angles: Tensor, out_size: int
-) -> tuple[Tensor, Tensor]:
-    """Sampling grid ``[B, out, out, 2]`` of crop -> flip -> rotate, and the rotation's valid-pixel mask.
-
-    Output pixel ``o`` (normalized in the ``out x out`` square) comes from ``c = R o`` in the resized,
-    flipped crop (rotation about the square's centre, as RandomRotation turns the already-resized crop), then
-    from ``(flip * c_x * half_w + centre_x, c_y * half_h + centre_y)`` in the original image. The mask is 1
-    where ``c`` lies in ``[-1, 1)`` (the source pixel of PIL's nearest lookup exists) and 0 where
-    RandomRotation writes its fill.
-    """
-    count = boxes.shape[0]
-    rotation = torch.cat([rotation_matrices(angles), angles.new_zeros(count, 2, 1)], dim=2)
-    rotated = F.affine_grid(rotation, [count, 1, out_size, out_size], align_corners=False)
-    inside = ((rotated >= -1) & (rotated < 1)).all(dim=-1)
-    centre, half = box_to_normalized(boxes, sizes)
-    sign = torch.where(flips, -1.0, 1.0).to(half.dtype)
-    scale = torch.stack([half[:, 0] * sign, half[:, 1]], dim=1)
-    grid = rotated * scale[:, None, None, :] + centre[:, None, None, :]
-    return grid, inside[:, None].to(torch.float32)
+def resize_shorter_side(image: Tensor, size: int) -> Tensor:
+    """``Resize(size)`` of one ``[3, H, W]`` image (torchvision's rounding: the longer side becomes
+    ``int(size * long / short)``), antialiased bilinear, float32 in the image's value range."""
+    height, width = image.shape[-2:]
+    if width <= height:
+        new_size = (int(size * height / width), size)
+    else:
+        new_size = (size, int(size * width / height))
+    return F.interpolate(image[None].to(torch.float32), size=new_size, mode="bilinear", antialias=True,
+                         align_corners=False)[0]
 
 
-def box_grid(boxes: Tensor, sizes: Tensor, out_size: int) -> Tensor:
-    """Sampling grid ``[B, out, out, 2]`` that resizes each pixel box to ``out x out``."""
-    centre, half = box_to_normalized(boxes, sizes)
-    zeros = torch.zeros_like(half[:, 0])
-    row_x = torch.stack([half[:, 0], zeros, centre[:, 0]], dim=1)
-    row_y = torch.stack([zeros, half[:, 1], centre[:, 1]], dim=1)
-    theta = torch.stack([row_x, row_y], dim=1)
-    return F.affine_grid(theta, [boxes.shape[0], 1, out_size, out_size], align_corners=False)
-
-
-def resample(images: Tensor, grid: Tensor) -> Tensor:
-    """Bilinear samples of uint8 ``images`` at ``grid``, as float32 in ``[0, 1]``.
-
-    Coordinates are clamped at the image border (as PIL's resize treats edges); the rotation fill is applied
-    separately with the mask, so no sample blends with an artificial zero border.
-    """
-    sampled = F.grid_sample(
-        images.to(torch.float32), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return sampled.mul_(1 / 255)
-
-
-def eval_crop_boxes(sizes: Tensor, img_size: int) -> Tensor:
-    """Boxes ``[B, 4]`` in original pixels of ``Resize(round(img_size*256/224))`` + ``CenterCrop(img_size)``.
-
-    Follows torchvision's integer arithmetic: the longer side becomes ``int(R * long / short)``, the crop
-    offset ``round((resized - img_size) / 2)``; the box is then scaled back to original pixels (fractional).
-    """
-    resize = dataset.eval_resize_size(img_size)
-    width, height = sizes[:, 0].to(torch.int64), sizes[:, 1].to(torch.int64)
-    short, long = torch.minimum(width, height), torch.maximum(width, height)
-    new_long = torch.div(resize * long, short, rounding_mode="floor")
-    resized_w = torch.where(width <= height, torch.full_like(width, resize), new_long).to(torch.float32)
-    resized_h = torch.where(width <= height, new_long, torch.full_like(height, resize)).to(torch.float32)
-    top = torch.round((resized_h - img_size) / 2)
-    left = torch.round((resized_w - img_size) / 2)
-    scale_x, scale_y = width.to(torch.float32) / resized_w, height.to(torch.float32) / resized_h
-    return torch.stack([top * scale_y, left * scale_x, img_size * scale_y, img_size * scale_x], dim=1)
+def centre_crop(image: Tensor, size: int) -> Tensor:
+    """``CenterCrop(size)`` of a ``[3, H, W]`` image at least ``size`` on each side (torchvision's rounding)."""
+    height, width = image.shape[-2:]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image[:, top : top + size, left : left + size]
 
 
 # --------------------------------------------------------------------------- colour
@@ -330,10 +222,9 @@ def adjust_brightness(images: Tensor, factors: Tensor) -> Tensor:
     return (images * factors.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def adjust_contrast(images: Tensor, factors: Tensor, mask: Tensor) -> Tensor:
-    """Blend with the per-image mean luma, taken over the ``mask``-ed pixels (the image before rotation)."""
-    total = (grayscale(images) * mask).sum(dim=(1, 2, 3))
-    mean = total / mask.sum(dim=(1, 2, 3)).clamp_min(1)
+def adjust_contrast(images: Tensor, factors: Tensor) -> Tensor:
+    """Blend with the per-image mean luma."""
+    mean = grayscale(images).mean(dim=(1, 2, 3))
     return blend(images, mean.view(-1, 1, 1, 1), factors)
 
 
@@ -372,7 +263,7 @@ def hsv_to_rgb(hue: Tensor, chroma: Tensor, value: Tensor) -> Tensor:
 
 
 def apply_color_jitter(
-    images: Tensor, params: AugmentParams, mask: Tensor, enabled: Sequence[bool], order: Tensor | None = None
+    images: Tensor, params: AugmentParams, enabled: Sequence[bool], order: Tensor | None = None
 ) -> Tensor:
     """Apply the four jitter operations in each sample's own order (``params.order``).
 
@@ -393,16 +284,16 @@ def apply_color_jitter(
             if chosen.numel() == 0:
                 continue
             chosen = chosen.to(images.device, non_blocking=True)
-            adjusted = _jitter_op(images[chosen], op, factors[op][chosen], mask[chosen])
+            adjusted = _jitter_op(images[chosen], op, factors[op][chosen])
             images.index_copy_(0, chosen, adjusted)
     return images
 
 
-def _jitter_op(images: Tensor, op: int, factors: Tensor, mask: Tensor) -> Tensor:
+def _jitter_op(images: Tensor, op: int, factors: Tensor) -> Tensor:
     if op == BRIGHTNESS:
         return adjust_brightness(images, factors)
     if op == CONTRAST:
-        return adjust_contrast(images, factors, mask)
+        return adjust_contrast(images, factors)
     if op == SATURATION:
         return adjust_saturation(images, factors)
     return adjust_hue(images, factors)
@@ -426,13 +317,12 @@ class _Normalizing(torch.nn.Module):
         return (images - mean) / std
 
 
-class GpuTrainAugment(_Normalizing):
-    """The training recipe on a batch of staged images, with per-sample random parameters.
+class TrainAugment(_Normalizing):
+    """The training recipe on a list of decoded images, with per-sample random parameters.
 
     Equivalent in distribution to ``RandomResizedCrop(img_size, scale, ratio)``, ``RandomHorizontalFlip(flip_p)``,
     ``ColorJitter(brightness, contrast, saturation, hue)``, ``RandomRotation(degrees)``, ``ToTensor()``,
-    ``Normalize(mean, std)``, except that the crop is resampled from the staging image (not the original) and the
-    rotation is bilinear and done in the same resample as the crop (not a second, nearest-neighbour pass).
+    ``Normalize(mean, std)`` applied to each image, computed in float32 (PIL rounds to 8 bits after each step).
     """
 
     def __init__(
@@ -460,15 +350,12 @@ class GpuTrainAugment(_Normalizing):
         ranges = (self.brightness, self.contrast, self.saturation, self.hue)
         self.jitter_enabled = tuple(low != high for low, high in ranges)
 
-    def sample_params(self, original_sizes: Tensor, generator: torch.Generator | None = None) -> AugmentParams:
-        """Draw every sample's crop box, flip, angle, jitter factors and jitter order.
-
-        They are drawn on ``generator``'s device (the CPU when it is None: a few hundred numbers, and the
-        jitter grouping then needs no device synchronisation).
-        """
-        count = original_sizes.shape[0]
+    def sample_params(self, sizes: Tensor, generator: torch.Generator | None = None) -> AugmentParams:
+        """Draw every sample's crop box (for images of ``[B, 2]`` (width, height)), flip, angle, jitter factors
+        and jitter order, on ``generator``'s device (the CPU when it is None)."""
+        count = sizes.shape[0]
         return AugmentParams(
-            boxes=sample_crop_boxes(original_sizes, self.scale, self.ratio, generator),
+            boxes=sample_crop_boxes(sizes, self.scale, self.ratio, generator),
             flips=random_uniform((count,), 0.0, 1.0, generator) < self.flip_p,
             angles=random_uniform((count,), -self.degrees, self.degrees, generator),
             brightness=random_uniform((count,), *self.brightness, generator),
@@ -478,32 +365,35 @@ class GpuTrainAugment(_Normalizing):
             order=random_permutations(count, generator),
         )
 
-    def apply(self, images: Tensor, original_sizes: Tensor, params: AugmentParams) -> Tensor:
-        """Augment ``uint8 [B, 3, S, S]`` staged images with given parameters -> normalized float32."""
-        sizes = original_sizes.to(images.device, non_blocking=True)
-        on_device = params.to(images.device)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            grid, inside = crop_flip_rotate_grid(
-                on_device.boxes, sizes, on_device.flips, on_device.angles, self.img_size
-            )
-            pixels = resample(images, grid)
-            pixels = apply_color_jitter(pixels, on_device, inside, self.jitter_enabled, order=params.order)
-            return self.normalize(pixels * inside)
+    def apply(self, images: Sequence[Tensor], params: AugmentParams) -> Tensor:
+        """Augment ``uint8 [3, H, W]`` images with given parameters -> normalized float32 ``[B, 3, img, img]``."""
+        device = images[0].device
+        on_device = params.to(device)
+        with torch.autocast(device_type=device.type, enabled=False):
+            pixels = crop_and_resize(images, params.boxes, self.img_size)
+            pixels = flip_horizontally(pixels, on_device.flips)
+            pixels = apply_color_jitter(pixels, on_device, self.jitter_enabled, order=params.order)
+            return self.normalize(rotate(pixels, on_device.angles))
 
-    def forward(
-        self, images: Tensor, original_sizes: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Augment ``uint8 [B, 3, S, S]`` staged images (original ``[B, 2]`` (w, h)) -> ``[B, 3, img, img]``."""
-        params = self.sample_params(original_sizes, generator)
-        return self.apply(images, original_sizes, params)
+    def forward(self, images: Sequence[Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Augment a list of ``uint8 [3, H, W]`` images -> normalized ``[B, 3, img_size, img_size]``."""
+        return self.apply(images, self.sample_params(image_sizes(images), generator))
 
 
-class GpuEvalTransform(_Normalizing):
-    """The eval recipe (shorter side to ``round(img_size*256/224)``, centre crop) as one resample per image."""
+class EvalTransform(_Normalizing):
+    """The eval recipe on a list of decoded images: ``Resize(round(img_size*256/224))``, ``CenterCrop``,
+    normalization."""
 
-    def forward(self, images: Tensor, original_sizes: Tensor) -> Tensor:
-        """``uint8 [B, 3, S, S]`` staged images and original ``[B, 2]`` (w, h) -> normalized ``[B, 3, img, img]``."""
-        sizes = original_sizes.to(images.device)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            grid = box_grid(eval_crop_boxes(sizes, self.img_size), sizes, self.img_size)
-            return self.normalize(resample(images, grid))
+    def crop(self, image: Tensor) -> Tensor:
+        """One ``uint8 [3, H, W]`` image resized and centre-cropped: ``uint8 [3, img, img]``."""
+        resized = resize_shorter_side(image, dataset.eval_resize_size(self.img_size))
+        return centre_crop(resized, self.img_size).round_().clamp_(0, 255).to(torch.uint8)
+
+    def normalize_crops(self, crops: Sequence[Tensor]) -> Tensor:
+        """Crops from :meth:`crop` -> normalized float32 ``[B, 3, img, img]``."""
+        return self.normalize(torch.stack(list(crops)).to(torch.float32).mul_(1 / 255))
+
+    def forward(self, images: Sequence[Tensor]) -> Tensor:
+        """``uint8 [3, H, W]`` images of any size -> normalized ``[B, 3, img, img]``."""
+        with torch.autocast(device_type=images[0].device.type, enabled=False):
+            return self.normalize_crops([self.crop(image) for image in images])

@@ -35,9 +35,9 @@ from torch import nn
 import metrics
 from accel import Accel, add_inference_options, set_up_accel
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, prediction_loader
-from dataset import report_ignored
+from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, report_ignored
 from engine import predict_probabilities
+from pipeline import eval_batches
 from utils import (
     UserError,
     argument_list,
@@ -249,10 +249,11 @@ def ensemble_probabilities(
     failed: dict[int, str] = {}
     for group in preprocessing_groups(checkpoints):
         first = checkpoints[group[0]]
-        loader = prediction_loader(paths, first["img_size"], first["mean"], first["std"], batch_size, workers,
-                                   pin_memory=accel.device.type == "cuda", max_pixels=max_pixels)
+        batches = eval_batches([str(path) for path in paths], None, first["img_size"], first["mean"], first["std"],
+                               batch_size, workers, accel, on_device=accel.device.type == "cuda",
+                               max_pixels=max_pixels)
         models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
-        probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), loader, len(paths), accel,
+        probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), batches, len(paths), accel,
                                                             show_progress)
         failed.update(group_failed)
         total += probabilities * len(group)

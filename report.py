@@ -32,8 +32,9 @@ import torch
 import metrics
 import plots
 from accel import Accel
-from dataset import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_rgb, prediction_loader
+from dataset import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_rgb
 from engine import predict_probabilities
+from pipeline import eval_batches
 from utils import UserError, atomic_write_text, csv_text
 
 REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "top_confusions.csv",
@@ -77,9 +78,9 @@ def predict_samples(
     """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set
     aside (``max_pixels``: see ``dataset.check_pixel_count``)."""
     paths = [path for path, _ in samples]
-    loader = prediction_loader(paths, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"], batch_size,
-                               workers, pin_memory=accel.device.type == "cuda", max_pixels=max_pixels)
-    probabilities, reasons = predict_probabilities(model, loader, len(paths), accel, show_progress)
+    batches = eval_batches(paths, None, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"], batch_size,
+                           workers, accel, on_device=accel.device.type == "cuda", max_pixels=max_pixels)
+    probabilities, reasons = predict_probabilities(model, batches, len(paths), accel, show_progress)
     keep = np.ones(len(paths), dtype=bool)
     keep[list(reasons)] = False
     return Predictions(

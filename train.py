@@ -25,36 +25,30 @@ import torch
 import torchvision
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
-import gpu_augment
 import metrics
 import plots
 from accel import AMP_CHOICES, DEVICE_CHOICES, Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from accel import maybe_compile, set_up_accel
-from cache import CachedPilImages, CachedStagedImages, build_staged_cache
+from cache import CACHE_CHOICES, CacheChoice, DecodedImages, available_ram_bytes, cache_bytes, choose_cache
+from cache import gpu_free_bytes
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DecodeFailure,
-    EpochSampler,
-    LabeledImages,
     TrainValData,
     add_max_image_pixels_option,
     balanced_class_weights,
-    build_eval_transform,
-    build_train_transform,
     check_max_image_pixels,
     class_counts,
-    collate_skipping_failures,
-    epoch_seed,
-    eval_resize_size,
     load_train_val,
+    train_decode_side,
 )
-from engine import BatchTransform, EvalResult, NonFiniteLossError, evaluate, train_one_epoch
+from engine import EvalResult, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch
 from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, has_trainable_batchnorm
 from model import parameter_summary, parse_trainable, trainable_parameters
+from pipeline import DeviceEvalBatches, DeviceTrainBatches, HostBatches, eval_batches, train_batches
 from report import write_evaluation_report
 from resume import (
     Progress,
@@ -100,7 +94,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     data.add_argument("--verify-images", action="store_true", help="decode every image at start (slower) instead of reading headers only, to list all broken files up front")
     data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto (one per CPU core, up to 8)")
-    data.add_argument("--cache", action="store_true", help="decode and resize the training images once into a uint8 memory-mapped file in OUTPUT_DIR/cache, so later epochs skip JPEG decoding")
+    data.add_argument("--cache", default="auto", choices=CACHE_CHOICES, help="on the GPU path, keep the decoded training images (and validation crops) after the first epoch, so later epochs decode nothing: gpu = in GPU memory, ram = in host memory, auto = on the GPU when they fit in half its free memory, else in RAM when they fit in half of it, else none")
     add_max_image_pixels_option(data)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50", help=f"one of: {', '.join(SUPPORTED_ARCHS)}")
@@ -252,6 +246,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output-dir {args.output_dir}: is a file; pass a folder (it is created if missing)")
     check_max_image_pixels(args.max_image_pixels)
+    if isinstance(args.cache, bool):  # a run started when --cache was a switch
+        args.cache = "auto" if args.cache else "none"
     args.workers = resolve_workers(args.workers)
     args.trainable = spelled_out_trainable(args.trainable)
     if args.batch_size < 2 and has_trainable_batchnorm(parse_trainable(args.trainable)):
@@ -280,15 +276,16 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
 
 @dataclass
 class Loaders:
-    """The training and validation loaders, and the on-device augmentation of the staged training path."""
+    """The training and validation batches (``pipeline.Batch`` es on the device), and where the cache is."""
 
-    train: DataLoader
-    val: DataLoader
-    train_transform: BatchTransform | None = None
+    train: HostBatches | DeviceTrainBatches
+    val: HostBatches | DeviceEvalBatches
+    cache: CacheChoice
 
 
 def resolve_augment_device(request: str, device: torch.device) -> str:
-    """``--augment-device``: ``auto`` augments on the GPU when training on CUDA, else on the CPU in the workers."""
+    """``--augment-device``: ``auto`` decodes and augments on the GPU when training on CUDA, else on the CPU in the
+    loader workers."""
     if request == "auto":
         return "gpu" if device.type == "cuda" else "cpu"
     if request == "gpu" and device.type != "cuda":
@@ -296,50 +293,33 @@ def resolve_augment_device(request: str, device: torch.device) -> str:
     return request
 
 
-def loader_options(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """DataLoader settings shared by both splits: workers that stay alive, pinned memory, prefetching."""
-    # A private generator: the loader draws its worker base seed from it, not from the global stream dropout uses.
-    options: dict[str, Any] = dict(batch_size=args.batch_size, num_workers=args.workers,
-                                   pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
-    if args.workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=4)
-    return options
-
-
-def drops_lone_batch(size: int, batch_size: int) -> bool:
-    """Drop the last training batch when it would hold a single image: BatchNorm cannot train on one."""
-    return size % batch_size == 1 and size > 1
+def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool) -> CacheChoice:
+    """Where ``--cache`` keeps the decoded training images, said in one line."""
+    sizes = [data.sizes.get(path, (0, 0)) for path, _ in data.train_samples]
+    choice = choose_cache(args.cache, cache_bytes(sizes, train_decode_side(args.img_size)), gpu_free_bytes(accel.device),
+                          available_ram_bytes(), on_device)
+    if on_device or args.cache != "auto":
+        print(f"cache: {choice.place} ({choice.reason})")
+    return choice
 
 
 def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> Loaders:
-    """Training loader (shuffled, augmented) and validation loader (the eval transform predict.py uses).
+    """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses).
 
-    On the CPU path the workers decode and augment each training image with PIL; on the GPU path they only
-    decode and resize to a fixed staging size, and the batch is augmented on the device.
+    On the CPU path the loader workers decode and augment each image with PIL; on the GPU path they read the
+    files' bytes, and decoding and augmentation run on the device (see pipeline.py).
     """
-    options = loader_options(args, accel.device)
-    decode_min_side = eval_resize_size(args.img_size)
-    val_set = LabeledImages(data.val_samples, build_eval_transform(args.img_size), decode_min_side,
-                            args.max_image_pixels)
-    val = DataLoader(val_set, shuffle=False, collate_fn=collate_skipping_failures, **options)
-    staging = gpu_augment.staging_size(args.img_size)
-    cache = build_staged_cache(data.train_samples, staging, Path(args.output_dir) / "cache", args.workers,
-                               args.max_image_pixels) if args.cache else None
-    augment: BatchTransform | None = None
-    if resolve_augment_device(args.augment_device, accel.device) == "gpu":
-        train_set = (CachedStagedImages(cache) if cache is not None
-                     else gpu_augment.StagedImages(data.train_samples, staging, args.max_image_pixels))
-        collate = gpu_augment.collate_staged
-        augment = gpu_augment.GpuTrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(accel.device)
-    else:
-        train_transform = build_train_transform(args.img_size)
-        train_set = (CachedPilImages(cache, train_transform) if cache is not None
-                     else LabeledImages(data.train_samples, train_transform, decode_min_side,
-                                        args.max_image_pixels))
-        collate = collate_skipping_failures
-    train = DataLoader(train_set, sampler=EpochSampler(len(train_set), args.seed), drop_last=drops_lone_batch(
-                       len(train_set), args.batch_size), collate_fn=collate, **options)
-    return Loaders(train, val, train_transform=augment)
+    on_device = resolve_augment_device(args.augment_device, accel.device) == "gpu"
+    choice = resolve_cache(args, data, accel, on_device)
+    place = {"gpu": accel.device, "ram": torch.device("cpu")}.get(choice.place)
+    train_paths, train_labels = [path for path, _ in data.train_samples], [label for _, label in data.train_samples]
+    val_paths, val_labels = [path for path, _ in data.val_samples], [label for _, label in data.val_samples]
+    train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
+                          on_device, DecodedImages(len(train_paths), place) if place else None, args.max_image_pixels)
+    val = eval_batches(val_paths, val_labels, args.img_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size,
+                       args.workers, accel, on_device, DecodedImages(len(val_paths), place) if place else None,
+                       args.max_image_pixels, warn=True)
+    return Loaders(train, val, choice)
 
 
 def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -456,7 +436,7 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
     if resume is not None and resume["class_names"] != data.class_names:
         raise UserError(f"--resume: the checkpoint's classes differ from those in {args.data_dir}/train")
     model = make_model(args, len(data.class_names), accel, resume)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(trainable_parameters(model), args.lr, args.weight_decay, device)
     scaler = make_grad_scaler(accel)
     progress = Progress()
     if resume is not None:
@@ -523,9 +503,8 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> tuple[dict[str, float]
     lr = cosine_learning_rate(args.lr, epoch, args.epochs)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    run.loaders.train.sampler.set_epoch(epoch)
+    run.loaders.train.set_epoch(epoch)
     trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel, run.scaler,
-                              run.loaders.train_transform, epoch_seed(args.seed, epoch),
                               description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress,
                               should_stop=stop)
     record_skipped(run, trained.failed)

@@ -18,11 +18,11 @@ import torchvision
 from torch import nn
 
 import accel
-import gpu_augment
+import pipeline
 import train
 from accel import Accel, make_grad_scaler, maybe_compile, resolve_amp
 from checkpoint import load_checkpoint
-from conftest import TINY_TRAIN_FLAGS, ColourData, assert_user_error, call_main
+from conftest import TINY_TRAIN_FLAGS, ColourData, assert_user_error, call_main, read_csv_rows
 from model import (
     ARCH_SPECS,
     STAGE_NAMES,
@@ -307,28 +307,30 @@ def test_resolve_augment_device() -> None:
     assert train.resolve_augment_device("gpu", CUDA) == "gpu"
 
 
-def test_staged_training_path_runs_on_the_cpu(small_data: ColourData, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU augmentation path (staged uint8 batches augmented on the device) trains end to end on a CPU."""
+def test_device_path_trains_on_the_cpu_and_decodes_only_in_the_first_epoch(
+        small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (bytes read by the workers, decoded and augmented on the device) trains end to end on a CPU;
+    with the decoded images cached (in RAM here: no GPU), the second epoch decodes nothing."""
     monkeypatch.setattr(train, "resolve_augment_device", lambda request, device: "gpu")
-    staged_batches: list[int] = []
-    collate = gpu_augment.collate_staged
+    decoded: list[int] = []
+    decode = pipeline.DeviceDecoder.__call__
 
-    def counting_collate(batch):
-        staged = collate(batch)
-        staged_batches.append(len(staged.targets))
-        return staged
+    def counting_decode(self, items):
+        result = decode(self, items)
+        decoded.append(len(result[0]))
+        return result
 
-    monkeypatch.setattr(gpu_augment, "collate_staged", counting_collate)
+    monkeypatch.setattr(pipeline.DeviceDecoder, "__call__", counting_decode)
     output = tmp_path / "out"
 
-    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, "--epochs", "1",
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, "--epochs", "2",
                        *TINY_TRAIN_FLAGS)
 
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert sum(staged_batches) == 12  # every training image went through the staged loader
+    assert "cache: ram (" in result.stdout
+    assert sum(decoded) == 12 + 3  # epoch 1: the 12 training and 3 validation images; epoch 2: none
     checkpoint = load_checkpoint(output / "best.pt")
-    assert checkpoint["epoch"] == 1
+    assert checkpoint["epoch"] in (1, 2) and len(read_csv_rows(output / "history.csv")) == 2
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
 
 

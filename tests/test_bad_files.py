@@ -20,11 +20,12 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import dataset
 import evaluate
-import gpu_augment
+import pipeline
 import predict
 import train
 from checkpoint import load_checkpoint
@@ -328,21 +329,32 @@ def test_real_unreadable_permissions_are_reported(tmp_path: Path) -> None:
         path.chmod(0o644)
 
 
-def test_staged_gpu_decoding_handles_every_kind_of_file(bad_run: BadRun, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU augmentation path's loader decodes the same odd files, and reports the broken ones as failures."""
+def test_the_device_path_decodes_every_kind_of_file_as_the_cpu_path(bad_run: BadRun,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's workers read bytes (or decode on the CPU what the device cannot take) and the device decodes
+    the rest: run here with the CPU as the device, it gives the CPU path's pixels and failures."""
     deny_reading(monkeypatch, {bad_run.path("locked.jpg")})
     names = sorted(GOOD_FILES) + sorted(UNREADABLE_FILES) + ["truncated.jpg"]
-    staged = gpu_augment.StagedImages([(bad_run.path(name), 3) for name in names], staging=64,
-                                      max_pixels=TEST_MAX_IMAGE_PIXELS)
+    paths = [bad_run.path(name) for name in names]
+    files = pipeline.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS, warn=False)
+    batch = pipeline.collate_encoded([files[position] for position in range(len(paths))])
 
-    items = {name: staged[index] for index, name in enumerate(names)}
+    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS,
+                                             warn=False)(batch.items)
 
+    images = {item.path: image for item, image in decoded}
     for name in GOOD_FILES:
-        pixels, size, label = items[name]
-        assert pixels.shape == (3, 64, 64) and label == 3, name
-    assert items["exif-rotated.jpg"][1].tolist() == [20, 40]
-    for name in [*UNREADABLE_FILES, "truncated.jpg"]:
-        assert isinstance(items[name], dataset.DecodeFailure) and items[name].path == bad_run.path(name), name
+        expected = pipeline.pixels_of(dataset.load_rgb(bad_run.path(name)))
+        got = images[bad_run.path(name)]
+        assert got.dtype == torch.uint8 and got.shape == expected.shape, name
+        assert (got.float() - expected.float()).abs().mean() < 1.0, name  # decoders may differ in the last bit
+    assert images[bad_run.path("exif-rotated.jpg")].shape[-2:] == (40, 20)  # EXIF applied: 20 wide, 40 high
+    reasons = {failure.path: failure.reason for failure in batch.failed + failed}
+    assert sorted(reasons) == sorted(bad_run.path(name) for name in [*UNREADABLE_FILES, "truncated.jpg"])
+    for name, (_, reason) in UNREADABLE_FILES.items():
+        assert reason in reasons[bad_run.path(name)], name
+    assert {failure.position for failure in batch.failed + failed} == \
+        {names.index(name) for name in [*UNREADABLE_FILES, "truncated.jpg"]}
 
 
 # --------------------------------------------------------------------------- predict.py

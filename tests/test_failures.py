@@ -25,8 +25,9 @@ from conftest import (
     read_csv_rows,
 )
 from accel import Accel
-from dataset import IMAGENET_MEAN, IMAGENET_STD, LabeledBatch
-from engine import NonFiniteLossError, train_one_epoch
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from engine import NonFiniteLossError, make_optimizer, train_one_epoch
+from pipeline import Batch
 from model import build_model, freeze_blocks, parse_trainable
 
 # --------------------------------------------------------------------------- checkpoints that would run code
@@ -158,9 +159,9 @@ def test_a_nan_loss_leaves_the_weights_of_the_last_good_step(small_data: ColourD
     torch.manual_seed(0)
     model = build_model("resnet18", num_classes=3, weights="none")
     criterion = NaNFromCall(nn.CrossEntropyLoss(), start=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = make_optimizer(list(model.parameters()), 1e-3, 1e-4, torch.device("cpu"))
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    batches = [LabeledBatch(images, targets, []), LabeledBatch(images, targets, [])]
+    batches = [Batch(images, targets, [0, 1, 2, 3], []), Batch(images, targets, [0, 1, 2, 3], [])]
     after_first_step: dict[str, torch.Tensor] = {}
 
     def remember_first_step() -> bool:

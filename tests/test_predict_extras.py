@@ -12,6 +12,7 @@ import predict
 from accel import Accel
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
 from engine import predict_probabilities
+from pipeline import Batch
 from test_evaluate import make_tiny_checkpoint
 
 CPU = Accel(torch.device("cpu"), None, channels_last=False)
@@ -51,7 +52,7 @@ def test_flip_averages_the_softmax_of_both_views() -> None:
 def test_ensemble_averages_models_and_survives_predict_probabilities() -> None:
     first, second = [2.0, 0.0, -1.0], [0.0, 3.0, 0.0]
     wrapper = predict.AveragedSoftmax([FixedLogits(first), FixedLogits(second)], predict.tta_views("none"))
-    loader = [(torch.zeros(2, 3, 4, 4), [0, 1], [])]
+    loader = [Batch(torch.zeros(2, 3, 4, 4), None, [0, 1], [])]
     probabilities, failed = predict_probabilities(wrapper, loader, 2, CPU, show_progress=False)
     expected = (torch.tensor(first).softmax(0) + torch.tensor(second).softmax(0)) / 2
     torch.testing.assert_close(probabilities, expected.expand(2, -1))

@@ -238,16 +238,14 @@ def test_held_out_val_images_use_the_eval_transform(small_data: ColourData, tmp_
 
     loaders = train.make_loaders(data, args, Accel(torch.device("cpu")))
 
-    path, label = loaders.val.dataset.samples[0]
-    expected = build_eval_transform(32)(load_rgb(path))
+    val_images, train_images = loaders.val.loader.dataset, loaders.train.loader.dataset
+    expected = build_eval_transform(32)(load_rgb(val_images.paths[0]))
     for seed in (1, 2):  # the same tensor whatever the random state: no augmentation
         torch.manual_seed(seed)
-        image, got_label = loaders.val.dataset[0]
-        assert got_label == label and torch.equal(image, expected)
-    torch.manual_seed(1)
-    first, _ = loaders.train.dataset[0]
-    torch.manual_seed(2)
-    second, _ = loaders.train.dataset[0]
+        image, label, _ = val_images[0]
+        assert label == data.val_samples[0][1] and torch.equal(image, expected)
+    first, _, _ = train_images[(0, 1)]
+    second, _, _ = train_images[(0, 2)]
     assert first.shape == expected.shape and not torch.equal(first, second)  # training images are augmented
 
 
