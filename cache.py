@@ -84,7 +84,7 @@ def choose_cache(request: str, needed: int, gpu_free: int | None, ram_free: int,
         return CacheChoice("none", "the CPU path decodes and augments each image in its loader workers")
     gpu_room = int(gpu_free * GPU_SHARE) if gpu_free is not None else 0
     ram_room = int(ram_free * RAM_SHARE)
-    size = f"{needed / 1e9:.2f} GB of decoded training images"
+    size = f"{needed / 1e9:.2f} GB of decoded images"
     if request in ("auto", "gpu") and needed <= gpu_room:
         return CacheChoice("gpu", f"{size} fit in {GPU_SHARE:.0%} of the GPU's {gpu_free / 1e9:.1f} GB free")
     if request == "gpu":

@@ -61,8 +61,10 @@ def load_checkpoint(path: str | Path, flag: str = "--checkpoint", file_in_folder
     if path.is_dir():
         path = path / file_in_folder
         if not path.is_file():
-            raise UserError(f"{flag} {path.parent}: a folder without {file_in_folder}; pass a run's output folder or "
-                            "a checkpoint file written by train.py")
+            others = sorted(other.name for other in path.parent.glob("*.pt"))
+            hint = f" (it holds {', '.join(others)}: pass {path.parent / others[0]})" if others else ""
+            raise UserError(f"{flag} {path.parent}: a folder without {file_in_folder}{hint}; pass a run's output "
+                            "folder or a checkpoint file written by train.py")
         print(f"{flag}: using {path}")
     if not path.is_file():
         raise UserError(f"{flag} {path}: file not found; train first (python train.py) or pass the right path")
@@ -79,18 +81,18 @@ def _read_safely(path: Path, flag: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure means the file is not a checkpoint we can trust
-        raise UserError(f"{flag} {path}: {_why_unreadable(path, error)}") from None
+        raise UserError(f"{flag} {path}: {_why_unreadable(path, error, flag)}") from None
 
 
-def _why_unreadable(path: Path, error: Exception) -> str:
+def _why_unreadable(path: Path, error: Exception, flag: str) -> str:
     if "GLOBAL" in str(error):  # the weights-only unpickler met an object it refuses to build
         return ("holds Python objects that are unsafe to load (a checkpoint of this project holds only tensors and "
                 "plain values); refusing to read it")
     with path.open("rb") as handle:
         if handle.read(64).startswith(b"version https://git-lfs"):
             return "a Git LFS pointer, not the file itself; fetch it with git lfs pull"
-    return ("truncated or corrupt, or not a checkpoint of this project at all; use another copy, or the run's "
-            "last.pt or best.pt")
+    instead = "another copy of it" if flag == "--resume" else "another copy, or the run's last.pt or best.pt"
+    return f"truncated or corrupt, or not a checkpoint of this project at all; use {instead}"
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -56,11 +56,13 @@ def sort_class_names(names: Sequence[str]) -> list[str]:
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files in ``folder`` and its sub-folders (as torchvision's ImageFolder reads a class folder), in path
     order, and the entries that were ignored: other files, hidden files and folders (``.DS_Store``,
-    ``.ipynb_checkpoints/``), broken links, and a folder met a second time through a symbolic link.
+    ``.ipynb_checkpoints/``), broken links, a folder met a second time through a symbolic link, and a link to a
+    folder that holds ``folder`` (which would pull in other classes' images).
     """
     images: list[Path] = []
     ignored: list[Path] = []
-    _collect_images(folder, images, ignored, {folder.resolve()})
+    root = folder.resolve()
+    _collect_images(folder, images, ignored, {root} | set(root.parents))
     return images, ignored
 
 
@@ -655,6 +657,9 @@ def _require_train_dir(data_dir: Path) -> Path:
     if not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: folder not found; it should hold train/<class>/*.jpg")
     train_dir = data_dir / "train"
+    if not train_dir.is_dir() and data_dir.name in ("train", "val", "test"):
+        raise UserError(f"--data-dir {data_dir}: is the {data_dir.name}/ folder itself; pass the folder that holds "
+                        f"it: --data-dir {data_dir.parent}")
     if not train_dir.is_dir():
         raise UserError(f"--data-dir {data_dir}: no train/ folder inside; expected {train_dir}/<class>/*.jpg")
     return train_dir

@@ -87,6 +87,9 @@ def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) 
     checkpoints: the split rebuilt from the run's --val-fraction and --seed)."""
     config = checkpoint["config"]
     held_out = checkpoint.get("held_out_val_files")
+    if held_out is None and "held_out_val_files" in checkpoint:  # the run validated on a val/ folder
+        raise UserError(f"--data-dir {data_dir}: no val/ folder, but this checkpoint's run validated on a val/ folder, "
+                        "not on a share of train/; pass the --data-dir it trained on, or --split-dir DIR")
     if held_out is None:
         if "val_fraction" not in config or "seed" not in config:
             raise UserError(f"--data-dir {data_dir}: no val/ folder, and the checkpoint does not record how training "

@@ -35,7 +35,8 @@ from torch import nn
 import metrics
 from accel import Accel, add_inference_options, set_up_accel
 from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, report_ignored
+from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, find_unreadable
+from dataset import report_ignored
 from engine import predict_probabilities
 from pipeline import eval_batches
 from utils import (
@@ -127,6 +128,34 @@ def score(names: Sequence[str], predicted: Sequence[str], truth: dict[str, str])
     confusion = metrics.confusion_matrix([index[true] for true, _ in pairs], [index[guess] for _, guess in pairs],
                                          len(labels))
     return metrics.accuracy(confusion), metrics.balanced_accuracy(confusion), len(pairs)
+
+
+def note_label_problems(names: Sequence[str], truth: dict[str, str], class_names: Sequence[str], source: str) -> None:
+    """Say which test images the labels file leaves unscored, and which of its labels the model cannot predict."""
+    unlabeled = [name for name in names if Path(name).stem not in truth]
+    if unlabeled:
+        print(f"note: --labels {source}: {len(unlabeled)} test image(s) have no label and are not scored "
+              f"({', '.join(unlabeled[:5])}{' ...' if len(unlabeled) > 5 else ''})")
+    known = set(class_names)
+    foreign = sorted({label for label in truth.values() if label not in known})
+    if foreign:
+        print(f"warning: --labels {source}: label(s) {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''} "
+              "are not classes of the model, so those images can never be predicted right")
+
+
+def refuse_labeled_folders(test_dir: Path, paths: Sequence[Path], class_names: Sequence[str]) -> None:
+    """A test folder whose sub-folders are the model's classes, or train/val/test, is a labeled split or the data
+    folder: predicting it would write a submission of the wrong images."""
+    folders = sorted({path.relative_to(test_dir).parts[0] for path in paths if len(path.relative_to(test_dir).parts) > 1})
+    splits = [name for name in folders if name in ("train", "val", "test")]
+    if splits:
+        raise UserError(f"--test-dir {test_dir}: holds {', '.join(name + '/' for name in splits)}, so it is the data "
+                        f"folder, not its test images; pass --test-dir {test_dir / 'test'}")
+    classes = [name for name in folders if name in set(class_names)]
+    if classes:
+        raise UserError(f"--test-dir {test_dir}: its sub-folders {', '.join(classes[:5])} are named like the model's "
+                        "classes, so it is a labeled split; evaluate it with python evaluate.py --split-dir "
+                        f"{test_dir}, or pass the folder of unlabeled test images")
 
 
 # --------------------------------------------------------------------------- test-time views and ensembles
@@ -306,7 +335,7 @@ def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict
     if not allow_missing:
         raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written "
                         f"(--allow-missing writes the other rows): {listed}")
-    print(f"warning: --allow-missing: {output.name} lacks {len(failed)} row(s) for undecodable images: {listed}",
+    print(f"warning: --allow-missing: {output} lacks {len(failed)} row(s) for undecodable images: {listed}",
           file=sys.stderr)
     kept = [index for index in range(len(names)) if index not in failed]
     return [names[index] for index in kept], probabilities[kept]
@@ -354,7 +383,13 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
           + (f"; ensemble of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""))
     paths, ignored = find_test_images(args.test_dir)
     report_ignored(args.test_dir, ignored)
+    refuse_labeled_folders(Path(args.test_dir), paths, class_names)
     names = image_names(paths, args.keep_ext)
+    unreadable = dict(find_unreadable(paths, max_pixels=args.max_image_pixels))
+    if unreadable and not args.allow_missing:  # known from the headers: no need to wait for the inference
+        drop_failed_rows(names, torch.zeros(len(paths), 0), {paths.index(Path(path)): reason
+                                                            for path, reason in unreadable.items()},
+                         paths, Path(args.output), allow_missing=False)
 
     probabilities, failed = ensemble_probabilities(checkpoints, paths, accel, args.tta, args.batch_size, args.workers,
                                                    args.max_image_pixels, not args.no_progress)
@@ -362,6 +397,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
     result = write_outputs(args, names, predicted, probabilities, class_names, topk)
     if truth is not None:
+        note_label_problems(names, truth, class_names, args.labels)
         accuracy, balanced, scored = score(names, predicted, truth)
         print(f"score on {scored} labeled images: accuracy {accuracy:.2%}, balanced accuracy {balanced:.2%}")
         result.update(accuracy=accuracy, balanced_accuracy=balanced)

@@ -41,7 +41,8 @@ REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "top_co
                 "misclassified.png", "report.md")
 TOP_K = 5
 THUMBNAIL_PIXELS = 256  # longest side of a misclassified thumbnail; more only makes the figure heavy
-MAX_CAPTION_CHARS = 22  # keeps a caption line within its grid cell
+MAX_CAPTION_CHARS = 28  # keeps a caption line within its grid cell (about 30 characters at 8.5 pt)
+MAX_CAPTION_NAME_CHARS = 18  # a class name, leaving room for "pred: " and " (38%)"
 FULL_CLASS_TABLE_UP_TO = 15  # report.md lists every class up to this count, else only the weakest
 WEAKEST_CLASSES_SHOWN = 10
 TOP_CONFUSIONS_SHOWN = 10
@@ -167,6 +168,7 @@ def metrics_summary(predictions: Predictions, confusion: np.ndarray, class_names
     return {**metrics.summary_metrics(predictions.probabilities, predictions.targets, TOP_K),
             "classes": len(class_names), "split": source,
             "classes_without_images": classes_without_images(confusion, class_names),
+            "class_averages_over": "the classes with images in this split (balanced_accuracy, macro_f1)",
             "undecodable": [{"path": path, "reason": reason} for path, reason in predictions.failed]}
 
 
@@ -255,7 +257,8 @@ def plot_misclassified(predictions: Predictions, class_names: Sequence[str], lim
     positions = worst_mistakes(predictions, limit)
     wrong_total = int((predictions.predicted != predictions.targets).sum())
     images = [thumbnail(predictions.paths[position]) for position in positions]
-    captions = [mistake_caption(predictions, position, class_names) for position in positions]
+    labels = plots.shorten_labels(class_names, MAX_CAPTION_NAME_CHARS)  # distinct, shortened in the middle
+    captions = [mistake_caption(predictions, position, labels) for position in positions]
     title = f"Most confident mistakes: {len(positions)} of {wrong_total} misclassified images"
     plots.plot_image_grid(images, captions, path, title, empty_message="no misclassified images")
     return len(positions)
@@ -268,25 +271,20 @@ def thumbnail(path: str) -> np.ndarray:
     return np.asarray(image)
 
 
-def _clip(text: str, limit: int = MAX_CAPTION_CHARS, keep_end: bool = False) -> str:
-    if len(text) <= limit:
-        return text
-    return "…" + text[-(limit - 1):] if keep_end else text[: limit - 1] + "…"
-
-
-def mistake_caption(predictions: Predictions, position: int, class_names: Sequence[str]) -> str:
+def mistake_caption(predictions: Predictions, position: int, labels: Sequence[str]) -> str:
     """Four lines: true class, predicted class with its confidence, the true class' probability, ``folder/file``.
 
-    The file is named with its class folder (``3/0.jpg``), since file names repeat across classes; a long one
-    keeps its end.
+    ``labels`` are the class names as shown (see :func:`plots.shorten_labels`). The file is named with its class
+    folder (``3/0.jpg``), since file names repeat across classes, shortened in the middle when long.
     """
     true, guess = int(predictions.targets[position]), int(predictions.predicted[position])
     probabilities = predictions.probabilities[position]
     path = Path(predictions.paths[position])
-    return (f"true: {_clip(class_names[true])}\n"
-            f"pred: {_clip(class_names[guess])} ({probabilities[guess]:.0%})\n"
+    [file_label] = plots.shorten_labels([f"{path.parent.name}/{path.name}"], MAX_CAPTION_CHARS)
+    return (f"true: {labels[true]}\n"
+            f"pred: {labels[guess]} ({probabilities[guess]:.0%})\n"
             f"p(true) = {probabilities[true]:.1%}\n"
-            f"{_clip(f'{path.parent.name}/{path.name}', keep_end=True)}")
+            f"{file_label}")
 
 
 # --------------------------------------------------------------------------- report.md
@@ -321,7 +319,7 @@ def report_markdown(
         _confusion_section(grouped, pairs, class_names),
         _class_section(confusion, class_names),
         _mistakes_section(mistakes_shown),
-        _config_section(checkpoint.get("config", {})),
+        _config_section(checkpoint.get("config", {}), checkpoint.get("runtime", {})),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
@@ -416,7 +414,12 @@ def _mistakes_section(mistakes_shown: int) -> list[str]:
             "![most confident mistakes](misclassified.png)"]
 
 
-def _config_section(config: dict[str, Any]) -> list[str]:
-    lines = ["## Configuration", "", "```yaml"]
-    lines += [f"{key}: {value}" for key, value in sorted(config.items())]
+def _config_section(config: dict[str, Any], runtime: dict[str, Any]) -> list[str]:
+    lines = ["## Configuration", ""]
+    if runtime:
+        lines += [f"Trained on {runtime.get('device', '?')} in {runtime.get('precision', '?')}, "
+                  f"{runtime.get('workers', '?')} loader workers, augmentation on the "
+                  f"{runtime.get('augment_device', '?')}; torch {runtime.get('torch', '?')}. The options as given "
+                  "(`auto` chose what this line says):", ""]
+    lines += ["```yaml"] + [f"{key}: {value}" for key, value in sorted(config.items())]
     return lines + ["```"]

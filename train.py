@@ -11,6 +11,7 @@ confusion_matrix.png and config.yaml.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -49,7 +50,7 @@ from engine import EvalResult, NonFiniteLossError, evaluate, make_optimizer, tra
 from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, has_trainable_batchnorm
 from model import parameter_summary, parse_trainable, trainable_parameters
 from pipeline import DeviceEvalBatches, DeviceTrainBatches, HostBatches, eval_batches, train_batches
-from report import write_evaluation_report
+from report import REPORT_FILES, write_evaluation_report
 from resume import (
     Progress,
     StopRequest,
@@ -58,7 +59,7 @@ from resume import (
     restore_training_state,
     training_state,
 )
-from tb_logger import TensorBoardLogger
+from tb_logger import TensorBoardLogger, summary_writer_class
 from utils import (
     UserError,
     argument_list,
@@ -174,10 +175,22 @@ def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argp
     return args, checkpoint
 
 
+# Options whose values are paths: compared as the folders or files they name, however spelled.
+PATH_OPTIONS = frozenset({"data_dir", "weights"})
+
+
 def differing_options(options: dict[str, Any], saved: dict[str, Any], ignore: Iterable[str]) -> list[str]:
     """The option names whose value differs from a run's ``saved`` config (options the run did not know: equal)."""
     ignore = set(ignore)
-    return sorted(key for key, value in options.items() if key in saved and key not in ignore and value != saved[key])
+    return sorted(key for key, value in options.items() if key in saved and key not in ignore
+                  and comparable(key, value) != comparable(key, saved[key]))
+
+
+def comparable(key: str, value: Any) -> Any:
+    """``value`` as compared between runs: a path option's value resolved (``./data/`` is ``data``)."""
+    if key in PATH_OPTIONS and isinstance(value, str) and value not in ("imagenet", "none"):
+        return str(Path(value).resolve())
+    return value
 
 
 def flag_names(keys: Iterable[str]) -> str:
@@ -285,19 +298,21 @@ class Loaders:
 
 def resolve_augment_device(request: str, device: torch.device) -> str:
     """``--augment-device``: ``auto`` decodes and augments on the GPU when training on CUDA, else on the CPU in the
-    loader workers."""
+    loader workers. ``gpu`` on another device runs that path there (batched in the main process: slower than the
+    workers on a CPU, but the same code as on a GPU), with a note."""
     if request == "auto":
         return "gpu" if device.type == "cuda" else "cpu"
     if request == "gpu" and device.type != "cuda":
-        raise UserError(f"--augment-device gpu: needs a CUDA device (this run uses {device.type}); use auto or cpu")
+        print(f"note: --augment-device gpu on a {device.type} run: images are decoded and augmented batched on the "
+              f"{device.type} by the GPU path's code (slower than --augment-device cpu here)")
     return request
 
 
 def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool) -> CacheChoice:
-    """Where ``--cache`` keeps the decoded training images, said in one line."""
+    """Where ``--cache`` keeps the decoded training images and validation crops, said in one line."""
     sizes = [data.sizes.get(path, (0, 0)) for path, _ in data.train_samples]
-    choice = choose_cache(args.cache, cache_bytes(sizes, train_decode_side(args.img_size)), gpu_free_bytes(accel.device),
-                          available_ram_bytes(), on_device)
+    needed = cache_bytes(sizes, train_decode_side(args.img_size)) + len(data.val_samples) * 3 * args.img_size ** 2
+    choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device)
     if on_device or args.cache != "auto":
         print(f"cache: {choice.place} ({choice.reason})")
     return choice
@@ -355,7 +370,7 @@ def describe_data(data: TrainValData) -> None:
     print(f"data: {len(data.class_names)} classes; train {len(data.train_samples)} images "
           f"({min(counts)} to {max(counts)} a class); val {len(data.val_samples)} images from {data.val_source}")
     if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} unreadable image file(s):")
+        print(f"warning: skipped {len(data.skipped)} image file(s) that cannot be read or are too large:")
         for path, reason in data.skipped:
             print(f"  {path}: {reason}")
 
@@ -444,6 +459,11 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
         print(f"resumed after epoch {progress.epoch} (best val accuracy {progress.best_val_acc:.2%} "
               f"at epoch {progress.best_epoch})")
     output_dir = Path(args.output_dir)
+    if args.tensorboard:
+        summary_writer_class()  # a missing package is refused before anything in the folder changes
+    if resume is None or (args.overwrite and args.resume not in (None, "auto")):
+        refuse_a_foreign_config_file(output_dir)
+        clear_run_outputs(output_dir, args.config)  # only now: every check above has passed
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.resume not in (None, "auto"):
         carry_over_best_checkpoint(resolve_resume_path(args.resume, args.output_dir), output_dir)
@@ -471,7 +491,7 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
     as_run = {**config, "device": runtime["device_type"], "workers": runtime["workers"],
               "augment_device": runtime["augment_device"],
               "amp": {"fp32": "off"}.get(runtime["precision"], runtime["precision"])}
-    header = (f"# Ran on {runtime['device']} in {runtime['precision']}, {runtime['workers']} loader workers, "
+    header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, {runtime['workers']} loader workers, "
               f"augmentation on the {runtime['augment_device']};\n"
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "
               "Options given as auto are written as what\n"
@@ -596,7 +616,8 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
         except NonFiniteLossError as error:
             kept = (f"{run.output_dir / 'last.pt'} keeps epoch {progress.epoch}, the last good one" if progress.epoch
                     else "no epoch had finished, so nothing was saved")
-            raise UserError(f"training diverged in epoch {epoch}: {error}; {kept}; try a lower --lr (or --amp off)"
+            amp_hint = " (or --amp off)" if run.accel.amp_dtype is not None else ""
+            raise UserError(f"training diverged in epoch {epoch}: {error}; {kept}; try a lower --lr{amp_hint}"
                             ) from None
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory at --batch-size {args.batch_size} in epoch {epoch}; try "
@@ -619,29 +640,63 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
 
 # Their presence means a run lives in the folder.
 RUN_FILES = ("last.pt", "best.pt", "history.csv")
-# Everything train.py writes there (the content-keyed image cache aside, which a new run can reuse).
-RUN_OUTPUTS = (*RUN_FILES, "config.yaml", "loss_curve.png", "accuracy_curve.png", "confusion_matrix.png",
-               "skipped_files.txt", "report", "tensorboard")
+# The files train.py writes there by these names (config.yaml, report/ and tensorboard/ are checked more closely).
+RUN_OUTPUTS = (*RUN_FILES, "loss_curve.png", "accuracy_curve.png", "confusion_matrix.png", "skipped_files.txt")
+CONFIG_HEADER_START = "# Ran on "
 
 
 def run_to_continue(args: argparse.Namespace) -> dict[str, Any] | None:
     """The last.pt of the run in --output-dir when this command is that run's own (a re-run cell, a re-submitted
     job); None when there is no run there, or --overwrite. Any other run there is refused, never replaced."""
     output_dir = Path(args.output_dir)
-    found = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not found or args.overwrite:
+    if args.overwrite or not holds_a_run(output_dir):
         return None
-    last = output_dir / "last.pt"
-    if not last.is_file():
-        raise UserError(f"--output-dir {output_dir}: holds {', '.join(found)} of an earlier run but no last.pt to "
-                        "continue it; start over there with --overwrite, or pass another --output-dir")
-    checkpoint = load_checkpoint(last, flag="--output-dir")
+    checkpoint = run_checkpoint(output_dir)
     changed = differing_options(config_of(args), checkpoint["config"], ignore=SAME_RUN_MAY_DIFFER)
-    if changed or "training_state" not in checkpoint:
+    if changed:
+        resumable = all(key in RESUMABLE_OPTIONS for key in changed)
+        choices = "continue it with --resume auto, start over" if resumable else "start over"
         raise UserError(f"--output-dir {output_dir}: holds another run ({describe_run(checkpoint)}; other "
-                        f"{flag_names(changed) or 'options'}); continue it with --resume auto, start over with "
-                        "--overwrite, or pass another --output-dir")
+                        f"{flag_names(changed)}); {choices} with --overwrite, or pass another --output-dir")
     return checkpoint
+
+
+def holds_a_run(output_dir: Path) -> bool:
+    """True when ``output_dir`` holds a run's checkpoints or history."""
+    return any((output_dir / name).exists() for name in RUN_FILES)
+
+
+def run_checkpoint(output_dir: Path) -> dict[str, Any]:
+    """The last.pt of the run in ``output_dir``; a folder without a readable one is refused with the choices."""
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    choices = "start over there with --overwrite, or pass another --output-dir"
+    if not (output_dir / "last.pt").is_file():
+        raise UserError(f"--output-dir {output_dir}: holds {', '.join(found)} of an earlier run but no last.pt to "
+                        f"continue it; {choices}")
+    try:
+        checkpoint = load_checkpoint(output_dir / "last.pt", flag="--output-dir")
+    except UserError as error:
+        raise UserError(f"{str(error).split('; ')[0]} (the last.pt of the run there); {choices}") from None
+    if "training_state" not in checkpoint:
+        raise UserError(f"--output-dir {output_dir}: its last.pt holds no training state; {choices}")
+    return checkpoint
+
+
+def refuse_resuming_over_another_run(args: argparse.Namespace) -> None:
+    """``--resume`` of a run into an --output-dir that holds a different run would mix the two: refused, unless
+    ``--overwrite`` replaces that run; ``--overwrite`` of the very run being resumed is a contradiction."""
+    source = resolve_resume_path(args.resume, args.output_dir) if args.resume not in (None, "auto") else None
+    output_dir = Path(args.output_dir)
+    same_folder = args.resume == "auto" or (source is not None and source.parent.resolve() == output_dir.resolve())
+    if args.overwrite and args.resume and same_folder:
+        raise UserError("--overwrite with --resume of the run in --output-dir: --resume continues that run, "
+                        "--overwrite replaces it; pass one of them")
+    if source is None or source.parent.resolve() == output_dir.resolve() or not holds_a_run(output_dir):
+        return
+    if not args.overwrite:
+        raise UserError(f"--output-dir {output_dir}: holds another run than {source}; resume into an empty folder, "
+                        "replace that run with --overwrite, or leave --output-dir out to continue in "
+                        f"{source.parent}")
 
 
 def describe_run(checkpoint: dict[str, Any]) -> str:
@@ -651,20 +706,46 @@ def describe_run(checkpoint: dict[str, Any]) -> str:
             f", best val accuracy {progress.get('best_val_acc', 0.0):.2%} at epoch {progress.get('best_epoch', '?')}")
 
 
-def clear_run_outputs(output_dir: Path) -> None:
-    """Delete what an earlier run wrote into ``output_dir`` (only train.py's own files), so none of it outlives it."""
-    removed = []
-    for name in RUN_OUTPUTS:
-        path = output_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(name + ("/" if name in ("report", "tensorboard") else ""))
+def clear_run_outputs(output_dir: Path, config_file: str | None) -> None:
+    """Delete what an earlier run of train.py wrote into ``output_dir``, so none of it outlives it: its checkpoints,
+    history, plots, skip list, the report's files, TensorBoard's event files, and a config.yaml that train.py wrote
+    (never the ``--config`` file in use). Anything else in the folder is left alone."""
+    removed = [name for name in RUN_OUTPUTS if _remove_file(output_dir / name)]
+    if _is_written_config(output_dir / "config.yaml", config_file) and _remove_file(output_dir / "config.yaml"):
+        removed.append("config.yaml")
+    for folder, names in (("report", lambda path: path.name in REPORT_FILES),
+                          ("tensorboard", lambda path: path.name.startswith("events.out.tfevents."))):
+        inside = [path for path in (output_dir / folder).glob("*") if names(path)] if (output_dir / folder).is_dir() else []
+        if [path for path in inside if _remove_file(path)]:
+            removed.append(f"{folder}/")
+            with contextlib.suppress(OSError):
+                (output_dir / folder).rmdir()  # only when nothing else is in it
     if removed:
         print(f"note: removed the earlier run's {', '.join(removed)} from {output_dir}")
+
+
+def refuse_a_foreign_config_file(output_dir: Path) -> None:
+    """A new run writes config.yaml into ``output_dir``: one there that train.py did not write (your own, perhaps
+    the very --config in use) is not replaced."""
+    path = output_dir / "config.yaml"
+    if path.is_file() and not _is_written_config(path, None):
+        raise UserError(f"--output-dir {output_dir}: holds a config.yaml that train.py did not write, and a run writes "
+                        "its own there; move that file, or pass another --output-dir")
+
+
+def _remove_file(path: Path) -> bool:
+    if path.is_file() or path.is_symlink():
+        path.unlink()
+        return True
+    return False
+
+
+def _is_written_config(path: Path, config_file: str | None) -> bool:
+    """True for a config.yaml that train.py wrote (its first line says where it ran) and that is not in use."""
+    if not path.is_file() or (config_file and Path(config_file).resolve() == path.resolve()):
+        return False
+    with path.open(encoding="utf-8", errors="ignore") as handle:
+        return handle.readline().startswith(CONFIG_HEADER_START)
 
 
 def run_is_complete(args: argparse.Namespace, progress: Progress) -> bool:
@@ -724,12 +805,12 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Train with the given arguments (a list, or one string split as a shell would); returns a summary (best
     epoch, accuracy, output folder)."""
     args, resume = parse_args_and_resume(argv)
+    refuse_resuming_over_another_run(args)
     same_command = False
     if resume is None:  # no --resume: the folder may hold this very command's run, to continue
         resume = run_to_continue(args)
         same_command = resume is not None
     if resume is None:
-        clear_run_outputs(Path(args.output_dir))
         return train_and_finish(args, None)
     progress = Progress(**resume["training_state"]["progress"])
     note_schedule_change(args, resume, progress)

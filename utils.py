@@ -57,8 +57,8 @@ def launched_as_script(script: str) -> bool:
 
 def command_hint(script: str, args: Sequence[str]) -> str:
     """How to run ``script`` with ``args`` the way it was started: a shell command, or a ``main([...])`` call."""
-    if launched_as_script(script):
-        return " ".join(["python", script, *(shlex.quote(str(arg)) for arg in args)])
+    if launched_as_script(script):  # as the user started it: python train.py, or python path/to/train.py
+        return " ".join(["python", shlex.quote(sys.argv[0]), *(shlex.quote(str(arg)) for arg in args)])
     return f"{Path(script).stem}.main({[str(arg) for arg in args]!r})"
 
 

@@ -274,7 +274,7 @@ def test_unreadable_files_are_skipped_up_front_with_the_reason(bad_run: BadRun, 
 
 
 def test_the_up_front_list_counts_the_unreadable_files(bad_run: BadRun) -> None:
-    assert f"warning: skipped {len(UNREADABLE_FILES)} unreadable image file(s):" in bad_run.result.stdout
+    assert f"warning: skipped {len(UNREADABLE_FILES)} image file(s) that cannot be read or are too large:" in bad_run.result.stdout
 
 
 def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: BadRun) -> None:
@@ -312,7 +312,7 @@ def test_verify_images_catches_a_truncated_jpeg_up_front(small_data: ColourData,
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     start = result.stdout.split("\nepoch ")[0]
-    assert "warning: skipped 1 unreadable image file(s):" in start
+    assert "warning: skipped 1 image file(s) that cannot be read or are too large:" in start
     assert f"  {truncated}: image file is truncated" in start
     assert "truncated" in (tmp_path / "out" / "skipped_files.txt").read_text().split(f"{truncated}\t")[1]
     assert "warning: skipping" not in result.stderr  # training never met it
@@ -400,12 +400,20 @@ def test_predict_refuses_to_write_a_submission_with_missing_rows(
     result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
                        "--output", output, *PREDICT_FLAGS, *LIMIT_FLAGS)
 
-    line = assert_user_error(result, "4 test image(s) could not be decoded", "--allow-missing", *broken)
-    assert not output.exists()
-    # each file with its reason
+    # The files whose headers fail are refused before any inference, each with its reason.
+    line = assert_user_error(result, "3 test image(s) could not be decoded", "--allow-missing",
+                             test_dir / "empty.jpg", test_dir / "huge.png", test_dir / "text.jpg")
+    assert not output.exists() and "cut.jpg" not in line
     assert f"{test_dir / 'huge.png'} (100x100 pixels (10,000) is above the limit of 4,000" in line
-    assert f"{test_dir / 'cut.jpg'} (image file is truncated" in line
     assert f"{test_dir / 'empty.jpg'} (cannot identify image file" in line
+    for path in broken[1:]:
+        path.unlink()
+    # A file truncated after its header is found when it is decoded.
+    result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
+                       "--output", output, *PREDICT_FLAGS, *LIMIT_FLAGS)
+    line = assert_user_error(result, "1 test image(s) could not be decoded", f"{test_dir / 'cut.jpg'} (image file is "
+                             "truncated")
+    assert not output.exists()
 
 
 def test_predict_allow_missing_writes_the_other_rows_and_names_the_missing(

@@ -308,6 +308,16 @@ def test_a_folder_linked_into_itself_is_read_once(tmp_path: Path) -> None:
     assert images == [tmp_path / "cat" / "a.jpg"] and ignored == [tmp_path / "cat" / "loop"]
 
 
+def test_a_link_back_up_the_tree_does_not_pull_in_other_classes(tmp_path: Path) -> None:
+    write_image(tmp_path / "train" / "red" / "r.jpg")
+    write_image(tmp_path / "train" / "blue" / "b.jpg")
+    (tmp_path / "train" / "red" / "up").symlink_to(tmp_path / "train")
+
+    images, ignored = list_images(tmp_path / "train" / "red")
+
+    assert images == [tmp_path / "train" / "red" / "r.jpg"] and ignored == [tmp_path / "train" / "red" / "up"]
+
+
 def test_a_single_class_is_refused(tmp_path: Path) -> None:
     write_image(tmp_path / "train" / "cat" / "a.jpg")
     write_image(tmp_path / "train" / "cat" / "b.jpg")

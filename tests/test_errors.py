@@ -332,6 +332,34 @@ def sub_folder_images_sharing_a_name(inputs: Inputs) -> BadRun:
                   [inputs.tmp / "prediction.csv"])
 
 
+def data_dir_is_the_train_folder(inputs: Inputs) -> BadRun:
+    return BadRun("train.py", ["--data-dir", inputs.data.root / "train"],
+                  [inputs.data.root / "train", "is the train/ folder itself", f"--data-dir {inputs.data.root}"])
+
+
+def data_folder_as_test_dir(inputs: Inputs) -> BadRun:
+    data = copy_of_small_data(inputs)
+    shutil.copytree(inputs.data.test_dir, data / "test")
+    return BadRun("predict.py", predict_args(inputs, inputs.checkpoint, data),
+                  ["--test-dir", data, "holds test/, train/, val/", f"--test-dir {data / 'test'}"],
+                  [inputs.tmp / "prediction.csv"])
+
+
+def labeled_split_as_test_dir(inputs: Inputs) -> BadRun:
+    val = inputs.data.root / "val"
+    return BadRun("predict.py", predict_args(inputs, inputs.checkpoint, val),
+                  ["--test-dir", val, "sub-folders 0, 1, 2 are named like the model's classes", "evaluate.py"],
+                  [inputs.tmp / "prediction.csv"])
+
+
+def run_folder_with_only_last_pt(inputs: Inputs) -> BadRun:
+    folder = inputs.tmp / "run"
+    folder.mkdir()
+    shutil.copy(inputs.checkpoint, folder / "last.pt")
+    return BadRun("predict.py", predict_args(inputs, folder, inputs.data.test_dir),
+                  ["a folder without best.pt", f"pass {folder / 'last.pt'}"], [inputs.tmp / "prediction.csv"])
+
+
 CASES: list[Callable[[Inputs], BadRun]] = [
     missing_data_dir,
     data_dir_without_train,
@@ -369,6 +397,10 @@ CASES: list[Callable[[Inputs], BadRun]] = [
     missing_labels_file,
     only_one_folder_in_test_dir,
     sub_folder_images_sharing_a_name,
+    data_dir_is_the_train_folder,
+    data_folder_as_test_dir,
+    labeled_split_as_test_dir,
+    run_folder_with_only_last_pt,
 ]
 # One per kind of check, run as real subprocesses: argument validation, the data scan, the checkpoint, decoding.
 SHELL_CASES = [missing_data_dir, unknown_trainable_block, checkpoint_that_is_text, undecodable_test_image]

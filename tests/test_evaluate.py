@@ -25,7 +25,7 @@ from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, 
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
 from dataset import IMAGENET_MEAN, IMAGENET_STD, scan_labeled_split
 from model import model_from_config
-from report import (MAX_CAPTION_CHARS, REPORT_FILES, Predictions, mistake_caption, write_evaluation_report,
+from report import (MAX_CAPTION_CHARS, MAX_CAPTION_NAME_CHARS, REPORT_FILES, Predictions, mistake_caption, write_evaluation_report,
                     write_report_files)
 
 CLASSES = ["0", "1", "2"]
@@ -271,13 +271,27 @@ def test_split_dir_with_a_subset_of_classes_and_an_undecodable_file(tiny: tuple[
     assert f"- `{failure['path']}`: {failure['reason']}" in text
 
 
-def test_without_val_folder_the_held_out_split_is_rebuilt(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def test_an_older_checkpoints_held_out_split_is_rebuilt(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     data_dir, checkpoint = tiny
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train").symlink_to(data_dir / "train")
-    result = run_evaluate("--checkpoint", checkpoint, "--data-dir", tmp_path / "data", "--report-dir", tmp_path / "r")
+    older = load_checkpoint(checkpoint)
+    del older["held_out_val_files"]  # written before the list was stored
+    save_checkpoint(older, tmp_path / "older.pt")
+    result = run_evaluate("--checkpoint", tmp_path / "older.pt", "--data-dir", tmp_path / "data", "--report-dir",
+                          tmp_path / "r")
     assert result.returncode == 0, result.stderr
+    assert "predates stored validation lists" in result.stdout
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["images"] == 3  # 25% of 4 a class
+
+
+def test_a_run_that_validated_on_val_is_not_evaluated_on_a_rebuilt_split(tiny: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    data_dir, checkpoint = tiny  # trained (so to speak) with a val/ folder: no held-out list
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(data_dir / "train")
+    result = run_evaluate("--checkpoint", checkpoint, "--data-dir", tmp_path / "data")
+    assert_user_error(result, "this checkpoint's run validated on a val/ folder", "--split-dir")
 
 
 def test_library_call_as_train_py_makes_it(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -343,13 +357,18 @@ def test_undecodable_files_are_reported_with_their_reasons(
     assert f"- `val/b/huge.png`: {reasons[1]}\n- `val/a/bad.jpg`: {reasons[3]}" in text
 
 
-def test_mistake_caption_names_the_class_folder_and_keeps_the_end_of_a_long_path() -> None:
-    predictions = Predictions(paths=["data/val/3/0.jpg", "data/val/a_very_long_class_name/img_0001.jpg"],
+def test_mistake_captions_name_the_class_folder_and_keep_long_names_distinct() -> None:
+    predictions = Predictions(paths=["data/val/3/0.jpg", "data/val/a_very_long_class_name_of_flowers/img_0001.jpg"],
                               targets=np.array([3, 0]), probabilities=np.eye(4)[[0, 3]], failed=[])
     assert mistake_caption(predictions, 0, ["0", "1", "2", "3"]).splitlines()[-1] == "3/0.jpg"
     long_line = mistake_caption(predictions, 1, ["0", "1", "2", "3"]).splitlines()[-1]
     assert len(long_line) == MAX_CAPTION_CHARS
-    assert long_line.startswith("…") and long_line.endswith("_name/img_0001.jpg")
+    assert long_line.startswith("a_very_long") and long_line.endswith("img_0001.jpg") and "…" in long_line
+    names = [f"very_long_common_prefix_for_class_names_{suffix}" for suffix in ("alpha", "beta", "gamma", "delta")]
+    labels = plots.shorten_labels(names, MAX_CAPTION_NAME_CHARS)
+    caption = mistake_caption(predictions, 1, labels).splitlines()
+    assert caption[0] == f"true: {labels[0]}" and caption[1].startswith(f"pred: {labels[3]} (")
+    assert len(set(labels)) == 4 and all(len(label) <= MAX_CAPTION_NAME_CHARS for label in labels)
 
 
 # --------------------------------------------------------------------------- error paths

@@ -137,6 +137,7 @@ def test_nan_loss_stops_with_the_epoch_and_batch_and_keeps_earlier_checkpoints(
 
     line = assert_user_error(result, "diverged in epoch 2", "nan at batch 2", output, "--lr")
     assert f"{output / 'last.pt'} keeps epoch 1, the last good one" in line
+    assert "--amp off" not in line  # the run already used fp32
     last = load_checkpoint(output / "last.pt")
     assert last["epoch"] == load_checkpoint(output / "best.pt")["epoch"] == 1
     assert all(torch.isfinite(value).all() for value in last["model"].values() if value.is_floating_point())

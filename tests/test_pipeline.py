@@ -161,11 +161,11 @@ def test_auto_keeps_decoded_images_where_they_fit(request_, gpu_free, ram_free, 
     choice = cache.choose_cache(request_, 12 * GB, gpu_free, ram_free, device_path=True)
     assert choice.place == place
     if request_ == "auto":
-        assert "12.00 GB of decoded training images" in choice.reason
+        assert "12.00 GB of decoded images" in choice.reason
 
 
 def test_an_explicit_cache_place_that_cannot_hold_them_is_refused():
-    with pytest.raises(UserError, match="--cache gpu: 12.00 GB of decoded training images do not fit in 50% of the "
+    with pytest.raises(UserError, match="--cache gpu: 12.00 GB of decoded images do not fit in 50% of the "
                                         "GPU's 20.0 GB free"):
         cache.choose_cache("gpu", 12 * GB, 20 * GB, 100 * GB, device_path=True)
     with pytest.raises(UserError, match="--cache ram: only the device path"):

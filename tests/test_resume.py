@@ -251,8 +251,13 @@ def test_another_command_into_a_run_folder_is_refused_and_changes_nothing(straig
     result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, *TINY_TRAIN_FLAGS,
                        "--epochs", str(EPOCHS), "--lr", "0.01")
 
-    assert_user_error(result, f"--output-dir {output}: holds another run (epoch {EPOCHS} of {EPOCHS}, best val "
-                      "accuracy", "other --lr", "--resume auto", "--overwrite", "another --output-dir")
+    line = assert_user_error(result, f"--output-dir {output}: holds another run (epoch {EPOCHS} of {EPOCHS}, best val "
+                             "accuracy", "other --lr", "--overwrite", "another --output-dir")
+    assert "--resume" not in line  # a resumed run cannot change --lr
+    assert file_times(output) == before
+    more_epochs = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, *TINY_TRAIN_FLAGS,
+                            "--epochs", str(EPOCHS + 2))
+    assert_user_error(more_epochs, "other --epochs", "continue it with --resume auto", "--overwrite")
     assert file_times(output) == before
 
 
@@ -290,15 +295,64 @@ def test_overwrite_starts_over_and_keeps_nothing_of_the_old_run(straight: Straig
                                                                tmp_path: Path) -> None:
     output = copy_of_run(straight, tmp_path)
     (output / "skipped_files.txt").write_text("/gone/a.jpg\tcannot identify image file\n")
-    (output / "report" / "from-the-old-run.txt").write_text("old\n")
+    (output / "report" / "my-notes.md").write_text("the user's own file: stays\n")
+    old_report = (output / "report" / "metrics.json").read_text()
 
     result = tiny_train(small_data, output, "--epochs", "1", "--lr", "0.01", "--overwrite")
 
     assert "note: removed the earlier run's last.pt, best.pt, history.csv" in result.stdout
     assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1"]
     assert load_checkpoint(output / "last.pt")["config"]["lr"] == 0.01
-    assert not (output / "skipped_files.txt").exists() and not (output / "report" / "from-the-old-run.txt").exists()
-    assert (output / "report" / "metrics.json").is_file()
+    assert not (output / "skipped_files.txt").exists()
+    assert (output / "report" / "metrics.json").read_text() != old_report  # the new run's
+    assert (output / "report" / "my-notes.md").is_file()
+
+
+def test_overwrite_deletes_nothing_when_the_command_is_wrong(straight: Straight, small_data: ColourData,
+                                                            tmp_path: Path) -> None:
+    output = copy_of_run(straight, tmp_path)
+    before = file_times(output)
+
+    result = call_main(train.main, "--data-dir", tmp_path / "typo", "--output-dir", output, *TINY_TRAIN_FLAGS,
+                       "--overwrite")
+
+    assert_user_error(result, "--data-dir", "folder not found")
+    assert file_times(output) == before
+
+
+def test_overwrite_contradicts_resuming_the_same_run(straight: Straight, tmp_path: Path) -> None:
+    output = copy_of_run(straight, tmp_path)
+    result = call_main(train.main, "--resume", "auto", "--output-dir", output, "--overwrite")
+    assert_user_error(result, "--overwrite with --resume", "pass one of them")
+
+
+def test_resuming_into_a_folder_holding_another_run_is_refused(straight: Straight, small_data: ColourData,
+                                                              tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    tiny_train(small_data, other, "--epochs", "1", "--lr", "0.01")
+    before = file_times(other)
+
+    result = call_main(train.main, "--resume", straight.output / "last.pt", "--output-dir", other, "--epochs", "5")
+
+    assert_user_error(result, f"--output-dir {other}: holds another run", "--overwrite", "empty folder")
+    assert file_times(other) == before
+
+
+def test_a_fresh_run_leaves_the_users_own_files_alone(small_data: ColourData, tmp_path: Path,
+                                                      no_final_outputs: None) -> None:
+    """--output-dir . in a project folder: its report/ and config.yaml are the user's, not an old run's."""
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "thesis.tex").write_text("\\documentclass{article}\n")
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
+
+    refused = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path, *TINY_TRAIN_FLAGS,
+                        "--config", tmp_path / "config.yaml")
+    assert_user_error(refused, "holds a config.yaml that train.py did not write", "another --output-dir")
+    (tmp_path / "config.yaml").rename(tmp_path / "my-run.yaml")
+    result = tiny_train(small_data, tmp_path, "--config", tmp_path / "my-run.yaml")
+
+    assert "removed" not in result.stdout
+    assert (tmp_path / "report" / "thesis.tex").is_file() and (tmp_path / "my-run.yaml").read_text() == "epochs: 1\n"
 
 
 def test_a_fresh_run_clears_the_leftovers_of_an_older_one(small_data: ColourData, tmp_path: Path,
@@ -480,5 +534,5 @@ def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
     epoch = load_checkpoint(output / "last.pt")["epoch"]
     assert 1 <= epoch < 20
     assert f"interrupted: {output / 'last.pt'} holds epoch {epoch}; continue with: " \
-           f"python train.py --resume {output / 'last.pt'}" in stderr
+           f"python {REPO_ROOT / 'train.py'} --resume {output / 'last.pt'}" in stderr  # as the user ran it
     assert len(read_csv_rows(output / "history.csv")) == epoch

@@ -94,7 +94,7 @@ def test_class_order_is_numeric_not_string_order(trained_run: TrainedRun) -> Non
 def test_undecodable_train_images_are_listed_up_front_and_skipped(trained_run: TrainedRun) -> None:
     stdout = trained_run.result.stdout
     bad_folder = trained_run.data.root / "train" / "3"
-    assert "skipped 2 unreadable image file(s)" in stdout
+    assert "skipped 2 image file(s) that cannot be read or are too large" in stdout
     assert str(bad_folder / "empty.jpg") in stdout and str(bad_folder / "not-really.jpg") in stdout
     assert stdout.index("not-really.jpg") < stdout.index("epoch   1/2")
     assert "train 72 images" in stdout  # 12 classes x 6 decodable images
@@ -420,3 +420,26 @@ def test_an_output_path_that_is_a_folder_is_refused_before_any_work(trained_run:
 
     assert_user_error(result, f"--output: {folder} is a folder", folder / "prediction.csv")
     assert list(folder.iterdir()) == []  # no temporary file left behind
+
+
+def test_labels_for_other_classes_and_unlabeled_images_are_named(submission: Submission, tmp_path: Path) -> None:
+    truth = dict(list(submission.truth.items())[:-1])  # the last test image has no label
+    first = next(iter(truth))
+    truth[first] = "purple"
+    write_labels_csv(tmp_path / "answers.csv", truth)
+
+    result = call_main(predict.main, "--checkpoint", submission.folder / "model.pt", "--test-dir",
+                       submission.folder / "test", "--output", tmp_path / "p.csv", "--labels", tmp_path / "answers.csv",
+                       *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stderr
+    assert "1 test image(s) have no label and are not scored" in result.stdout
+    assert "label(s) purple are not classes of the model" in result.stdout
+    assert "score on 23 labeled images" in result.stdout
+
+
+def test_the_report_says_what_ran_and_how_classes_are_averaged(trained_run: TrainedRun) -> None:
+    report = (trained_run.output_dir / "report" / "report.md").read_text()
+    assert "Trained on cpu (" in report and "in fp32, 0 loader workers, augmentation on the cpu" in report
+    metrics_file = (trained_run.output_dir / "report" / "metrics.json").read_text()
+    assert '"class_averages_over": "the classes with images in this split' in metrics_file
