@@ -152,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"folder to (re)create (default: {DEFAULT_OUTPUT})",
     )
     parser.add_argument("--seed", type=int, default=0, help="RNG seed (default: 0)")
+    parser.add_argument("--train-max", type=int, default=TRAIN_MAX,
+                        help=f"training images of the largest class (default: {TRAIN_MAX})")
+    parser.add_argument("--train-min", type=int, default=TRAIN_MIN,
+                        help=f"training images of the smallest class (default: {TRAIN_MIN})")
     parser.add_argument(
         "--val-per-class", type=int, default=DEFAULT_VAL_PER_CLASS,
         help=f"validation images per class (default: {DEFAULT_VAL_PER_CLASS})",
@@ -206,11 +210,12 @@ def geometric_sizes(largest: int, smallest: int, count: int) -> list[int]:
     return [round(largest * ratio**i) for i in range(count)]
 
 
-def assign_train_sizes(rng: random.Random, n_classes: int) -> dict[int, int]:
+def assign_train_sizes(rng: random.Random, n_classes: int, largest: int = TRAIN_MAX,
+                       smallest: int = TRAIN_MIN) -> dict[int, int]:
     """Map each class to a long-tailed train size, in a seeded random order."""
     classes = list(range(n_classes))
     rng.shuffle(classes)
-    sizes = geometric_sizes(TRAIN_MAX, TRAIN_MIN, n_classes)
+    sizes = geometric_sizes(largest, smallest, n_classes)
     return dict(sorted(zip(classes, sizes)))
 
 
@@ -252,11 +257,11 @@ def pick_test(
 
 def make_plan(
     seed: int, train_labels: np.ndarray, test_labels: np.ndarray,
-    val_per_class: int, test_per_class: int,
+    val_per_class: int, test_per_class: int, train_max: int = TRAIN_MAX, train_min: int = TRAIN_MIN,
 ) -> SamplePlan:
     """Decide, from one seeded RNG, which images go into each split."""
     rng = random.Random(seed)
-    train_sizes = assign_train_sizes(rng, len(CLASS_NAMES))
+    train_sizes = assign_train_sizes(rng, len(CLASS_NAMES), train_max, train_min)
     train, val = pick_train_val(rng, train_labels, train_sizes, val_per_class)
     test = pick_test(rng, test_labels, test_per_class)
     return SamplePlan(train_sizes, train, val, test)
@@ -343,6 +348,13 @@ def split_counts(plan: SamplePlan) -> dict[str, list[int]]:
     }
 
 
+def train_sizes_flags(args: argparse.Namespace) -> str:
+    """The --train-max/--train-min flags of a build that did not use the defaults (else nothing)."""
+    if (args.train_max, args.train_min) == (TRAIN_MAX, TRAIN_MIN):
+        return ""
+    return f" --train-max {args.train_max} --train-min {args.train_min}"
+
+
 def readme_text(plan: SamplePlan, args: argparse.Namespace) -> str:
     """Compose the README.md describing the sample and how it was built."""
     counts = split_counts(plan)
@@ -358,7 +370,7 @@ A tiny, long-tailed subset of [Fashion-MNIST](https://github.com/zalandoresearch
 Licence: MIT, Copyright (c) 2017 Zalando SE -- see `LICENSE`.
 
 - `train/<class>/*.jpg` -- long-tailed: class sizes fall geometrically from
-  {TRAIN_MAX} to {TRAIN_MIN}; which class gets which size is a seeded shuffle.
+  {args.train_max} to {args.train_min}; which class gets which size is a seeded shuffle.
 - `val/<class>/*.jpg` -- {args.val_per_class} per class, from the Fashion-MNIST
   train set, disjoint from `train/`.
 - `test/*.jpg` -- {args.test_per_class} per class from the Fashion-MNIST test
@@ -372,7 +384,7 @@ Train/val file names are the image's index in the Fashion-MNIST train set.
 From the Debian package `dataset-fashion-mnist`:
 
 ```
-python scripts/make_sample.py --seed {args.seed} --val-per-class {args.val_per_class} --test-per-class {args.test_per_class}
+python scripts/make_sample.py --seed {args.seed} --val-per-class {args.val_per_class} --test-per-class {args.test_per_class}{train_sizes_flags(args)}
 ```
 
 The script is deterministic: rerunning it gives byte-identical files.
@@ -428,9 +440,11 @@ def print_summary(plan: SamplePlan, output: Path) -> None:
 
 
 def check_counts(args: argparse.Namespace) -> None:
-    """Reject per-class counts that are negative."""
+    """Reject per-class counts that are negative, and a long tail that does not fall."""
     if args.val_per_class < 0 or args.test_per_class < 0:
         raise SampleError("--val-per-class and --test-per-class must be >= 0")
+    if not 1 <= args.train_min <= args.train_max:
+        raise SampleError("--train-min and --train-max: need 1 <= --train-min <= --train-max")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -441,7 +455,7 @@ def run(args: argparse.Namespace) -> None:
     train_images, train_labels = load_split(paths["train_images"], paths["train_labels"])
     test_images, test_labels = load_split(paths["test_images"], paths["test_labels"])
     plan = make_plan(args.seed, train_labels, test_labels,
-                     args.val_per_class, args.test_per_class)
+                     args.val_per_class, args.test_per_class, args.train_max, args.train_min)
     print_mapping(plan.train_sizes)
     write_dataset(plan, args, train_images, test_images)
     print_summary(plan, args.output)
