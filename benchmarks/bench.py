@@ -1,21 +1,38 @@
 """Throughput benchmark: our training, validation and prediction against a faithful reference loop.
 
-    python benchmarks/bench.py --device cpu          # about 2 minutes on 2 cores
-    python benchmarks/bench.py --device cuda         # defaults sized for a datacentre GPU
+    python benchmarks/bench.py --device cpu     # about 1 minute on 2 cores
+    python benchmarks/bench.py --device cuda    # about 2-3 minutes on one H100, data generation included
 
 In one process and on the same generated JPEG dataset it measures, in images per second:
   baseline  the reference notebook's loop: fp32, NCHW, PIL augmentation in 2 workers, layer4+fc trained by
-            requires_grad alone, so every BatchNorm runs in training mode;
-  ours      this project's code with its defaults (train.make_loaders, engine.train_one_epoch, ...);
+            requires_grad alone, so every BatchNorm runs in training mode; its evaluation loop (the notebook has
+            one) gives both the val and the predict figure;
+  ours      what train.py and predict.py run (train.make_loaders with train.py's own options, so --cache auto
+            applies; engine.train_one_epoch, evaluate, predict_probabilities): the first epoch and, apart from
+            it, the steady state of the later ones (after the cache is built);
   ceiling   our model step on tensors already on the device: the speed with free data loading.
-It also measures the host CPU time per training image spent decoding and augmenting. The table is printed
-and appended, with the machine, to benchmarks/results.md.
+With --cpus the baseline, ours and the ceiling run again with every thread of the process (and the loader
+workers it starts) pinned to the first N cores, to emulate a small machine such as Colab's 2 vCPUs.
+
+It also times each stage of ours alone, per training batch (reading files, decoding, augmenting, host-to-device,
+the model step), so the table shows which stage limits it; and the CPU cost of one loader worker (one thread) per
+training image, which says how many images/s each worker feeds. Tables are printed and appended, with the
+machine and the setup, to benchmarks/results.md.
+
+The default --device cuda run (3,072 JPEGs of 500x375, ResNet-50 at 224, batch 128) measures all cores and
+--cpus 2, two epochs each, and a --trainable all row. Estimated for an H100 from earlier H200 figures (ceiling
+~7,330 img/s training and ~14,000 evaluating, reference loop 176-310 img/s): generation ~5 s on 16 cores, the
+reference loop ~30 s with all cores and ~40 s with 2, ours with its ceiling 20-50 s per core setting (50 s if
+first epochs ran as slowly as the old data path's 155 img/s): 2-3 minutes in all, start-up included.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
+import multiprocessing
 import os
 import platform
 import sys
@@ -23,63 +40,80 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gpu_augment  # noqa: E402
+import pipeline  # noqa: E402
 import train  # noqa: E402
 from accel import Accel, configure_backends, make_grad_scaler, resolve_amp  # noqa: E402
 from dataset import (  # noqa: E402
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    LabeledBatch,
-    LabeledImages,
+    ImageFiles,
     TrainValData,
     build_eval_transform,
     build_train_transform,
-    eval_resize_size,
-    prediction_loader,
+    train_decode_side,
 )
-from engine import evaluate, predict_probabilities, train_one_epoch  # noqa: E402
-from model import trainable_parameters  # noqa: E402
+from engine import evaluate, make_optimizer, predict_probabilities, train_one_epoch  # noqa: E402
+from model import DEFAULT_TRAINABLE, trainable_parameters  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
 DEFAULTS = {
-    "cpu": dict(classes=8, images=96, batch_size=32),
-    "cuda": dict(classes=100, images=3072, batch_size=128),
+    "cpu": dict(classes=8, images=96, batch_size=32, cpus="all", trainable_all_row=False),
+    "cuda": dict(classes=100, images=3072, batch_size=128, cpus="all,2", trainable_all_row=True),
 }
+BREAKDOWN_BATCHES = 3  # batches timed per stage in the breakdown, after one untimed
+
+
+def elapsed_note(started: float, what: str) -> None:
+    """A progress line with the seconds since the benchmark started (so a GPU log shows where time goes)."""
+    print(f"[{time.perf_counter() - started:6.1f} s] {what}", flush=True)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def make_dataset(root: Path, classes: int, images: int, width: int, height: int, seed: int = 0) -> list[tuple[str, int]]:
-    """Write photo-like JPEGs (smooth colour fields, shapes, sensor noise) and return ``(path, class)`` samples."""
-    rng = np.random.default_rng(seed)
-    samples = []
+def photo_pixels(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A photo-like ``uint8 [height, width, 3]`` picture: a smooth colour field, a disc, sensor noise."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    for index in range(images):
-        label = index % classes
-        base = rng.uniform(0, 255, size=3)
-        angle = rng.uniform(0, 2 * np.pi)
-        ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height)[..., None]
-        pixels = base + 80 * ramp * rng.uniform(-1, 1, size=3)
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, height / 2)
-        disc = ((x - cx) ** 2 + (y - cy) ** 2 < r * r)[..., None]
-        pixels = np.where(disc, rng.uniform(0, 255, size=3), pixels) + rng.normal(0, 6, size=pixels.shape)
-        path = root / str(label) / f"{index:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        samples.append((str(path), label))
+    base = rng.uniform(0, 255, size=3)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height)[..., None]
+    pixels = base + 80 * ramp * rng.uniform(-1, 1, size=3)
+    cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(20, height / 2)
+    disc = ((x - cx) ** 2 + (y - cy) ** 2 < r * r)[..., None]
+    pixels = np.where(disc, rng.uniform(0, 255, size=3), pixels) + rng.normal(0, 6, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_photo(job: tuple[str, int, int, int, int]) -> None:
+    """Write image ``index`` of the dataset (``(path, index, width, height, seed)``) as a JPEG."""
+    path, index, width, height, seed = job
+    rng = np.random.default_rng((seed, index))  # per image: the same files whichever process writes them
+    Image.fromarray(photo_pixels(rng, width, height)).save(path, quality=90)
+
+
+def make_dataset(root: Path, classes: int, images: int, width: int, height: int,
+                 seed: int = 0) -> list[tuple[str, int]]:
+    """Write photo-like JPEGs in ``root/<class>/``, in parallel on every core; return ``(path, class)`` samples."""
+    samples = [(str(root / str(index % classes) / f"{index:05d}.jpg"), index % classes) for index in range(images)]
+    for label in range(min(classes, images)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    jobs = [(path, index, width, height, seed) for index, (path, _) in enumerate(samples)]
+    with multiprocessing.Pool(min(os.cpu_count() or 1, len(jobs))) as pool:
+        pool.map(write_photo, jobs, chunksize=max(1, len(jobs) // (8 * (os.cpu_count() or 1))))
     return samples
 
 
@@ -110,7 +144,7 @@ def reference_model(arch: str, num_classes: int) -> nn.Module:
     return model
 
 
-def reference_train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def reference_train_epoch(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
                           criterion: nn.Module, device: torch.device) -> None:
     """The notebook's training loop: fp32, NCHW, model.train() (every BatchNorm in training mode)."""
     model.train()
@@ -123,7 +157,7 @@ def reference_train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch
 
 
 @torch.no_grad()
-def reference_predict(model: nn.Module, loader: DataLoader, device: torch.device) -> None:
+def reference_predict(model: nn.Module, loader: Any, device: torch.device) -> None:
     """The notebook's evaluation loop: fp32, NCHW, no_grad."""
     model.eval()
     for images, _ in loader:
@@ -145,6 +179,10 @@ class Measure:
         """Images per second."""
         return self.images / self.seconds
 
+    def __add__(self, other: Measure) -> Measure:
+        """Both measures as one: their images and their seconds summed."""
+        return Measure(self.images + other.images, self.seconds + other.seconds)
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so wall-clock times are honest."""
@@ -152,125 +190,478 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(device: torch.device, images: int, work: Callable[[], Any]) -> Measure:
-    """Run ``work`` once and time it."""
+def timed_seconds(device: torch.device, work: Callable[[], Any]) -> tuple[float, Any]:
+    """Run ``work`` once; its wall-clock seconds (queued GPU work included) and its value."""
     synchronize(device)
     started = time.perf_counter()
-    work()
+    value = work()
     synchronize(device)
-    return Measure(images, time.perf_counter() - started)
+    return time.perf_counter() - started, value
 
 
-def host_cpu_ms_per_image(dataset: torch.utils.data.Dataset, count: int, repeats: int = 2) -> float:
-    """CPU milliseconds one process spends to load and augment one item: the best of ``repeats`` runs of ``count``."""
-    dataset[0]
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.process_time()
-        for index in range(count):
-            dataset[index % len(dataset)]
-        best = min(best, (time.process_time() - started) / count * 1000)
-    return best
+def timed(device: torch.device, images: int, work: Callable[[], Any]) -> Measure:
+    """Run ``work`` (which handles ``images`` images) once and time it."""
+    return Measure(images, timed_seconds(device, work)[0])
 
 
-def host_costs(samples: list, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
-    """Host CPU ms per training image of the baseline's data path and of ours, measured before any model runs."""
-    baseline_set = ReferenceImages(samples, build_train_transform(args.img_size))
-    if train.resolve_augment_device("auto", device) == "gpu":
-        ours_set = gpu_augment.StagedImages(samples, gpu_augment.staging_size(args.img_size))
-    else:
-        ours_set = LabeledImages(samples, build_train_transform(args.img_size), eval_resize_size(args.img_size))
-    with torch.inference_mode():
-        return host_cpu_ms_per_image(baseline_set, args.host_images), host_cpu_ms_per_image(ours_set, args.host_images)
+def release_memory(device: torch.device) -> None:
+    """Free what finished measurements left behind: loader workers, and GPU memory held by PyTorch's allocator
+    (which --cache auto would otherwise count as used)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-# --------------------------------------------------------------------------- the three contenders
+def random_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Normalized-looking random images (NCHW, on ``device``) and class indices: model input with free loading."""
+    images = torch.randn(batch_size, 3, img_size, img_size).to(device)
+    return images, torch.randint(0, num_classes, (batch_size,)).to(device)
 
 
-def run_baseline(samples: list, args: argparse.Namespace, device: torch.device, num_classes: int) -> dict[str, Any]:
-    """Train one epoch, validate and predict with the reference loop."""
-    torch.manual_seed(0)
-    model = reference_model(args.arch, num_classes).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-5, weight_decay=1e-4)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.05)
-    train_set = ReferenceImages(samples, build_train_transform(args.img_size))
-    eval_set = ReferenceImages(samples, build_eval_transform(args.img_size))
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=2)
-    eval_loader = DataLoader(eval_set, batch_size=args.batch_size, shuffle=False, num_workers=2)
-    warm_up(lambda: reference_train_epoch(model, first_batch(train_loader), optimizer, criterion, device))
+# --------------------------------------------------------------------------- cores
+
+
+def available_cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def pin_every_thread(cores: set[int]) -> None:
+    """Pin every thread of this process (torch's thread pools included) to ``cores``; threads and worker
+    processes started later inherit it."""
+    tasks = Path("/proc/self/task")
+    # sched_setaffinity(0) would pin the calling thread alone: torch's OpenMP threads would still use every core.
+    thread_ids = [int(task.name) for task in tasks.iterdir()] if tasks.is_dir() else [0]
+    for thread_id in thread_ids:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(thread_id, cores)
+
+
+def cores_label(cores: int | None, total: int) -> str:
+    """How a core setting is named in the tables: ``all 16`` or ``2 of 16``."""
+    return f"all {total}" if cores is None else f"{cores} of {total}"
+
+
+@contextlib.contextmanager
+def restricted_to(cores: int | None) -> Iterator[str]:
+    """Run the block on the first ``cores`` cores (None: all), with torch's intra-op threads cut to match; yields
+    the setting's label. Where ``os.sched_setaffinity`` does not exist (macOS, Windows) it says so and uses all."""
+    every_core = available_cores()
+    if cores is None:
+        yield cores_label(None, len(every_core))
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        print(f"note: --cpus {cores}: this platform has no os.sched_setaffinity (Linux only), so it cannot restrict "
+              f"the process to {cores} cores; measuring with all of them")
+        yield cores_label(None, len(every_core))
+        return
+    threads = torch.get_num_threads()
+    pin_every_thread(set(every_core[:cores]))
+    torch.set_num_threads(cores)
+    try:
+        yield cores_label(cores, len(every_core))
+    finally:
+        pin_every_thread(set(every_core))
+        torch.set_num_threads(threads)
+
+
+def workers_for(cores: int | None, requested: str) -> int:
+    """Loader workers for a core setting: ``--workers auto`` picks what train.py's auto would on that many cores."""
+    if cores is not None and requested == "auto":
+        return min(8, cores)
+    return train.resolve_workers(requested)
+
+
+# --------------------------------------------------------------------------- one loader worker's cost
+
+
+class ItemCost(Dataset):
+    """Loads an item of ``items`` and yields only the CPU seconds that took in this thread (a loader worker's)."""
+
+    def __init__(self, items: Dataset) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> float:
+        started = time.thread_time()
+        self.items[index]
+        return time.thread_time() - started
+
+
+def worker_ms_per_image(items: Dataset, count: int) -> float:
+    """CPU milliseconds one loader worker (one process, one torch thread) spends per item of ``items``, over
+    ``count`` items after an untimed first one. In the main process ``process_time`` would also count torch's
+    intra-op threads, which on a many-core host inflates the figure several times."""
+    indices = [index % len(items) for index in range(count + 1)]
+    loader = DataLoader(ItemCost(items), batch_size=None, sampler=indices, num_workers=1)
+    costs = list(loader)[1:] or [0.0]
+    return 1000 * sum(costs) / len(costs)
+
+
+def our_worker_items(samples: list, img_size: int, on_device: bool) -> Dataset:
+    """What our loader's workers do per training image: read the file's bytes (GPU path), or decode and augment
+    it with PIL (CPU path)."""
+    paths, labels = [path for path, _ in samples], [label for _, label in samples]
+    side = train_decode_side(img_size)
+    if on_device:
+        return pipeline.FileBytes(paths, labels, side, DEFAULT_MAX_IMAGE_PIXELS)
+    return ImageFiles(paths, labels, build_train_transform(img_size), side, DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def worker_costs(samples: list, args: argparse.Namespace, on_device: bool) -> dict[str, float]:
+    """CPU ms per training image in one loader worker, for the baseline and for ours."""
     return {
-        "train": timed(device, len(samples), lambda: reference_train_epoch(model, train_loader, optimizer, criterion, device)),
-        "val": timed(device, len(samples), lambda: reference_predict(model, eval_loader, device)),
-        "predict": timed(device, len(samples), lambda: reference_predict(model, eval_loader, device)),
+        "baseline": worker_ms_per_image(ReferenceImages(samples, build_train_transform(args.img_size)),
+                                        args.worker_images),
+        "ours": worker_ms_per_image(our_worker_items(samples, args.img_size, on_device), args.worker_images),
     }
 
 
-def our_args(args: argparse.Namespace, data_dir: str) -> argparse.Namespace:
-    """train.py's options at their defaults, but for this benchmark's arch, size and batch."""
+# --------------------------------------------------------------------------- baseline
+
+
+def run_baseline(samples: list, args: argparse.Namespace, device: torch.device) -> dict[str, Measure]:
+    """One training epoch and one evaluation pass of the reference loop (which serves as val and predict)."""
+    torch.manual_seed(0)
+    model = reference_model(args.arch, args.classes).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-5, weight_decay=1e-4)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.05)
+    train_loader = DataLoader(ReferenceImages(samples, build_train_transform(args.img_size)),
+                              batch_size=args.batch_size, shuffle=True, num_workers=2)
+    eval_loader = DataLoader(ReferenceImages(samples, build_eval_transform(args.img_size)),
+                             batch_size=args.batch_size, shuffle=False, num_workers=2)
+    warm_up = [random_batch(args.batch_size, args.img_size, args.classes, device)]
+    reference_train_epoch(model, warm_up, optimizer, criterion, device)
+    reference_predict(model, warm_up, device)
+    return {
+        "train": timed(device, len(samples), lambda: reference_train_epoch(model, train_loader, optimizer,
+                                                                           criterion, device)),
+        "eval": timed(device, len(samples), lambda: reference_predict(model, eval_loader, device)),
+    }
+
+
+# --------------------------------------------------------------------------- ours
+
+
+@dataclass
+class OurRun:
+    """What train.py sets up for a run: options, device settings, data, batches, model, loss, optimizer."""
+
+    options: argparse.Namespace
+    accel: Accel
+    data: TrainValData
+    loaders: train.Loaders
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    on_device: bool  # the GPU path (decode and augment on the device), else the CPU path (PIL in the workers)
+
+
+def our_options(args: argparse.Namespace, workers: int, trainable: str) -> argparse.Namespace:
+    """train.py's options at their defaults (--cache auto included), but for this benchmark's arch, size, batch,
+    device, path and workers."""
     return train.parse_args([
-        "--data-dir", data_dir, "--arch", args.arch, "--weights", "none", "--img-size", str(args.img_size),
-        "--batch-size", str(args.batch_size), "--device", args.device, "--no-progress", "--workers", args.workers,
+        "--data-dir", args.data_dir, "--arch", args.arch, "--weights", "none", "--img-size", str(args.img_size),
+        "--batch-size", str(args.batch_size), "--device", args.device, "--no-progress", "--workers", str(workers),
+        "--augment-device", args.path, "--trainable", trainable,
     ])
 
 
-def run_ours(samples: list, args: argparse.Namespace, device: torch.device, num_classes: int) -> tuple[dict, Any]:
-    """Train one epoch, validate and predict with this project's code and defaults."""
-    options = our_args(args, args.data_dir)
-    accel = Accel(device, resolve_amp(options.amp, device), options.channels_last)
-    data = TrainValData([str(i) for i in range(num_classes)], samples, samples, "benchmark")
+def benchmark_data(samples: list, args: argparse.Namespace) -> TrainValData:
+    """The generated images as both training and validation split, with their sizes (for the cache's estimate)."""
+    sizes = {path: (args.width, args.height) for path, _ in samples}
+    return TrainValData([str(label) for label in range(args.classes)], samples, samples, "benchmark", sizes=sizes)
+
+
+def our_model(options: argparse.Namespace, accel: Accel) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model train.py builds for ``options`` and its optimizer."""
     torch.manual_seed(0)
-    model = train.make_model(options, num_classes, accel)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=3e-5, weight_decay=1e-4)
-    criterion = train.make_criterion(data, options, device)
-    scaler = make_grad_scaler(accel)
-    loaders = train.make_loaders(data, options, accel)
-    predict_loader = prediction_loader([path for path, _ in samples], args.img_size, IMAGENET_MEAN, IMAGENET_STD,
-                                       args.batch_size, options.workers, pin_memory=device.type == "cuda")
-
-    def train_epoch(loader: Iterable) -> None:
-        train_one_epoch(model, loader, criterion, optimizer, accel, scaler, loaders.train_transform, show_progress=False)
-
-    warm_up(lambda: train_epoch(first_batch(loaders.train)))
-    results = {
-        "train": timed(device, len(samples), lambda: train_epoch(loaders.train)),
-        "val": timed(device, len(samples), lambda: evaluate(model, loaders.val, criterion, accel, show_progress=False)),
-        "predict": timed(device, len(samples),
-                         lambda: predict_probabilities(model, predict_loader, len(samples), accel, show_progress=False)),
-    }
-    return results, (model, optimizer, criterion, scaler, accel, loaders.train_transform)
+    model = train.make_model(options, options.classes, accel)
+    return model, make_optimizer(trainable_parameters(model), options.lr, options.weight_decay, accel.device)
 
 
-def run_ceiling(ours: tuple, args: argparse.Namespace, device: torch.device, num_classes: int, count: int) -> dict:
-    """Our model step alone, on batches already on the device: the speed with free data loading."""
-    model, optimizer, criterion, scaler, accel, _ = ours
-    batches = max(1, count // args.batch_size)
-    images = accel.images_to_device(torch.randn(args.batch_size, 3, args.img_size, args.img_size))
-    targets = torch.randint(0, num_classes, (args.batch_size,), device=device)
-    loader = [LabeledBatch(images, targets, [])] * batches
-
-    def predict_only() -> None:
-        model.eval()  # train_one_epoch left it in training mode
-        with torch.inference_mode(), accel.autocast():
-            for batch in loader:
-                model(accel.images_to_device(batch.images)).float().softmax(dim=1)
-
-    warm_up(lambda: train_one_epoch(model, loader[:1], criterion, optimizer, accel, scaler, show_progress=False))
-    return {
-        "train": timed(device, batches * args.batch_size,
-                       lambda: train_one_epoch(model, loader, criterion, optimizer, accel, scaler, show_progress=False)),
-        "val": timed(device, batches * args.batch_size, predict_only),
-        "predict": timed(device, batches * args.batch_size, predict_only),
-    }
+def start_our_run(options: argparse.Namespace, data: TrainValData) -> OurRun:
+    """Everything train.py's set_up makes that the loop needs (no output folder, no checkpoints)."""
+    accel = Accel(torch.device(options.device), resolve_amp(options.amp, torch.device(options.device)),
+                  options.channels_last)
+    options.classes = len(data.class_names)
+    model, optimizer = our_model(options, accel)
+    return OurRun(options, accel, data, train.make_loaders(data, options, accel), model,
+                  train.make_criterion(data, options, accel.device), optimizer, make_grad_scaler(accel),
+                  train.resolve_augment_device(options.augment_device, accel.device) == "gpu")
 
 
-def first_batch(loader: DataLoader) -> list:
-    """A one-batch list taken from ``loader``, for warming up kernels and allocators."""
-    return [next(iter(loader))]
+def synthetic_batches(run: OurRun, count: int) -> list[pipeline.Batch]:
+    """``count`` batches of one random batch already on the device, as the pipeline would yield them."""
+    images, targets = random_batch(run.options.batch_size, run.options.img_size, run.options.classes,
+                                   run.accel.device)
+    batch = pipeline.Batch(run.accel.images_to_device(images), targets, list(range(len(targets))), [])
+    return [batch] * count
 
 
-def warm_up(step: Callable[[], Any]) -> None:
-    """Run one step untimed (cuDNN autotuning, allocator growth, lazy initialisation)."""
-    step()
+def warm_up_model(run: OurRun, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One untimed training step and one evaluation on a random batch (cuDNN autotuning, allocator growth)."""
+    batches = synthetic_batches(run, 1)
+    train_one_epoch(model, batches, run.criterion, optimizer, run.accel, run.scaler, show_progress=False)
+    evaluate(model, batches, run.criterion, run.accel, show_progress=False)
+
+
+def our_epoch(run: OurRun, epoch: int) -> tuple[Measure, Measure]:
+    """One epoch as train.py runs it: training, then validation; their measures."""
+    run.loaders.train.set_epoch(epoch)
+    seconds, trained = timed_seconds(run.accel.device, lambda: train_one_epoch(
+        run.model, run.loaders.train, run.criterion, run.optimizer, run.accel, run.scaler, show_progress=False))
+    val_seconds, evaluated = timed_seconds(run.accel.device, lambda: evaluate(
+        run.model, run.loaders.val, run.criterion, run.accel, show_progress=False))
+    return Measure(trained.images, seconds), Measure(evaluated.images, val_seconds)
+
+
+def our_epochs(run: OurRun, epochs: int) -> dict[str, Measure]:
+    """Training and validation of the first epoch, and of the later ones together (the steady state)."""
+    warm_up_model(run, run.model, run.optimizer)
+    trained, validated = zip(*(our_epoch(run, epoch) for epoch in range(1, epochs + 1)))
+    return {**first_and_steady("train", trained), **first_and_steady("val", validated)}
+
+
+def first_and_steady(stage: str, measures: Sequence[Measure]) -> dict[str, Measure]:
+    """The first epoch's measure and, when there are later epochs, theirs summed into one (the steady state),
+    named for the table."""
+    named = {f"{stage}, first epoch": measures[0]}
+    if len(measures) > 1:
+        later = "epoch 2" if len(measures) == 2 else f"epochs 2-{len(measures)}"
+        named[f"{stage}, steady state ({later})"] = sum(measures[2:], measures[1])
+    return named
+
+
+def our_predict(run: OurRun) -> Measure:
+    """One pass of predict.py's batches (no cache) through predict_probabilities."""
+    paths = [path for path, _ in run.data.train_samples]
+    options = run.options
+    batches = pipeline.eval_batches(paths, None, options.img_size, IMAGENET_MEAN, IMAGENET_STD, options.batch_size,
+                                    options.workers, run.accel, run.on_device)
+    return timed(run.accel.device, len(paths),
+                 lambda: predict_probabilities(run.model, batches, len(paths), run.accel, show_progress=False))
+
+
+# --------------------------------------------------------------------------- ceiling
+
+
+def ceiling_train(run: OurRun, model: nn.Module, optimizer: torch.optim.Optimizer, count: int) -> Measure:
+    """``model``'s training steps on batches already on the device."""
+    batches = synthetic_batches(run, count)
+    warm_up_model(run, model, optimizer)
+    images = count * run.options.batch_size
+    return timed(run.accel.device, images, lambda: train_one_epoch(model, batches, run.criterion, optimizer, run.accel,
+                                                                   run.scaler, show_progress=False))
+
+
+def ceiling_eval(run: OurRun, count: int) -> Measure:
+    """Our prediction step (eval mode, autocast, softmax) on batches already on the device."""
+    batches = synthetic_batches(run, count)
+
+    def predict_only(batches: list[pipeline.Batch]) -> None:
+        run.model.eval()
+        with torch.inference_mode(), run.accel.autocast():
+            for batch in batches:
+                run.model(batch.images).float().softmax(dim=1)
+
+    predict_only(batches[:1])  # warm-up
+    return timed(run.accel.device, count * run.options.batch_size, lambda: predict_only(batches))
+
+
+def other_trainable(run: OurRun, trainable: str, epoch: int, count: int) -> tuple[Measure, Measure]:
+    """A steady-state epoch and the ceiling of a model training ``trainable``, on the run's batches (their cache
+    already built)."""
+    options = argparse.Namespace(**{**vars(run.options), "trainable": train.spelled_out_trainable(trainable)})
+    model, optimizer = our_model(options, run.accel)
+    warm_up_model(run, model, optimizer)
+    run.loaders.train.set_epoch(epoch)
+    seconds, trained = timed_seconds(run.accel.device, lambda: train_one_epoch(
+        model, run.loaders.train, run.criterion, optimizer, run.accel, run.scaler, show_progress=False))
+    return Measure(trained.images, seconds), ceiling_train(run, model, optimizer, count)
+
+
+# --------------------------------------------------------------------------- per-stage breakdown
+
+
+@dataclass
+class StageCost:
+    """One stage of ours, timed alone: what was timed and its milliseconds per training batch (None: not on this
+    device)."""
+
+    stage: str
+    what: str
+    ms_per_batch: float | None
+
+
+def batch_items(run: OurRun, number: int) -> list[pipeline.Encoded]:
+    """The GPU path's worker items (file bytes) of training batch ``number`` (in file order), read here."""
+    files = our_worker_items(run.data.train_samples, run.options.img_size, on_device=True)
+    size = run.options.batch_size
+    return [files[index % len(files)] for index in range(number * size, (number + 1) * size)]
+
+
+def mean_ms(device: torch.device, work: Callable[[int], Any], count: int) -> float:
+    """Mean milliseconds of ``work(n)`` for n in 1..count, after an untimed ``work(0)``."""
+    work(0)
+    return 1000 * sum(timed_seconds(device, lambda: work(n))[0] for n in range(1, count + 1)) / count
+
+
+def host_to_device_ms(tensors: list[Tensor], device: torch.device) -> float | None:
+    """Milliseconds to copy ``tensors`` as one pinned buffer (as the loader and the ram cache do) to a CUDA
+    ``device``; None when the device is the host."""
+    if device.type != "cuda":
+        return None
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors]).pin_memory()
+    return mean_ms(device, lambda n: flat.to(device, non_blocking=True), BREAKDOWN_BATCHES)
+
+
+def device_path_stages(run: OurRun, worker_ms: float) -> list[StageCost]:
+    """Read, decode, augment and host-to-device of the GPU path, each per training batch."""
+    options, device = run.options, run.accel.device
+    side = train_decode_side(options.img_size)
+    batches = [batch_items(run, number) for number in range(BREAKDOWN_BATCHES + 1)]
+    decoder = pipeline.DeviceDecoder(device, side, side, options.max_image_pixels, warn=False)
+    decoded = [[image for _, image in decoder(items)[0]] for items in batches]
+    augment = gpu_augment.TrainAugment(options.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
+    with torch.inference_mode():
+        decode_ms = mean_ms(device, lambda n: decoder(batches[n]), BREAKDOWN_BATCHES)
+        augment_ms = mean_ms(device, lambda n: augment(decoded[n], torch.Generator().manual_seed(n)),
+                             BREAKDOWN_BATCHES)
+    stages = [
+        StageCost("read", f"one loader worker, one thread, reading the batch's files (the loader runs "
+                          f"{options.workers}; first epoch only when there is a cache)",
+                  worker_ms * options.batch_size),
+        StageCost("decode", f"DeviceDecoder on the batch ({pipeline.JPEG_DECODER_NAME}; first epoch only when there "
+                            "is a cache)", decode_ms),
+        StageCost("augment", "TrainAugment on the batch's decoded images", augment_ms),
+        StageCost("host-to-device", "the batch's file bytes (first epoch)",
+                  host_to_device_ms([item.data for item in batches[0]], device)),
+    ]
+    if run.loaders.cache.place == "ram":
+        stages.append(StageCost("host-to-device, ram cache", "the batch's decoded images (later epochs)",
+                                host_to_device_ms([image.cpu() for image in decoded[0]], device)))
+    return stages
+
+
+def host_path_stages(run: OurRun, worker_ms: float) -> list[StageCost]:
+    """Decode + augment and host-to-device of the CPU path, each per training batch."""
+    options = run.options
+    batch = torch.zeros(options.batch_size, 3, options.img_size, options.img_size)
+    return [
+        StageCost("decode + augment", f"one loader worker, one thread, PIL (the loader runs {options.workers})",
+                  worker_ms * options.batch_size),
+        StageCost("host-to-device", "the batch's float32 images", host_to_device_ms([batch], run.accel.device)),
+    ]
+
+
+def stage_breakdown(run: OurRun, worker_ms: float, ceiling: Measure, ours: tuple[str, Measure]) -> list[StageCost]:
+    """Every stage of our training batch timed alone, then the model step and the measured whole (``ours``: its
+    stage name and measure), per batch."""
+    stages = device_path_stages(run, worker_ms) if run.on_device else host_path_stages(run, worker_ms)
+    batch = run.options.batch_size
+    return stages + [
+        StageCost("model step", "the ceiling's training step", 1000 * batch / ceiling.rate),
+        StageCost("ours, whole", f"the measured {ours[0]}, per batch", 1000 * batch / ours[1].rate),
+    ]
+
+
+# --------------------------------------------------------------------------- one core setting
+
+
+@dataclass
+class Row:
+    """One line of the throughput table (baseline None: the reference loop has no such stage)."""
+
+    stage: str
+    cores: str
+    baseline: Measure | None
+    ours: Measure
+    ceiling: Measure
+
+
+@dataclass
+class Setting:
+    """What one core setting measured, and how ours ran there."""
+
+    rows: list[Row]
+    cores: str
+    workers: int
+    cache: str
+    precision: str
+    breakdown: list[StageCost]
+
+
+def contender_kind(stage: str) -> str:
+    """Which baseline and ceiling measure a stage of ours compares with: ``train`` or ``eval``."""
+    return "train" if stage.startswith("train") else "eval"
+
+
+def comparison_rows(ours: dict[str, Measure], baseline: dict[str, Measure], ceiling: dict[str, Measure],
+                    cores: str) -> list[Row]:
+    """Each stage of ours beside the baseline and ceiling measures of its kind."""
+    return [Row(stage, cores, baseline[contender_kind(stage)], measure, ceiling[contender_kind(stage)])
+            for stage, measure in ours.items()]
+
+
+def trainable_all_row(run: OurRun, args: argparse.Namespace, cores: str) -> Row:
+    """The steady-state epoch of a model training every block, against its own ceiling (no reference loop)."""
+    ours, ceiling = other_trainable(run, "all", args.epochs + 1, ceiling_batches(args))
+    return Row("train --trainable all, steady state", cores, None, ours, ceiling)
+
+
+def ceiling_batches(args: argparse.Namespace) -> int:
+    """Batches the ceiling times: about an epoch's worth."""
+    return max(1, args.images // args.batch_size)
+
+
+def ours_and_ceiling(run: OurRun, args: argparse.Namespace) -> tuple[dict[str, Measure], dict[str, Measure]]:
+    """Our epochs and prediction by stage, and the ceiling's training and evaluation steps."""
+    ours = our_epochs(run, args.epochs)
+    ours["predict"] = our_predict(run)
+    count = ceiling_batches(args)
+    return ours, {"train": ceiling_train(run, run.model, run.optimizer, count), "eval": ceiling_eval(run, count)}
+
+
+def breakdown_of(run: OurRun, ours: dict[str, Measure], ceiling: dict[str, Measure],
+                 worker_ms: float) -> list[StageCost]:
+    """Ours' stages timed alone, beside its last training measure (the steady state when there is one)."""
+    last_train = [stage for stage in ours if stage.startswith("train")][-1]
+    return stage_breakdown(run, worker_ms, ceiling["train"], (last_train, ours[last_train]))
+
+
+def measure_setting(cores: int | None, samples: list, args: argparse.Namespace, started: float,
+                    worker_ms: float | None) -> Setting:
+    """Baseline, ours and ceiling with the process restricted to ``cores`` (None: all); with ``worker_ms`` (one
+    worker's ms per image) also ours' stages timed alone."""
+    device = torch.device(args.device)
+    with restricted_to(cores) as label:
+        workers = workers_for(cores, args.workers)
+        elapsed_note(started, f"baseline (reference loop), {label} cores ...")
+        baseline = run_baseline(samples, args, device)
+        release_memory(device)
+        elapsed_note(started, f"ours ({workers} workers) and ceiling, {label} cores ...")
+        run = start_our_run(our_options(args, workers, args.trainable), benchmark_data(samples, args))
+        ours, ceiling = ours_and_ceiling(run, args)
+        rows = comparison_rows(ours, baseline, ceiling, label)
+        breakdown = [] if worker_ms is None else breakdown_of(run, ours, ceiling, worker_ms)
+        if args.trainable_all_row and run.options.trainable != "all":
+            elapsed_note(started, f"ours with --trainable all, {label} cores ...")
+            rows.append(trainable_all_row(run, args, label))
+        setting = Setting(rows, label, workers, run.loaders.cache.place, precision_of(run.accel), breakdown)
+        del run
+        release_memory(device)
+    return setting
+
+
+def precision_of(accel: Accel) -> str:
+    """``bf16, channels_last`` and the like: how ours computes."""
+    return accel.precision_name + (", channels_last" if accel.channels_last else "")
 
 
 # --------------------------------------------------------------------------- report
@@ -285,26 +676,80 @@ def machine_description(device: torch.device) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    parts = [f"CPU {cpu} ({os.cpu_count()} cores)"]
+    parts = [f"CPU {cpu} ({len(available_cores())} cores)"]
     if device.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     parts.append(f"torch {torch.__version__}, torchvision {torchvision.__version__}")
     return "; ".join(parts)
 
 
-def results_table(baseline: dict, ours: dict, ceiling: dict) -> str:
-    """Markdown table of images/s, speed-ups and efficiency."""
-    lines = ["| stage | baseline img/s | ours img/s | ceiling img/s | ours / baseline | efficiency (ours / ceiling) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for stage in ("train", "val", "predict"):
-        b, o, c = baseline[stage].rate, ours[stage].rate, ceiling[stage].rate
-        lines.append(f"| {stage} | {b:.1f} | {o:.1f} | {c:.1f} | {o / b:.2f}x | {o / c:.2f} |")
-    lines.append(f"| host CPU ms per training image (load + augment) | {baseline['host_ms']:.1f} | "
-                 f"{ours['host_ms']:.1f} | | | |")
-    # A Colab T4 comes with 2 vCPUs: its loader cannot feed more images per second than 2 cores can prepare.
-    lines.append(f"| loader bound with 2 vCPUs, img/s (2000 / host ms) | {2000 / baseline['host_ms']:.0f} | "
-                 f"{2000 / ours['host_ms']:.0f} | | | |")
+def setup_description(args: argparse.Namespace, settings: list[Setting], seconds: float) -> str:
+    """Arch, size, batch, images, precision, path, cache, workers and cores of the run, in one line."""
+    cores = ", ".join(f"{setting.cores} (workers {setting.workers}, cache {setting.cache})" for setting in settings)
+    pinned = any(not setting.cores.startswith("all") for setting in settings)
+    return (f"{args.arch} at {args.img_size} px, batch {args.batch_size}, {args.images} images of "
+            f"{args.width}x{args.height} in {args.classes} classes, {args.epochs} epochs; ours: "
+            f"{settings[0].precision}, {'gpu' if args.on_device else 'cpu'} path, trains "
+            f"{train.spelled_out_trainable(args.trainable)}; cores: {cores}"
+            f"{' (fewer cores: os.sched_setaffinity on every thread, torch threads to match)' if pinned else ''}; "
+            f"the benchmark took {seconds:.0f} s")
+
+
+def format_rate(measure: Measure | None) -> str:
+    """Images/s with one decimal under 100, none above; ``-`` for no measure."""
+    if measure is None:
+        return "-"
+    return f"{measure.rate:.1f}" if measure.rate < 100 else f"{measure.rate:.0f}"
+
+
+def throughput_table(rows: list[Row]) -> str:
+    """Markdown table of images/s, speed-ups and efficiency, one line per stage and core setting."""
+    lines = ["| stage | cores | baseline img/s | ours img/s | ceiling img/s | ours / baseline | "
+             "efficiency (ours / ceiling) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        speedup = "-" if row.baseline is None else f"{row.ours.rate / row.baseline.rate:.2f}x"
+        lines.append(f"| {row.stage} | {row.cores} | {format_rate(row.baseline)} | {format_rate(row.ours)} | "
+                     f"{format_rate(row.ceiling)} | {speedup} | {row.ours.rate / row.ceiling.rate:.2f} |")
     return "\n".join(lines)
+
+
+def breakdown_table(stages: list[StageCost], batch_size: int) -> str:
+    """Markdown table of ours' stages timed alone: ms per batch and the images/s each allows."""
+    lines = ["| stage of ours | what is timed | ms per batch | img/s it allows |", "|---|---|---:|---:|"]
+    for stage in stages:
+        if stage.ms_per_batch is None:
+            lines.append(f"| {stage.stage} | {stage.what} | - | - |")
+            continue
+        rate = 1000 * batch_size / stage.ms_per_batch if stage.ms_per_batch > 0 else float("inf")
+        lines.append(f"| {stage.stage} | {stage.what} | {stage.ms_per_batch:.1f} | {rate:.0f} |")
+    return "\n".join(lines)
+
+
+def worker_table(costs: dict[str, float]) -> str:
+    """Markdown table of one loader worker's CPU cost per training image and the images/s workers feed."""
+    baseline, ours = costs["baseline"], costs["ours"]
+    return "\n".join([
+        "| loader worker (one process, one thread) | baseline | ours |",
+        "|---|---:|---:|",
+        f"| CPU ms per training image | {baseline:.2f} | {ours:.2f} |",
+        f"| img/s one worker feeds | {1000 / baseline:.0f} | {1000 / ours:.0f} |",
+        # A Colab T4 comes with 2 vCPUs: its loader cannot feed more images per second than 2 workers prepare.
+        f"| img/s 2 workers feed (Colab's 2 vCPUs) | {2000 / baseline:.0f} | {2000 / ours:.0f} |",
+    ])
+
+
+def report(args: argparse.Namespace, settings: list[Setting], costs: dict[str, float], seconds: float) -> str:
+    """The results section: heading, machine, setup and the three tables."""
+    rows = [row for setting in settings for row in setting.rows]
+    worker_job = "reading file bytes" if args.on_device else "decoding and augmenting with PIL"
+    return (f"## {datetime.date.today().isoformat()} - {args.device} (benchmarks/bench.py)\n\n"
+            f"{machine_description(torch.device(args.device))}  \n{setup_description(args, settings, seconds)}\n\n"
+            f"{throughput_table(rows)}\n\n"
+            f"Ours per training batch of {args.batch_size}, each stage timed alone ({settings[0].cores} cores):\n\n"
+            f"{breakdown_table(settings[0].breakdown, args.batch_size)}\n\n"
+            f"One loader worker's CPU time per training image (baseline: PIL decode and augmentation; ours: "
+            f"{worker_job}):\n\n{worker_table(costs)}\n")
 
 
 def append_results(text: str) -> None:
@@ -314,53 +759,95 @@ def append_results(text: str) -> None:
         handle.write(header + "\n" + text + "\n")
 
 
+# --------------------------------------------------------------------------- options
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The benchmark's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu; the defaults of "
+                        "--classes, --images, --batch-size, --cpus and --trainable-all-row depend on it")
+    parser.add_argument("--arch", default="resnet50", help="default: resnet50")
+    parser.add_argument("--img-size", type=int, default=224, help="default: 224")
+    parser.add_argument("--trainable", default=DEFAULT_TRAINABLE, help="blocks ours trains (train.py's "
+                        f"--trainable; default {DEFAULT_TRAINABLE}); the reference loop always trains layer4,fc")
+    parser.add_argument("--trainable-all-row", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time a steady-state epoch training every block, against its own ceiling "
+                        "(default: on for cuda, off for cpu)")
+    parser.add_argument("--epochs", type=int, default=2, help="ours' epochs (default 2): the first is reported "
+                        "apart from the later ones (the steady state, after the cache is built)")
+    parser.add_argument("--cpus", help="core settings to measure, comma-separated: all, or N to pin the process "
+                        "and its workers to the first N cores (default: all on cpu, all,2 on cuda: Colab's 2 vCPUs)")
+    parser.add_argument("--path", choices=("auto", "cpu", "gpu"), default="auto", help="ours' data path "
+                        "(train.py's --augment-device): auto = gpu on cuda, cpu elsewhere; gpu on --device cpu "
+                        "runs the GPU path's code on the CPU (slow; for testing it); default auto")
     parser.add_argument("--classes", type=int, help="default: 8 on cpu, 100 on cuda")
-    parser.add_argument("--images", type=int, help="images in the generated dataset (one epoch); default 96 on cpu, 3072 on cuda")
+    parser.add_argument("--images", type=int, help="images in the generated dataset (one epoch); default 96 on "
+                        "cpu, 3072 on cuda")
     parser.add_argument("--batch-size", type=int, help="default 32 on cpu, 128 on cuda")
-    parser.add_argument("--width", type=int, default=500)
-    parser.add_argument("--height", type=int, default=375)
-    parser.add_argument("--workers", default="auto", help="our loader workers (the baseline always uses 2)")
-    parser.add_argument("--host-images", type=int, default=32, help="images timed for the host CPU cost")
-    parser.add_argument("--no-save", action="store_true", help="print the table without appending to results.md")
+    parser.add_argument("--width", type=int, default=500, help="of the generated JPEGs; default 500")
+    parser.add_argument("--height", type=int, default=375, help="of the generated JPEGs; default 375")
+    parser.add_argument("--workers", default="auto", help="our loader workers (default auto: train.py's auto for "
+                        "the cores of each setting); the reference loop always uses 2")
+    parser.add_argument("--worker-images", type=int, default=32, help="images timed in one loader worker for "
+                        "its CPU cost per image; default 32")
+    parser.add_argument("--no-save", action="store_true", help="print the tables without appending to results.md")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Generate the data, run baseline, ours and ceiling, print and save the table."""
-    args = get_args_parser().parse_args(argv)
+def parse_cpus(value: str, parser: argparse.ArgumentParser) -> list[int | None]:
+    """``--cpus all,2`` -> ``[None, 2]`` (None: all cores); a count above the cores available is an error."""
+    available = len(available_cores())
+    settings: list[int | None] = []
+    for part in (part.strip() for part in value.split(",")):
+        if part == "all":
+            settings.append(None)
+        elif part.isdigit() and 1 <= int(part) <= available:
+            settings.append(int(part))
+        else:
+            parser.error(f"--cpus {value}: {part!r} is not 'all' or a core count from 1 to {available} "
+                         "(the cores this process may use)")
+    return settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the per-device defaults filled in and --cpus parsed into ``args.core_settings``."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.cpus == DEFAULTS[args.device]["cpus"]:  # a default count this machine lacks is left out, not refused
+        args.cpus = ",".join(part for part in args.cpus.split(",")
+                             if part == "all" or int(part) < len(available_cores()))
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: must be at least 1")
+    args.core_settings = parse_cpus(args.cpus, parser)
+    return args
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Generate the data, time each core setting's baseline, ours and ceiling, print and save the tables."""
+    args = parse_args(argv)
+    started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU is visible; run with --device cpu")
-    configure_backends(device)
+    args.on_device = train.resolve_augment_device(args.path, device) == "gpu"
     with tempfile.TemporaryDirectory(prefix="bench-data-") as data_dir:
         args.data_dir = data_dir
-        print(f"generating {args.images} JPEGs of {args.width}x{args.height} in {args.classes} classes ...")
+        elapsed_note(started, f"generating {args.images} JPEGs of {args.width}x{args.height} in {args.classes} "
+                              f"classes on {os.cpu_count()} processes ...")
         samples = make_dataset(Path(data_dir) / "train", args.classes, args.images, args.width, args.height)
-        print("host cost of loading and augmentation ...", flush=True)
-        host_baseline, host_ours = host_costs(samples, args, device)
-        print("baseline (reference loop) ...", flush=True)
-        baseline = run_baseline(samples, args, device, args.classes)
-        print("ours ...", flush=True)
-        ours, state = run_ours(samples, args, device, args.classes)
-        print("ceiling (model step on device-resident tensors) ...", flush=True)
-        ceiling = run_ceiling(state, args, device, args.classes, args.images)
-    accel = state[4]
-    setup = (f"{args.arch} at {args.img_size} px, batch {args.batch_size}, {args.images} images of "
-             f"{args.width}x{args.height}; ours: {accel.precision_name}"
-             f"{', channels_last' if accel.channels_last else ''}, workers {train.resolve_workers(args.workers)}, "
-             f"augmentation on {train.resolve_augment_device('auto', device)}")
-    baseline["host_ms"], ours["host_ms"] = host_baseline, host_ours
-    text = (f"## {datetime.date.today().isoformat()} - {args.device}\n\n{machine_description(device)}  \n"
-            f"{setup}\n\n{results_table(baseline, ours, ceiling)}\n")
+        configure_backends(device)
+        elapsed_note(started, "one loader worker's CPU cost per training image ...")
+        costs = worker_costs(samples, args, args.on_device)
+        settings = [measure_setting(cores, samples, args, started, costs["ours"] if number == 0 else None)
+                    for number, cores in enumerate(args.core_settings)]
+    text = report(args, settings, costs, time.perf_counter() - started)
     print("\n" + text)
     if not args.no_save:
         append_results(text)

@@ -14,25 +14,17 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from bench import append_results, machine_description
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results.md"
 PATHS = ("cpu", "gpu")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def train_once(args: argparse.Namespace, path: str, seed: int, output: Path) -> list[dict[str, str]]:
@@ -94,14 +86,13 @@ def main(argv: list[str] | None = None) -> None:
              + (f" --data-dir {args.data_dir}" if args.data_dir else "")
              + (f" --epochs {args.epochs}" if args.epochs else "") + " --device cpu`")
     text = (f"## {datetime.date.today().isoformat()} - accuracy of the CPU and GPU data paths "
-            f"(benchmarks/path_accuracy.py)\n\nCPU {cpu_name()}; {setup}, "
+            f"(benchmarks/path_accuracy.py)\n\n{machine_description(torch.device('cpu'))}  \n{setup}, "
             f"--augment-device cpu or gpu, seeds {', '.join(map(str, args.seeds))}\n\n"
             f"{accuracy_table(results, args.seeds)}\n")
     print("\n" + text)
     if not args.no_save:
-        with RESULTS.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + text)
-        print(f"appended to {RESULTS}")
+        append_results(text)
+        print("appended to benchmarks/results.md")
 
 
 if __name__ == "__main__":
