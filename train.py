@@ -16,7 +16,6 @@ import csv
 import io
 import math
 import platform
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
