@@ -71,7 +71,7 @@ from model import DEFAULT_TRAINABLE, trainable_parameters  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
 DEFAULTS = {
-    "cpu": dict(classes=8, images=96, batch_size=32, cpus="all", trainable_all_row=False),
+    "cpu": dict(classes=8, images=192, batch_size=32, cpus="all", trainable_all_row=False),
     "cuda": dict(classes=100, images=3072, batch_size=128, cpus="all,2", trainable_all_row=True),
 }
 BREAKDOWN_BATCHES = 3  # batches timed per stage in the breakdown, after one untimed
@@ -782,7 +782,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(train.py's --augment-device): auto = gpu on cuda, cpu elsewhere; gpu on --device cpu "
                         "runs the GPU path's code on the CPU (slow; for testing it); default auto")
     parser.add_argument("--classes", type=int, help="default: 8 on cpu, 100 on cuda")
-    parser.add_argument("--images", type=int, help="images in the generated dataset (one epoch); default 96 on "
+    parser.add_argument("--images", type=int, help="images in the generated dataset (one epoch); default 192 on "
                         "cpu, 3072 on cuda")
     parser.add_argument("--batch-size", type=int, help="default 32 on cpu, 128 on cuda")
     parser.add_argument("--width", type=int, default=500, help="of the generated JPEGs; default 500")
