@@ -1,6 +1,6 @@
 """Throughput benchmark: our training, validation and prediction against a faithful reference loop.
 
-    python benchmarks/bench.py --device cpu     # about 1 minute on 2 cores
+    python benchmarks/bench.py --device cpu     # about 1.5 minutes on 2 cores
     python benchmarks/bench.py --device cuda    # about 2-3 minutes on one H100, data generation included
 
 In one process and on the same generated JPEG dataset it measures, in images per second:
