@@ -759,6 +759,14 @@ def append_results(text: str) -> None:
         handle.write(header + "\n" + text + "\n")
 
 
+def publish(text: str, save: bool) -> None:
+    """Print a results section and, when ``save``, append it to benchmarks/results.md."""
+    print("\n" + text)
+    if save:
+        append_results(text)
+        print(f"appended to {RESULTS}")
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -848,10 +856,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = [measure_setting(cores, samples, args, started, costs["ours"] if number == 0 else None)
                     for number, cores in enumerate(args.core_settings)]
     text = report(args, settings, costs, time.perf_counter() - started)
-    print("\n" + text)
-    if not args.no_save:
-        append_results(text)
-        print(f"appended to {RESULTS}")
+    publish(text, save=not args.no_save)
 
 
 if __name__ == "__main__":

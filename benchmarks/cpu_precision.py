@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from accel import cpu_has_native_bf16, resolve_amp  # noqa: E402
-from bench import append_results, machine_description, reference_model, reference_predict, reference_train_epoch  # noqa: E402
+from bench import machine_description, publish, reference_model, reference_predict, reference_train_epoch  # noqa: E402
 from model import STAGE_NAMES, build_model, freeze_blocks, trainable_parameters  # noqa: E402
 
 VARIANTS = ("reference", "fp32", "bf16", "fp16", "compile")
@@ -161,10 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{machine_description(torch.device('cpu'))}  \n{isa}  \n"
             f"{args.arch} at {args.img_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads, "
             f"data loading excluded\n\n{precision_table(rates)}\n")
-    print("\n" + text)
-    if not args.no_save:
-        append_results(text)
-        print("appended to benchmarks/results.md")
+    publish(text, save=not args.no_save)
 
 
 if __name__ == "__main__":

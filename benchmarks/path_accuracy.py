@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bench import append_results, machine_description
+from bench import machine_description, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = ("cpu", "gpu")
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(benchmarks/path_accuracy.py)\n\n{machine_description(torch.device('cpu'))}  \n{setup}, "
             f"--augment-device cpu or gpu, seeds {', '.join(map(str, args.seeds))}\n\n"
             f"{accuracy_table(results, args.seeds)}\n")
-    print("\n" + text)
-    if not args.no_save:
-        append_results(text)
-        print("appended to benchmarks/results.md")
+    publish(text, save=not args.no_save)
 
 
 if __name__ == "__main__":
