@@ -1,56 +1,33 @@
-"""The network: a torchvision ResNet-family backbone with a ``Dropout + Linear`` head, pretrained weights, freezing."""
+"""The network: a torchvision ResNet-family backbone, or any timm model (``timm:NAME``), with a ``Dropout + Linear``
+head; pretrained weights, freezing by block, parameter counts."""
 
 from __future__ import annotations
 
-import contextlib
+import difflib
+import functools
+import importlib
+import math
 import os
+import re
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from utils import UserError, first_line
 
-# torchvision's constructor arguments for each architecture (block, layers, groups, width per group).
-ARCH_SPECS: dict[str, tuple[type[nn.Module], list[int], int, int]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2], 1, 64),
-    "resnet34": (BasicBlock, [3, 4, 6, 3], 1, 64),
-    "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
-    "resnet101": (Bottleneck, [3, 4, 23, 3], 1, 64),
-    "resnet152": (Bottleneck, [3, 8, 36, 3], 1, 64),
-    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], 32, 4),
-    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], 32, 8),
-    "resnext101_64x4d": (Bottleneck, [3, 4, 23, 3], 64, 4),
-    "wide_resnet50_2": (Bottleneck, [3, 4, 6, 3], 1, 128),
-    "wide_resnet101_2": (Bottleneck, [3, 4, 23, 3], 1, 128),
-}
-SUPPORTED_ARCHS = tuple(ARCH_SPECS)
-BLOCK_NAMES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
-STAGE_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+SUPPORTED_ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+)
+TIMM_PREFIX = "timm:"
+BLOCK_NAMES = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")  # a torchvision ResNet's blocks
 DEFAULT_TRAINABLE = "layer4,fc"
-
-
-class FineTuneResNet(ResNet):
-    """A torchvision ResNet (same layers, same state-dict keys) that runs its frozen leading stages without autograd.
-
-    ``frozen_stages`` counts the stages of :data:`STAGE_NAMES` at the front that hold no trainable parameter; they
-    run under ``torch.no_grad()``, so autograd records only the trainable tail and keeps none of the trunk's
-    activations. The outputs and the gradients of the trainable parameters are unchanged.
-    """
-
-    frozen_stages: int = 0
-
-    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = STAGE_NAMES[: self.frozen_stages]
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            for name in frozen:
-                x = getattr(self, name)(x)
-        for name in STAGE_NAMES[self.frozen_stages :]:
-            x = getattr(self, name)(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 
 
 class FrozenBatchNorm(nn.BatchNorm2d):
@@ -59,28 +36,97 @@ class FrozenBatchNorm(nn.BatchNorm2d):
     It keeps BatchNorm2d's state-dict keys, so checkpoints stay loadable by plain torchvision models.
     """
 
+    thawed_class: type[_BatchNorm] = nn.BatchNorm2d  # the class it had before it was frozen
+
     def train(self, mode: bool = True) -> "FrozenBatchNorm":
         return super().train(False)
 
 
-def _new_network(arch: str) -> FineTuneResNet:
-    block, layers, groups, width = ARCH_SPECS[arch]
-    return FineTuneResNet(block, layers, groups=groups, width_per_group=width)
+class _FrozenStatistics:
+    """Mixin for BatchNorm classes that are not 2-d (BatchNorm1d, ...): always in eval mode, like FrozenBatchNorm."""
+
+    def train(self, mode: bool = True) -> Any:
+        return super().train(False)  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def is_timm_arch(arch: str) -> bool:
+    """True for ``timm:NAME`` architectures, built by the timm package."""
+    return arch.startswith(TIMM_PREFIX)
 
 
 def build_model(arch: str, num_classes: int, weights: str = "imagenet", dropout: float = 0.2) -> nn.Module:
-    """A ResNet-family network with pretrained trunk weights (``imagenet``, ``none`` or a file) and a new head."""
-    if arch not in SUPPORTED_ARCHS:
-        raise UserError(f"--arch {arch}: unknown architecture; choose one of {', '.join(SUPPORTED_ARCHS)}")
+    """A network with pretrained trunk weights (``imagenet``, ``none`` or a file) and a new ``Dropout + Linear`` head.
+
+    ``arch`` is one of :data:`SUPPORTED_ARCHS` (torchvision) or ``timm:NAME`` (any timm model; timm's own
+    pretrained weights for ``imagenet``).
+    """
+    check_arch(arch)
     if not 0 <= dropout < 1:
         raise UserError(f"--dropout {dropout}: must be in [0, 1)")
-    model = _new_network(arch)
-    if weights == "imagenet":
-        model.load_state_dict(download_imagenet_weights(arch))
-    model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_classes))
+    model = _pretrained_network(arch) if weights == "imagenet" else _new_network(arch)
+    replace_head(model, num_classes, dropout)
     if weights not in ("imagenet", "none"):
         load_weights_file(model, weights)
     return model
+
+
+def check_arch(arch: str) -> None:
+    """Raise a one-line :class:`UserError` unless ``arch`` can be built (timm installed, the name known)."""
+    if not is_timm_arch(arch):
+        if arch not in SUPPORTED_ARCHS:
+            raise UserError(f"--arch {arch}: unknown architecture; choose one of {', '.join(SUPPORTED_ARCHS)}, "
+                            f"or {TIMM_PREFIX}NAME for a timm model")
+        return
+    timm = _import_timm(arch)
+    name = _timm_name(arch)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4)
+        hint = f"did you mean {', '.join(TIMM_PREFIX + match for match in close)}?" if close else \
+            "timm.list_models() lists them"
+        raise UserError(f"--arch {arch}: timm has no model named {name}; {hint}")
+
+
+def _timm_name(arch: str) -> str:
+    return arch[len(TIMM_PREFIX):]
+
+
+def _import_timm(arch: str) -> ModuleType:
+    try:
+        return importlib.import_module("timm")
+    except ImportError:
+        raise UserError(f"--arch {arch}: needs the timm package: pip install timm") from None
+
+
+def _new_network(arch: str) -> nn.Module:
+    """The network with its original head and random weights."""
+    if is_timm_arch(arch):
+        return _import_timm(arch).create_model(_timm_name(arch), pretrained=False)
+    return models.get_model(arch, weights=None)
+
+
+def _pretrained_network(arch: str) -> nn.Module:
+    """The network with its ImageNet weights (and ImageNet head), from the cache or downloaded."""
+    if is_timm_arch(arch):
+        return _pretrained_timm_network(arch)
+    model = models.get_model(arch, weights=None)
+    model.load_state_dict(download_imagenet_weights(arch))
+    return model
+
+
+def _pretrained_timm_network(arch: str) -> nn.Module:
+    timm = _import_timm(arch)
+    name = _timm_name(arch)
+    if not timm.models.is_model_pretrained(name):
+        raise UserError(f"--weights imagenet: timm has no pretrained weights for {name}; "
+                        "use --weights none or --weights PATH")
+    try:
+        return timm.create_model(name, pretrained=True)
+    except OSError as error:  # Hugging Face hub and urllib failures (no network, not in the cache) are OSErrors
+        raise UserError(f"--weights imagenet: could not download timm's pretrained weights for {name} "
+                        f"({first_line(error)}); use --weights none or --weights PATH (a weights file)") from None
 
 
 def download_imagenet_weights(arch: str) -> dict[str, torch.Tensor]:
@@ -104,24 +150,65 @@ def offline_weights_message(url: str, error: Exception) -> str:
     )
 
 
+# --------------------------------------------------------------------------- the head
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The qualified name of the model's final classification layer: ``fc`` for a torchvision ResNet, timm's
+    ``get_classifier()`` for a timm model (``fc``, ``head.fc``, ``classifier``, ...)."""
+    if not hasattr(model, "get_classifier"):
+        return "fc"
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier:
+            return name
+    raise UserError(f"--arch: the timm model {type(model).__name__} has no single classification layer (a "
+                    "distilled model with two heads?); choose another model")
+
+
+def head_block(model: nn.Module) -> str:
+    """The top-level block that holds the classifier (``fc``, ``head``, ``classifier``, ...): it always trains."""
+    return classifier_name(model).split(".")[0]
+
+
+def replace_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    """Put a new, randomly initialised ``Dropout(dropout) + Linear`` for ``num_classes`` at the classifier's place.
+
+    Its state-dict keys are ``<classifier>.1.weight`` and ``.1.bias`` (``fc.1.weight`` for a ResNet).
+    """
+    name = classifier_name(model)
+    if hasattr(model, "reset_classifier"):  # timm: the model knows its classifier's type and input width
+        model.reset_classifier(num_classes)
+        classifier = model.get_submodule(name)
+    else:
+        classifier = nn.Linear(model.get_submodule(name).in_features, num_classes)
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attribute, nn.Sequential(nn.Dropout(dropout), classifier))
+
+
+# --------------------------------------------------------------------------- weight files
+
+
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict or checkpoint file into ``model``; a head (``fc``) that does not fit is dropped with a note.
+    """Load a state dict or checkpoint file into ``model``; a head (classifier) that does not fit is dropped with a
+    note.
 
     Weights of another architecture (a resnet18 file for a resnet50, say) are refused, naming the architecture
     they fit when it is one of :data:`SUPPORTED_ARCHS`.
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    body = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    body_own = {key: value for key, value in own.items() if not key.startswith("fc.")}
+    head = classifier_name(model) + "."
+    body = {key: value for key, value in state.items() if not key.startswith(head)}
+    body_own = {key: value for key, value in own.items() if not key.startswith(head)}
     if _shapes(body, ignore_counters=True) != _shapes(body_own, ignore_counters=True):
         raise UserError(f"--weights {path}: these weights are for another architecture than this model "
                         f"({_architecture_hint(body)}); pass the --arch they were trained with")
-    head = {key: value for key, value in state.items() if key.startswith("fc.")}
-    if _shapes(head) != _shapes({key: value for key, value in own.items() if key.startswith("fc.")}):
-        if head:
-            print(f"note: {path}: its classification head ({', '.join(sorted(head))}) does not fit this model's "
-                  f"{len(own['fc.1.bias'])} classes; the new head starts from scratch")
+    head_state = {key: value for key, value in state.items() if key.startswith(head)}
+    if _shapes(head_state) != _shapes({key: value for key, value in own.items() if key.startswith(head)}):
+        if head_state:
+            print(f"note: {path}: its classification head ({', '.join(sorted(head_state))}) does not fit this "
+                  f"model's {own[head + '1.weight'].shape[0]} classes; the new head starts from scratch")
         state = body
     model.load_state_dict(state, strict=False)
 
@@ -136,7 +223,7 @@ def _architecture_hint(body: dict[str, torch.Tensor]) -> str:
     wanted = _shapes(body, ignore_counters=True)
     for arch in SUPPORTED_ARCHS:
         with torch.device("meta"):
-            candidate = _new_network(arch).state_dict()
+            candidate = models.get_model(arch, weights=None).state_dict()
         if _shapes({key: value for key, value in candidate.items() if not key.startswith("fc.")},
                    ignore_counters=True) == wanted:
             return f"they fit {arch}"
@@ -168,71 +255,112 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def parse_trainable(spec: str) -> list[str]:
-    """Blocks named by ``--trainable`` (comma list, or ``all``), validated against :data:`BLOCK_NAMES`.
+# --------------------------------------------------------------------------- blocks and freezing
 
-    The new, randomly initialised head ``fc`` is always among them: frozen, it could not learn at all.
+
+def block_names(model: nn.Module) -> list[str]:
+    """The model's blocks, in order: its top-level children (and top-level parameters) that hold parameters.
+
+    For a torchvision or timm ResNet these are :data:`BLOCK_NAMES`; for a ConvNeXt ``stem, stages, head``.
     """
+    return list(dict.fromkeys(name.split(".")[0] for name, _ in model.named_parameters()))
+
+
+def parse_trainable(spec: str, model: nn.Module | None = None) -> list[str]:
+    """Blocks named by ``--trainable`` (comma list, or ``all``), validated against ``model``'s :func:`block_names`
+    (without a model: a torchvision ResNet's, :data:`BLOCK_NAMES`).
+
+    The new, randomly initialised head (:func:`head_block`: ``fc`` for a ResNet) is always among them: frozen,
+    it could not learn at all.
+    """
+    blocks, head = (BLOCK_NAMES, "fc") if model is None else (block_names(model), head_block(model))
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if names == ["all"]:
-        return list(BLOCK_NAMES)
-    unknown = [name for name in names if name not in BLOCK_NAMES]
+        return list(blocks)
+    unknown = [name for name in names if name not in blocks]
     if unknown or not names:
         raise UserError(
             f"--trainable {spec}: {', '.join(unknown) or 'empty'} is not a block; "
-            f"use 'all' or a comma list of {', '.join(BLOCK_NAMES)}"
+            f"use 'all' or a comma list of {', '.join(blocks)}"
         )
-    return [name for name in BLOCK_NAMES if name in names or name == "fc"]  # the new head always trains
+    return [name for name in blocks if name in names or name == head]  # the new head always trains
 
 
-def has_trainable_batchnorm(trainable: Iterable[str]) -> bool:
-    """True when a block in ``trainable`` holds BatchNorm layers that learn (all but ``conv1`` and ``fc`` do)."""
-    return bool(set(trainable) - {"conv1", "fc"})
+def has_trainable_batchnorm(trainable: Iterable[str], model: nn.Module | None = None) -> bool:
+    """True when a block in ``trainable`` holds BatchNorm layers that learn (which need 2 or more images a batch).
+
+    Without a model, the blocks are a torchvision ResNet's: all but ``conv1`` and ``fc`` hold BatchNorm.
+    """
+    if model is None:
+        return bool(set(trainable) - {"conv1", "fc"})
+    trainable = list(trainable)
+    return any(isinstance(module, _BatchNorm) and _in_blocks(name, trainable) for name, module in model.named_modules())
 
 
-def freeze_blocks(model: FineTuneResNet, trainable: Iterable[str]) -> None:
+def freeze_blocks(model: nn.Module, trainable: Iterable[str]) -> None:
     """Freeze every block not in ``trainable``: no gradients, and BatchNorm layers fixed to their running statistics.
 
-    Frozen BatchNorm layers become :class:`FrozenBatchNorm`, so ``model.train()`` cannot move their statistics,
-    and the frozen stages at the front of the network run without autograd.
+    A block is a name prefix (``layer4`` covers ``layer4.0.conv1.weight``). Frozen BatchNorm layers become
+    :class:`FrozenBatchNorm` (or a frozen subclass of their own class), so ``model.train()`` cannot move their
+    statistics. Frozen parameters record no autograd graph, so the frozen front of the network keeps no activations.
     """
-    trainable = set(trainable)
-    for name in BLOCK_NAMES:
-        if name in trainable:
-            continue
-        block = getattr(model, name)
-        if isinstance(block, nn.BatchNorm2d):
-            setattr(model, name, _frozen_copy(block))
-        else:
-            _freeze_batchnorms(block)
-        for parameter in getattr(model, name).parameters():
+    trainable = list(trainable)
+    for name, parameter in model.named_parameters():
+        if not _in_blocks(name, trainable):
             parameter.requires_grad_(False)
-    model.frozen_stages = count_frozen_stages(trainable)
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm) and not _in_blocks(name, trainable):
+            freeze_batchnorm(module)
 
 
-def count_frozen_stages(trainable: Iterable[str]) -> int:
-    """How many stages of :data:`STAGE_NAMES` at the front hold no trainable block (``relu``/``maxpool`` follow)."""
-    trainable = set(trainable)
-    count = 0
-    for name in STAGE_NAMES:
-        if name in trainable:
-            break
-        count += 1
-    return count
+def _in_blocks(name: str, blocks: list[str]) -> bool:
+    return any(name == block or name.startswith(block + ".") for block in blocks)
 
 
-def _freeze_batchnorms(module: nn.Module) -> None:
-    for child_name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, child_name, _frozen_copy(child))
-        else:
-            _freeze_batchnorms(child)
+def freeze_batchnorm(batchnorm: _BatchNorm) -> None:
+    """Fix ``batchnorm`` to its running statistics for good, in place (its parameters, buffers and keys unchanged)."""
+    # Swapping the class keeps the layer's own forward (timm's BatchNormAct2d also applies an activation).
+    batchnorm.__class__ = _frozen_class(type(batchnorm))
+    batchnorm.train(False)
 
 
-def _frozen_copy(batchnorm: nn.BatchNorm2d) -> FrozenBatchNorm:
-    frozen = FrozenBatchNorm(batchnorm.num_features, eps=batchnorm.eps, momentum=batchnorm.momentum)
-    frozen.load_state_dict(batchnorm.state_dict())
-    return frozen.to(batchnorm.weight.device)
+@functools.cache
+def _frozen_class(cls: type[_BatchNorm]) -> type[_BatchNorm]:
+    if issubclass(cls, (FrozenBatchNorm, _FrozenStatistics)):
+        return cls
+    if cls is nn.BatchNorm2d:
+        return FrozenBatchNorm
+    mixin = FrozenBatchNorm if issubclass(cls, nn.BatchNorm2d) else _FrozenStatistics
+    return type(f"Frozen{cls.__name__}", (mixin, cls), {"thawed_class": cls})
+
+
+def thaw_blocks(model: nn.Module, blocks: Iterable[str]) -> list[nn.Parameter]:
+    """Make the frozen parameters of ``blocks`` trainable and give their BatchNorm layers back their own class (and
+    the model's mode), so they learn and update their statistics again; returns the parameters that thawed."""
+    blocks = list(blocks)
+    thawed = [parameter for name, parameter in model.named_parameters()
+              if _in_blocks(name, blocks) and not parameter.requires_grad]
+    for parameter in thawed:
+        parameter.requires_grad_(True)
+    for name, module in model.named_modules():
+        if _in_blocks(name, blocks) and hasattr(module, "thawed_class"):
+            module.__class__ = module.thawed_class
+            module.train(model.training)
+    return thawed
+
+
+def parse_unfreeze_at(spec: str, model: nn.Module) -> dict[int, list[str]]:
+    """``--unfreeze-at layer3:5,all:10`` as {epoch: the blocks named for it}, in epoch order; names are checked
+    against ``model``'s :func:`block_names` (``all`` is kept as written)."""
+    names, schedule = block_names(model), {}
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        block, _, epoch = (text.strip() for text in item.rpartition(":"))
+        if not block or not epoch.isdigit():
+            raise UserError(f"--unfreeze-at {spec}: {item!r} is not BLOCK:EPOCH; write e.g. layer3:5,all:10")
+        if block != "all" and block not in names:
+            raise UserError(f"--unfreeze-at {spec}: {block} is not a block; use all or one of {', '.join(names)}")
+        schedule.setdefault(int(epoch), []).append(block)
+    return dict(sorted(schedule.items()))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -246,8 +374,40 @@ def parameter_summary(model: nn.Module) -> tuple[int, int]:
     return sum(parameter.numel() for parameter in trainable_parameters(model)), total
 
 
+# --------------------------------------------------------------------------- sizes, without building
+
+
+def model_skeleton(arch: str, num_classes: int = 2) -> nn.Module:
+    """The network :func:`build_model` makes, on the meta device: its modules and shapes, but no weights, no
+    memory and no download (for counting parameters and checking ``--trainable`` before the real build)."""
+    check_arch(arch)
+    with torch.device("meta"):
+        model = _new_network(arch)
+        replace_head(model, num_classes, dropout=0.0)
+    return model
+
+
+def parameter_count(arch: str, num_classes: int) -> int:
+    """How many parameters the model train.py builds for ``arch`` and ``num_classes`` has (nothing downloaded)."""
+    return sum(parameter.numel() for parameter in model_skeleton(arch, num_classes).parameters())
+
+
+def parse_count(text: str) -> int:
+    """A parameter count for ``--max-params``: ``25600000``, ``25.6M``, ``900k``, ``1.2G`` (or ``1.2B``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGbB]?)\s*", text)
+    if match is None:
+        raise UserError(f"--max-params {text}: not a parameter count; write e.g. 25600000, 25.6M or 900k")
+    count = float(match.group(1)) * COUNT_UNITS[match.group(2).upper()]
+    if not math.isfinite(count) or count < 1:
+        raise UserError(f"--max-params {text}: must be a count of at least 1; write e.g. 25600000, 25.6M or 900k")
+    return round(count)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
 def model_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
     """Rebuild the exact module structure a checkpoint was saved from (no pretrained download)."""
     model = build_model(config["arch"], num_classes, weights="none", dropout=config.get("dropout", 0.0))
-    freeze_blocks(model, parse_trainable(config.get("trainable", DEFAULT_TRAINABLE)))
+    freeze_blocks(model, parse_trainable(config.get("trainable", DEFAULT_TRAINABLE), model))
     return model

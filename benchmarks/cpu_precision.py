@@ -6,7 +6,7 @@
 bench.py times whole epochs against the reference loop. This script takes data loading out and asks only how fast
 the model step can run here, in one process, on the same random batches:
   reference  the reference notebook's step: fp32, NCHW, every BatchNorm in training mode;
-  fp32       our step (frozen trunk under no_grad, channels_last) in full precision - what --amp auto picks on a
+  fp32       our step (frozen trunk: no graph recorded, channels_last) in full precision - what --amp auto picks on a
              CPU without native bfloat16;
   bf16/fp16  the same step under CPU autocast, forced whatever --amp auto would choose;
   compile    the fp32 step through torch.compile (compiling adds about a minute).
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from accel import cpu_has_native_bf16, resolve_amp  # noqa: E402
 from bench import machine_description, publish, reference_model, reference_predict, reference_train_epoch  # noqa: E402
-from model import STAGE_NAMES, build_model, freeze_blocks, trainable_parameters  # noqa: E402
+from model import build_model, freeze_blocks, trainable_parameters  # noqa: E402
 
 VARIANTS = ("reference", "fp32", "bf16", "fp16", "compile")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,8 +55,13 @@ def our_model(arch: str, num_classes: int) -> nn.Module:
 
 
 def frozen_trunk(model: nn.Module) -> nn.Module:
-    """The frozen leading stages of ``model`` as one module (shared, not copied)."""
-    return nn.Sequential(*(getattr(model, name) for name in STAGE_NAMES[: model.frozen_stages])).eval()
+    """The leading children of ``model`` before its first trainable one, as one module (shared, not copied)."""
+    front = []
+    for child in model.children():
+        if any(parameter.requires_grad for parameter in child.parameters()):
+            break
+        front.append(child)
+    return nn.Sequential(*front).eval()
 
 
 def measure_reference(args: argparse.Namespace, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
