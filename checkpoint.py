@@ -37,6 +37,7 @@ def make_checkpoint(
         "arch": config["arch"],
         "class_names": list(class_names),
         "img_size": int(config["img_size"]),
+        "test_size": int(config.get("test_size") or config["img_size"]),
         "mean": [float(value) for value in mean],
         "std": [float(value) for value in std],
         "config": dict(config),
@@ -93,6 +94,11 @@ def _why_unreadable(path: Path, error: Exception, flag: str) -> str:
             return "a Git LFS pointer, not the file itself; fetch it with git lfs pull"
     instead = "another copy of it" if flag == "--resume" else "another copy, or the run's last.pt or best.pt"
     return f"truncated or corrupt, or not a checkpoint of this project at all; use {instead}"
+
+
+def eval_size(checkpoint: dict[str, Any]) -> int:
+    """The size evaluation and prediction use for a checkpoint: its ``--test-size`` (older ones: the training size)."""
+    return int(checkpoint.get("test_size") or checkpoint["img_size"])
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

@@ -8,6 +8,7 @@ import math
 import random
 import re
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
@@ -375,18 +377,35 @@ def train_decode_side(img_size: int, min_scale: float = TRAIN_MIN_SCALE) -> int:
     return math.ceil(img_size / math.sqrt(min_scale))
 
 
+AUTO_AUGMENT_CHOICES = ("none", "ta_wide", "ra", "aa")
+
+
+def auto_augment_transform(name: str) -> Callable[[Image.Image], Image.Image] | None:
+    """``--auto-augment``: TrivialAugmentWide (``ta_wide``), RandAugment (``ra``), AutoAugment's ImageNet policy
+    (``aa``), or None (``none``)."""
+    policies = {"ta_wide": T.TrivialAugmentWide, "ra": T.RandAugment,
+                "aa": lambda: T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)}
+    return policies[name]() if name in policies else None
+
+
 def build_train_transform(
-    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    auto_augment: str = "none", random_erase: float = 0.0,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """The reference recipe's training augmentation, ending in a normalized tensor."""
+    """The reference recipe's training augmentation, ending in a normalized tensor; with ``auto_augment`` a policy
+    after the flip (as torchvision's reference scripts place it), with ``random_erase`` > 0 RandomErasing of that
+    probability at the end."""
+    policy = auto_augment_transform(auto_augment)
     return T.Compose(
         [
             T.RandomResizedCrop(img_size, scale=(TRAIN_MIN_SCALE, 1.0)),
             T.RandomHorizontalFlip(),
+            *([policy] if policy is not None else []),
             T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
             T.RandomRotation(15),
             T.ToTensor(),
             T.Normalize(mean, std),
+            *([T.RandomErasing(p=random_erase)] if random_erase > 0 else []),
         ]
     )
 
@@ -489,11 +508,14 @@ class EpochSampler(Sampler):
 
     Yields ``(index, sample_seed)`` keys. Because the randomness does not live in the worker processes, a run
     gives the same batches whatever ``--workers`` is, and a resumed run continues exactly as an uninterrupted
-    one would, persistent workers included. Call :meth:`set_epoch` before each epoch.
+    one would, persistent workers included. With ``weights`` (one per sample) an epoch draws ``size`` samples
+    with replacement in proportion to them instead (class-balanced sampling). Call :meth:`set_epoch` before each
+    epoch.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int, shuffle: bool = True, weights: Sequence[float] | None = None) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and seeds to yield."""
@@ -504,9 +526,18 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
         return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def balanced_sample_weights(labels: Sequence[int]) -> list[float]:
+    """One weight per sample, the inverse of its class's size: each class is drawn equally often."""
+    counts = Counter(labels)
+    return [1.0 / counts[label] for label in labels]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -587,12 +618,15 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
 def load_train_val(
     data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, held_out: Sequence[str] | None = None,
+    fold: tuple[int, int] | None = None, train_on_all: bool = False,
 ) -> TrainValData:
     """Scan ``data_dir/train`` and ``data_dir/val`` (or split train) into samples; report what was left out.
 
     Unreadable files are found by their headers, or by decoding every image with ``verify_images``. Without
     ``val/``, ``held_out`` (a run's stored list) decides the validation images; without it, a stratified
-    ``val_fraction`` of train/ drawn with ``seed``.
+    ``val_fraction`` of train/ drawn with ``seed``. With ``fold`` (I, K), train/ and val/ are pooled and fold I
+    of a stratified K-fold split validates (``held_out`` then lists paths relative to ``data_dir``); with
+    ``train_on_all`` every image trains and nothing validates.
     """
     data_dir = Path(data_dir)
     train_dir = _require_train_dir(data_dir)
@@ -608,6 +642,15 @@ def load_train_val(
     val_samples = [sample for sample in val_samples if sample[0] not in bad]
     _require_readable_images(train_dir, class_names, train_samples)
 
+    if fold is not None or train_on_all:
+        pooled = TrainValData(class_names, sorted(train_samples + val_samples), [], "", skipped, sizes=check.sizes)
+        if train_on_all:
+            pooled.val_source = "nothing (--train-on-all: " + ("train/ and val/ both train)" if val_samples else
+                                                              "all of train/ trains)")
+        else:
+            _validate_on_fold(pooled, data_dir, fold, seed, held_out)
+            _note_classes_without_val_images(pooled)
+        return pooled
     data = TrainValData(class_names, train_samples, val_samples, str(val_dir), skipped, sizes=check.sizes)
     if not val_dir.is_dir():
         _hold_out_val(data, train_dir, val_fraction, seed, held_out)
@@ -615,14 +658,58 @@ def load_train_val(
     return data
 
 
+def parse_fold(text: str) -> tuple[int, int]:
+    """``--fold 2/5`` as (2, 5): fold I of K, with 1 <= I <= K and K >= 2."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if match is None or not 2 <= int(match.group(2)) or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise UserError(f"--fold {text}: write I/K, fold I of K folds, with 1 <= I <= K and K >= 2 (e.g. 1/5)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def fold_split(samples: Sequence[Sample], fold: int, folds: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, val): fold ``fold`` (1-based) of scikit-learn's StratifiedKFold over ``samples``, shuffled with
+    ``seed``, is val. The same samples, fold count and seed give the same folds, which together cover each sample
+    exactly once."""
+    samples = sorted(samples)
+    labels = np.array([label for _, label in samples])
+    with warnings.catch_warnings():  # classes with fewer images than folds: noted by the caller
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(labels, labels))
+    train_indices, val_indices = splits[fold - 1]
+    return [samples[index] for index in train_indices], [samples[index] for index in val_indices]
+
+
+def _validate_on_fold(data: TrainValData, data_dir: Path, fold: tuple[int, int], seed: int,
+                      held_out: Sequence[str] | None) -> None:
+    index, folds = fold
+    if len(data.train_samples) < folds:
+        raise UserError(f"--fold {index}/{folds}: only {len(data.train_samples)} images in {data_dir}; use fewer folds")
+    if held_out is not None:
+        data.train_samples, data.val_samples, missing = split_by_list(data.train_samples, data_dir, held_out)
+        _note_missing_held_out(missing, held_out, data_dir, len(data.val_samples))
+    else:
+        data.train_samples, data.val_samples = fold_split(data.train_samples, index, folds, seed)
+        counts = class_counts(data.train_samples + data.val_samples, len(data.class_names))
+        few = [name for name, count in zip(data.class_names, counts) if count < folds]
+        if few:
+            print(f"note: --fold {index}/{folds}: {len(few)} class(es) have fewer images than folds ({', '.join(few[:5])}"
+                  f"{' ...' if len(few) > 5 else ''}); some folds validate without them")
+    data.val_source = f"fold {index}/{folds} of {data_dir}'s train/ and val/ pooled (stratified, seed {seed})"
+    data.held_out = [relative_name(path, data_dir) for path, _ in data.val_samples]
+
+
+def _note_missing_held_out(missing: Sequence[str], held_out: Sequence[str], root: Path, kept: int) -> None:
+    if missing:
+        print(f"note: {len(missing)} of the {len(held_out)} validation images this run held out of {root} "
+              f"are missing or unreadable now ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+              f"validating on the other {kept}")
+
+
 def _hold_out_val(data: TrainValData, train_dir: Path, val_fraction: float, seed: int,
                   held_out: Sequence[str] | None) -> None:
     if held_out is not None:
         data.train_samples, data.val_samples, missing = split_by_list(data.train_samples, train_dir, held_out)
-        if missing:
-            print(f"note: {len(missing)} of the {len(held_out)} validation images this run held out of {train_dir} "
-                  f"are missing or unreadable now ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
-                  f"validating on the other {len(data.val_samples)}")
+        _note_missing_held_out(missing, held_out, train_dir, len(data.val_samples))
         data.val_source = f"the {len(data.val_samples)} images of {train_dir} the run held out as val"
     else:
         if not 0 < val_fraction < 1:

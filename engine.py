@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from accel import Accel
+from gpu_augment import Mixed
 from dataset import DecodeFailure
 
 CUDA_READBACK_BATCHES = 25  # how often a CUDA run reads its running sums back (a few times a second)
@@ -90,12 +91,28 @@ class RunningMeter:
         self.nonfinite_seen, self.bad_value = int(nonfinite), bad
 
 
-def make_optimizer(parameters: list[nn.Parameter], lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; on CUDA fused into one kernel, which is faster and can skip a step on the device when the loss is not
-    finite (see :func:`train_step`). Elsewhere PyTorch's default implementation: a CPU run waits for nothing by
-    checking the loss on the host, and keeps the results it always had (the fused kernel rounds differently)."""
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], lr: float, weight_decay: float,
+                   device: torch.device, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or SGD with Nesterov momentum 0.9, as torchvision's reference scripts use) over ``parameters`` (a list,
+    or param groups). On CUDA fused into one kernel, which is faster and can skip a step on the device when the loss
+    is not finite (see :func:`optimizer_step`). Elsewhere PyTorch's default implementation: a CPU run waits for
+    nothing by checking the loss on the host, and keeps the results it always had (the fused kernel rounds
+    differently)."""
+    fused = device.type == "cuda"
+    if kind == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, fused=fused)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+@dataclass
+class StepOptions:
+    """How training batches become optimizer steps: gradients accumulated over ``accum_steps`` batches, batches
+    mixed by ``mix`` (``(images, targets, batch number) -> Mixed``, or None), and ``after_step`` called after each
+    optimizer step (the weight average's update)."""
+
+    accum_steps: int = 1
+    mix: Callable[[torch.Tensor, torch.Tensor, int], Mixed] | None = None
+    after_step: Callable[[], None] | None = None
 
 
 def train_one_epoch(
@@ -108,25 +125,33 @@ def train_one_epoch(
     description: str = "train",
     show_progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    options: StepOptions | None = None,
 ) -> EpochResult:
     """Train ``model`` for one pass over ``batches`` (``pipeline.Batch`` es); returns mean loss and accuracy.
 
-    Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive. A batch
-    whose loss is NaN or infinite takes no optimizer step; the next readback raises :class:`NonFiniteLossError`
-    naming the batches. The epoch is abandoned (``interrupted=True``) once ``should_stop()`` is true.
+    Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive. ``options``:
+    gradient accumulation, batch mixing, a hook after each step. An accumulation window with a NaN or infinite loss
+    takes no optimizer step; the next readback raises :class:`NonFiniteLossError` naming the batches. The epoch is
+    abandoned (``interrupted=True``) once ``should_stop()`` is true. Accuracy on mixed batches counts the label
+    that dominates each image.
     """
+    options = options or StepOptions()
     model.train()
     meter = RunningMeter(accel.device)
     interval = readback_interval(accel.device)
     started = time.perf_counter()
+    total = len(batches) if hasattr(batches, "__len__") else None
     progress = tqdm(batches, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
     failed: list[DecodeFailure] = []
+    window = AccumulationWindow(accel.device)
+    optimizer.zero_grad(set_to_none=True)
     last_read = batch_index = -1
     for batch_index, batch in enumerate(progress):
         failed.extend(batch.failed)
-        if batch.targets is None:  # every image of the batch failed to decode
-            continue
-        train_step(model, batch.images, batch.targets, criterion, optimizer, accel, scaler, meter)
+        if batch.targets is not None:  # else every image of the batch failed to decode
+            train_step(model, batch, batch_index, criterion, accel, scaler, meter, window, options)
+        if window.batches and ((batch_index + 1) % options.accum_steps == 0 or batch_index + 1 == total):
+            optimizer_step(optimizer, scaler, window, options)
         if (batch_index + 1) % interval == 0:
             check_readback(meter, last_read + 1, batch_index)
             last_read = batch_index
@@ -135,32 +160,68 @@ def train_one_epoch(
             progress.close()
             check_readback(meter, last_read + 1, batch_index)
             return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, True, failed)
+    if window.batches:  # an iterable without a length: the last window
+        optimizer_step(optimizer, scaler, window, options)
     check_readback(meter, last_read + 1, batch_index)
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, False, failed)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, accel: Accel, scaler: torch.amp.GradScaler | None,
-               meter: RunningMeter) -> None:
-    """Forward, backward and (unless the loss is not finite) an optimizer step on one batch."""
+class AccumulationWindow:
+    """The batches whose gradients the next optimizer step takes, and whether all their losses were finite (kept
+    on the device)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.batches = 0
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Count one batch of the window, with its loss."""
+        self.batches += 1
+        self.finite = self.finite & torch.isfinite(loss)
+
+
+def train_step(model: nn.Module, batch: Any, batch_index: int, criterion: nn.Module, accel: Accel,
+               scaler: torch.amp.GradScaler | None, meter: RunningMeter, window: AccumulationWindow,
+               options: StepOptions) -> None:
+    """Forward and backward of one batch (mixed when ``options.mix``); the gradients add up until the step."""
+    images, targets = batch.images, batch.targets
+    mixed = options.mix(images, targets, batch_index) if options.mix is not None else None
     with accel.autocast():
-        logits = model(images)
-        loss = criterion(logits.float(), targets)
-    meter.update(loss.detach(), logits.detach(), targets)
-    optimizer.zero_grad(set_to_none=True)
+        logits = model(mixed.images if mixed is not None else images)
+        if mixed is None:
+            loss = criterion(logits.float(), targets)
+        else:  # each label set through the same weighted, smoothed loss: class weights apply as without mixing
+            loss = mixed.lam * criterion(logits.float(), mixed.targets_a) + \
+                (1 - mixed.lam) * criterion(logits.float(), mixed.targets_b)
+    dominant = targets if mixed is None else (mixed.targets_a if mixed.lam >= 0.5 else mixed.targets_b)
+    meter.update(loss.detach(), logits.detach(), dominant)
+    window.add(loss.detach())
+    scaled = loss / options.accum_steps
+    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   window: AccumulationWindow, options: StepOptions) -> None:
+    """Step with the window's gradients unless one of its losses was not finite; then clear them."""
     if scaler is not None:  # GradScaler skips steps whose gradients are not finite, on the device
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return
-    loss.backward()
-    if optimizer.defaults.get("fused"):
+    elif optimizer.defaults.get("fused"):
         # The fused kernel reads this flag on the device, as GradScaler uses it: no waiting for the loss.
-        optimizer.found_inf = (~torch.isfinite(loss.detach())).float()
+        optimizer.found_inf = (~window.finite).float()
         optimizer.step()
         del optimizer.found_inf
-    elif torch.isfinite(loss.detach()):  # waits for the device
+    elif bool(window.finite):  # waits for the device (free on a CPU)
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    window.reset()
+    if options.after_step is not None:
+        options.after_step()
 
 
 def check_readback(meter: RunningMeter, first: int, last: int) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from accel import add_inference_options, set_up_accel
-from checkpoint import load_checkpoint, model_from_checkpoint
-from dataset import Sample, add_max_image_pixels_option, check_max_image_pixels, load_train_val, report_ignored
-from dataset import require_not_nested_once_more, scan_labeled_split, unknown_class_folders
+from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
+from dataset import Sample, add_max_image_pixels_option, check_max_image_pixels, load_train_val, parse_fold
+from dataset import report_ignored, require_not_nested_once_more, scan_labeled_split, unknown_class_folders
 from report import write_evaluation_report
 from utils import UserError, argument_list, describe_device, exit_on_user_error, resolve_workers
 
@@ -97,7 +97,7 @@ def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) 
         print("note: this checkpoint predates stored validation lists; the split is rebuilt from its --val-fraction "
               f"and --seed, which matches training only if {data_dir / 'train'} has not changed since")
     data = load_train_val(data_dir, config.get("val_fraction", 0.1), config.get("seed", 0), max_pixels=max_pixels,
-                          held_out=held_out)
+                          held_out=held_out, fold=parse_fold(config["fold"]) if config.get("fold") else None)
     if data.class_names != list(checkpoint["class_names"]):
         raise UserError(f"--data-dir {data_dir}: the class folders of train/ differ from the checkpoint's, so the "
                         "held-out split cannot be rebuilt; pass --split-dir")
@@ -111,6 +111,13 @@ def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple
         return scan_split(Path(args.split_dir), class_names, "--split-dir"), str(args.split_dir)
     data_dir = Path(args.data_dir)
     val_dir = data_dir / "val"
+    if checkpoint["config"].get("fold"):
+        print(f"note: evaluating fold {checkpoint['config']['fold']} of {data_dir}'s train/ and val/, which this run "
+              "validated on (--fold)")
+        return held_out_split(data_dir, checkpoint, args.max_image_pixels)
+    if checkpoint["config"].get("train_on_all") and val_dir.is_dir():
+        print(f"note: this run trained on {val_dir} too (--train-on-all): accuracy there overstates what it does on "
+              "new images")
     if val_dir.is_dir():
         return scan_split(val_dir, class_names, "--data-dir"), str(val_dir)
     if (data_dir / "train").is_dir():
@@ -131,7 +138,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     accel = set_up_accel(args.device, args.amp)
     print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}")
     print(f"checkpoint: {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
-          f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
+          f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))
     return write_evaluation_report(
         model, checkpoint, samples, Path(args.report_dir) if args.report_dir else checkpoint_dir / "report", accel,

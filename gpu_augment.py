@@ -22,9 +22,10 @@ by default, from sizes the host knows (tensor shapes), so a training step never 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,11 +67,13 @@ class AugmentParams:
     saturation: Tensor
     hue: Tensor
     order: Tensor
+    erase_boxes: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> AugmentParams:
         """The same parameters on ``device`` (asynchronous copies from the host)."""
-        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in self.__dataclass_fields__}
-        return AugmentParams(**moved)
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in self.__dataclass_fields__
+                 if name != "erase_boxes"}
+        return AugmentParams(**moved, erase_boxes=self.erase_boxes)
 
 
 def random_device(generator: torch.Generator | None) -> torch.device:
@@ -299,6 +302,89 @@ def _jitter_op(images: Tensor, op: int, factors: Tensor) -> Tensor:
     return adjust_hue(images, factors)
 
 
+# --------------------------------------------------------------------------- erasing and mixing
+
+
+def sample_erase_boxes(count: int, size: int, probability: float, generator: torch.Generator | None = None,
+                       scale: tuple[float, float] = (0.02, 0.33), ratio: tuple[float, float] = (0.3, 3.3),
+                       attempts: int = 10) -> list[tuple[int, int, int, int, int]]:
+    """``RandomErasing(p=probability)``'s boxes for ``count`` square images of ``size``: ``(sample, top, left, height,
+    width)`` for each sample erased (a sample whose ``attempts`` tries all fail is left alone, as torchvision does)."""
+    if probability <= 0:
+        return []
+    boxes = []
+    for sample in range(count):
+        if random_uniform((1,), 0.0, 1.0, generator).item() >= probability:
+            continue
+        for _ in range(attempts):
+            area = size * size * random_uniform((1,), *scale, generator).item()
+            aspect = math.exp(random_uniform((1,), math.log(ratio[0]), math.log(ratio[1]), generator).item())
+            height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < height < size and 0 < width < size:
+                top = int(random_uniform((1,), 0, size - height + 1, generator).item())
+                left = int(random_uniform((1,), 0, size - width + 1, generator).item())
+                boxes.append((sample, top, left, height, width))
+                break
+    return boxes
+
+
+def erase(images: Tensor, boxes: Sequence[tuple[int, int, int, int, int]]) -> Tensor:
+    """Normalized images with each box set to 0 (``RandomErasing``'s default value)."""
+    images = images.clone()
+    for sample, top, left, height, width in boxes:
+        images[sample, :, top : top + height, left : left + width] = 0
+    return images
+
+
+class Mixed(NamedTuple):
+    """A mixed batch (mixup or cutmix): images, the two label sets, and the weight of the first."""
+
+    images: Tensor
+    targets_a: Tensor
+    targets_b: Tensor
+    lam: float
+
+
+class BatchMix:
+    """Mixup and CutMix of a batch with itself rolled by one (as torchvision.transforms.v2's MixUp and CutMix):
+    one ``lam ~ Beta(alpha, alpha)`` a batch; with both enabled each batch uses one of them, at random. CutMix pastes
+    a box of area ``1 - lam`` and sets ``lam`` to the share actually kept. Batch ``n`` draws from ``seed + n``, so an
+    epoch mixes the same way however it is run."""
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, seed: int) -> None:
+        self.mixup_alpha, self.cutmix_alpha, self.seed = mixup_alpha, cutmix_alpha, seed
+
+    def __call__(self, images: Tensor, targets: Tensor, batch_number: int) -> Mixed:
+        """The mixed batch; the weight ``lam`` goes to ``targets``, ``1 - lam`` to the rolled batch's."""
+        rng = np.random.default_rng(self.seed + batch_number)
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < 0.5)
+        lam = float(rng.beta(*(2 * [self.cutmix_alpha if use_cutmix else self.mixup_alpha])))
+        other = images.roll(1, dims=0)
+        if use_cutmix:
+            images, lam = paste_box(images, other, lam, rng)
+        else:
+            images = images * lam + other * (1 - lam)
+        return Mixed(images, targets, targets.roll(1, dims=0), lam)
+
+
+def paste_box(images: Tensor, other: Tensor, lam: float, rng: np.random.Generator) -> tuple[Tensor, float]:
+    """CutMix: a box of about ``1 - lam`` of the area, at a uniform centre, taken from ``other``; returns the images
+    and the share of each image left as it was."""
+    height, width = images.shape[-2:]
+    centre_y, centre_x = int(rng.integers(height)), int(rng.integers(width))
+    half_h, half_w = int(height * math.sqrt(1 - lam)) // 2, int(width * math.sqrt(1 - lam)) // 2
+    top, bottom = max(centre_y - half_h, 0), min(centre_y + half_h, height)
+    left, right = max(centre_x - half_w, 0), min(centre_x + half_w, width)
+    images = images.clone()
+    images[..., top:bottom, left:right] = other[..., top:bottom, left:right]
+    return images, 1 - (bottom - top) * (right - left) / (height * width)
+
+
+def soft_targets(targets: Tensor, other: Tensor, lam: float, num_classes: int) -> Tensor:
+    """The mixed labels as class probabilities, ``lam * one_hot(targets) + (1 - lam) * one_hot(other)``."""
+    return lam * F.one_hot(targets, num_classes).float() + (1 - lam) * F.one_hot(other, num_classes).float()
+
+
 # --------------------------------------------------------------------------- modules
 
 
@@ -338,8 +424,10 @@ class TrainAugment(_Normalizing):
         saturation: float = 0.2,
         hue: float = 0.1,
         degrees: float = 15.0,
+        random_erase: float = 0.0,
     ) -> None:
         super().__init__(img_size, mean, std)
+        self.random_erase = float(random_erase)
         if not 0 <= hue <= 0.5:
             raise ValueError(f"hue {hue}: must be in [0, 0.5]")
         self.scale, self.ratio, self.flip_p, self.degrees = tuple(scale), tuple(ratio), flip_p, float(degrees)
@@ -363,6 +451,7 @@ class TrainAugment(_Normalizing):
             saturation=random_uniform((count,), *self.saturation, generator),
             hue=random_uniform((count,), *self.hue, generator),
             order=random_permutations(count, generator),
+            erase_boxes=sample_erase_boxes(count, self.img_size, self.random_erase, generator),
         )
 
     def apply(self, images: Sequence[Tensor], params: AugmentParams) -> Tensor:
@@ -373,7 +462,8 @@ class TrainAugment(_Normalizing):
             pixels = crop_and_resize(images, params.boxes, self.img_size)
             pixels = flip_horizontally(pixels, on_device.flips)
             pixels = apply_color_jitter(pixels, on_device, self.jitter_enabled, order=params.order)
-            return self.normalize(rotate(pixels, on_device.angles))
+            normalized = self.normalize(rotate(pixels, on_device.angles))
+            return erase(normalized, params.erase_boxes) if params.erase_boxes else normalized
 
     def forward(self, images: Sequence[Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Augment a list of ``uint8 [3, H, W]`` images -> normalized ``[B, 3, img_size, img_size]``."""

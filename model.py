@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision import models
 
+from dataset import IMAGENET_MEAN, IMAGENET_STD
 from utils import UserError, first_line
 
 SUPPORTED_ARCHS = (
@@ -87,6 +88,17 @@ def check_arch(arch: str) -> None:
         hint = f"did you mean {', '.join(TIMM_PREFIX + match for match in close)}?" if close else \
             "timm.list_models() lists them"
         raise UserError(f"--arch {arch}: timm has no model named {name}; {hint}")
+
+
+def input_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the pretrained weights expect their input normalized with: those of timm's pretrained config for
+    ``timm:NAME`` (a ViT trained on ImageNet-21k uses 0.5, say), ImageNet's for torchvision models."""
+    if not is_timm_arch(arch):
+        return IMAGENET_MEAN, IMAGENET_STD
+    config = _import_timm(arch).get_pretrained_cfg(_timm_name(arch))
+    if config is None or not config.mean or not config.std:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(config.mean), tuple(config.std)
 
 
 def _timm_name(arch: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -43,6 +44,7 @@ from dataset import (
     DecodeFailure,
     EpochSampler,
     ImageFiles,
+    balanced_sample_weights,
     build_eval_transform,
     build_train_transform,
     decode_error_reason,
@@ -82,9 +84,23 @@ def drops_lone_batch(size: int, batch_size: int) -> bool:
     return size % batch_size == 1 and size > 1
 
 
-def epoch_batches(size: int, batch_size: int, seed: int) -> BatchSampler:
-    """Each epoch's batches of ``(position, sample seed)`` keys, in :class:`EpochSampler`'s order."""
-    return BatchSampler(EpochSampler(size, seed), batch_size, drop_last=drops_lone_batch(size, batch_size))
+def epoch_batches(size: int, batch_size: int, seed: int, weights: Sequence[float] | None = None) -> BatchSampler:
+    """Each epoch's batches of ``(position, sample seed)`` keys, in :class:`EpochSampler`'s order (drawn by
+    ``weights`` when given)."""
+    return BatchSampler(EpochSampler(size, seed, weights=weights), batch_size,
+                        drop_last=drops_lone_batch(size, batch_size))
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """What the training recipe adds to the reference augmentation: an ``auto_augment`` policy (CPU path), random
+    erasing with probability ``random_erase`` (both paths), and class-balanced sampling; and the normalization."""
+
+    auto_augment: str = "none"
+    random_erase: float = 0.0
+    balanced: bool = False
+    mean: tuple[float, ...] = IMAGENET_MEAN  # the normalization the pretrained weights expect
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 # --------------------------------------------------------------------------- the CPU path
@@ -397,20 +413,25 @@ class DeviceEvalBatches:
 
 def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,
                   seed: int, accel: Accel, on_device: bool, cache: DecodedImages | None = None,
-                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> HostBatches | DeviceTrainBatches:
-    """The training batches of an epoch (call ``set_epoch`` first): shuffled and augmented by the recipe, on the
-    device (``on_device``) or in the loader's workers."""
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                  recipe: TrainRecipe = TrainRecipe()) -> HostBatches | DeviceTrainBatches:
+    """The training batches of an epoch (call ``set_epoch`` first): shuffled (or drawn class-balanced) and augmented
+    by the recipe, on the device (``on_device``; not with an auto-augment policy) or in the loader's workers."""
     decode_side = train_decode_side(img_size)
-    batch_sampler = epoch_batches(len(paths), batch_size, seed)
+    weights = balanced_sample_weights(labels) if recipe.balanced else None
+    batch_sampler = epoch_batches(len(paths), batch_size, seed, weights)
     options = loader_options(workers, seed, accel)
     if not on_device:
-        images = ImageFiles(paths, labels, build_train_transform(img_size), decode_side, max_pixels)
+        transform = build_train_transform(img_size, recipe.mean, recipe.std, recipe.auto_augment,
+                                          recipe.random_erase)
+        images = ImageFiles(paths, labels, transform, decode_side, max_pixels)
         loader = DataLoader(images, batch_sampler=batch_sampler, collate_fn=collate_decoded, **options)
         return HostBatches(loader, accel, labeled=True)
     loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels), batch_sampler=batch_sampler,
                         collate_fn=collate_encoded, **options)
     decoder = DeviceDecoder(accel.device, decode_side, decode_side, max_pixels)
-    augment = gpu_augment.TrainAugment(img_size, IMAGENET_MEAN, IMAGENET_STD).to(accel.device)
+    augment = gpu_augment.TrainAugment(img_size, recipe.mean, recipe.std,
+                                       random_erase=recipe.random_erase).to(accel.device)
     return DeviceTrainBatches(loader, decoder, augment, labels, cache, seed, accel)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 import metrics
 from accel import Accel, add_inference_options, set_up_accel
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, find_unreadable
 from dataset import report_ignored
 from engine import predict_probabilities
@@ -233,7 +233,7 @@ def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
                             "an ensemble needs models trained on the same classes")
     for path, checkpoint in zip(paths, checkpoints):
         print(f"checkpoint: {path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
-              f"{checkpoint['img_size']} px, epoch {checkpoint.get('epoch', '?')})")
+              f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')})")
     return checkpoints
 
 
@@ -256,7 +256,7 @@ def preprocessing_groups(checkpoints: Sequence[dict[str, Any]]) -> list[list[int
     """Indices of the checkpoints grouped by input size and normalization: each group shares one decoding pass."""
     groups: dict[tuple, list[int]] = {}
     for index, checkpoint in enumerate(checkpoints):
-        key = (checkpoint["img_size"], tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+        key = (eval_size(checkpoint), tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
         groups.setdefault(key, []).append(index)
     return list(groups.values())
 
@@ -278,7 +278,7 @@ def ensemble_probabilities(
     failed: dict[int, str] = {}
     for group in preprocessing_groups(checkpoints):
         first = checkpoints[group[0]]
-        batches = eval_batches([str(path) for path in paths], None, first["img_size"], first["mean"], first["std"],
+        batches = eval_batches([str(path) for path in paths], None, eval_size(first), first["mean"], first["std"],
                                batch_size, workers, accel, on_device=accel.device.type == "cuda",
                                max_pixels=max_pixels)
         models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]

@@ -33,6 +33,7 @@ import metrics
 import plots
 from accel import Accel
 from dataset import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_rgb
+from checkpoint import eval_size
 from engine import predict_probabilities
 from pipeline import eval_batches
 from utils import UserError, atomic_write_text, csv_text
@@ -79,7 +80,7 @@ def predict_samples(
     """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set
     aside (``max_pixels``: see ``dataset.check_pixel_count``)."""
     paths = [path for path, _ in samples]
-    batches = eval_batches(paths, None, checkpoint["img_size"], checkpoint["mean"], checkpoint["std"], batch_size,
+    batches = eval_batches(paths, None, eval_size(checkpoint), checkpoint["mean"], checkpoint["std"], batch_size,
                            workers, accel, on_device=accel.device.type == "cuda", max_pixels=max_pixels)
     probabilities, reasons = predict_probabilities(model, batches, len(paths), accel, show_progress)
     keep = np.ones(len(paths), dtype=bool)
@@ -324,11 +325,16 @@ def report_markdown(
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
+def _test_size_note(checkpoint: dict[str, Any]) -> str:
+    test_size = checkpoint.get("test_size")
+    return f" (evaluated at {test_size} px)" if test_size and test_size != checkpoint.get("img_size") else ""
+
+
 def _header_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list[str]:
     lines = [
         "# Evaluation report",
         "",
-        f"Checkpoint: {checkpoint.get('arch', '?')}, {summary['classes']} classes, {checkpoint.get('img_size', '?')} px, "
+        f"Checkpoint: {checkpoint.get('arch', '?')}, {summary['classes']} classes, {checkpoint.get('img_size', '?')} px{_test_size_note(checkpoint)}, "
         f"saved at epoch {checkpoint.get('epoch', '?')}. Evaluated on {summary['split'] or 'a labeled split'}: "
         f"{summary['images']} images.",
     ]

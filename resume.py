@@ -20,8 +20,10 @@ class Progress:
     """Where a run stands after its last completed epoch: what a resume needs beyond the weights and optimizer."""
 
     epoch: int = 0
-    best_val_acc: float = -1.0
+    best_val_acc: float = -1.0  # of the best epoch's chosen weights
     best_epoch: int = 0
+    best_score: float = float("-inf")  # what --monitor follows, higher is better
+    best_weights: str = "raw"  # which weights best.pt holds: "raw" or "ema" (the moving average)
     history: list[dict[str, float]] = field(default_factory=list)
     best_predictions: list[int] = field(default_factory=list)
     best_targets: list[int] = field(default_factory=list)
@@ -49,7 +51,10 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])
-    return Progress(**state["progress"])
+    progress = Progress(**state["progress"])
+    if "best_score" not in state["progress"]:  # a run from before --monitor followed its val accuracy
+        progress.best_score = progress.best_val_acc
+    return progress
 
 
 def resolve_resume_path(resume: str, output_dir: str) -> Path | None:

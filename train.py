@@ -17,7 +17,7 @@ import io
 import math
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,6 +25,7 @@ import torch
 import torchvision
 import yaml
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import metrics
 import plots
@@ -34,21 +35,40 @@ from cache import CACHE_CHOICES, CacheChoice, DecodedImages, available_ram_bytes
 from cache import gpu_free_bytes
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+    AUTO_AUGMENT_CHOICES,
     DecodeFailure,
     TrainValData,
     add_max_image_pixels_option,
     balanced_class_weights,
     check_max_image_pixels,
     class_counts,
+    epoch_seed,
     load_train_val,
+    parse_fold,
     train_decode_side,
 )
-from engine import EvalResult, NonFiniteLossError, evaluate, make_optimizer, train_one_epoch
-from model import DEFAULT_TRAINABLE, SUPPORTED_ARCHS, build_model, freeze_blocks, has_trainable_batchnorm
-from model import parameter_summary, parse_trainable, trainable_parameters
-from pipeline import DeviceEvalBatches, DeviceTrainBatches, HostBatches, eval_batches, train_batches
+from engine import EvalResult, NonFiniteLossError, StepOptions, evaluate, make_optimizer, train_one_epoch
+from model import (
+    DEFAULT_TRAINABLE,
+    SUPPORTED_ARCHS,
+    TIMM_PREFIX,
+    block_names,
+    build_model,
+    classifier_name,
+    freeze_blocks,
+    has_trainable_batchnorm,
+    head_block,
+    input_normalization,
+    model_skeleton,
+    parameter_count,
+    parameter_summary,
+    parse_count,
+    parse_trainable,
+    parse_unfreeze_at,
+    thaw_blocks,
+)
+from gpu_augment import BatchMix
+from pipeline import DeviceEvalBatches, DeviceTrainBatches, HostBatches, TrainRecipe, eval_batches, train_batches
 from report import REPORT_FILES, write_evaluation_report
 from resume import (
     Progress,
@@ -72,7 +92,9 @@ from utils import (
     seed_everything,
 )
 
-HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "seconds")
+EMA_FIELDS = ("ema_val_loss", "ema_val_acc", "ema_val_balanced_acc")  # in the history when --ema is on
+MONITOR_CHOICES = ("val_acc", "val_balanced_acc", "val_loss")
 
 
 # --------------------------------------------------------------------------- options
@@ -90,25 +112,41 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="data", help="folder holding train/<class>/ and optionally val/<class>/")
     data.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of train/ used as val/ when there is no val/ folder")
-    data.add_argument("--img-size", type=int, default=224, help="training crop and evaluation size, in pixels")
+    data.add_argument("--fold", metavar="I/K", help="pool train/ and val/, split them into K stratified folds (seeded by --seed) and validate on fold I (1..K); the split is stored in the checkpoint. K runs, then predict.py with their K best.pt, make a K-fold ensemble; unset: no folds")
+    data.add_argument("--train-on-all", action="store_true", help="train on train/ and val/ together with no validation and no early stopping, for the final fit once --epochs is known; best.pt holds the last epoch's weights (the moving average with --ema)")
+    data.add_argument("--img-size", type=int, default=224, help="training crop size, in pixels (and the evaluation size unless --test-size)")
+    data.add_argument("--test-size", type=int, help="evaluation and prediction size (resize to size*256/224, centre crop); default: --img-size. Stored in the checkpoint for predict.py and evaluate.py")
     data.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"), help="where training augmentation runs: gpu = batched on the CUDA device (auto on CUDA), cpu = PIL in the loader workers")
     data.add_argument("--verify-images", action="store_true", help="decode every image at start (slower) instead of reading headers only, to list all broken files up front")
     data.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto (one per CPU core, up to 8)")
     data.add_argument("--cache", default="auto", choices=CACHE_CHOICES, help="on the GPU path, keep the decoded training images (and validation crops) after the first epoch, so later epochs decode nothing: gpu = in GPU memory, ram = in host memory, auto = on the GPU when they fit in half its free memory, else in RAM when they fit in half of it, else none")
     add_max_image_pixels_option(data)
+    data.add_argument("--auto-augment", choices=AUTO_AUGMENT_CHOICES, default="none", help="an augmentation policy after the flip: ta_wide (TrivialAugmentWide), ra (RandAugment), aa (AutoAugment, ImageNet policy); runs on the CPU path")
+    data.add_argument("--random-erase", type=float, default=0.0, metavar="P", help="RandomErasing with this probability at the end of the recipe (e.g. 0.25); 0: off")
+    data.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="mixup of each batch with itself rolled by one, lam ~ Beta(ALPHA, ALPHA) (e.g. 0.2); 0: off")
+    data.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix, likewise (e.g. 1.0); with --mixup too, each batch uses one of the two; 0: off")
+    data.add_argument("--sampler", choices=("uniform", "balanced"), default="uniform", help="balanced draws each class equally often (with replacement), an alternative to --class-weights balanced")
     model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="resnet50", help=f"one of: {', '.join(SUPPORTED_ARCHS)}")
-    model.add_argument("--weights", default="imagenet", help="imagenet (torchvision's best), none, or a PATH to a state dict")
-    model.add_argument("--trainable", default=DEFAULT_TRAINABLE, help="blocks to train, comma-separated (conv1,bn1,layer1..layer4; the new head fc always trains), or all")
+    model.add_argument("--arch", default="resnet50", help=f"one of: {', '.join(SUPPORTED_ARCHS)} (torchvision), or {TIMM_PREFIX}NAME for any timm model (pip install timm), e.g. {TIMM_PREFIX}seresnextaa101d_32x8d.sw_in12k_ft_in1k_288")
+    model.add_argument("--max-params", metavar="N", help="refuse a model with more parameters than N (e.g. 100M, 25.6M, 900k), counted before anything is downloaded; unset: no limit")
+    model.add_argument("--weights", default="imagenet", help="imagenet (torchvision's best weights, or timm's default pretrained tag), none, or a PATH to a state dict")
+    model.add_argument("--trainable", default=DEFAULT_TRAINABLE, help="blocks to train, comma-separated, or all. Blocks are the model's top-level modules: conv1,bn1,layer1..layer4,fc for a ResNet (torchvision's or timm's); the new head always trains")
+    model.add_argument("--unfreeze-at", metavar="BLOCK:EPOCH,...", help="gradual unfreezing: each block (or all) starts training at the start of the given epoch, e.g. layer3:5,all:10 with --trainable layer4,fc; its BatchNorm stays fixed until then and it joins the optimizer at --backbone-lr-mult; unset: nothing thaws")
     model.add_argument("--dropout", type=float, default=0.2, help="dropout before the final Linear layer")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=50, help="maximum epochs; the cosine schedule spans them")
     optim.add_argument("--batch-size", type=int, default=128, help="training images per step (lower it if the GPU runs out of memory)")
-    optim.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate")
-    optim.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    optim.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw, or sgd with Nesterov momentum 0.9 (torchvision's references)")
+    optim.add_argument("--lr", type=float, default=3e-5, help="learning rate of the new head (and of the backbone, times --backbone-lr-mult)")
+    optim.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    optim.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear warmup (epoch k of W gets lr*k/(W+1)) before the cosine schedule, which then spans the other epochs")
+    optim.add_argument("--backbone-lr-mult", type=float, default=1.0, help="learning rate of the pretrained blocks relative to the new head's (e.g. 0.1)")
+    optim.add_argument("--accum-steps", type=int, default=1, help="batches whose gradients add up before each optimizer step (an effective batch of batch-size x this, for small GPUs)")
     optim.add_argument("--label-smoothing", type=float, default=0.05, help="share of each target spread over the other classes")
     optim.add_argument("--class-weights", choices=("balanced", "none"), default="balanced", help="cross-entropy class weights")
-    optim.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better val accuracy; 0 never stops early")
+    optim.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better --monitor value; 0 never stops early")
+    optim.add_argument("--monitor", choices=MONITOR_CHOICES, default="val_acc", help="what early stopping and best.pt follow: val_acc, val_balanced_acc (mean recall over the classes) or val_loss")
+    optim.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="also keep an exponential moving average of the weights (e.g. 0.999), validated each epoch; best.pt holds the better of it and the raw weights. 0: off")
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="checkpoints", help="where checkpoints, history, plots and config go")
     run.add_argument("--overwrite", action="store_true", help="start a new run in an --output-dir that holds another one, deleting its checkpoints, history, plots and report")
@@ -127,11 +165,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # Options that may differ from the checkpoint's when a run is resumed; any other difference is an error.
 RESUMABLE_OPTIONS = frozenset({"epochs", "patience", "workers", "device", "amp", "channels_last", "compile",
                                "no_progress", "data_dir", "output_dir", "resume", "epochs_this_run", "tensorboard",
-                               "verify_images", "cache", "overwrite", "max_image_pixels"})
+                               "verify_images", "cache", "overwrite", "max_image_pixels",
+                               "max_params"})
 # Options in which a command may differ from the one that started the run in --output-dir and still be that run's
 # own: they change how a run goes, not what it computes (and the folder is the run's, however it is spelled).
 SAME_RUN_MAY_DIFFER = frozenset({"workers", "no_progress", "verify_images", "tensorboard", "max_image_pixels",
-                                 "output_dir"})
+                                 "output_dir", "max_params"})
 # Options that are about this invocation only, never saved.
 INVOCATION_OPTIONS = ("config", "resume", "epochs_this_run", "overwrite")
 
@@ -147,12 +186,13 @@ def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argp
     A resumed run takes its options from the checkpoint; flags may change only :data:`RESUMABLE_OPTIONS`.
     """
     argv = argument_list(argv, "train.py")
-    parser = get_args_parser()
-    pre_args, _ = parser.parse_known_args(argv)
+    parser, pre_parser = get_args_parser(), get_args_parser(add_help=False)  # --help waits for the config's values
+    pre_args, _ = pre_parser.parse_known_args(argv)
     from_file = config_file_defaults(parser, pre_args.config) if pre_args.config else {}
     if from_file:
         parser.set_defaults(**from_file)
-        pre_args, _ = parser.parse_known_args(argv)
+        pre_parser.set_defaults(**from_file)
+        pre_args, _ = pre_parser.parse_known_args(argv)
     resume_path = resolve_resume_path(pre_args.resume, pre_args.output_dir) if pre_args.resume else None
     if resume_path is None:
         args = parser.parse_args(argv)
@@ -249,6 +289,24 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr {args.lr}: must be positive")
     if args.weight_decay < 0:
         raise UserError(f"--weight-decay {args.weight_decay}: must be 0 or more (1e-4 is the recipe)")
+    if args.test_size is not None and args.test_size < 16:
+        raise UserError(f"--test-size {args.test_size}: too small for a ResNet; use 16 or more (or leave it out)")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs}: must be 0 or more and fewer than --epochs "
+                        f"{args.epochs}")
+    if args.backbone_lr_mult <= 0:
+        raise UserError(f"--backbone-lr-mult {args.backbone_lr_mult}: must be positive (freeze blocks with "
+                        "--trainable instead)")
+    for flag, value in (("--random-erase", args.random_erase),):
+        if not 0 <= value <= 1:
+            raise UserError(f"{flag} {value}: a probability, in [0, 1]")
+    for flag, value in (("--mixup", args.mixup), ("--cutmix", args.cutmix)):
+        if value < 0:
+            raise UserError(f"{flag} {value}: the Beta distribution's alpha must be positive (0 is off)")
+    if not 0 <= args.ema < 1:
+        raise UserError(f"--ema {args.ema}: the decay must be in [0, 1) (e.g. 0.999; 0 is off)")
+    if args.accum_steps < 1:
+        raise UserError(f"--accum-steps {args.accum_steps}: must be 1 (no accumulation) or more")
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label-smoothing {args.label_smoothing}: must be in [0, 1)")
     if args.epochs_this_run is not None and args.epochs_this_run < 1:
@@ -258,24 +316,74 @@ def validate_args(args: argparse.Namespace) -> None:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output-dir {args.output_dir}: is a file; pass a folder (it is created if missing)")
     check_max_image_pixels(args.max_image_pixels)
+    if args.fold is not None:
+        parse_fold(args.fold)
+        if args.train_on_all:
+            raise UserError(f"--fold {args.fold} with --train-on-all: a fold validates, --train-on-all does not; "
+                            "pick one")
     if isinstance(args.cache, bool):  # a run started when --cache was a switch
         args.cache = "auto" if args.cache else "none"
     args.workers = resolve_workers(args.workers)
-    args.trainable = spelled_out_trainable(args.trainable)
-    if args.batch_size < 2 and has_trainable_batchnorm(parse_trainable(args.trainable)):
-        raise UserError(f"--batch-size {args.batch_size}: the trained blocks ({args.trainable}) hold BatchNorm "
+    skeleton = model_skeleton(args.arch)  # an unknown --arch, or timm missing, is refused here: nothing downloaded
+    if args.max_params is not None:  # a YAML config may give a number
+        args.max_params = str(args.max_params)
+        parse_count(args.max_params)
+    args.trainable = spelled_out_trainable(args.trainable, skeleton)
+    thawing = [block for blocks in unfreeze_schedule(args, skeleton).values() for block in blocks]
+    trained = parse_trainable(args.trainable, skeleton) + thawing
+    if args.batch_size < 2 and has_trainable_batchnorm(trained, skeleton):
+        raise UserError(f"--batch-size {args.batch_size}: the trained blocks ({','.join(trained)}) hold BatchNorm "
                         "layers, which need at least 2 images a batch; use --batch-size 2 or more")
 
 
-def spelled_out_trainable(spec: str) -> str:
-    """``--trainable`` as the blocks that will train; the head (fc) is added, with a note, when it was left out."""
+def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:
+    """``--trainable`` as the blocks of ``model`` (default: a torchvision ResNet) that will train; the head (``fc``
+    for a ResNet) is added, with a note, when it was left out."""
     if spec.strip() == "all":
         return "all"
-    blocks = parse_trainable(spec)
-    if "fc" not in [name.strip() for name in spec.split(",")]:
-        print(f"note: --trainable {spec}: the new head (fc) starts from random weights, so it always trains; "
+    blocks, head = parse_trainable(spec, model), "fc" if model is None else head_block(model)
+    if head not in [name.strip() for name in spec.split(",")]:
+        print(f"note: --trainable {spec}: the new head ({head}) starts from random weights, so it always trains; "
               f"training {','.join(blocks)}")
     return ",".join(blocks)
+
+
+def unfreeze_schedule(args: argparse.Namespace, model: nn.Module) -> dict[int, list[str]]:
+    """``--unfreeze-at`` as {epoch: blocks that start training then}; refused when an epoch is outside 2..--epochs
+    or a named block already trains."""
+    if not args.unfreeze_at:
+        return {}
+    schedule, trained = {}, parse_trainable(args.trainable, model)
+    for epoch, named in parse_unfreeze_at(args.unfreeze_at, model).items():
+        if not 2 <= epoch <= args.epochs:
+            raise UserError(f"--unfreeze-at {args.unfreeze_at}: epoch {epoch} is not in 2..{args.epochs} (--epochs); "
+                            "blocks that train from epoch 1 belong in --trainable")
+        already = [block for block in named if block in trained]
+        if already:
+            raise UserError(f"--unfreeze-at {args.unfreeze_at}: {already[0]} already trains by then (--trainable "
+                            f"{args.trainable}, or an earlier epoch); name only frozen blocks")
+        thawing = [block for block in block_names(model) if block not in trained and ("all" in named or block in named)]
+        if thawing:
+            schedule[epoch] = thawing
+            trained += thawing
+    return schedule
+
+
+def thaw(model: nn.Module, optimizer: torch.optim.Optimizer, blocks: list[str], lr_mult: float) -> None:
+    """Let ``blocks`` train from now on: their parameters join the optimizer as a new group at ``lr_mult``."""
+    thawed = thaw_blocks(model, blocks)
+    if thawed:
+        optimizer.add_param_group({"params": thawed, "lr_mult": lr_mult})
+
+
+def check_parameter_budget(args: argparse.Namespace, num_classes: int) -> None:
+    """Refuse a model over ``--max-params``, counted without building or downloading it."""
+    if args.max_params is None:
+        return
+    count, limit = parameter_count(args.arch, num_classes), parse_count(args.max_params)
+    if count > limit:
+        raise UserError(f"--max-params {args.max_params}: --arch {args.arch} has {count:,} parameters with "
+                        f"{num_classes} classes ({format_count(count)}), over the budget; choose a smaller model")
 
 
 def config_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,7 +399,7 @@ class Loaders:
     """The training and validation batches (``pipeline.Batch`` es on the device), and where the cache is."""
 
     train: HostBatches | DeviceTrainBatches
-    val: HostBatches | DeviceEvalBatches
+    val: HostBatches | DeviceEvalBatches | None  # None with --train-on-all
     cache: CacheChoice
 
 
@@ -310,7 +418,8 @@ def resolve_augment_device(request: str, device: torch.device) -> str:
 def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool) -> CacheChoice:
     """Where ``--cache`` keeps the decoded training images and validation crops, said in one line."""
     sizes = [data.sizes.get(path, (0, 0)) for path, _ in data.train_samples]
-    needed = cache_bytes(sizes, train_decode_side(args.img_size)) + len(data.val_samples) * 3 * args.img_size ** 2
+    test_size = args.test_size or args.img_size
+    needed = cache_bytes(sizes, train_decode_side(args.img_size)) + len(data.val_samples) * 3 * test_size ** 2
     choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device)
     if on_device or args.cache != "auto":
         print(f"cache: {choice.place} ({choice.reason})")
@@ -324,15 +433,23 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> 
     files' bytes, and decoding and augmentation run on the device (see pipeline.py).
     """
     on_device = resolve_augment_device(args.augment_device, accel.device) == "gpu"
+    if on_device and args.auto_augment != "none":
+        print(f"note: --auto-augment {args.auto_augment} runs in the loader workers: training images take the CPU "
+              "path (PIL), validation stays on the device")
     choice = resolve_cache(args, data, accel, on_device)
+    mean, std = input_normalization(args.arch)
+    recipe = TrainRecipe(args.auto_augment, args.random_erase, args.sampler == "balanced", mean, std)
     place = {"gpu": accel.device, "ram": torch.device("cpu")}.get(choice.place)
     train_paths, train_labels = [path for path, _ in data.train_samples], [label for _, label in data.train_samples]
     val_paths, val_labels = [path for path, _ in data.val_samples], [label for _, label in data.val_samples]
+    train_on_device = on_device and args.auto_augment == "none"
     train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
-                          on_device, DecodedImages(len(train_paths), place) if place else None, args.max_image_pixels)
-    val = eval_batches(val_paths, val_labels, args.img_size, IMAGENET_MEAN, IMAGENET_STD, args.batch_size,
-                       args.workers, accel, on_device, DecodedImages(len(val_paths), place) if place else None,
-                       args.max_image_pixels, warn=True)
+                          train_on_device, DecodedImages(len(train_paths), place) if place and train_on_device else None,
+                          args.max_image_pixels, recipe)
+    val = None if not val_paths else eval_batches(
+        val_paths, val_labels, args.test_size or args.img_size, mean, std, args.batch_size,
+        args.workers, accel, on_device, DecodedImages(len(val_paths), place) if place else None,
+        args.max_image_pixels, warn=True)
     return Loaders(train, val, choice)
 
 
@@ -345,6 +462,18 @@ def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.d
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
 
+def parameter_groups(model: nn.Module, backbone_lr_mult: float) -> list[nn.Parameter] | list[dict[str, Any]]:
+    """The trainable parameters, in two groups when the backbone learns at another rate than the new head (each
+    group's ``lr_mult`` scales the epoch's learning rate)."""
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if backbone_lr_mult == 1.0:
+        return [parameter for _, parameter in trainable]
+    head = classifier_name(model)
+    groups = [{"params": [p for name, p in trainable if name.startswith(head + ".")], "lr_mult": 1.0},
+              {"params": [p for name, p in trainable if not name.startswith(head + ".")], "lr_mult": backbone_lr_mult}]
+    return [group for group in groups if group["params"]]
+
+
 def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
                resume: dict[str, Any] | None = None) -> nn.Module:
     """The network with its pretrained trunk (or a resumed checkpoint's weights), frozen blocks fixed, on the device."""
@@ -353,8 +482,9 @@ def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
         print(f"warning: --weights none with --trainable {args.trainable}: the frozen blocks keep their random "
               "initial weights, so only the trained blocks learn; use --weights imagenet (or a weights file), or "
               "--trainable all")
+    check_parameter_budget(args, num_classes)
     model = build_model(args.arch, num_classes, weights=weights, dropout=args.dropout)
-    freeze_blocks(model, parse_trainable(args.trainable))
+    freeze_blocks(model, parse_trainable(args.trainable, model))
     if resume is not None:
         model.load_state_dict(resume["model"])
     trainable, total = parameter_summary(model)
@@ -380,7 +510,8 @@ def describe_data(data: TrainValData) -> None:
 def write_history(history: list[dict[str, float]], path: Path) -> None:
     """Write the per-epoch history as CSV."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    fields = [*HISTORY_FIELDS, *(field for field in EMA_FIELDS if history and field in history[0])]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, buffer.getvalue())
@@ -391,26 +522,33 @@ def epoch_line(row: dict[str, float], epochs: int, is_best: bool, images_per_sec
     """One summary line per epoch: metrics, learning rate, time, training throughput and peak memory."""
     gpu_mb = device_peak_memory_mb(device)
     memory = f"host {host_peak_rss_mb():.0f} MiB" + (f", gpu {gpu_mb:.0f} MiB" if gpu_mb is not None else "")
+    averaged = f" (ema {row['ema_val_acc']:.2%})" if "ema_val_acc" in row else ""
+    val = "no val" if row["val_acc"] is None else f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}{averaged}"
     return (f"epoch {int(row['epoch']):>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  lr {row['lr']:.2e}  {row['seconds']:.1f}s  "
-            f"{images_per_second:.0f} img/s  peak {memory}" + ("  * best" if is_best else ""))
+            f"{val}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:.1f}s  {images_per_second:.0f} img/s  peak {memory}" + ("  * best" if is_best else ""))
 
 
 def save_final_plots(progress: Progress, stopped_epoch: int | None, class_names: list[str], output_dir: Path) -> None:
     """Loss and accuracy curves, and the best model's normalized confusion matrix on val."""
     plots.plot_loss_curve(progress.history, output_dir / "loss_curve.png", progress.best_epoch, stopped_epoch)
     plots.plot_accuracy_curve(progress.history, output_dir / "accuracy_curve.png", progress.best_epoch, stopped_epoch)
+    if not progress.best_targets:  # --train-on-all: no validation predictions
+        return
     matrix = metrics.confusion_matrix(progress.best_targets, progress.best_predictions, len(class_names))
     plots.plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")
 
 
-def cosine_learning_rate(base_lr: float, epoch: int, epochs: int) -> float:
-    """Cosine annealing from ``base_lr`` towards 0 over ``epochs`` (epoch 1 gets ``base_lr``), as CosineAnnealingLR.
+def learning_rate(base_lr: float, epoch: int, epochs: int, warmup_epochs: int = 0) -> float:
+    """The learning rate of an epoch: a linear warmup over ``warmup_epochs`` (epoch k gets ``base_lr * k / (W+1)``),
+    then cosine annealing from ``base_lr`` towards 0 over the remaining epochs, as CosineAnnealingLR.
 
     A closed form of the epoch rather than a stateful scheduler, so a resumed run, or one whose --epochs was
     extended, gets exactly the rate a run started with those epochs would have had.
     """
-    return base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+    if epoch <= warmup_epochs:
+        return base_lr * epoch / (warmup_epochs + 1)
+    return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs - 1) / (epochs - warmup_epochs))) / 2
 
 
 # --------------------------------------------------------------------------- main
@@ -432,7 +570,10 @@ class Run:
     scaler: torch.amp.GradScaler | None
     output_dir: Path
     runtime: dict[str, Any]
+    step_options: StepOptions
+    ema: AveragedModel | None = None
     logger: TensorBoardLogger | None = None
+    thaw_schedule: dict[int, list[str]] = field(default_factory=dict)  # --unfreeze-at: epoch -> blocks
 
 
 def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run, Progress]:
@@ -445,18 +586,22 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
           + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)
     data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
-                          args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None)
+                          args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
+                          fold=parse_fold(args.fold) if args.fold else None, train_on_all=args.train_on_all)
     describe_data(data)
     if resume is not None and resume["class_names"] != data.class_names:
         raise UserError(f"--resume: the checkpoint's classes differ from those in {args.data_dir}/train")
     model = make_model(args, len(data.class_names), accel, resume)
-    optimizer = make_optimizer(trainable_parameters(model), args.lr, args.weight_decay, device)
+    optimizer = make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay, device,
+                               args.optimizer)
     scaler = make_grad_scaler(accel)
     progress = Progress()
+    thaw_schedule = unfreeze_schedule(args, model)
     if resume is not None:
+        for epoch in (epoch for epoch in thaw_schedule if epoch <= resume["training_state"]["progress"]["epoch"]):
+            thaw(model, optimizer, thaw_schedule[epoch], args.backbone_lr_mult)  # the optimizer's groups as saved
         progress = restore_training_state(resume["training_state"], optimizer, scaler)
-        print(f"resumed after epoch {progress.epoch} (best val accuracy {progress.best_val_acc:.2%} "
-              f"at epoch {progress.best_epoch})")
+        print(f"resumed after epoch {progress.epoch} ({describe_best(progress.best_val_acc, progress.best_epoch)})")
     output_dir = Path(args.output_dir)
     if args.tensorboard:
         summary_writer_class()  # a missing package is refused before anything in the folder changes
@@ -471,9 +616,30 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
     if data.skipped:
         write_skipped(data.skipped, output_dir)
     logger = TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
+    ema = make_ema(model, args.ema, resume)
+    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update_parameters(model)) if ema else None)
+    if args.sampler == "balanced" and args.class_weights == "balanced":
+        print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
+              "--class-weights none is the usual choice")
+    if args.accum_steps > 1:
+        print(f"effective batch: {args.batch_size} x {args.accum_steps} accumulated = "
+              f"{args.batch_size * args.accum_steps} images a step")
     run = Run(args, config, accel, data, make_loaders(data, args, accel), model, maybe_compile(model, args.compile),
-              make_criterion(data, args, device), optimizer, scaler, output_dir, runtime, logger)
+              make_criterion(data, args, device), optimizer, scaler, output_dir, runtime, step_options, ema, logger,
+              thaw_schedule)
     return run, progress
+
+
+def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights and buffers (None when ``decay`` is 0), restored from
+    a resumed run's last.pt."""
+    if not decay:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if resume is not None and "ema_model" in resume:
+        ema.module.load_state_dict(resume["ema_model"])
+        ema.n_averaged.fill_(int(resume["training_state"].get("ema_updates", 0)))
+    return ema
 
 
 def runtime_record(args: argparse.Namespace, accel: Accel) -> dict[str, Any]:
@@ -488,6 +654,7 @@ def runtime_record(args: argparse.Namespace, accel: Accel) -> dict[str, Any]:
 def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
     """config.yaml: the options with every "auto" replaced by what it chose here, so the file repeats the run."""
     as_run = {**config, "device": runtime["device_type"], "workers": runtime["workers"],
+              "test_size": config.get("test_size") or config["img_size"],
               "augment_device": runtime["augment_device"],
               "amp": {"fp32": "off"}.get(runtime["precision"], runtime["precision"])}
     header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, {runtime['workers']} loader workers, "
@@ -495,7 +662,8 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "
               "Options given as auto are written as what\n"
               "# they chose, so `python train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run.\n")
-    return header + yaml.safe_dump(as_run, sort_keys=True)
+    unset = [key for key, value in as_run.items() if value is None]  # off by default (--fold, --max-params)
+    return header + yaml.safe_dump({key: value for key, value in as_run.items() if key not in unset}, sort_keys=True)
 
 
 def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
@@ -513,47 +681,119 @@ def write_skipped(skipped: Sequence[tuple[str, str]], output_dir: Path) -> None:
     atomic_write_text(output_dir / "skipped_files.txt", "".join(f"{path}\t{reason}\n" for path, reason in skipped))
 
 
-def run_epoch(run: Run, epoch: int, stop: StopRequest) -> tuple[dict[str, float], EvalResult | None, float]:
-    """Train and validate one epoch; returns the history row, the validation result and training images/s.
+@dataclass
+class EpochOutcome:
+    """One finished epoch: its history row, the validation of the raw weights and of their moving average (when
+    --ema), and the training images/s."""
 
-    The validation result is None when a stop request cut the epoch short.
-    """
+    row: dict[str, float]
+    raw: EvalResult | None  # None with --train-on-all: nothing validates
+    ema: EvalResult | None
+    images_per_second: float
+
+
+def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
+    """Train and validate one epoch; None when a stop request cut it short."""
     args = run.args
-    lr = cosine_learning_rate(args.lr, epoch, args.epochs)
+    if epoch in run.thaw_schedule:
+        thaw(run.model, run.optimizer, run.thaw_schedule[epoch], args.backbone_lr_mult)
+        trainable, total = parameter_summary(run.model)
+        print(f"epoch {epoch}: {','.join(run.thaw_schedule[epoch])} start(s) training (--unfreeze-at); now "
+              f"{format_count(trainable)} of {format_count(total)} parameters")
+    lr = learning_rate(args.lr, epoch, args.epochs, args.warmup_epochs)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     run.loaders.train.set_epoch(epoch)
+    if args.mixup or args.cutmix:
+        run.step_options.mix = BatchMix(args.mixup, args.cutmix, epoch_seed(args.seed, epoch))
     trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel, run.scaler,
                               description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress,
-                              should_stop=stop)
+                              should_stop=stop, options=run.step_options)
     record_skipped(run, trained.failed)
     if trained.interrupted:
-        return {}, None, 0.0
-    evaluated = evaluate(run.step_model, run.loaders.val, run.criterion, run.accel, show_progress=not args.no_progress)
-    row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": evaluated.loss,
-           "val_acc": evaluated.accuracy, "lr": lr, "seconds": trained.seconds + evaluated.seconds}
-    return row, evaluated, trained.images / max(trained.seconds, 1e-9)
+        return None
+    row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": None,
+           "val_acc": None, "val_balanced_acc": None, "lr": lr}
+    if run.loaders.val is None:  # --train-on-all
+        return EpochOutcome({**row, "seconds": trained.seconds}, None, None,
+                            trained.images / max(trained.seconds, 1e-9))
+    raw = evaluate(run.step_model, run.loaders.val, run.criterion, run.accel, show_progress=not args.no_progress)
+    row.update(val_loss=raw.loss, val_acc=raw.accuracy,
+               val_balanced_acc=balanced_accuracy(raw, len(run.data.class_names)))
+    averaged = None
+    if run.ema is not None:
+        averaged = evaluate(run.ema.module, run.loaders.val, run.criterion, run.accel, description="val (ema)",
+                            show_progress=not args.no_progress)
+        row.update(ema_val_loss=averaged.loss, ema_val_acc=averaged.accuracy,
+                   ema_val_balanced_acc=balanced_accuracy(averaged, len(run.data.class_names)))
+    row["seconds"] = trained.seconds + raw.seconds + (averaged.seconds if averaged else 0.0)
+    return EpochOutcome(row, raw, averaged, trained.images / max(trained.seconds, 1e-9))
 
 
-def record_epoch(run: Run, progress: Progress, row: dict[str, float], evaluated: EvalResult) -> bool:
-    """Update the progress with a finished epoch and write best.pt, last.pt and history.csv; True if best."""
-    epoch = int(row["epoch"])
-    is_best = evaluated.accuracy > progress.best_val_acc
+def balanced_accuracy(evaluated: EvalResult, num_classes: int) -> float:
+    """Mean recall over the classes with validation images."""
+    if not evaluated.images:
+        return 0.0
+    return metrics.balanced_accuracy(metrics.confusion_matrix(evaluated.targets.numpy(),
+                                                              evaluated.predictions.numpy(), num_classes))
+
+
+def monitored(evaluated: EvalResult, monitor: str, num_classes: int) -> float:
+    """The value --monitor follows, higher is better (the loss negated)."""
+    if monitor == "val_loss":
+        return -evaluated.loss
+    if monitor == "val_balanced_acc":
+        return balanced_accuracy(evaluated, num_classes)
+    return evaluated.accuracy
+
+
+def record_epoch(run: Run, progress: Progress, outcome: EpochOutcome) -> bool:
+    """Update the progress with a finished epoch and write best.pt, last.pt and history.csv; True if best.
+
+    best.pt holds the better, by --monitor, of the raw weights and their moving average (it says which)."""
+    epoch = int(outcome.row["epoch"])
     progress.epoch = epoch
-    progress.history.append(row)
+    progress.history.append(outcome.row)
+    if outcome.raw is None:  # --train-on-all: nothing validates, so best.pt is the latest weights
+        weights, model = ("ema", run.ema.module) if run.ema is not None else ("raw", run.model)
+        progress.best_epoch, progress.best_weights, progress.best_val_acc = epoch, weights, math.nan
+        is_best = True
+    else:
+        weights, model, is_best = choose_best(run, progress, outcome)
     if is_best:
-        progress.best_val_acc, progress.best_epoch = evaluated.accuracy, epoch
-        progress.best_predictions = evaluated.predictions.tolist()
-        progress.best_targets = evaluated.targets.tolist()
-    epoch_metrics = {key: value for key, value in row.items() if key != "epoch"}
-    checkpoint = make_checkpoint(run.model, run.data.class_names, run.config, epoch, epoch_metrics, IMAGENET_MEAN,
-                                 IMAGENET_STD, held_out=run.data.held_out, runtime=run.runtime)
-    if is_best:
-        save_checkpoint(checkpoint, run.output_dir / "best.pt")
+        save_checkpoint({**epoch_checkpoint(run, model, outcome.row), "weights": weights}, run.output_dir / "best.pt")
+    checkpoint = epoch_checkpoint(run, run.model, outcome.row)
     checkpoint["training_state"] = training_state(progress, run.optimizer, run.scaler)
+    if run.ema is not None:
+        checkpoint["ema_model"] = {key: value.detach().cpu() for key, value in run.ema.module.state_dict().items()}
+        checkpoint["training_state"]["ema_updates"] = int(run.ema.n_averaged)
     save_checkpoint(checkpoint, run.output_dir / "last.pt")
     write_history(progress.history, run.output_dir / "history.csv")
     return is_best
+
+
+def choose_best(run: Run, progress: Progress, outcome: EpochOutcome) -> tuple[str, nn.Module, bool]:
+    """The better, by --monitor, of the epoch's raw weights and their moving average: (which, model, whether it
+    beats the best so far, in which case ``progress`` records it)."""
+    num_classes = len(run.data.class_names)
+    candidates = [("raw", run.model, outcome.raw)] + ([("ema", run.ema.module, outcome.ema)] if outcome.ema else [])
+    weights, model, evaluated = max(candidates, key=lambda item: monitored(item[2], run.args.monitor, num_classes))
+    score = monitored(evaluated, run.args.monitor, num_classes)
+    is_best = score > progress.best_score
+    if is_best:
+        progress.best_score, progress.best_epoch, progress.best_weights = score, progress.epoch, weights
+        progress.best_val_acc = evaluated.accuracy
+        progress.best_predictions = evaluated.predictions.tolist()
+        progress.best_targets = evaluated.targets.tolist()
+    return weights, model, is_best
+
+
+def epoch_checkpoint(run: Run, model: nn.Module, row: dict[str, float]) -> dict[str, Any]:
+    """The checkpoint of ``model`` after the epoch of ``row``."""
+    epoch_metrics = {key: value for key, value in row.items() if key != "epoch" and value is not None}
+    mean, std = input_normalization(run.args.arch)
+    return make_checkpoint(model, run.data.class_names, run.config, int(row["epoch"]), epoch_metrics, mean, std,
+                           held_out=run.data.held_out, runtime=run.runtime)
 
 
 def write_best_report(run: Run) -> None:
@@ -569,19 +809,30 @@ def write_best_report(run: Run) -> None:
 def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str, Any]:
     """Plots of the whole run and a closing line; returns the run's summary."""
     save_final_plots(progress, stopped_epoch, run.data.class_names, run.output_dir)
-    if (run.output_dir / "best.pt").is_file():
+    if run.loaders.val is None:
+        print("note: --train-on-all: no validation split, so no confusion matrix or report/")
+    elif (run.output_dir / "best.pt").is_file():
         write_best_report(run)
     else:  # resumed from a last.pt kept without its best.pt, and no epoch since did better
         print(f"note: no best.pt in {run.output_dir} (the best epoch, {progress.best_epoch}, was not kept beside "
               "the resumed last.pt); skipped the evaluation report")
     if run.logger is not None:
         for name in ("loss_curve", "accuracy_curve", "confusion_matrix"):
-            run.logger.log_figure(name, run.output_dir / f"{name}.png")
+            if (run.output_dir / f"{name}.png").is_file():
+                run.logger.log_figure(name, run.output_dir / f"{name}.png")
         run.logger.close()
-    print(f"best val accuracy {progress.best_val_acc:.2%} at epoch {progress.best_epoch}; wrote {run.output_dir}/"
-          "best.pt, last.pt, history.csv, loss_curve.png, accuracy_curve.png, confusion_matrix.png, config.yaml, "
-          "report/")
+    validated = run.loaders.val is not None
+    print(f"{describe_best(progress.best_val_acc, progress.best_epoch)}; wrote {run.output_dir}/best.pt, last.pt, "
+          "history.csv, loss_curve.png, accuracy_curve.png, "
+          + ("confusion_matrix.png, config.yaml, report/" if validated else "config.yaml"))
     return run_summary(progress, run.output_dir)
+
+
+def describe_best(best_val_acc: float, best_epoch: int | str) -> str:
+    """'best val accuracy 81.20% at epoch 6', or what best.pt holds when nothing was validated (--train-on-all)."""
+    if math.isnan(best_val_acc):
+        return f"no validation (--train-on-all); best.pt holds epoch {best_epoch}"
+    return f"best val accuracy {best_val_acc:.2%} at epoch {best_epoch}"
 
 
 def run_summary(progress: Progress, output_dir: Path) -> dict[str, Any]:
@@ -611,7 +862,7 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
     last_epoch = args.epochs if args.epochs_this_run is None else min(args.epochs, progress.epoch + args.epochs_this_run)
     for epoch in range(progress.epoch + 1, last_epoch + 1):
         try:
-            row, evaluated, images_per_second = run_epoch(run, epoch, stop)
+            outcome = run_epoch(run, epoch, stop)
         except NonFiniteLossError as error:
             kept = (f"{run.output_dir / 'last.pt'} keeps epoch {progress.epoch}, the last good one" if progress.epoch
                     else "no epoch had finished, so nothing was saved")
@@ -621,16 +872,16 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"out of GPU memory at --batch-size {args.batch_size} in epoch {epoch}; try "
                             f"--batch-size {max(1, args.batch_size // 2)} (or a smaller --img-size)") from None
-        if evaluated is None:
+        if outcome is None:
             return None
-        is_best = record_epoch(run, progress, row, evaluated)
-        print(epoch_line(row, args.epochs, is_best, images_per_second, run.accel.device), flush=True)
+        is_best = record_epoch(run, progress, outcome)
+        print(epoch_line(outcome.row, args.epochs, is_best, outcome.images_per_second, run.accel.device), flush=True)
         if run.logger is not None:
-            run.logger.log_epoch(epoch, row, images_per_second)
+            run.logger.log_epoch(epoch, outcome.row, outcome.images_per_second)
         if stop.requested:
             return None
         if args.patience and progress.epochs_without_improvement() >= args.patience and epoch < args.epochs:
-            print(f"early stop: no better val accuracy for {args.patience} epochs")
+            print(f"early stop: no better {args.monitor} for {args.patience} epochs")
             return epoch
     return None
 
@@ -702,7 +953,7 @@ def describe_run(checkpoint: dict[str, Any]) -> str:
     """'epoch 7 of 50, best val accuracy 81.20% at epoch 6' for a last.pt."""
     progress = checkpoint.get("training_state", {}).get("progress", {})
     return (f"epoch {progress.get('epoch', checkpoint.get('epoch', '?'))} of {checkpoint['config'].get('epochs', '?')}"
-            f", best val accuracy {progress.get('best_val_acc', 0.0):.2%} at epoch {progress.get('best_epoch', '?')}")
+            f", {describe_best(progress.get('best_val_acc', 0.0), progress.get('best_epoch', '?'))}")
 
 
 def clear_run_outputs(output_dir: Path, config_file: str | None) -> None:
@@ -758,8 +1009,8 @@ def say_complete(args: argparse.Namespace, progress: Progress) -> None:
     output_dir = Path(args.output_dir)
     how = "all epochs trained" if progress.epoch >= args.epochs else f"early stopping after epoch {progress.epoch}"
     longer = command_hint("train.py", ["--resume", str(output_dir / "last.pt"), "--epochs", str(args.epochs + 10)])
-    print(f"the run in {output_dir} is complete ({how} of {args.epochs}; best val accuracy "
-          f"{progress.best_val_acc:.2%} at epoch {progress.best_epoch}); to train longer: {longer}"
+    print(f"the run in {output_dir} is complete ({how} of {args.epochs}; "
+          f"{describe_best(progress.best_val_acc, progress.best_epoch)}); to train longer: {longer}"
           + (" (with a larger --patience)" if progress.epoch < args.epochs else ""))
 
 
@@ -768,8 +1019,8 @@ def note_schedule_change(args: argparse.Namespace, checkpoint: dict[str, Any], p
     before = int(checkpoint["config"].get("epochs", args.epochs))
     if before == args.epochs or progress.epoch >= args.epochs:
         return
-    last_lr = cosine_learning_rate(args.lr, progress.epoch, before)
-    next_lr = cosine_learning_rate(args.lr, progress.epoch + 1, args.epochs)
+    last_lr = learning_rate(args.lr, progress.epoch, before, args.warmup_epochs)
+    next_lr = learning_rate(args.lr, progress.epoch + 1, args.epochs, args.warmup_epochs)
     print(f"note: --epochs {args.epochs} (the run had {before}): the cosine schedule is re-stretched over "
           f"{args.epochs} epochs, so the learning rate goes from {last_lr:.2e} at epoch {progress.epoch} to "
           f"{next_lr:.2e} at epoch {progress.epoch + 1}" + (" (it rises)" if next_lr > last_lr else ""))
@@ -793,7 +1044,8 @@ def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progre
     """A complete run: its summary, after writing the plots and report only if they are missing."""
     say_complete(args, progress)
     output_dir = Path(args.output_dir)
-    if (output_dir / "report" / "metrics.json").is_file() and (output_dir / "confusion_matrix.png").is_file():
+    outputs = ["loss_curve.png"] if args.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
+    if all((output_dir / name).is_file() for name in outputs):
         return run_summary(progress, output_dir)
     run, progress = set_up(args, resume)
     return finish(run, progress, progress.epoch if progress.epoch < args.epochs else None)
