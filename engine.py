@@ -107,12 +107,14 @@ def make_optimizer(parameters: list[nn.Parameter] | list[dict[str, Any]], lr: fl
 @dataclass
 class StepOptions:
     """How training batches become optimizer steps: gradients accumulated over ``accum_steps`` batches, batches
-    mixed by ``mix`` (``(images, targets, batch number) -> Mixed``, or None), and ``after_step`` called after each
-    optimizer step (the weight average's update)."""
+    mixed by ``mix`` (``(images, targets, batch number) -> Mixed``, or None), ``after_step`` called after each
+    optimizer step (the weight average's update), and ``all_finite`` turning this process's all-finite flag into
+    the job's, so that every process skips the same steps."""
 
     accum_steps: int = 1
     mix: Callable[[torch.Tensor, torch.Tensor, int], Mixed] | None = None
     after_step: Callable[[], None] | None = None
+    all_finite: Callable[[torch.Tensor], torch.Tensor] | None = None  # under torchrun: finite on every process
 
 
 def train_one_epoch(
@@ -208,6 +210,8 @@ def train_step(model: nn.Module, batch: Any, batch_index: int, criterion: nn.Mod
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                    window: AccumulationWindow, options: StepOptions) -> None:
     """Step with the window's gradients unless one of its losses was not finite; then clear them."""
+    if options.all_finite is not None:
+        window.finite = options.all_finite(window.finite)
     if scaler is not None:  # GradScaler skips steps whose gradients are not finite, on the device
         scaler.step(optimizer)
         scaler.update()

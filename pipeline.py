@@ -36,6 +36,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 import gpu_augment
 from accel import Accel
 from cache import DecodedImages
+from distributed import World, sharded_epoch_batches
 from dataset import (
     DECODE_ERRORS,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -414,12 +415,14 @@ class DeviceEvalBatches:
 def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,
                   seed: int, accel: Accel, on_device: bool, cache: DecodedImages | None = None,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                  recipe: TrainRecipe = TrainRecipe()) -> HostBatches | DeviceTrainBatches:
+                  recipe: TrainRecipe = TrainRecipe(), world: World = World()) -> HostBatches | DeviceTrainBatches:
     """The training batches of an epoch (call ``set_epoch`` first): shuffled (or drawn class-balanced) and augmented
-    by the recipe, on the device (``on_device``; not with an auto-augment policy) or in the loader's workers."""
+    by the recipe, on the device (``on_device``; not with an auto-augment policy) or in the loader's workers. Under
+    torchrun (``world``) this process's part of each step's global batch (see ``distributed.ShardedBatches``)."""
     decode_side = train_decode_side(img_size)
     weights = balanced_sample_weights(labels) if recipe.balanced else None
-    batch_sampler = epoch_batches(len(paths), batch_size, seed, weights)
+    batch_sampler = (sharded_epoch_batches(len(paths), batch_size, seed, world, weights) if world.distributed
+                     else epoch_batches(len(paths), batch_size, seed, weights))
     options = loader_options(workers, seed, accel)
     if not on_device:
         transform = build_train_transform(img_size, recipe.mean, recipe.std, recipe.auto_augment,
@@ -432,7 +435,8 @@ def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, ba
     decoder = DeviceDecoder(accel.device, decode_side, decode_side, max_pixels)
     augment = gpu_augment.TrainAugment(img_size, recipe.mean, recipe.std,
                                        random_erase=recipe.random_erase).to(accel.device)
-    return DeviceTrainBatches(loader, decoder, augment, labels, cache, seed, accel)
+    augment_seed = seed + 7919 * world.rank  # each process its own crops (the CPU path's come with the keys)
+    return DeviceTrainBatches(loader, decoder, augment, labels, cache, augment_seed, accel)
 
 
 def eval_batches(paths: Sequence[str], labels: Sequence[int] | None, img_size: int, mean: Sequence[float],

@@ -14,12 +14,13 @@ import argparse
 import contextlib
 import csv
 import io
+import itertools
 import math
 import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torchvision
@@ -46,6 +47,24 @@ from dataset import (
     load_train_val,
     parse_fold,
     train_decode_side,
+)
+from distributed import (
+    GlobalCrossEntropy,
+    World,
+    all_ranks_true,
+    all_reduce_epoch,
+    all_reduce_eval,
+    any_rank,
+    broadcast_flag,
+    close_world,
+    gather_objects,
+    init_world,
+    peer_failures,
+    shard_range,
+    silence_other_ranks,
+    sync_buffers,
+    sync_trainable_batchnorm,
+    wrap_model,
 )
 from engine import EvalResult, NonFiniteLossError, StepOptions, evaluate, make_optimizer, train_one_epoch
 from model import (
@@ -88,6 +107,7 @@ from utils import (
     exit_on_user_error,
     format_count,
     load_yaml_config,
+    pick_device,
     resolve_workers,
     seed_everything,
 )
@@ -155,6 +175,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto = CUDA, then Apple MPS, then the CPU")
     run.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision: auto = bf16 where the hardware has it, fp16 on older CUDA GPUs, else fp32 (off)")
     run.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction, help="NHWC memory format (faster convolutions on GPUs and CPUs)")
+    run.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA GPUs: the BatchNorm layers that learn normalize with the statistics of every process's images (SyncBatchNorm), not only their own")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a note where it cannot)")
     run.add_argument("--seed", type=int, default=0, help="seeds the split, the data order, every augmentation and the weights of new layers")
     run.add_argument("--no-progress", action="store_true", help="hide the per-batch progress bars")
@@ -316,6 +337,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output-dir {args.output_dir}: is a file; pass a folder (it is created if missing)")
     check_max_image_pixels(args.max_image_pixels)
+    if args.sync_bn and pick_device(args.device).type != "cuda":
+        raise UserError("--sync-bn: SyncBatchNorm needs CUDA GPUs (torchrun with one process a GPU); without it each "
+                        "process's BatchNorm normalizes its own images")
     if args.fold is not None:
         parse_fold(args.fold)
         if args.train_on_all:
@@ -426,11 +450,12 @@ def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on
     return choice
 
 
-def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> Loaders:
+def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel, world: World = World()) -> Loaders:
     """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses).
 
     On the CPU path the loader workers decode and augment each image with PIL; on the GPU path they read the
-    files' bytes, and decoding and augmentation run on the device (see pipeline.py).
+    files' bytes, and decoding and augmentation run on the device (see pipeline.py). Under torchrun each process
+    gets its share of every step's batch and its contiguous part of the validation images.
     """
     on_device = resolve_augment_device(args.augment_device, accel.device) == "gpu"
     if on_device and args.auto_augment != "none":
@@ -441,11 +466,12 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> 
     recipe = TrainRecipe(args.auto_augment, args.random_erase, args.sampler == "balanced", mean, std)
     place = {"gpu": accel.device, "ram": torch.device("cpu")}.get(choice.place)
     train_paths, train_labels = [path for path, _ in data.train_samples], [label for _, label in data.train_samples]
-    val_paths, val_labels = [path for path, _ in data.val_samples], [label for _, label in data.val_samples]
+    own_val = [data.val_samples[index] for index in shard_range(len(data.val_samples), world)]
+    val_paths, val_labels = [path for path, _ in own_val], [label for _, label in own_val]
     train_on_device = on_device and args.auto_augment == "none"
     train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
                           train_on_device, DecodedImages(len(train_paths), place) if place and train_on_device else None,
-                          args.max_image_pixels, recipe)
+                          args.max_image_pixels, recipe, world)
     val = None if not val_paths else eval_batches(
         val_paths, val_labels, args.test_size or args.img_size, mean, std, args.batch_size,
         args.workers, accel, on_device, DecodedImages(len(val_paths), place) if place else None,
@@ -453,12 +479,15 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel) -> 
     return Loaders(train, val, choice)
 
 
-def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device) -> nn.Module:
+def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device,
+                   world: World = World()) -> nn.Module:
     """Cross-entropy with label smoothing and, by default, 'balanced' class weights from the train counts."""
     weights = None
     if args.class_weights == "balanced":
         weights = balanced_class_weights([label for _, label in data.train_samples], len(data.class_names))
         weights = weights.to(device)
+    if world.distributed:  # the weighted mean over every process's images, not a mean of each one's mean
+        return GlobalCrossEntropy(world, weights, args.label_smoothing)
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
 
 
@@ -574,17 +603,19 @@ class Run:
     ema: AveragedModel | None = None
     logger: TensorBoardLogger | None = None
     thaw_schedule: dict[int, list[str]] = field(default_factory=dict)  # --unfreeze-at: epoch -> blocks
+    world: World = field(default_factory=World)  # this process's place under torchrun (one process: rank 0 of 1)
 
 
-def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run, Progress]:
-    """Device, data, loaders, model, loss, optimizer and schedule; restored from ``resume`` when given."""
+def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World) -> tuple[Run, Progress]:
+    """Device, data, loaders, model, loss, optimizer and schedule; restored from ``resume`` when given. Under
+    torchrun every process sets up the same way; only rank 0 touches the output folder."""
     config = config_of(args)
     print("config:\n" + "".join(f"  {key}: {value}\n" for key, value in config.items()), end="")
     accel = set_up_accel(args.device, args.amp, args.channels_last)
     device = accel.device
     print(f"device: {describe_device(device)}, precision {accel.precision_name}"
           + (", channels_last" if accel.channels_last else ""))
-    seed_everything(args.seed)
+    seed_everything(args.seed)  # the same on every process: the new head starts the same everywhere
     data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
                           args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
                           fold=parse_fold(args.fold) if args.fold else None, train_on_all=args.train_on_all)
@@ -603,31 +634,58 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> tuple[Run
         progress = restore_training_state(resume["training_state"], optimizer, scaler)
         print(f"resumed after epoch {progress.epoch} ({describe_best(progress.best_val_acc, progress.best_epoch)})")
     output_dir = Path(args.output_dir)
+    runtime = runtime_record(args, accel, world)
+    logger = prepare_output_dir(args, resume, data, config_yaml(config, runtime)) if world.is_main else None
+    ema = make_ema(model, args.ema, resume)
+    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update_parameters(model)) if ema else None,
+                               all_finite=(lambda finite: all_ranks_true(finite, world)) if world.distributed else None)
+    if args.sampler == "balanced" and args.class_weights == "balanced":
+        print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
+              "--class-weights none is the usual choice")
+    describe_batch(args, world)
+    run = Run(args, config, accel, data, make_loaders(data, args, accel, world), model,
+              model_for_training(model, args, world), make_criterion(data, args, device, world), optimizer, scaler,
+              output_dir, runtime, step_options, ema, logger, thaw_schedule, world)
+    return run, progress
+
+
+def prepare_output_dir(args: argparse.Namespace, resume: dict[str, Any] | None, data: TrainValData,
+                       config_text: str) -> TensorBoardLogger | None:
+    """Clear a fresh run's folder (only now: every check has passed), write config.yaml and the skip list; the
+    TensorBoard logger when asked."""
+    output_dir = Path(args.output_dir)
     if args.tensorboard:
         summary_writer_class()  # a missing package is refused before anything in the folder changes
     if resume is None or (args.overwrite and args.resume not in (None, "auto")):
         refuse_a_foreign_config_file(output_dir)
-        clear_run_outputs(output_dir, args.config)  # only now: every check above has passed
+        clear_run_outputs(output_dir, args.config)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.resume not in (None, "auto"):
         carry_over_best_checkpoint(resolve_resume_path(args.resume, args.output_dir), output_dir)
-    runtime = runtime_record(args, accel)
-    atomic_write_text(output_dir / "config.yaml", config_yaml(config, runtime))
+    atomic_write_text(output_dir / "config.yaml", config_text)
     if data.skipped:
         write_skipped(data.skipped, output_dir)
-    logger = TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
-    ema = make_ema(model, args.ema, resume)
-    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update_parameters(model)) if ema else None)
-    if args.sampler == "balanced" and args.class_weights == "balanced":
-        print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
-              "--class-weights none is the usual choice")
-    if args.accum_steps > 1:
+    return TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
+
+
+def describe_batch(args: argparse.Namespace, world: World) -> None:
+    """Say how many images an optimizer step sees, when that is more than --batch-size."""
+    if world.distributed:
+        accumulated = f" x {args.accum_steps} accumulated" if args.accum_steps > 1 else ""
+        print(f"global batch: {args.batch_size} a process x {world.world_size} processes{accumulated} = "
+              f"{args.batch_size * world.world_size * args.accum_steps} images a step (--lr is not scaled for you: "
+              "see the README's linear scaling rule)")
+    elif args.accum_steps > 1:
         print(f"effective batch: {args.batch_size} x {args.accum_steps} accumulated = "
               f"{args.batch_size * args.accum_steps} images a step")
-    run = Run(args, config, accel, data, make_loaders(data, args, accel), model, maybe_compile(model, args.compile),
-              make_criterion(data, args, device), optimizer, scaler, output_dir, runtime, step_options, ema, logger,
-              thaw_schedule)
-    return run, progress
+
+
+def model_for_training(model: nn.Module, args: argparse.Namespace, world: World) -> nn.Module:
+    """What training calls: ``model`` under DistributedDataParallel when several processes train (its learning
+    BatchNorm layers synchronised with --sync-bn), compiled with --compile."""
+    if world.distributed and args.sync_bn:
+        sync_trainable_batchnorm(model)
+    return maybe_compile(wrap_model(model, world), args.compile)
 
 
 def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> AveragedModel | None:
@@ -642,9 +700,10 @@ def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> A
     return ema
 
 
-def runtime_record(args: argparse.Namespace, accel: Accel) -> dict[str, Any]:
-    """What the run's options resolved to on this machine ("auto" included), and the software versions."""
-    return {"device": describe_device(accel.device), "device_type": accel.device.type,
+def runtime_record(args: argparse.Namespace, accel: Accel, world: World) -> dict[str, Any]:
+    """What the run's options resolved to on this machine ("auto" included), the process count, and the software
+    versions."""
+    return {"device": describe_device(accel.device), "device_type": accel.device.type, "processes": world.world_size,
             "precision": accel.precision_name, "workers": args.workers,
             "augment_device": resolve_augment_device(args.augment_device, accel.device),
             "channels_last": accel.channels_last, "torch": str(torch.__version__),
@@ -673,7 +732,8 @@ def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
                 if failure.path not in known}.values())
     if new:
         run.data.skipped.extend(new)
-        write_skipped(run.data.skipped, run.output_dir)
+        if run.world.is_main:
+            write_skipped(run.data.skipped, run.output_dir)
 
 
 def write_skipped(skipped: Sequence[tuple[str, str]], output_dir: Path) -> None:
@@ -697,6 +757,8 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     args = run.args
     if epoch in run.thaw_schedule:
         thaw(run.model, run.optimizer, run.thaw_schedule[epoch], args.backbone_lr_mult)
+        if run.world.distributed:  # DDP fixes the parameters it reduces when it is built
+            run.step_model = model_for_training(run.model, args, run.world)
         trainable, total = parameter_summary(run.model)
         print(f"epoch {epoch}: {','.join(run.thaw_schedule[epoch])} start(s) training (--unfreeze-at); now "
               f"{format_count(trainable)} of {format_count(total)} parameters")
@@ -704,12 +766,18 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     run.loaders.train.set_epoch(epoch)
+    if run.world.distributed:  # each process its own dropout masks, drawn again the same way after a resume
+        torch.manual_seed((epoch_seed(args.seed, epoch) + run.world.rank) % 2**63)
     if args.mixup or args.cutmix:
         run.step_options.mix = BatchMix(args.mixup, args.cutmix, epoch_seed(args.seed, epoch))
-    trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel, run.scaler,
-                              description=f"epoch {epoch}/{args.epochs}", show_progress=not args.no_progress,
-                              should_stop=stop, options=run.step_options)
-    record_skipped(run, trained.failed)
+    with peer_failures(run.world, f"epoch {epoch}"):
+        trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel,
+                                  run.scaler, description=f"epoch {epoch}/{args.epochs}",
+                                  show_progress=not args.no_progress and run.world.is_main,
+                                  should_stop=stop_check(stop, run),
+                                  options=run.step_options)
+    trained = all_reduce_epoch(trained, run.world)
+    record_skipped(run, [failure for part in gather_objects(trained.failed, run.world) for failure in part])
     if trained.interrupted:
         return None
     row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": None,
@@ -717,17 +785,34 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     if run.loaders.val is None:  # --train-on-all
         return EpochOutcome({**row, "seconds": trained.seconds}, None, None,
                             trained.images / max(trained.seconds, 1e-9))
-    raw = evaluate(run.step_model, run.loaders.val, run.criterion, run.accel, show_progress=not args.no_progress)
+    raw = validate(run, run.step_model, "val")
     row.update(val_loss=raw.loss, val_acc=raw.accuracy,
                val_balanced_acc=balanced_accuracy(raw, len(run.data.class_names)))
     averaged = None
     if run.ema is not None:
-        averaged = evaluate(run.ema.module, run.loaders.val, run.criterion, run.accel, description="val (ema)",
-                            show_progress=not args.no_progress)
+        averaged = validate(run, run.ema.module, "val (ema)")
         row.update(ema_val_loss=averaged.loss, ema_val_acc=averaged.accuracy,
                    ema_val_balanced_acc=balanced_accuracy(averaged, len(run.data.class_names)))
     row["seconds"] = trained.seconds + raw.seconds + (averaged.seconds if averaged else 0.0)
     return EpochOutcome(row, raw, averaged, trained.images / max(trained.seconds, 1e-9))
+
+
+def validate(run: Run, model: nn.Module, description: str) -> EvalResult:
+    """``model`` on the validation images: this process's part, then every process's results put together."""
+    sync_buffers(model, run.world)  # BatchNorm statistics as rank 0's, so every part is judged by one model
+    with peer_failures(run.world, description):
+        evaluated = evaluate(model, run.loaders.val, run.criterion, run.accel, description=description,
+                             show_progress=not run.args.no_progress and run.world.is_main)
+    return all_reduce_eval(evaluated, run.world)
+
+
+def stop_check(stop: StopRequest, run: Run) -> Callable[[], bool]:
+    """Whether to stop after this batch. Under torchrun the processes agree on it (a stop on any one stops all at
+    the same batch), asking each other every batch on the CPU and every 25 batches on a GPU."""
+    if not run.world.distributed:
+        return stop
+    interval, calls = (1 if run.accel.device.type == "cpu" else 25), itertools.count(1)
+    return lambda: next(calls) % interval == 0 and any_rank(stop.requested, run.world)
 
 
 def balanced_accuracy(evaluated: EvalResult, num_classes: int) -> float:
@@ -760,6 +845,8 @@ def record_epoch(run: Run, progress: Progress, outcome: EpochOutcome) -> bool:
         is_best = True
     else:
         weights, model, is_best = choose_best(run, progress, outcome)
+    if not run.world.is_main:
+        return is_best
     if is_best:
         save_checkpoint({**epoch_checkpoint(run, model, outcome.row), "weights": weights}, run.output_dir / "best.pt")
     checkpoint = epoch_checkpoint(run, run.model, outcome.row)
@@ -807,7 +894,9 @@ def write_best_report(run: Run) -> None:
 
 
 def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str, Any]:
-    """Plots of the whole run and a closing line; returns the run's summary."""
+    """Plots of the whole run and a closing line (rank 0); returns the run's summary."""
+    if not run.world.is_main:
+        return run_summary(progress, run.output_dir)
     save_final_plots(progress, stopped_epoch, run.data.class_names, run.output_dir)
     if run.loaders.val is None:
         print("note: --train-on-all: no validation split, so no confusion matrix or report/")
@@ -847,7 +936,9 @@ def resume_hint(output_dir: Path) -> str:
 
 
 def report_interruption(run: Run, progress: Progress) -> None:
-    """Say what an interrupted run kept and how to continue it."""
+    """Say what an interrupted run kept and how to continue it (rank 0)."""
+    if not run.world.is_main:
+        return
     last = run.output_dir / "last.pt"
     if progress.epoch == 0:
         print("interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
@@ -880,7 +971,8 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
             run.logger.log_epoch(epoch, outcome.row, outcome.images_per_second)
         if stop.requested:
             return None
-        if args.patience and progress.epochs_without_improvement() >= args.patience and epoch < args.epochs:
+        patience_over = bool(args.patience) and progress.epochs_without_improvement() >= args.patience
+        if broadcast_flag(patience_over and epoch < args.epochs, run.world):  # rank 0 decides for every process
             print(f"early stop: no better {args.monitor} for {args.patience} epochs")
             return epoch
     return None
@@ -1028,7 +1120,23 @@ def note_schedule_change(args: argparse.Namespace, checkpoint: dict[str, Any], p
 
 def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
     """Set the run up, train the epochs left, and write the final plots and report; returns the summary."""
-    run, progress = set_up(args, resume)
+    with joined_world(args) as world:
+        return train_in_world(args, resume, world)
+
+
+@contextlib.contextmanager
+def joined_world(args: argparse.Namespace) -> Iterator[World]:
+    """The job torchrun started (this process one of its ranks), or a one-process world; left at the end."""
+    world = init_world(args.device)
+    try:
+        yield world
+    finally:
+        close_world(world)
+
+
+def train_in_world(args: argparse.Namespace, resume: dict[str, Any] | None, world: World) -> dict[str, Any]:
+    """:func:`train_and_finish` in this process's place of the job."""
+    run, progress = set_up(args, resume, world)
     with StopRequest() as stop:
         stopped_epoch = train_epochs(run, progress, stop)
     if stop.requested:
@@ -1047,14 +1155,16 @@ def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progre
     outputs = ["loss_curve.png"] if args.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
     if all((output_dir / name).is_file() for name in outputs):
         return run_summary(progress, output_dir)
-    run, progress = set_up(args, resume)
-    return finish(run, progress, progress.epoch if progress.epoch < args.epochs else None)
+    with joined_world(args) as world:
+        run, progress = set_up(args, resume, world)
+        return finish(run, progress, progress.epoch if progress.epoch < args.epochs else None)
 
 
 @exit_on_user_error
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Train with the given arguments (a list, or one string split as a shell would); returns a summary (best
     epoch, accuracy, output folder)."""
+    silence_other_ranks()
     args, resume = parse_args_and_resume(argv)
     refuse_resuming_over_another_run(args)
     same_command = False

@@ -38,6 +38,7 @@ from conftest import (
 from dataset import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, balanced_sample_weights, build_train_transform
 from model import FrozenBatchNorm, build_model, freeze_blocks, input_normalization, parameter_count, parse_trainable
 from model import thaw_blocks
+from distributed import World
 from engine import EvalResult, StepOptions, make_optimizer, train_one_epoch
 from resume import Progress
 from utils import UserError
@@ -126,8 +127,9 @@ def test_best_pt_holds_the_better_of_the_raw_and_averaged_weights(tmp_path: Path
         average.module.weight.add_(1.0)
     config = {"arch": "resnet18", "img_size": 32}
     run = SimpleNamespace(model=model, ema=average, data=SimpleNamespace(class_names=["a", "b", "c"], held_out=None),
-                          args=SimpleNamespace(monitor="val_acc"), config=config, runtime={}, output_dir=tmp_path,
-                          optimizer=make_optimizer(list(model.parameters()), 0.1, 0.0, CPU), scaler=None)
+                          args=SimpleNamespace(monitor="val_acc", arch="resnet18"), config=config, runtime={},
+                          output_dir=tmp_path, optimizer=make_optimizer(list(model.parameters()), 0.1, 0.0, CPU),
+                          scaler=None, world=World())
     row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": raw_acc, "lr": 0.1,
            "ema_val_acc": ema_acc, "seconds": 1.0}
     outcome = train.EpochOutcome(row, fake_evaluation(raw_acc, 1.0), fake_evaluation(ema_acc, 1.0), 10.0)

@@ -1,0 +1,445 @@
+"""Multi-process training (``torchrun --nproc_per_node=N train.py ...``): the process group, each rank's share of
+the data, the loss over the whole job's batch, and the few collectives the loop needs.
+
+One process per GPU (``nccl``) or several on the CPU (``gloo``). With ``world_size`` W and ``--batch-size`` B (per
+process), an optimizer step sees a global batch of W*B images, and it is exactly the single-process run's batch of
+W*B for the same seed (:class:`ShardedBatches`); :class:`GlobalCrossEntropy` scales each rank's loss so that
+DistributedDataParallel's averaged gradient is the gradient of that global batch's weighted mean. So two processes at
+``--batch-size B`` take the same steps as one at ``2B``, up to float rounding, when nothing else depends on how the
+batch is split: BatchNorm frozen (or synchronised), no dropout, augmentation drawn per image.
+
+Without torchrun's variables (or with ``WORLD_SIZE=1``) every function here is a no-op on a one-process
+:class:`World`, so the single-process run is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, Sampler
+
+from dataset import EpochSampler
+from utils import UserError, first_line, pick_device
+
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_VARIABLE = "TRAIN_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0  # long enough for rank 0 to write a checkpoint while the others wait at the next collective
+PEER_GRACE_S = 5.0  # how long a rank whose collective failed waits for the others to report in
+STORE_PREFIX = "train_dist/"
+# Errors that mean a peer is gone or silent: gloo raises plain RuntimeErrors, NCCL and the store DistErrors.
+PEER_ERROR_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: its rank, its rank on this node, how many processes, its device, the
+    collectives' timeout, and the rendezvous store (None in a single process)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    store: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the one process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process trains."""
+        return self.world_size > 1
+
+
+class PeerLostError(UserError):
+    """A collective failed because another rank crashed, hung or was stopped."""
+
+
+# --------------------------------------------------------------------------- the process group
+
+
+def init_world(device_request: str = "auto", backend: str = "auto") -> World:
+    """Join the job torchrun started (``RANK``, ``WORLD_SIZE``... in the environment), or a one-process World.
+
+    ``device_request`` is ``--device``; a CUDA rank takes GPU ``LOCAL_RANK``. ``backend``: ``auto`` (nccl on CUDA,
+    gloo on the CPU), ``nccl`` or ``gloo``. Collectives give up after ``TRAIN_DIST_TIMEOUT`` seconds (default
+    :data:`DEFAULT_TIMEOUT_S`), so a rank that hangs ends the job instead of stalling it.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return World(device=pick_device(device_request))
+    check_launch_environment(world_size)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = rank_device(device_request, local_rank)
+    backend = choose_backend(backend, device)
+    timeout_s = collective_timeout_s()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    return World(rank, local_rank, world_size, device, timeout_s, dist.PrefixStore(STORE_PREFIX, store))
+
+
+def check_launch_environment(world_size: int) -> None:
+    """Refuse a ``WORLD_SIZE`` set by hand without the rest of what torchrun sets (it would wait for peers)."""
+    missing = [name for name in LAUNCH_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start several processes with "
+                        f"torchrun --nproc_per_node={world_size} train.py ..., or unset WORLD_SIZE")
+
+
+def rank_device(device_request: str, local_rank: int) -> torch.device:
+    """The device of the rank with ``local_rank`` on its node: GPU ``local_rank`` on CUDA, else the CPU."""
+    device = pick_device(device_request)
+    if device.type == "mps":
+        raise UserError("--device mps: several processes need CUDA (nccl) or the CPU (gloo); use --device cpu")
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"--device cuda: local rank {local_rank} needs GPU {local_rank} but this node shows {count}; "
+                        f"start at most {count} processes a node (torchrun --nproc_per_node={count})")
+    return torch.device("cuda", local_rank)
+
+
+def choose_backend(request: str, device: torch.device) -> str:
+    """The process group's backend: nccl for CUDA, gloo for the CPU, unless ``request`` names one that fits."""
+    if request == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if request == "nccl" and device.type != "cuda":
+        raise UserError(f"backend nccl needs CUDA GPUs but this run uses the {device.type}; use gloo")
+    if request not in ("nccl", "gloo"):
+        raise UserError(f"backend {request}: expected auto, nccl or gloo")
+    return request
+
+
+def collective_timeout_s() -> float:
+    """Seconds a collective may wait for the other ranks: ``TRAIN_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`."""
+    value = os.environ.get(TIMEOUT_VARIABLE, "")
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise UserError(f"{TIMEOUT_VARIABLE}={value}: expected a number of seconds above 0")
+    return seconds
+
+
+def silence_other_ranks() -> None:
+    """Send this process's standard output nowhere unless it is rank 0 (or the only process): one copy of the
+    progress reaches the user. Errors still go to standard error from every rank."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the rest of the process
+
+
+def close_world(world: World) -> None:
+    """Leave the process group (nothing to do in a single process)."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, world: World) -> nn.Module:
+    """``model`` under DistributedDataParallel (unchanged in a single process).
+
+    Frozen parameters (``requires_grad=False``) are left out of the gradient all-reduce by DDP itself, so
+    ``find_unused_parameters`` stays off. Rank 0's parameters and buffers reach every rank when it is built; after
+    that buffers are not broadcast at every step, so call :func:`sync_buffers` before evaluating. Build the wrapper after freezing: DDP fixes the set of parameters it reduces when it is built.
+    """
+    if not world.distributed:
+        return model
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+
+
+def sync_trainable_batchnorm(model: nn.Module) -> int:
+    """Replace every BatchNorm layer that learns (exactly ``nn.BatchNorm1d/2d/3d``, not a frozen one) with a
+    ``nn.SyncBatchNorm`` holding the same parameters and statistics, so its batch statistics span every rank's
+    images; returns how many were replaced. Frozen layers keep their class (``convert_sync_batchnorm`` would turn
+    them into learning ones)."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attribute, nn.SyncBatchNorm.convert_sync_batchnorm(module))
+            replaced += 1
+    return replaced
+
+
+def sync_buffers(model: nn.Module, world: World) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so all ranks evaluate the same model."""
+    if not world.distributed:
+        return
+    with peer_failures(world, "syncing buffers"):
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# --------------------------------------------------------------------------- each rank's data
+
+
+def shard_slice(count: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``count`` items: equal parts, the first ``count % world_size`` ranks
+    taking one more. The parts in rank order are the items in order."""
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
+
+
+def shard_range(count: int, world: World) -> range:
+    """The positions of ``count`` evaluation images this rank evaluates (see :func:`shard_slice`)."""
+    return range(count)[shard_slice(count, world.rank, world.world_size)]
+
+
+class ShardedBatches(Sampler[list]):
+    """One rank's training batches: its contiguous part of each of the single-process run's batches of
+    ``batch_size * world_size`` keys from ``sampler``.
+
+    Step k of rank r is ``shard_slice`` r of the single-process run's k-th global batch, so the ranks' batches of a
+    step, in rank order, are that batch, and the union over ranks and steps is the single-process epoch order. A
+    last partial global batch is split as evenly as it goes, and kept only when every rank gets 2 or more images
+    (BatchNorm cannot train on one); with one process that is exactly ``pipeline.drops_lone_batch``. Every rank
+    takes the same number of steps. ``set_epoch`` reaches the :class:`EpochSampler` as ``pipeline.set_epoch``
+    expects (through ``.sampler``).
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, rank: int, world_size: int) -> None:
+        size = len(sampler)
+        if world_size > 1 and size < 2 * world_size:
+            raise UserError(f"{size} training images cannot be shared by {world_size} processes (each needs 2); "
+                            "start fewer processes")
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+        self.global_size = batch_size * world_size
+        remainder = size % self.global_size
+        self.drop_last = 0 < remainder < 2 * world_size and size > remainder
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches to yield."""
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(BatchSampler(self.sampler, self.global_size, self.drop_last))
+
+    def __iter__(self) -> Iterator[list]:
+        for keys in BatchSampler(self.sampler, self.global_size, self.drop_last):
+            yield keys[shard_slice(len(keys), self.rank, self.world_size)]
+
+
+def sharded_epoch_batches(size: int, batch_size: int, seed: int, world: World,
+                          weights: Sequence[float] | None = None) -> ShardedBatches:
+    """This rank's batches of ``batch_size`` keys from :class:`EpochSampler` ``(size, seed, weights)``; with one
+    process the same batches as ``pipeline.epoch_batches``."""
+    return ShardedBatches(EpochSampler(size, seed, weights=weights), batch_size, world.rank, world.world_size)
+
+
+# --------------------------------------------------------------------------- the loss of the global batch
+
+
+def global_weighted_share(losses: torch.Tensor, global_weight_sum: torch.Tensor, world_size: int) -> torch.Tensor:
+    """This rank's share of the global batch's weighted mean loss, scaled for DDP's averaging.
+
+    ``losses`` are this rank's per-image weighted losses, ``global_weight_sum`` the sum over every rank's images of
+    the target-class weight. Returns ``world_size * sum(losses) / global_weight_sum``: DDP divides the summed
+    gradient by ``world_size``, which leaves the gradient of ``sum over all images / global_weight_sum``.
+    """
+    return losses.sum() * world_size / global_weight_sum
+
+
+class GlobalCrossEntropy(nn.Module):
+    """``nn.CrossEntropyLoss(weight, label_smoothing)`` over the whole job's batch rather than this rank's part.
+
+    PyTorch's weighted mean divides the summed per-image losses (label smoothing included) by the sum of the
+    target classes' weights; here that sum is all-reduced over the ranks and the result scaled by
+    :func:`global_weighted_share`. Summed over ranks and divided by ``world_size``, the values are the global
+    batch's loss. With one process, or without gradients (evaluation, where ranks may run different numbers of
+    batches), it is exactly ``nn.CrossEntropyLoss`` on the local batch and communicates nothing.
+    """
+
+    def __init__(self, world: World, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.world, self.label_smoothing = world, label_smoothing
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of ``logits`` against class indices ``targets``."""
+        if not (self.world.distributed and torch.is_grad_enabled()):
+            return F.cross_entropy(logits, targets, weight=self.weight, label_smoothing=self.label_smoothing)
+        losses = F.cross_entropy(logits, targets, weight=self.weight, reduction="none",
+                                 label_smoothing=self.label_smoothing)
+        weight_sum = (self.weight[targets].sum() if self.weight is not None
+                      else torch.tensor(float(targets.numel()), device=logits.device)).to(losses.dtype)
+        return global_weighted_share(losses, all_reduce_sum(weight_sum, self.world), self.world.world_size)
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """``tensor`` summed over the ranks, in place (returned as is in a single process)."""
+    return _all_reduce(tensor, world, dist.ReduceOp.SUM)
+
+
+def _all_reduce(tensor: torch.Tensor, world: World, op: dist.ReduceOp) -> torch.Tensor:
+    if world.distributed:
+        with peer_failures(world, "an all-reduce"):
+            dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def any_rank(value: bool, world: World) -> bool:
+    """True on every rank when ``value`` is true on any (a stop requested by a signal on one rank)."""
+    flag = torch.tensor([int(value)], device=world.device)
+    return bool(_all_reduce(flag, world, dist.ReduceOp.MAX).item())
+
+
+def broadcast_flag(value: bool, world: World) -> bool:
+    """Rank 0's ``value`` on every rank (a decision only rank 0 takes, such as early stopping)."""
+    if not world.distributed:
+        return value
+    flag = torch.tensor([int(value)], device=world.device)
+    with peer_failures(world, "a broadcast"):
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def all_ranks_true(flag: torch.Tensor, world: World) -> torch.Tensor:
+    """A boolean tensor on the device that is true only where it is true on every rank (the all-finite check of an
+    optimizer step: gradients are averaged, so a NaN on one rank reaches all). Waits for nothing on the host."""
+    if not world.distributed:
+        return flag
+    values = flag.to(torch.int32)
+    return _all_reduce(values, world, dist.ReduceOp.MIN).bool()
+
+
+def gather_objects(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.world_size
+    with peer_failures(world, "gathering"):
+        dist.all_gather_object(values, value)
+    return values
+
+
+def gather_predictions(predictions: torch.Tensor, targets: torch.Tensor,
+                       world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's predictions and targets (1-d, same length), joined in rank order on every rank (on the CPU).
+
+    With the evaluation images shared by :func:`shard_range` that is the original order. Ranks may hold different
+    counts (a smaller last part, images that failed to decode): each part is padded for the collective and cut back.
+    """
+    if not world.distributed:
+        return predictions, targets
+    local = torch.stack([predictions.long(), targets.long()]).to(world.device)
+    counts = [int(count) for count in _all_gather(torch.tensor([local.shape[1]], device=world.device), world)]
+    padded = local.new_zeros(2, max(counts))
+    padded[:, :local.shape[1]] = local
+    parts = _all_gather(padded, world)
+    joined = torch.cat([part[:, :count] for part, count in zip(parts, counts)], dim=1).cpu()
+    return joined[0], joined[1]
+
+
+def _all_gather(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:
+    parts = [torch.empty_like(tensor) for _ in range(world.world_size)]
+    with peer_failures(world, "gathering predictions"):
+        dist.all_gather(parts, tensor)
+    return parts
+
+
+def all_reduce_epoch(result: Result, world: World) -> Result:
+    """The whole job's ``loss`` and ``accuracy`` (means over all images), ``images`` and ``seconds`` (the slowest
+    rank's), from every rank's ``result`` (an ``engine.EpochResult`` or ``EvalResult``)."""
+    if not world.distributed:
+        return result
+    sums = torch.tensor([result.loss * result.images, result.accuracy * result.images, result.images],
+                        dtype=torch.float64, device=world.device)
+    loss_sum, correct, images = all_reduce_sum(sums, world).tolist()
+    seconds = _all_reduce(torch.tensor([result.seconds], dtype=torch.float64, device=world.device), world,
+                          dist.ReduceOp.MAX).item()
+    return dataclasses.replace(result, loss=loss_sum / max(images, 1), accuracy=correct / max(images, 1),
+                               images=round(images), seconds=seconds)
+
+
+def all_reduce_eval(result: Result, world: World) -> Result:
+    """An ``engine.EvalResult`` of the whole evaluation set from every rank's part: :func:`all_reduce_epoch` and
+    every prediction and target in order (:func:`gather_predictions`)."""
+    if not world.distributed:
+        return result
+    predictions, targets = gather_predictions(result.predictions, result.targets, world)
+    return dataclasses.replace(all_reduce_epoch(result, world), predictions=predictions, targets=targets)
+
+
+# --------------------------------------------------------------------------- a lost rank
+
+
+@contextlib.contextmanager
+def peer_failures(world: World, doing: str) -> Iterator[None]:
+    """Turn a collective that fails because a peer crashed or stopped answering into a one-line
+    :class:`PeerLostError` naming that rank when the others can tell; other errors pass through unchanged.
+
+    Wrap whatever runs collectives outside this module too, such as DDP's backward pass: ``doing`` names it.
+    """
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as error:
+        if not (world.distributed and is_peer_error(error)):
+            raise
+        silent = silent_ranks(world, min(PEER_GRACE_S, world.timeout_s))
+        raise PeerLostError(f"rank {world.rank} of {world.world_size}: {describe_silent(silent)} during {doing} "
+                            f"({short_reason(error)})") from None
+
+
+def is_peer_error(error: BaseException) -> bool:
+    """True for an error that says another rank is gone or silent (not a mistake of this rank's own)."""
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_ERROR_MARKERS)
+
+
+def silent_ranks(world: World, grace_s: float) -> list[int] | None:
+    """The ranks that did not report in through the store within ``grace_s`` seconds of this one, after a
+    collective failed (a rank reports in when its own collective fails); None when the store is gone too."""
+    try:
+        world.store.set(f"alive/{world.rank}", "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            silent = [rank for rank in range(world.world_size) if not world.store.check([f"alive/{rank}"])]
+            if not silent or time.monotonic() >= deadline:
+                return silent
+            time.sleep(0.1)
+    except (RuntimeError, dist.DistError):  # the store lived in a process that is gone
+        return None
+
+
+def describe_silent(silent: list[int] | None) -> str:
+    """What a failed collective says about the other ranks."""
+    if silent is None:
+        return "lost contact with another rank (the launcher's report names the one that failed)"
+    if not silent:
+        return "a collective failed although every rank is still running"
+    ranks = ", ".join(str(rank) for rank in silent)
+    return f"rank {ranks} stopped answering (crashed, hung or was stopped; see its own output)"
+
+
+def short_reason(error: BaseException) -> str:
+    """The first sentence of a collective's error, without the ``[file.cc:123]`` prefix gloo puts on it."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
+    return reason.split(". ")[0].rstrip(".")

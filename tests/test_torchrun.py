@@ -1,0 +1,154 @@
+"""train.py under torchrun: two CPU processes (gloo) on tiny data, as a user starts them.
+
+Each job is ``python -m torch.distributed.run --standalone --nproc_per_node=2 train.py ...``. The runs freeze every
+BatchNorm layer (``--trainable fc``), so two processes at ``--batch-size B`` must take the very steps one process
+takes at ``2B``, up to the order of float additions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CliResult, ColourData, assert_user_error, call_main, read_csv_rows
+from test_resume import assert_same_training
+
+# What makes the two-process run comparable with the one-process run: BatchNorm frozen, no dropout.
+COMPARABLE_FLAGS = (*TINY_TRAIN_FLAGS, "--trainable", "fc", "--dropout", "0")
+JOB_TIMEOUT_S = 240
+
+
+def torchrun_command(*args: str | Path, processes: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N train.py ARGS``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            str(REPO_ROOT / "train.py"), *map(str, args)]
+
+
+def job_environment() -> dict[str, str]:
+    """One thread per process (two processes share the CI's two cores) and a short collective timeout."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_DIST_TIMEOUT": "30", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(*args: str | Path) -> CliResult:
+    """Run a two-process job to its end."""
+    completed = subprocess.run(torchrun_command(*args), cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=JOB_TIMEOUT_S, env=job_environment())
+    return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def succeeded(result: CliResult) -> CliResult:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def uneven_data(small_data: ColourData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """small_data with classes of 2, 2 and 4 training images: 8 images, two global batches of 4, and class weights
+    that differ, so the ranks of a step hold differently weighted images."""
+    root = tmp_path_factory.mktemp("uneven") / "data"
+    shutil.copytree(small_data.root, root)
+    for label in ("0", "1"):
+        for path in sorted((root / "train" / label).iterdir())[:2]:
+            path.unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_process_run(uneven_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CliResult, Path]:
+    """Three epochs in two processes at --batch-size 2."""
+    output = tmp_path_factory.mktemp("torchrun") / "out"
+    result = succeeded(torchrun("--data-dir", uneven_data, "--output-dir", output, *COMPARABLE_FLAGS,
+                                "--batch-size", "2", "--epochs", "3"))
+    return result, output
+
+
+def test_two_processes_take_the_steps_of_one_with_twice_the_batch(two_process_run: tuple[CliResult, Path],
+                                                                  uneven_data: Path, tmp_path: Path) -> None:
+    _, output = two_process_run
+    single = tmp_path / "single"
+    succeeded(call_main(train.main, "--data-dir", uneven_data, "--output-dir", single, *COMPARABLE_FLAGS,
+                        "--batch-size", "4", "--epochs", "3"))
+
+    together, alone = load_checkpoint(output / "last.pt"), load_checkpoint(single / "last.pt")
+    for key, value in alone["model"].items():
+        torch.testing.assert_close(together["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert [row["val_acc"] for row in read_csv_rows(output / "history.csv")] == \
+        [row["val_acc"] for row in read_csv_rows(single / "history.csv")]  # validation sharded, then summed
+
+
+def test_only_rank_0_prints_and_writes(two_process_run: tuple[CliResult, Path]) -> None:
+    result, output = two_process_run
+    assert "global batch: 2 a process x 2 processes = 4 images a step" in result.stdout
+    assert len(re.findall(r"^epoch +1/3 ", result.stdout, flags=re.MULTILINE)) == 1
+    assert len(read_csv_rows(output / "history.csv")) == 3
+    assert len(re.findall(r"; wrote .*best\.pt", result.stdout)) == 1  # the closing line
+    assert {path.name for path in output.iterdir()} >= {"best.pt", "last.pt", "history.csv", "config.yaml",
+                                                         "confusion_matrix.png", "report"}
+    assert load_checkpoint(output / "last.pt")["runtime"]["processes"] == 2
+
+
+def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run: tuple[CliResult, Path],
+                                                                uneven_data: Path, tmp_path: Path) -> None:
+    _, straight = two_process_run
+    stopped = tmp_path / "stopped"
+    succeeded(torchrun("--data-dir", uneven_data, "--output-dir", stopped, *COMPARABLE_FLAGS, "--batch-size", "2",
+                       "--epochs", "3", "--epochs-this-run", "2"))
+    succeeded(torchrun("--resume", stopped / "last.pt"))
+
+    assert_same_training(stopped / "last.pt", straight / "last.pt")
+
+
+def rank_process(job: subprocess.Popen, rank: int) -> int:
+    """The pid of the job's worker with ``RANK=rank`` (torchrun's child processes)."""
+    for _ in range(600):
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environment = (entry / "environ").read_bytes().split(b"\0")
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == job.pid and f"RANK={rank}".encode() in environment:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker process with RANK={rank}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_a_killed_rank_ends_the_job_with_an_error_naming_it(uneven_data: Path, tmp_path: Path) -> None:
+    job = subprocess.Popen(torchrun_command("--data-dir", uneven_data, "--output-dir", tmp_path / "out",
+                                            *COMPARABLE_FLAGS, "--batch-size", "2", "--epochs", "500"),
+                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=job_environment())
+    lines = []
+    for line in job.stdout:  # wait until training runs
+        lines.append(line)
+        if line.startswith("epoch   1/500"):
+            break
+    os.kill(rank_process(job, 1), signal.SIGKILL)
+    started = time.monotonic()
+    lines += job.stdout.readlines()
+    job.wait(timeout=JOB_TIMEOUT_S)
+
+    output = "".join(lines)
+    assert job.returncode != 0
+    assert time.monotonic() - started < 60
+    assert re.search(r"rank\s*:?\s*1\b", output), output[-3000:]
+
+
+def test_sync_bn_needs_cuda(small_data: ColourData, tmp_path: Path) -> None:
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "out", *TINY_TRAIN_FLAGS,
+                       "--sync-bn")
+    assert_user_error(result, "--sync-bn: SyncBatchNorm needs CUDA GPUs")
