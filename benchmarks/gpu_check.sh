@@ -43,4 +43,13 @@ step 120 python -m pytest -q tests/test_gpu_augment.py tests/test_pipeline.py
 step 180 python train.py --config configs/sample.yaml "${sample[@]}" --output-dir "$out/sample" --no-progress
 step 60 python predict.py --checkpoint "$out/sample/best.pt" --test-dir data/sample/test \
     --labels data/sample/test_labels.csv --output "$out/sample/prediction.csv" --device "$device" --no-progress
+# 4. The same sample run under torchrun with one process: its history must match step 3's (nccl on CUDA).
+step 180 python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --config configs/sample.yaml \
+    "${sample[@]}" --output-dir "$out/sample-torchrun" --no-progress
+step 30 python - "$out/sample" "$out/sample-torchrun" <<'PY'
+import csv, sys
+plain, launched = ([{key: value for key, value in row.items() if key != "seconds"}
+                    for row in csv.DictReader(open(f"{folder}/history.csv"))] for folder in sys.argv[1:3])
+print("torchrun with one process, history equal to the plain run's:", plain == launched)
+PY
 echo "done: $log, $out/bench.md"
