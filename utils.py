@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 import os
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -165,7 +167,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so a crash leaves the old file."""
     path = Path(path)
-    with _temporary_sibling(path) as tmp_path:
+    with _write_failures(Path(path)), _temporary_sibling(path) as tmp_path:
         Path(tmp_path).write_bytes(data)
 
 
@@ -185,8 +187,29 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
-    with _temporary_sibling(Path(path)) as tmp_path:
+    with _write_failures(Path(path)), _temporary_sibling(Path(path)) as tmp_path:
         torch.save(obj, tmp_path)
+
+
+# How torch.save reports a write that failed (a full disk, say): a RuntimeError, not an OSError.
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter")
+
+
+@contextlib.contextmanager
+def _write_failures(path: Path) -> Iterator[None]:
+    """Turn a write that fails for want of room or permission into a one-line :class:`UserError` naming the file
+    and the free space on its disk (the half-written file is already gone)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
+            raise
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "its disk cannot be read"
+        raise UserError(f"cannot write {path} ({first_line(error)}); {free}: make room, or use another "
+                        "output folder") from None
 
 
 def _read_umask() -> int:

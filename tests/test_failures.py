@@ -194,3 +194,20 @@ def test_cuda_out_of_memory_is_one_line_suggesting_a_smaller_batch(
 
     assert_user_error(result, "out of GPU memory", "--batch-size 4", "epoch 1", "--batch-size 2")
     assert "Tried to allocate" not in result.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(
+        small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(obj: Any, path: Any) -> None:
+        Path(path).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6447232 vs 6447128")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    output = tmp_path / "out"
+
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, *TINY_TRAIN_FLAGS,
+                       "--epochs", "1")
+
+    assert_user_error(result, f"cannot write {output / 'best.pt'} ([enforce fail at inline_container.cc:672]",
+                      "MiB free there: make room, or use another output folder")
+    assert not list(output.glob("*.pt*"))  # neither best.pt nor its temporary sibling
