@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -76,8 +77,16 @@ def loader_options(workers: int, seed: int, accel: Accel) -> dict[str, Any]:
     options: dict[str, Any] = dict(num_workers=workers, pin_memory=accel.device.type == "cuda",
                                    generator=torch.Generator().manual_seed(seed))
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=4)
+        options.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=leave_stop_signals_to_main)
     return options
+
+
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """Make a loader worker ignore SIGINT and SIGTERM. The main process gets them too when they go to the whole
+    process group (Ctrl-C, SLURM, torchrun), stops after its batch, keeps last.pt and ends the workers itself; a
+    worker killed first would instead end the run with a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def drops_lone_batch(size: int, batch_size: int) -> bool:

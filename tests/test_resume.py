@@ -408,7 +408,8 @@ class TrainingProcess:
         else:  # stderr apart, to check what goes where
             with log_path.open("w") as log, self.stderr_path.open("w") as errors:
                 self.process = subprocess.Popen([sys.executable, "-u", str(REPO_ROOT / "train.py"), *argv],
-                                                cwd=REPO_ROOT, stdout=log, stderr=errors)
+                                                cwd=REPO_ROOT, stdout=log, stderr=errors,
+                                                start_new_session=True)  # its own process group, to signal whole
             self.pid = self.process.pid
 
     def running(self) -> bool:
@@ -513,6 +514,26 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
     assert final.returncode == 0, (kills, final.stdout[-3000:], final.stderr[-3000:])
     assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1", "2", "3", "4"], kills
     assert_same_training(output / "last.pt", straight.output / "last.pt")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_sigterm_to_the_whole_process_group_stops_as_sigint_does(
+    small_data: ColourData, tmp_path: Path, processes: list[TrainingProcess]
+) -> None:
+    """SLURM and torchrun signal every process, the loader workers too: the run must still stop after its batch."""
+    output = tmp_path / "out"
+    run = TrainingProcess(["--data-dir", small_data.root, "--output-dir", output, "--epochs", "20",
+                           *TINY_TRAIN_FLAGS, "--workers", "1"], tmp_path / "run.log")
+    processes.append(run)
+    run.wait_for_line(EPOCH_LINE)
+
+    os.killpg(run.pid, signal.SIGTERM)
+    code = run.wait(60)
+
+    stderr = run.stderr_path.read_text()
+    assert code == 130, run.output()[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM: stopping after this batch" in stderr, stderr[-3000:]
+    assert f"interrupted: {output / 'last.pt'} holds epoch" in stderr
 
 
 def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
