@@ -87,6 +87,9 @@ def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) 
     checkpoints: the split rebuilt from the run's --val-fraction and --seed)."""
     config = checkpoint["config"]
     held_out = checkpoint.get("held_out_val_files")
+    if config.get("train_on_all"):
+        raise UserError(f"--data-dir {data_dir}: this run trained on all of train/ (--train-on-all), so no part of it "
+                        "is held out to evaluate; pass --split-dir with images it has not seen")
     if held_out is None and "held_out_val_files" in checkpoint:  # the run validated on a val/ folder
         raise UserError(f"--data-dir {data_dir}: no val/ folder, but this checkpoint's run validated on a val/ folder, "
                         "not on a share of train/; pass the --data-dir it trained on, or --split-dir DIR")
@@ -104,21 +107,33 @@ def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) 
     return data.val_samples, data.val_source
 
 
+def warn_if_trained_on(config: dict[str, Any], folder: Path) -> None:
+    """Say so when ``folder`` lies in the data a --train-on-all or --fold run trained on: its accuracy there
+    overstates what the model does on new images."""
+    trained = Path(config.get("data_dir", "")).resolve()
+    if not (config.get("train_on_all") or config.get("fold")) or not folder.resolve().is_relative_to(trained):
+        return
+    how = ("trained on all of train/ and val/ (--train-on-all)" if config.get("train_on_all") else
+           f"trained on every image of train/ and val/ outside its fold {config['fold']} (--fold; evaluate without "
+           "--split-dir to score that fold)")
+    print(f"warning: {folder} is part of {trained}, which this run {how}: accuracy here overstates what it does on "
+          "new images")
+
+
 def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple[list[Sample], str]:
     """The samples to evaluate and a description of where they come from."""
-    class_names = checkpoint["class_names"]
+    class_names, config = checkpoint["class_names"], checkpoint["config"]
     if args.split_dir:
+        warn_if_trained_on(config, Path(args.split_dir))
         return scan_split(Path(args.split_dir), class_names, "--split-dir"), str(args.split_dir)
     data_dir = Path(args.data_dir)
     val_dir = data_dir / "val"
-    if checkpoint["config"].get("fold"):
-        print(f"note: evaluating fold {checkpoint['config']['fold']} of {data_dir}'s train/ and val/, which this run "
-              "validated on (--fold)")
+    if config.get("fold"):
+        print(f"note: evaluating fold {config['fold']} of {data_dir}'s train/ and val/, which this run validated on "
+              "(--fold)")
         return held_out_split(data_dir, checkpoint, args.max_image_pixels)
-    if checkpoint["config"].get("train_on_all") and val_dir.is_dir():
-        print(f"note: this run trained on {val_dir} too (--train-on-all): accuracy there overstates what it does on "
-              "new images")
     if val_dir.is_dir():
+        warn_if_trained_on(config, val_dir)
         return scan_split(val_dir, class_names, "--data-dir"), str(val_dir)
     if (data_dir / "train").is_dir():
         print(f"note: no {val_dir}; evaluating the part of {data_dir / 'train'} that training held out")

@@ -162,6 +162,8 @@ def test_with_the_average_on_the_history_and_last_pt_carry_it(small_data: Colour
     row = history[best["epoch"] - 1]
     assert best["weights"] == ("ema" if float(row["ema_val_loss"]) < float(row["val_loss"]) else "raw")
     assert " (ema " in result.stdout
+    lowest = min(float(row["val_loss"]), float(row["ema_val_loss"]))
+    assert f"best val_loss {lowest:.4f} at epoch {best['epoch']} (val accuracy " in result.stdout  # what chose it
 
 
 # --------------------------------------------------------------------------- regularisation
@@ -267,6 +269,13 @@ def test_max_params_lets_a_model_within_budget_train_and_checks_its_spelling(sma
     tiny_train(small_data, tmp_path / "out", "--epochs", "1", "--max-params", "11.2M")  # resnet18: 11,178,051
     assert_user_error(call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "other",
                                 *TINY_TRAIN_FLAGS, "--max-params", "lots"), "--max-params lots: not a parameter count")
+
+
+def test_a_timm_model_with_a_fixed_input_size_refuses_another(small_data: ColourData, tmp_path: Path) -> None:
+    pytest.importorskip("timm", reason="timm is optional")
+    result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "out", *TINY_TRAIN_FLAGS,
+                       "--arch", "timm:vit_tiny_patch16_224")
+    assert_user_error(result, "--img-size 32: timm:vit_tiny_patch16_224 takes only 224-px images")
 
 
 def test_a_timm_backbone_trains_resumes_and_predicts(small_data: ColourData, tmp_path: Path) -> None:
@@ -383,11 +392,12 @@ def test_blocks_thaw_at_their_epochs_with_the_optimizer_holding_exactly_the_trai
     ("layer3:4", "epoch 4 is not in 2..3"),
     ("layer9:2", "layer9 is not a block; use all or one of conv1, bn1, layer1"),
     ("layer3", "'layer3' is not BLOCK:EPOCH"),
+    (",", "no BLOCK:EPOCH in it"),
 ])
 def test_unfreeze_at_mistakes_are_one_line(small_data: ColourData, tmp_path: Path, spec: str, message: str) -> None:
     result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "out",
                        *TINY_TRAIN_FLAGS, "--epochs", "3", "--unfreeze-at", spec)
-    assert_user_error(result, f"--unfreeze-at {spec}: {message}")
+    assert_user_error(result, f"--unfreeze-at {spec if spec != ',' else repr(spec)}: {message}")
 
 
 # --------------------------------------------------------------------------- folds and the final fit
@@ -430,6 +440,9 @@ def test_a_fold_run_validates_on_its_fold_of_train_and_val_pooled(small_data: Co
                           "--report-dir", tmp_path / "report", *PREDICT_FLAGS)
     assert evaluated.returncode == 0 and "evaluating fold 2/5" in evaluated.stdout
     assert evaluated.value["images"] == 3
+    other_split = call_main(evaluate.main, "--checkpoint", output / "best.pt", "--split-dir", small_data.root / "val",
+                            "--report-dir", tmp_path / "report-val", *PREDICT_FLAGS)
+    assert "outside its fold 2/5 (--fold; evaluate without --split-dir to score that fold)" in other_split.stdout
     other = tiny_train(small_data, tmp_path / "other", "--epochs", "1", "--fold", "3/5")
     assert set(load_checkpoint(tmp_path / "other" / "best.pt")["held_out_val_files"]).isdisjoint(held_out)
     assert "val 3 images" in other.stdout
@@ -449,6 +462,11 @@ def test_train_on_all_trains_on_every_image_without_validating(small_data: Colou
     assert not (output / "confusion_matrix.png").exists() and not (output / "report").exists()
     assert call_main(predict.main, "--checkpoint", output, "--test-dir", small_data.test_dir, "--output",
                      tmp_path / "p.csv", *PREDICT_FLAGS).returncode == 0
+    evaluated = call_main(evaluate.main, "--checkpoint", output / "best.pt", "--data-dir", small_data.root,
+                          "--report-dir", tmp_path / "report", *PREDICT_FLAGS)
+    assert evaluated.returncode == 0
+    assert "which this run trained on all of train/ and val/ (--train-on-all): accuracy here overstates" in \
+        evaluated.stdout
     again = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, "--epochs",
                       "2", "--train-on-all", "--ema", "0.5")
     assert again.returncode == 0 and "is complete" in again.stdout
