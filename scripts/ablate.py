@@ -324,15 +324,20 @@ def read_history(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def best_of_history(rows: Sequence[dict[str, str]]) -> tuple[float | None, int, int]:
-    """(best val accuracy, its epoch (the first to reach it), epochs run). With --ema an epoch counts the better
-    of its raw and averaged weights, as best.pt does; a run that validated nothing (--train-on-all) has no best
-    accuracy, and its last epoch is best.pt's."""
+def best_of_history(rows: Sequence[dict[str, str]], best: dict[str, Any] | None) -> tuple[float | None, int, int]:
+    """(val accuracy of best.pt's epoch and weights, that epoch, epochs run). best.pt is the epoch --monitor chose
+    (with --ema, the averaged weights when they won: their accuracy then); without it, the epoch of the highest val
+    accuracy. A run that validated nothing (--train-on-all) has no accuracy."""
+    epochs_run = int(rows[-1]["epoch"])
+    if best is not None and "epoch" in best:
+        row = next((row for row in rows if int(row["epoch"]) == int(best["epoch"])), {})
+        accuracy = row.get("ema_val_acc" if best.get("weights") == "ema" else "val_acc")
+        return (float(accuracy) if accuracy else None), int(best["epoch"]), epochs_run
     if not any(row.get("val_acc") for row in rows):
-        return None, int(rows[-1]["epoch"]), int(rows[-1]["epoch"])
-    accuracies = [max(float(row["val_acc"]), float(row.get("ema_val_acc") or 0.0)) for row in rows]
-    best = int(np.argmax(accuracies))
-    return accuracies[best], int(rows[best]["epoch"]), int(rows[-1]["epoch"])
+        return None, epochs_run, epochs_run
+    accuracies = [float(row["val_acc"]) for row in rows]
+    index = int(np.argmax(accuracies))
+    return accuracies[index], int(rows[index]["epoch"]), epochs_run
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -351,28 +356,39 @@ def read_run_config(path: Path) -> dict[str, Any]:
         return {}
 
 
-def count_parameters(run_dir: Path) -> tuple[int, int] | None:
-    """(trainable, total) ``nn.Parameter`` counts of the model in best.pt (else last.pt), as train.py prints them.
+def read_best_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The run's best.pt (else last.pt), or None when neither can be read."""
+    for name in ("best.pt", "last.pt"):
+        if (run_dir / name).is_file():
+            try:
+                return load_checkpoint(run_dir / name)
+            except UserError:
+                return None
+    return None
+
+
+def count_parameters(checkpoint: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(trainable, total) ``nn.Parameter`` counts of the checkpoint's model, as train.py prints them.
 
     The model is rebuilt from the checkpoint with its frozen blocks, so frozen weights count in the total and
     not as trainable; BatchNorm running statistics and counters are buffers, not parameters.
     """
-    for name in ("best.pt", "last.pt"):
-        if (run_dir / name).is_file():
-            try:
-                return parameter_summary(model_from_checkpoint(load_checkpoint(run_dir / name)))
-            except (UserError, KeyError, RuntimeError):
-                return None
-    return None
+    if checkpoint is None:
+        return None
+    try:
+        return parameter_summary(model_from_checkpoint(checkpoint))
+    except (UserError, KeyError, RuntimeError):
+        return None
 
 
 def read_run(result: Result) -> None:
     """Fill ``result`` with what the finished run wrote: history, report metrics, parameters, config."""
     rows = read_history(result.run_dir / "history.csv")
+    best = read_best_checkpoint(result.run_dir)
     if rows:
-        result.val_acc, result.best_epoch, result.epochs_run = best_of_history(rows)
+        result.val_acc, result.best_epoch, result.epochs_run = best_of_history(rows, best)
     result.report = read_json(result.run_dir / "report" / "metrics.json")
-    result.trainable_params, result.total_params = count_parameters(result.run_dir) or (None, None)
+    result.trainable_params, result.total_params = count_parameters(best) or (None, None)
     result.config = read_run_config(result.run_dir / "config.yaml")
 
 
@@ -422,8 +438,8 @@ def markdown_table(results: Sequence[Result]) -> str:
 
 def table_notes(results: Sequence[Result]) -> list[str]:
     """What the columns mean, and which runs failed or were reused."""
-    notes = ["val acc: best validation accuracy over the epochs (history.csv; with --ema, the better of the raw "
-             "and averaged weights); balanced acc and macro-F1: best.pt "
+    notes = ["val acc: the validation accuracy of best.pt, the epoch --monitor chose (history.csv; with --ema, of "
+             "the weights best.pt holds); balanced acc and macro-F1: best.pt "
              "on val (report/metrics.json); best epoch / epochs: the epoch of best.pt / epochs run (early stopping "
              "may end a run before --epochs); wall time: the whole train.py run (start-up, training, report); "
              "params: nn.Parameters trained / in the model (BatchNorm statistics are buffers, not counted)."]

@@ -116,7 +116,7 @@ def test_the_table_holds_what_the_runs_wrote(ablation: Ablation) -> None:
         run_dir = Path(row["run_dir"])
         assert row["status"] == "trained"
         history = read_csv_rows(run_dir / "history.csv")
-        assert float(row["val_acc"]) == max(float(epoch["val_acc"]) for epoch in history)
+        assert float(row["val_acc"]) == float(history[int(row["best_epoch"]) - 1]["val_acc"])  # best.pt's epoch
         assert row["epochs_run"] == row["best_epoch"] == "1"  # ablate's --epochs 1 overrides the config's 3
         metrics = json.loads((run_dir / "report" / "metrics.json").read_text(encoding="utf-8"))
         assert float(row["balanced_accuracy"]) == metrics["balanced_accuracy"]
@@ -208,3 +208,13 @@ def test_flags_the_script_sets_itself_and_twice_given_recipes_are_refused(tmp_pa
                       "--overwrite is not allowed here", "--fresh")
     assert_user_error(call_main(main, "configs/sample.yaml", "configs/sample.yaml", "--output-dir", tmp_path),
                       "recipe 'sample' is given twice", "name=LABEL")
+
+
+def test_a_row_reports_the_epoch_and_weights_best_pt_holds() -> None:
+    best_of_history = load_ablate().best_of_history
+    rows = [{"epoch": "1", "val_acc": "0.5", "ema_val_acc": "0.2"},
+            {"epoch": "2", "val_acc": "0.4", "ema_val_acc": "0.6"}]
+    assert best_of_history(rows, {"epoch": 2, "weights": "ema"}) == (0.6, 2, 2)  # --ema: the averaged weights won
+    assert best_of_history(rows, {"epoch": 2, "weights": "raw"}) == (0.4, 2, 2)  # e.g. --monitor val_loss chose 2
+    assert best_of_history(rows, None) == (0.5, 1, 2)  # no checkpoint to read: the best val accuracy
+    assert best_of_history([{"epoch": "1", "val_acc": ""}], {"epoch": 1, "weights": "raw"}) == (None, 1, 1)
