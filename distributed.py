@@ -93,9 +93,15 @@ def init_world(device_request: str = "auto", backend: str = "auto") -> World:
     timeout = datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    except (dist.DistError, RuntimeError, TimeoutError) as error:
+        address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise UserError(f"rank {rank} of {world_size}: could not join the other processes at {address} within "
+                        f"{timeout_s:g} s ({short_reason(error)}); start all {world_size} (torchrun does), or raise "
+                        f"{TIMEOUT_VARIABLE}") from None
     return World(rank, local_rank, world_size, device, timeout_s, dist.PrefixStore(STORE_PREFIX, store))
 
 
@@ -151,6 +157,24 @@ def silence_other_ranks() -> None:
     progress reaches the user. Errors still go to standard error from every rank."""
     if int(os.environ.get("RANK", "0")) != 0:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the rest of the process
+
+
+@contextlib.contextmanager
+def mistakes_told_by_rank_0() -> Iterator[None]:
+    """Around the checks every process makes alike (the command line, the output folder): only rank 0 reports a
+    mistake, argparse's usage line or a :class:`UserError`; the others exit with the same code in silence, so the
+    user reads it once, not once a process."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        yield
+        return
+    saved, sys.stderr = sys.stderr, open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        yield
+    except UserError:
+        raise SystemExit(2) from None
+    finally:
+        sys.stderr.close()
+        sys.stderr = saved
 
 
 def close_world(world: World) -> None:

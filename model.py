@@ -101,6 +101,14 @@ def input_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]
     return tuple(config.mean), tuple(config.std)
 
 
+def fixed_input_size(arch: str) -> int | None:
+    """The only image size a timm model takes (a ViT's patch grid, say), or None when any size works."""
+    if not is_timm_arch(arch):
+        return None
+    config = _import_timm(arch).get_pretrained_cfg(_timm_name(arch))
+    return int(config.input_size[-1]) if config is not None and config.fixed_input_size else None
+
+
 def _timm_name(arch: str) -> str:
     return arch[len(TIMM_PREFIX):]
 
@@ -291,8 +299,9 @@ def parse_trainable(spec: str, model: nn.Module | None = None) -> list[str]:
         return list(blocks)
     unknown = [name for name in names if name not in blocks]
     if unknown or not names:
+        default = f" (the default, {DEFAULT_TRAINABLE}, names a ResNet's blocks)" if spec == DEFAULT_TRAINABLE else ""
         raise UserError(
-            f"--trainable {spec}: {', '.join(unknown) or 'empty'} is not a block; "
+            f"--trainable {spec}: {', '.join(unknown) or 'empty'} is not a block{default}; "
             f"use 'all' or a comma list of {', '.join(blocks)}"
         )
     return [name for name in blocks if name in names or name == head]  # the new head always trains
@@ -372,6 +381,8 @@ def parse_unfreeze_at(spec: str, model: nn.Module) -> dict[int, list[str]]:
         if block != "all" and block not in names:
             raise UserError(f"--unfreeze-at {spec}: {block} is not a block; use all or one of {', '.join(names)}")
         schedule.setdefault(int(epoch), []).append(block)
+    if not schedule:
+        raise UserError(f"--unfreeze-at {spec!r}: no BLOCK:EPOCH in it; write e.g. layer3:5,all:10")
     return dict(sorted(schedule.items()))
 
 
@@ -409,6 +420,9 @@ def parse_count(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kKmMgGbB]?)\s*", text)
     if match is None:
         raise UserError(f"--max-params {text}: not a parameter count; write e.g. 25600000, 25.6M or 900k")
+    if not match.group(2) and not match.group(1).isdigit():
+        raise UserError(f"--max-params {text}: a count without a unit must be a whole number; write e.g. 25600000, "
+                        "25.6M or 900k")
     count = float(match.group(1)) * COUNT_UNITS[match.group(2).upper()]
     if not math.isfinite(count) or count < 1:
         raise UserError(f"--max-params {text}: must be a count of at least 1; write e.g. 25600000, 25.6M or 900k")

@@ -16,6 +16,7 @@ import csv
 import io
 import itertools
 import math
+import os
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from distributed import (
     close_world,
     gather_objects,
     init_world,
+    mistakes_told_by_rank_0,
     peer_failures,
     shard_range,
     silence_other_ranks,
@@ -74,6 +76,7 @@ from model import (
     block_names,
     build_model,
     classifier_name,
+    fixed_input_size,
     freeze_blocks,
     has_trainable_batchnorm,
     head_block,
@@ -349,6 +352,11 @@ def validate_args(args: argparse.Namespace) -> None:
         args.cache = "auto" if args.cache else "none"
     args.workers = resolve_workers(args.workers)
     skeleton = model_skeleton(args.arch)  # an unknown --arch, or timm missing, is refused here: nothing downloaded
+    fixed = fixed_input_size(args.arch)
+    for flag, size in (("--img-size", args.img_size), ("--test-size", args.test_size)):
+        if fixed is not None and size is not None and size != fixed:
+            raise UserError(f"{flag} {size}: {args.arch} takes only {fixed}-px images (its pretrained config fixes "
+                            f"the input size); use {flag} {fixed}")
     if args.max_params is not None:  # a YAML config may give a number
         args.max_params = str(args.max_params)
         parse_count(args.max_params)
@@ -632,7 +640,9 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
         for epoch in (epoch for epoch in thaw_schedule if epoch <= resume["training_state"]["progress"]["epoch"]):
             thaw(model, optimizer, thaw_schedule[epoch], args.backbone_lr_mult)  # the optimizer's groups as saved
         progress = restore_training_state(resume["training_state"], optimizer, scaler)
-        print(f"resumed after epoch {progress.epoch} ({describe_best(progress.best_val_acc, progress.best_epoch)})")
+        note_process_count_change(args, resume, world)
+        print(f"resumed after epoch {progress.epoch} ("
+              f"{describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)})")
     output_dir = Path(args.output_dir)
     runtime = runtime_record(args, accel, world)
     logger = prepare_output_dir(args, resume, data, config_yaml(config, runtime)) if world.is_main else None
@@ -647,6 +657,16 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
               model_for_training(model, args, world), make_criterion(data, args, device, world), optimizer, scaler,
               output_dir, runtime, step_options, ema, logger, thaw_schedule, world)
     return run, progress
+
+
+def note_process_count_change(args: argparse.Namespace, resume: dict[str, Any], world: World) -> None:
+    """Say so when a run continues with another number of processes than it ran with: its global batch changes."""
+    before = resume.get("runtime", {}).get("processes", 1)
+    if before != world.world_size:
+        batch = args.batch_size * args.accum_steps
+        print(f"note: this run trained with {before} process(es), a global batch of {batch * before}; it continues "
+              f"with {world.world_size}, a global batch of {batch * world.world_size} (start it as before to keep "
+              "the steps it took)")
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict[str, Any] | None, data: TrainValData,
@@ -704,6 +724,7 @@ def runtime_record(args: argparse.Namespace, accel: Accel, world: World) -> dict
     """What the run's options resolved to on this machine ("auto" included), the process count, and the software
     versions."""
     return {"device": describe_device(accel.device), "device_type": accel.device.type, "processes": world.world_size,
+            "processes_per_node": processes_per_node() if world.distributed else 1,
             "precision": accel.precision_name, "workers": args.workers,
             "augment_device": resolve_augment_device(args.augment_device, accel.device),
             "channels_last": accel.channels_last, "torch": str(torch.__version__),
@@ -716,11 +737,14 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
               "test_size": config.get("test_size") or config["img_size"],
               "augment_device": runtime["augment_device"],
               "amp": {"fp32": "off"}.get(runtime["precision"], runtime["precision"])}
+    processes = runtime.get("processes", 1)
+    launcher = launch_command(processes, runtime.get("processes_per_node", processes))
     header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, {runtime['workers']} loader workers, "
-              f"augmentation on the {runtime['augment_device']};\n"
+              f"augmentation on the {runtime['augment_device']}"
+              + (f", {processes} processes (torchrun)" if processes > 1 else "") + ";\n"
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "
               "Options given as auto are written as what\n"
-              "# they chose, so `python train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run.\n")
+              f"# they chose, so `{launcher} train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run.\n")
     unset = [key for key, value in as_run.items() if value is None]  # off by default (--fold, --max-params)
     return header + yaml.safe_dump({key: value for key, value in as_run.items() if key not in unset}, sort_keys=True)
 
@@ -911,17 +935,23 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
                 run.logger.log_figure(name, run.output_dir / f"{name}.png")
         run.logger.close()
     validated = run.loaders.val is not None
-    print(f"{describe_best(progress.best_val_acc, progress.best_epoch)}; wrote {run.output_dir}/best.pt, last.pt, "
+    best = describe_best(progress.best_val_acc, progress.best_epoch, run.args.monitor, progress.best_score)
+    print(f"{best}; wrote {run.output_dir}/best.pt, last.pt, "
           "history.csv, loss_curve.png, accuracy_curve.png, "
           + ("confusion_matrix.png, config.yaml, report/" if validated else "config.yaml"))
     return run_summary(progress, run.output_dir)
 
 
-def describe_best(best_val_acc: float, best_epoch: int | str) -> str:
-    """'best val accuracy 81.20% at epoch 6', or what best.pt holds when nothing was validated (--train-on-all)."""
+def describe_best(best_val_acc: float, best_epoch: int | str, monitor: str = "val_acc",
+                  best_score: float | None = None) -> str:
+    """'best val accuracy 81.20% at epoch 6' (or the --monitor value best.pt was chosen by, with its accuracy), or
+    what best.pt holds when nothing was validated (--train-on-all)."""
     if math.isnan(best_val_acc):
         return f"no validation (--train-on-all); best.pt holds epoch {best_epoch}"
-    return f"best val accuracy {best_val_acc:.2%} at epoch {best_epoch}"
+    if monitor == "val_acc" or best_score is None or not math.isfinite(best_score):
+        return f"best val accuracy {best_val_acc:.2%} at epoch {best_epoch}"
+    value = f"{-best_score:.4f}" if monitor == "val_loss" else f"{best_score:.2%}"
+    return f"best {monitor} {value} at epoch {best_epoch} (val accuracy {best_val_acc:.2%})"
 
 
 def run_summary(progress: Progress, output_dir: Path) -> dict[str, Any]:
@@ -930,9 +960,27 @@ def run_summary(progress: Progress, output_dir: Path) -> dict[str, Any]:
             "output_dir": str(output_dir), "epochs_run": len(progress.history)}
 
 
-def resume_hint(output_dir: Path) -> str:
-    """The command (or, in a notebook, the ``train.main`` call) that continues the run in ``output_dir``."""
-    return command_hint("train.py", ["--resume", str(output_dir / "last.pt")])
+def resume_hint(output_dir: Path, world: World = World()) -> str:
+    """The command (or, in a notebook, the ``train.main`` call) that continues the run in ``output_dir``; under
+    torchrun, the torchrun command (resuming with another process count changes the global batch)."""
+    if not world.distributed:
+        return command_hint("train.py", ["--resume", str(output_dir / "last.pt")])
+    launcher = launch_command(world.world_size, processes_per_node())
+    return f"{launcher} train.py --resume {output_dir / 'last.pt'}"
+
+
+def launch_command(processes: int, per_node: int) -> str:
+    """How a run of ``processes`` processes (``per_node`` on each machine) is started: python, or torchrun."""
+    if processes == 1:
+        return "python"
+    if processes == per_node:
+        return f"torchrun --nproc_per_node={processes}"
+    return f"torchrun --nnodes={processes // per_node} --nproc_per_node={per_node} (and your --rdzv options)"
+
+
+def processes_per_node() -> int:
+    """torchrun's processes on this machine (``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def report_interruption(run: Run, progress: Progress) -> None:
@@ -943,7 +991,8 @@ def report_interruption(run: Run, progress: Progress) -> None:
     if progress.epoch == 0:
         print("interrupted before the first epoch finished; nothing was saved", file=sys.stderr)
     else:
-        print(f"interrupted: {last} holds epoch {progress.epoch}; continue with: {resume_hint(run.output_dir)}",
+        print(f"interrupted: {last} holds epoch {progress.epoch}; continue with: "
+              f"{resume_hint(run.output_dir, run.world)}",
               file=sys.stderr)
 
 
@@ -1043,9 +1092,10 @@ def refuse_resuming_over_another_run(args: argparse.Namespace) -> None:
 
 def describe_run(checkpoint: dict[str, Any]) -> str:
     """'epoch 7 of 50, best val accuracy 81.20% at epoch 6' for a last.pt."""
-    progress = checkpoint.get("training_state", {}).get("progress", {})
-    return (f"epoch {progress.get('epoch', checkpoint.get('epoch', '?'))} of {checkpoint['config'].get('epochs', '?')}"
-            f", {describe_best(progress.get('best_val_acc', 0.0), progress.get('best_epoch', '?'))}")
+    progress, config = checkpoint.get("training_state", {}).get("progress", {}), checkpoint["config"]
+    best = describe_best(progress.get("best_val_acc", 0.0), progress.get("best_epoch", "?"),
+                         config.get("monitor", "val_acc"), progress.get("best_score"))
+    return f"epoch {progress.get('epoch', checkpoint.get('epoch', '?'))} of {config.get('epochs', '?')}, {best}"
 
 
 def clear_run_outputs(output_dir: Path, config_file: str | None) -> None:
@@ -1102,7 +1152,8 @@ def say_complete(args: argparse.Namespace, progress: Progress) -> None:
     how = "all epochs trained" if progress.epoch >= args.epochs else f"early stopping after epoch {progress.epoch}"
     longer = command_hint("train.py", ["--resume", str(output_dir / "last.pt"), "--epochs", str(args.epochs + 10)])
     print(f"the run in {output_dir} is complete ({how} of {args.epochs}; "
-          f"{describe_best(progress.best_val_acc, progress.best_epoch)}); to train longer: {longer}"
+          f"{describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)}); "
+          f"to train longer: {longer}"
           + (" (with a larger --patience)" if progress.epoch < args.epochs else ""))
 
 
@@ -1144,7 +1195,7 @@ def train_in_world(args: argparse.Namespace, resume: dict[str, Any] | None, worl
         raise SystemExit(130)
     if progress.epoch < args.epochs and stopped_epoch is None:
         print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
-              f"{resume_hint(run.output_dir)}")
+              f"{resume_hint(run.output_dir, run.world)}")
     return finish(run, progress, stopped_epoch)
 
 
@@ -1165,8 +1216,9 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Train with the given arguments (a list, or one string split as a shell would); returns a summary (best
     epoch, accuracy, output folder)."""
     silence_other_ranks()
-    args, resume = parse_args_and_resume(argv)
-    refuse_resuming_over_another_run(args)
+    with mistakes_told_by_rank_0():
+        args, resume = parse_args_and_resume(argv)
+        refuse_resuming_over_another_run(args)
     same_command = False
     if resume is None:  # no --resume: the folder may hold this very command's run, to continue
         resume = run_to_continue(args)

@@ -410,7 +410,8 @@ def test_parse_count_reads_plain_and_suffixed_counts(text: str, count: int) -> N
     assert parse_count(text) == count
 
 
-@pytest.mark.parametrize("text", ["", "M", "abc", "-5M", "0", "0.0001k", "1e6", "12 parameters", "25.6MB", "1_000"])
+@pytest.mark.parametrize("text", ["", "M", "abc", "-5M", "0", "0.0001k", "1e6", "12 parameters", "25.6MB", "1_000",
+                                  "25.6"])
 def test_parse_count_rejects_other_text_naming_the_flag(text: str) -> None:
     with pytest.raises(UserError, match=r"^--max-params .*25\.6M"):
         parse_count(text)

@@ -96,6 +96,9 @@ def test_only_rank_0_prints_and_writes(two_process_run: tuple[CliResult, Path]) 
     assert {path.name for path in output.iterdir()} >= {"best.pt", "last.pt", "history.csv", "config.yaml",
                                                          "confusion_matrix.png", "report"}
     assert load_checkpoint(output / "last.pt")["runtime"]["processes"] == 2
+    header = (output / "config.yaml").read_text(encoding="utf-8")
+    assert ", 2 processes (torchrun);" in header
+    assert "`torchrun --nproc_per_node=2 train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run" in header
 
 
 def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run: tuple[CliResult, Path],
@@ -107,6 +110,9 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run: 
     succeeded(torchrun("--resume", stopped / "last.pt"))
 
     assert_same_training(stopped / "last.pt", straight / "last.pt")
+    alone = succeeded(call_main(train.main, "--resume", stopped / "last.pt", "--epochs", "4"))  # one process now
+    assert "this run trained with 2 process(es), a global batch of 4; it continues with 1, a global batch of 2" in \
+        alone.stdout
 
 
 def rank_process(job: subprocess.Popen, rank: int) -> int:
@@ -152,3 +158,15 @@ def test_sync_bn_needs_cuda(small_data: ColourData, tmp_path: Path) -> None:
     result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "out", *TINY_TRAIN_FLAGS,
                        "--sync-bn")
     assert_user_error(result, "--sync-bn: SyncBatchNorm needs CUDA GPUs")
+
+
+def test_a_process_whose_peers_never_come_is_one_line(tmp_path: Path) -> None:
+    environment = {**job_environment(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573", "TRAIN_DIST_TIMEOUT": "2"}
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--output-dir", tmp_path / "out"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=environment)
+
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    assert completed.stderr.startswith("error: rank 0 of 2: could not join the other processes at 127.0.0.1:29573 "
+                                       "within 2 s")
+    assert not (tmp_path / "out").exists()
