@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-import signal
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -82,11 +82,12 @@ def loader_options(workers: int, seed: int, accel: Accel) -> dict[str, Any]:
 
 
 def leave_stop_signals_to_main(worker_id: int) -> None:
-    """Make a loader worker ignore SIGINT and SIGTERM. The main process gets them too when they go to the whole
-    process group (Ctrl-C, SLURM, torchrun), stops after its batch, keeps last.pt and ends the workers itself; a
-    worker killed first would instead end the run with a DataLoader error."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Move a loader worker to a process group of its own, so that a signal to the run's group (Ctrl-C, torchrun,
+    ``kill -TERM -PGID``) reaches only the main process, which stops after its batch, keeps last.pt and ends its
+    workers itself; a worker killed first would end the run with a DataLoader error. The worker still ends when
+    the main process terminates it or dies."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
 
 
 def drops_lone_batch(size: int, batch_size: int) -> bool:

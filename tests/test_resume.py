@@ -534,6 +534,12 @@ def test_sigterm_to_the_whole_process_group_stops_as_sigint_does(
     assert code == 130, run.output()[-3000:]
     assert "Traceback" not in stderr and "SIGTERM: stopping after this batch" in stderr, stderr[-3000:]
     assert f"interrupted: {output / 'last.pt'} holds epoch" in stderr
+    # and a run with loader workers that finishes ends: its workers go with it
+    epoch = load_checkpoint(output / "last.pt")["epoch"]
+    finished = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(output / "last.pt"),
+                               "--epochs", str(epoch + 1), "--workers", "1"],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
 
 
 def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
