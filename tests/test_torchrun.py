@@ -162,11 +162,11 @@ def test_sync_bn_needs_cuda(small_data: ColourData, tmp_path: Path) -> None:
 
 def test_a_process_whose_peers_never_come_is_one_line(tmp_path: Path) -> None:
     environment = {**job_environment(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573", "TRAIN_DIST_TIMEOUT": "2"}
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29573", "TRAIN_DIST_TIMEOUT": "1"}
     completed = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--output-dir", tmp_path / "out"],
                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=environment)
 
     assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr[-3000:]
     assert completed.stderr.startswith("error: rank 0 of 2: could not join the other processes at 127.0.0.1:29573 "
-                                       "within 2 s")
+                                       "within 1 s")
     assert not (tmp_path / "out").exists()
