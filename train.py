@@ -321,9 +321,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.backbone_lr_mult <= 0:
         raise UserError(f"--backbone-lr-mult {args.backbone_lr_mult}: must be positive (freeze blocks with "
                         "--trainable instead)")
-    for flag, value in (("--random-erase", args.random_erase),):
-        if not 0 <= value <= 1:
-            raise UserError(f"{flag} {value}: a probability, in [0, 1]")
+    if not 0 <= args.random_erase <= 1:
+        raise UserError(f"--random-erase {args.random_erase}: a probability, in [0, 1]")
     for flag, value in (("--mixup", args.mixup), ("--cutmix", args.cutmix)):
         if value < 0:
             raise UserError(f"{flag} {value}: the Beta distribution's alpha must be positive (0 is off)")
@@ -745,8 +744,8 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "
               "Options given as auto are written as what\n"
               f"# they chose, so `{launcher} train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run.\n")
-    unset = [key for key, value in as_run.items() if value is None]  # off by default (--fold, --max-params)
-    return header + yaml.safe_dump({key: value for key, value in as_run.items() if key not in unset}, sort_keys=True)
+    written = {key: value for key, value in as_run.items() if value is not None}  # unset: off (--fold, --max-params)
+    return header + yaml.safe_dump(written, sort_keys=True)
 
 
 def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
@@ -1170,9 +1169,19 @@ def note_schedule_change(args: argparse.Namespace, checkpoint: dict[str, Any], p
 
 
 def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
-    """Set the run up, train the epochs left, and write the final plots and report; returns the summary."""
+    """Set the run up (as this process's part of the job under torchrun), train the epochs left, and write the final
+    plots and report; returns the summary."""
     with joined_world(args) as world:
-        return train_in_world(args, resume, world)
+        run, progress = set_up(args, resume, world)
+        with StopRequest() as stop:
+            stopped_epoch = train_epochs(run, progress, stop)
+        if stop.requested:
+            report_interruption(run, progress)
+            raise SystemExit(130)
+        if progress.epoch < args.epochs and stopped_epoch is None:
+            print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
+                  f"{resume_hint(run.output_dir, run.world)}")
+        return finish(run, progress, stopped_epoch)
 
 
 @contextlib.contextmanager
@@ -1183,20 +1192,6 @@ def joined_world(args: argparse.Namespace) -> Iterator[World]:
         yield world
     finally:
         close_world(world)
-
-
-def train_in_world(args: argparse.Namespace, resume: dict[str, Any] | None, world: World) -> dict[str, Any]:
-    """:func:`train_and_finish` in this process's place of the job."""
-    run, progress = set_up(args, resume, world)
-    with StopRequest() as stop:
-        stopped_epoch = train_epochs(run, progress, stop)
-    if stop.requested:
-        report_interruption(run, progress)
-        raise SystemExit(130)
-    if progress.epoch < args.epochs and stopped_epoch is None:
-        print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
-              f"{resume_hint(run.output_dir, run.world)}")
-    return finish(run, progress, stopped_epoch)
 
 
 def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progress: Progress) -> dict[str, Any]:

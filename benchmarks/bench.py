@@ -34,7 +34,6 @@ import datetime
 import gc
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ from dataset import (  # noqa: E402
 )
 from engine import evaluate, make_optimizer, predict_probabilities, train_one_epoch  # noqa: E402
 from model import DEFAULT_TRAINABLE, trainable_parameters  # noqa: E402
+from utils import cpu_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
 DEFAULTS = {
@@ -669,14 +669,7 @@ def precision_of(accel: Accel) -> str:
 
 def machine_description(device: torch.device) -> str:
     """CPU model and core count, GPU name, torch version."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    parts = [f"CPU {cpu} ({len(available_cores())} cores)"]
+    parts = [f"CPU {cpu_model()} ({len(available_cores())} cores)"]
     if device.type == "cuda":
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     parts.append(f"torch {torch.__version__}, torchvision {torchvision.__version__}")

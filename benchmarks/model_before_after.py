@@ -16,10 +16,8 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import torch
 from torch import nn
@@ -28,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import model as current_model  # noqa: E402
+from cpu_precision import images_per_second  # noqa: E402
 
 
 def model_module_at(ref: str, folder: Path) -> ModuleType:
@@ -67,16 +66,7 @@ def rates(network: nn.Module, images: torch.Tensor, targets: torch.Tensor, bf16:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             network(images)
 
-    return tuple(timed(work, len(images), repeats) for work in (train_step, predict))
-
-
-def timed(work: Callable[[], None], images: int, repeats: int) -> float:
-    """Run ``work`` once untimed, then ``repeats`` times; images per second."""
-    work()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        work()
-    return images * repeats / (time.perf_counter() - start)
+    return tuple(images_per_second(work, len(images), repeats) for work in (train_step, predict))
 
 
 def main() -> None:

@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -68,6 +67,7 @@ from utils import (  # noqa: E402
     argument_list,
     atomic_write_bytes,
     atomic_write_text,
+    cpu_model,
     csv_text,
     exit_on_user_error,
     format_count,
@@ -463,16 +463,6 @@ def dataset_line(results: Sequence[Result]) -> str:
             if text not in seen:
                 seen.append(text)
     return "; ".join(seen) or "unknown (no run finished)"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what the platform module says."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="ignore").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def machine_description() -> str:
