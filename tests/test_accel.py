@@ -33,10 +33,13 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
 @pytest.fixture
 def hardware(monkeypatch: pytest.MonkeyPatch):
-    """Set what the GPU and the CPU answer about bfloat16: ``hardware(cuda_bf16=..., cpu_bf16=...)``."""
+    """Set what the GPU and the CPU answer about bfloat16: ``hardware(cuda_bf16=..., cpu_bf16=...)``. The GPU is
+    an A100 (compute capability 8.0) with ``cuda_bf16``, else a T4 (7.5); both say yes to
+    ``torch.cuda.is_bf16_supported()``, as a T4 does by counting emulation."""
 
     def set_hardware(cuda_bf16: bool = False, cpu_bf16: bool = False) -> None:
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (8, 0) if cuda_bf16 else (7, 5))
         monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: cpu_bf16)
 
     return set_hardware
@@ -50,6 +53,22 @@ def test_auto_picks_bf16_on_a_bf16_gpu(hardware) -> None:
 def test_auto_picks_fp16_on_an_older_gpu(hardware) -> None:
     hardware(cuda_bf16=False)
     assert resolve_amp("auto", CUDA) is torch.float16
+
+
+@pytest.mark.parametrize("capability, dtype, scaled", [
+    ((7, 5), torch.float16, True),   # T4 (Colab's free GPU): bf16 only emulated
+    ((7, 0), torch.float16, True),   # V100
+    ((8, 0), torch.bfloat16, False),  # A100
+    ((8, 9), torch.bfloat16, False),  # L4
+    ((9, 0), torch.bfloat16, False),  # H100
+])
+def test_auto_takes_bf16_only_where_the_gpu_computes_it(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
+                                                        dtype: torch.dtype, scaled: bool) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulation counted
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+    chosen = resolve_amp("auto", CUDA)
+    assert chosen is dtype
+    assert (accel.make_grad_scaler(accel.Accel(CUDA, chosen)) is not None) is scaled
 
 
 def test_auto_on_a_cpu_is_bf16_only_where_it_is_native(hardware) -> None:
