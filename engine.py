@@ -7,9 +7,11 @@ batch by batch: losses, correct counts and predictions are summed and kept on th
 
 from __future__ import annotations
 
+import copy
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -115,6 +117,9 @@ class StepOptions:
     mix: Callable[[torch.Tensor, torch.Tensor, int], Mixed] | None = None
     after_step: Callable[[], None] | None = None
     all_finite: Callable[[torch.Tensor], torch.Tensor] | None = None  # under torchrun: finite on every process
+    # Under torchrun, the images a process trains on when every image of its batch failed to decode (an empty
+    # batch of the input's shape): it still takes part in the step's collectives, or the others would wait for it.
+    empty_images: Callable[[], torch.Tensor] | None = None
 
 
 def train_one_epoch(
@@ -150,6 +155,8 @@ def train_one_epoch(
     last_read = batch_index = -1
     for batch_index, batch in enumerate(progress):
         failed.extend(batch.failed)
+        if batch.targets is None and options.empty_images is not None:
+            batch = empty_batch(options.empty_images(), accel.device)
         if batch.targets is not None:  # else every image of the batch failed to decode
             train_step(model, batch, batch_index, criterion, accel, scaler, meter, window, options)
         if window.batches and ((batch_index + 1) % options.accum_steps == 0 or batch_index + 1 == total):
@@ -166,6 +173,19 @@ def train_one_epoch(
         optimizer_step(optimizer, scaler, window, options)
     check_readback(meter, last_read + 1, batch_index)
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, False, failed)
+
+
+class EmptyBatch(NamedTuple):
+    """A batch with no image, for a process whose batch failed to decode entirely (see ``StepOptions``)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    failed: list[DecodeFailure]
+
+
+def empty_batch(images: torch.Tensor, device: torch.device) -> EmptyBatch:
+    """No image and no target: its forward and backward run every collective of a step and add nothing."""
+    return EmptyBatch(images, torch.empty(0, dtype=torch.int64, device=device), [])
 
 
 class AccumulationWindow:
@@ -192,7 +212,7 @@ def train_step(model: nn.Module, batch: Any, batch_index: int, criterion: nn.Mod
                options: StepOptions) -> None:
     """Forward and backward of one batch (mixed when ``options.mix``); the gradients add up until the step."""
     images, targets = batch.images, batch.targets
-    mixed = options.mix(images, targets, batch_index) if options.mix is not None else None
+    mixed = options.mix(images, targets, batch_index) if options.mix is not None and len(targets) else None
     with accel.autocast():
         logits = model(mixed.images if mixed is not None else images)
         if mixed is None:
@@ -213,10 +233,12 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     if options.all_finite is not None:
         window.finite = options.all_finite(window.finite)
     if scaler is not None:  # GradScaler skips steps whose gradients are not finite, on the device
+        zero_missing_momentum(optimizer)
         scaler.step(optimizer)
         scaler.update()
     elif optimizer.defaults.get("fused"):
         # The fused kernel reads this flag on the device, as GradScaler uses it: no waiting for the loss.
+        zero_missing_momentum(optimizer)
         optimizer.found_inf = (~window.finite).float()
         optimizer.step()
         del optimizer.found_inf
@@ -226,6 +248,56 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     window.reset()
     if options.after_step is not None:
         options.after_step()
+
+
+def zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give fused SGD a zero momentum buffer for each parameter that has none yet.
+
+    Fused SGD's first step allocates its momentum buffers uninitialized and lets the kernel write them; when that
+    step is skipped on the device (a non-finite loss, or an fp16 overflow, routine in the first steps) the
+    buffers keep whatever the memory held, and the weights diverge from the next step on. A zero buffer gives the
+    same first step (0 * momentum + gradient) and stays zero when the step is skipped.
+    """
+    if not isinstance(optimizer, torch.optim.SGD) or not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        if not group["momentum"]:
+            continue
+        for parameter in group["params"]:
+            state = optimizer.state[parameter]
+            if parameter.grad is not None and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights and floating-point buffers (``--ema``), kept on the
+    model's device: each update is one fused ``lerp`` with no copy to or from the host (torch's AveragedModel keeps
+    its update count on the CPU, which costs two waits for the GPU a step). The first update copies the model;
+    integer buffers (BatchNorm's batch counts) are copied, not averaged. ``module`` is the averaged network."""
+
+    def __init__(self, model: nn.Module, decay: float, updates: int = 0) -> None:
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+        self.decay, self.updates = decay, updates
+        self.floating = [tensor for tensor in self._tensors(self.module) if tensor.is_floating_point()]
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [tensor.detach() for tensor in itertools.chain(model.parameters(), model.buffers())]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current weights (the first update copies them)."""
+        averaged, current = self._tensors(self.module), self._tensors(model)
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(self.floating, [tensor for tensor in current if tensor.is_floating_point()],
+                                 1 - self.decay)
+            for kept, new in zip(averaged, current):
+                if not kept.is_floating_point():
+                    kept.copy_(new)
+        self.updates += 1
 
 
 def check_readback(meter: RunningMeter, first: int, last: int) -> None:

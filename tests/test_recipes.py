@@ -15,7 +15,6 @@ import pytest
 import yaml
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 import dataset as train_set
 import evaluate
@@ -39,7 +38,7 @@ from dataset import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, balanced_sample_w
 from model import FrozenBatchNorm, build_model, freeze_blocks, input_normalization, parameter_count, parse_trainable
 from model import thaw_blocks
 from distributed import World
-from engine import EvalResult, StepOptions, make_optimizer, train_one_epoch
+from engine import EvalResult, StepOptions, WeightAverage, make_optimizer, train_one_epoch
 from resume import Progress
 from utils import UserError
 from test_resume import assert_same_training, history_without_seconds
@@ -104,11 +103,11 @@ def test_accumulated_gradients_make_one_step_of_the_whole_batch() -> None:
 
 def test_an_optimizer_step_updates_the_moving_average_and_sgd_keeps_momentum() -> None:
     model = nn.Linear(6, 3)
-    average = AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5), use_buffers=True)
+    average = WeightAverage(model, 0.5)
     optimizer = make_optimizer(list(model.parameters()), 0.5, 0.0, CPU, kind="sgd")
     train_one_epoch(model, linear_batches(3, 4), nn.CrossEntropyLoss(), optimizer, train.Accel(CPU, channels_last=False),
-                    show_progress=False, options=StepOptions(after_step=lambda: average.update_parameters(model)))
-    assert int(average.n_averaged) == 3
+                    show_progress=False, options=StepOptions(after_step=lambda: average.update(model)))
+    assert average.updates == 3
     assert not torch.equal(average.module.weight, model.weight)  # the average lags behind the raw weights
     assert all("momentum_buffer" in state for state in optimizer.state.values())
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
@@ -122,7 +121,7 @@ def fake_evaluation(accuracy: float, loss: float) -> EvalResult:
 def test_best_pt_holds_the_better_of_the_raw_and_averaged_weights(tmp_path: Path, raw_acc: float, ema_acc: float,
                                                                   kept: str) -> None:
     model = nn.Linear(6, 3)
-    average = AveragedModel(model)
+    average = WeightAverage(model, 0.9)
     with torch.no_grad():
         average.module.weight.add_(1.0)
     config = {"arch": "resnet18", "img_size": 32}
