@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
+import gc
+import inspect
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -188,26 +191,115 @@ def wrap_model(model: nn.Module, world: World) -> nn.Module:
 
     Frozen parameters (``requires_grad=False``) are left out of the gradient all-reduce by DDP itself, so
     ``find_unused_parameters`` stays off. Rank 0's parameters and buffers reach every rank when it is built; after
-    that buffers are not broadcast at every step, so call :func:`sync_buffers` before evaluating. Build the wrapper after freezing: DDP fixes the set of parameters it reduces when it is built.
+    that buffers are not broadcast at every step, so call :func:`sync_buffers` before evaluating. Build the wrapper
+    after freezing: DDP fixes the set of parameters it reduces when it is built (rebuild it with
+    :func:`rewrap_model`).
     """
     if not world.distributed:
         return model
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    if "forward_sync_buffers" in ddp_keywords(DistributedDataParallel):
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    # Before forward_sync_buffers, broadcast_buffers=False also skipped the buffers' broadcast at construction.
+    sync_buffers(model, world)
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+@functools.cache
+def ddp_keywords(ddp_class: type) -> frozenset[str]:
+    """The keyword arguments ``ddp_class`` (DistributedDataParallel) accepts in this torch version."""
+    return frozenset(inspect.signature(ddp_class.__init__).parameters)
+
+
+def rewrap_model(old_wrapper: nn.Module, model: nn.Module, world: World) -> nn.Module:
+    """A new :func:`wrap_model` of ``model`` once ``old_wrapper`` (its previous wrapper) is released."""
+    release_wrapper(old_wrapper)
+    return wrap_model(model, world)
+
+
+def release_wrapper(wrapper: nn.Module) -> None:
+    """Let go of a DistributedDataParallel ``wrapper``, compiled or not, before another is built around its model.
+
+    Its reducer's autograd hooks come off the shared parameters and the reducer (with its gradient buckets) is
+    dropped even while the caller still holds ``wrapper``, which is unusable afterwards; torch.compile's caches are
+    cleared when it was compiled. A plain model (one process) is left as it is.
+    """
+    compiled = hasattr(wrapper, "_orig_mod")  # what torch.compile returns
+    ddp = wrapper._orig_mod if compiled else wrapper
+    if isinstance(ddp, DistributedDataParallel):
+        _drop_reducer(ddp)
+    if compiled:
+        _drop_compiled_forward(wrapper)
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    gc.collect()
+
+
+def _drop_compiled_forward(compiled: nn.Module) -> None:
+    # torch.compile's forward wraps the DDP module with functools.wraps, which copies its attributes, the reducer
+    # among them, into the wrapping functions: drop those functions (``_forward`` is there for lazy modules).
+    for name in ("forward", "_forward"):
+        compiled.__dict__.pop(name, None)
+
+
+def _drop_reducer(ddp: DistributedDataParallel) -> None:
+    if "reducer" in ddp.__dict__ and hasattr(ddp, "_remove_autograd_hooks"):  # the method is not in every torch
+        ddp._remove_autograd_hooks()
+    for handle in ddp.__dict__.get("_accum_grad_hooks", ()):  # the Python reducer's hooks (compiled autograd)
+        handle.remove()
+    for name in ("reducer", "logger"):  # the logger holds the reducer too
+        ddp.__dict__.pop(name, None)
 
 
 def sync_trainable_batchnorm(model: nn.Module) -> int:
-    """Replace every BatchNorm layer that learns (exactly ``nn.BatchNorm1d/2d/3d``, not a frozen one) with a
-    ``nn.SyncBatchNorm`` holding the same parameters and statistics, so its batch statistics span every rank's
-    images; returns how many were replaced. Frozen layers keep their class (``convert_sync_batchnorm`` would turn
-    them into learning ones)."""
+    """Replace every BatchNorm layer that learns (exactly ``nn.BatchNorm1d/2d/3d`` or timm's ``BatchNormAct2d``, not
+    a frozen one) with its synchronised twin (``nn.SyncBatchNorm``, timm's ``SyncBatchNormAct``) holding the same
+    parameters, statistics and activation, so its batch statistics span every rank's images; returns how many were
+    replaced. Frozen layers keep their class (a whole-model ``convert_sync_batchnorm`` would turn them into learning
+    ones)."""
+    converters = sync_converters()
     replaced = 0
     for name, module in list(model.named_modules()):
-        if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        convert = converters.get(type(module))
+        if convert is not None:
             parent_name, _, attribute = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attribute, nn.SyncBatchNorm.convert_sync_batchnorm(module))
+            setattr(model.get_submodule(parent_name), attribute, convert(module))
             replaced += 1
     return replaced
+
+
+def sync_converters() -> dict[type, Callable[[nn.Module], nn.Module]]:
+    """The BatchNorm classes :func:`sync_trainable_batchnorm` replaces, each with the function that builds its
+    synchronised twin: torch's, and timm's ``BatchNormAct2d`` when timm is loaded (no timm model exists otherwise)."""
+    converters: dict[type, Callable[[nn.Module], nn.Module]] = dict.fromkeys(
+        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), nn.SyncBatchNorm.convert_sync_batchnorm)
+    if "timm" in sys.modules:
+        try:
+            from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+        except ImportError:  # a timm without these names has no BatchNormAct2d to convert
+            return converters
+        converters[BatchNormAct2d] = convert_sync_batchnorm
+    return converters
+
+
+def unsynced_batchnorm(model: nn.Module) -> list[str]:
+    """The names of the BatchNorm layers that learn but are not synchronised (classes :func:`sync_converters`
+    does not know); frozen layers (``model.freeze_batchnorm``'s classes, marked by ``thawed_class``) are left out."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
+            and getattr(module, "thawed_class", None) is None]
+
+
+def describe_sync_bn(model: nn.Module, replaced: int) -> str:
+    """What ``--sync-bn`` did: ``replaced`` layers synchronised, and any learning BatchNorm layer left per-process."""
+    message = f"--sync-bn: {replaced} BatchNorm layers synchronised"
+    left = unsynced_batchnorm(model)
+    if left:
+        classes = sorted({type(model.get_submodule(name)).__name__ for name in left})
+        message += (f"; {len(left)} of other classes ({', '.join(classes)}) keep per-process statistics, "
+                    f"e.g. {left[0]}")
+    return message
 
 
 def sync_buffers(model: nn.Module, world: World) -> None:
@@ -284,9 +376,10 @@ def global_weighted_share(losses: torch.Tensor, global_weight_sum: torch.Tensor,
 
     ``losses`` are this rank's per-image weighted losses, ``global_weight_sum`` the sum over every rank's images of
     the target-class weight. Returns ``world_size * sum(losses) / global_weight_sum``: DDP divides the summed
-    gradient by ``world_size``, which leaves the gradient of ``sum over all images / global_weight_sum``.
+    gradient by ``world_size``, which leaves the gradient of ``sum over all images / global_weight_sum``. A rank
+    with no images (every one failed to decode) gets 0, and so does every rank when no rank has any.
     """
-    return losses.sum() * world_size / global_weight_sum
+    return losses.sum() * world_size / global_weight_sum.clamp_min(torch.finfo(global_weight_sum.dtype).tiny)
 
 
 class GlobalCrossEntropy(nn.Module):
@@ -296,7 +389,8 @@ class GlobalCrossEntropy(nn.Module):
     target classes' weights; here that sum is all-reduced over the ranks and the result scaled by
     :func:`global_weighted_share`. Summed over ranks and divided by ``world_size``, the values are the global
     batch's loss. With one process, or without gradients (evaluation, where ranks may run different numbers of
-    batches), it is exactly ``nn.CrossEntropyLoss`` on the local batch and communicates nothing.
+    batches), it is exactly ``nn.CrossEntropyLoss`` on the local batch and communicates nothing. A rank whose batch
+    is empty still takes part in the all-reduce, with a loss of 0.
     """
 
     def __init__(self, world: World, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
@@ -310,8 +404,9 @@ class GlobalCrossEntropy(nn.Module):
             return F.cross_entropy(logits, targets, weight=self.weight, label_smoothing=self.label_smoothing)
         losses = F.cross_entropy(logits, targets, weight=self.weight, reduction="none",
                                  label_smoothing=self.label_smoothing)
-        weight_sum = (self.weight[targets].sum() if self.weight is not None
-                      else torch.tensor(float(targets.numel()), device=logits.device)).to(losses.dtype)
+        # torch.full fills on the device: no host-to-device copy, so no wait for the GPU at every step.
+        weight_sum = (self.weight[targets].sum().to(losses.dtype) if self.weight is not None
+                      else torch.full((), targets.numel(), dtype=losses.dtype, device=logits.device))
         return global_weighted_share(losses, all_reduce_sum(weight_sum, self.world), self.world.world_size)
 
 

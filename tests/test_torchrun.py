@@ -156,7 +156,7 @@ def test_a_killed_rank_ends_the_job_with_an_error_naming_it(uneven_data: Path, t
 
 def test_sync_bn_needs_cuda(small_data: ColourData, tmp_path: Path) -> None:
     result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "out", *TINY_TRAIN_FLAGS,
-                       "--sync-bn")
+                       "--sync-bn", "--device", "cpu")  # a CPU run also where a GPU is present
     assert_user_error(result, "--sync-bn: SyncBatchNorm needs CUDA GPUs")
 
 
