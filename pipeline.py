@@ -17,6 +17,11 @@
     most ``dataset.train_decode_side`` and, with ``--cache``, kept for later epochs (``cache.py``); the recipe
     then runs batched on the device from those pixels (``gpu_augment.py``). Evaluation resizes and centre-crops
     each decoded image on the device; the validation crops are kept too when the training images are.
+
+On CUDA the device path decodes on a stream of its own, ordered against the compute stream (see
+:class:`DecodeStream`), in chunks of at most :data:`DECODE_BUDGET` decoded bytes; running out of GPU memory is never
+taken for a bad file. With a cache, each batch takes what the cache holds and decodes the rest: the workers read
+only the files not yet decoded (:class:`SkipCached`), and the batches are the same either way.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
 import gpu_augment
 from accel import Accel
@@ -71,10 +77,12 @@ class Batch(NamedTuple):
     failed: list[DecodeFailure]
 
 
-def loader_options(workers: int, seed: int, accel: Accel) -> dict[str, Any]:
-    """DataLoader settings shared by every split: workers that stay alive, pinned memory, prefetching."""
+def loader_options(workers: int, seed: int, accel: Accel, pin_memory: bool) -> dict[str, Any]:
+    """DataLoader settings shared by every split: workers that stay alive, prefetching, and batches in pinned memory
+    when ``pin_memory`` on CUDA (the CPU path's decoded images, copied to the GPU asynchronously; the device path's
+    file bytes are read on the host by the decoder, so pinning them would be a copy for nothing)."""
     # A private generator: the loader draws its worker base seed from it, not from the global stream dropout uses.
-    options: dict[str, Any] = dict(num_workers=workers, pin_memory=accel.device.type == "cuda",
+    options: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory and accel.device.type == "cuda",
                                    generator=torch.Generator().manual_seed(seed))
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=leave_stop_signals_to_main)
@@ -161,13 +169,27 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 
 class Encoded(NamedTuple):
     """The device path's item: the file's bytes (``encoded``) or, for files the device decoder does not take, the
-    image decoded on the CPU (``uint8 [3, H, W]``); with its label (-1: unlabeled), position and path."""
+    image decoded on the CPU (``uint8 [3, H, W]``); with its label (-1: unlabeled), position, path and the
+    ``(width, height)`` it decodes to (from the JPEG's header; ``(0, 0)``: unknown)."""
 
     data: Tensor
     encoded: bool
     label: int
     position: int
     path: str
+    size: tuple[int, int] = (0, 0)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the decoded ``uint8`` RGB image."""
+        return 3 * self.size[0] * self.size[1]
+
+
+class Cached(NamedTuple):
+    """The key, and the item the worker returns for it, of a position whose image (or failure) the cache holds:
+    nothing is read, the main process takes the image from the cache."""
+
+    position: int
 
 
 def device_decodable(image: Image.Image) -> bool:
@@ -181,19 +203,22 @@ def pixels_of(image: Image.Image) -> Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def read_for_device(path: str, decode_min_side: int | None, max_pixels: int) -> tuple[Tensor, bool]:
-    """``(bytes, True)`` for a file the device decodes, else ``(uint8 [3, H, W], False)`` decoded here with the
-    CPU path's rules (large JPEGs at a reduced scale keeping ``decode_min_side``)."""
+def read_for_device(path: str, decode_min_side: int | None,
+                    max_pixels: int) -> tuple[Tensor, bool, tuple[int, int]]:
+    """``(bytes, True, (width, height) from the header)`` for a file the device decodes, else
+    ``(uint8 [3, H, W], False, (W, H))`` decoded here with the CPU path's rules (large JPEGs at a reduced scale
+    keeping ``decode_min_side``)."""
     with open_image(path, max_pixels) as image:
         if device_decodable(image):
-            return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), True
+            return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), True, image.size
     rgb, _ = decode_rgb(path, min_side=decode_min_side, max_pixels=max_pixels)
-    return pixels_of(rgb), False
+    return pixels_of(rgb), False, rgb.size
 
 
 class FileBytes(Dataset):
     """The device path's worker side: an :class:`Encoded` per key (a position, or ``(position, seed)``), or a
-    :class:`DecodeFailure` for a file that cannot be read (with a warning when ``warn``)."""
+    :class:`DecodeFailure` for a file that cannot be read (with a warning when ``warn``); a :class:`Cached` key
+    comes back as it is, unread."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int] | None, decode_min_side: int | None,
                  max_pixels: int, warn: bool = True) -> None:
@@ -204,16 +229,41 @@ class FileBytes(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Encoded | DecodeFailure:
-        position = key[0] if isinstance(key, tuple) else key
+    def __getitem__(self, key: int | tuple[int, int] | Cached) -> Encoded | Cached | DecodeFailure:
+        if isinstance(key, Cached):
+            return key
+        position = key_position(key)
         path = self.paths[position]
         try:
-            data, encoded = read_for_device(path, self.decode_min_side, self.max_pixels)
+            data, encoded, size = read_for_device(path, self.decode_min_side, self.max_pixels)
         except DECODE_ERRORS as error:
             failure = DecodeFailure(path, decode_error_reason(error, path), position)
             warn_skipping(failure, self.warn)
             return failure
-        return Encoded(data, encoded, self.labels[position], position, path)
+        return Encoded(data, encoded, self.labels[position], position, path, size)
+
+
+def key_position(key: int | tuple[int, int]) -> int:
+    """The dataset position of a sampler key: a position, or ``(position, seed)``."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+class SkipCached(Sampler[list]):
+    """``batches`` (a batch sampler) with each key whose position ``cache`` holds replaced by :class:`Cached`, so
+    the workers read only the files still to decode. The loader iterates it in the main process, where the cache
+    lives (a few batches ahead: a key cached meanwhile is just read and decoded again). ``sampler`` is the wrapped
+    one's, for :func:`set_epoch`."""
+
+    def __init__(self, batches: Iterable[list], cache: DecodedImages) -> None:
+        self.batches, self.cache = batches, cache
+        self.sampler = getattr(batches, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list]:
+        for keys in self.batches:
+            yield [Cached(key_position(key)) if self.cache.has(key_position(key)) else key for key in keys]
 
 
 def warn_skipping(failure: DecodeFailure, warn: bool) -> None:
@@ -223,9 +273,10 @@ def warn_skipping(failure: DecodeFailure, warn: bool) -> None:
 
 
 class EncodedBatch(NamedTuple):
-    """What the device path's loader yields: the readable items and the failures."""
+    """What the device path's loader yields: the readable (or cached) items in the batch's order, and the
+    failures."""
 
-    items: list[Encoded]
+    items: list[Encoded | Cached]
     failed: list[DecodeFailure]
 
 
@@ -260,45 +311,114 @@ def jpeg_decoder() -> tuple[str, JpegDecoder]:
 
 
 JPEG_DECODER_NAME, decode_jpeg = jpeg_decoder()
-DEVICE_DECODE_ERRORS = (RuntimeError, ValueError)
+DEVICE_DECODE_ERRORS = (RuntimeError, ValueError)  # a file the device rejects; never an out-of-memory error
+DECODE_BUDGET = 256 * 2**20  # bytes of decoded uint8 RGB at most per device decode call
+
+
+def record_on(tensor: Tensor, stream: Any) -> None:
+    """Tell PyTorch's caching allocator that ``stream`` uses ``tensor``: its memory is not handed out again
+    before the work queued there by the time it is freed has run."""
+    tensor.record_stream(stream)
+
+
+class DecodeStream:
+    """Runs the decodes of a CUDA ``device`` on a stream of their own (created once): the compute stream then waits
+    for the decode, and each output is recorded as used by the compute stream.
+
+    torchvision's batched nvJPEG decode (before pytorch/vision#9606) and TorchCodec's (up to 0.16) allocate their
+    output on the caller's stream while nvJPEG writes it from its own: on the compute stream they could be handed
+    memory that kernels queued there still read. Off CUDA the decode simply runs.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream: Any = None
+
+    def run(self, decode: Callable[[], list[Any]]) -> list[Any]:
+        """``decode()`` on the decode stream; the tensors among its results are then safe on the compute stream."""
+        if self.device.type != "cuda":
+            return decode()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        # The decode stream does not wait for the compute stream: the decode reads host bytes only, and the memory
+        # it allocates on its own stream is handed back only once the compute stream is done with it (record_on).
+        # Waiting would also make nvJPEG's internal synchronizations wait for the training step queued before.
+        with torch.cuda.stream(self.stream):
+            results = decode()
+        compute.wait_stream(self.stream)
+        for result in results:
+            if isinstance(result, Tensor):
+                record_on(result, compute)
+        return results
+
+
+def decode_chunks(items: Sequence[Encoded], budget: int) -> list[list[Encoded]]:
+    """``items`` in order, in consecutive groups whose decoded images take at most ``budget`` bytes together (an
+    image larger than that in a group of its own)."""
+    chunks: list[list[Encoded]] = []
+    total = 0
+    for item in items:
+        if not chunks or total + item.decoded_bytes > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(item)
+        total += item.decoded_bytes
+    return chunks
 
 
 class DeviceDecoder:
-    """Decodes a batch of :class:`Encoded` items on ``device``: its JPEGs in one call (nvJPEG on CUDA), one by one
-    if that call fails, and by PIL on the CPU for a file the device rejects; then scales each image down to a
-    shorter side of ``bound`` when it is larger."""
+    """Decodes a batch of :class:`Encoded` items on ``device``: its JPEGs together in chunks of at most ``budget``
+    decoded bytes (nvJPEG on CUDA, on a :class:`DecodeStream`), a chunk one by one if its call fails, and by PIL on
+    the CPU a file the device rejects; then scales each image down to a shorter side of ``bound`` when it is
+    larger. Running out of GPU memory is raised, not taken for a bad file."""
 
     def __init__(self, device: torch.device, bound: int | None, decode_min_side: int | None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, warn: bool = True) -> None:
-        self.device, self.bound = device, bound
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, warn: bool = True, budget: int = DECODE_BUDGET) -> None:
+        self.device, self.bound, self.budget = device, bound, budget
         self.decode_min_side, self.max_pixels, self.warn = decode_min_side, max_pixels, warn
+        self.stream = DecodeStream(device)
 
     def __call__(self, items: Sequence[Encoded]) -> tuple[list[tuple[Encoded, Tensor]], list[DecodeFailure]]:
         """``(item, uint8 [3, H, W] image on the device)`` for each item decoded, and the failures."""
         jpegs = self.decode_jpegs([item for item in items if item.encoded])
         decoded, failed = [], []
         for item in items:
-            image = jpegs[item.position] if item.encoded else item.data.to(self.device, non_blocking=True)
+            image = jpegs[item.position] if item.encoded else self.bounded(item.data.to(self.device, non_blocking=True))
             if isinstance(image, DecodeFailure):
                 failed.append(image)
             else:
-                decoded.append((item, self.bounded(image)))
+                decoded.append((item, image))
         return decoded, failed
 
     def decode_jpegs(self, items: Sequence[Encoded]) -> dict[int, Tensor | DecodeFailure]:
-        """Each item's image on the device by position (or why it failed)."""
-        if not items:
-            return {}
+        """Each item's bounded image on the device by position (or why it failed), chunk by chunk."""
+        images: dict[int, Tensor | DecodeFailure] = {}
+        for chunk in decode_chunks(items, self.budget):
+            images.update(self.decode_chunk(chunk))
+        return images
+
+    def decode_chunk(self, items: Sequence[Encoded]) -> dict[int, Tensor | DecodeFailure]:
+        """One chunk's bounded images by position (or why they failed); the full-size ones freed on return."""
+        images = self.stream.run(partial(self.decode_together, items))
+        return {item.position: image if isinstance(image, DecodeFailure) else self.bounded(image)
+                for item, image in zip(items, images)}
+
+    def decode_together(self, items: Sequence[Encoded]) -> list[Tensor | DecodeFailure]:
+        """The items' images in one device call, or one by one when it fails (one bad file fails it all)."""
         try:
-            images = decode_jpeg([item.data for item in items], self.device)
-        except DEVICE_DECODE_ERRORS:  # one bad file fails the whole call: find it
-            images = [self.decode_one(item) for item in items]
-        return {item.position: image for item, image in zip(items, images)}
+            return list(decode_jpeg([item.data for item in items], self.device))
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a bad file: decoding one by one would hide it
+        except DEVICE_DECODE_ERRORS:
+            return [self.decode_one(item) for item in items]
 
     def decode_one(self, item: Encoded) -> Tensor | DecodeFailure:
         """One JPEG on the device, else with PIL on the CPU (which may take what the device rejects)."""
         try:
             return decode_jpeg(item.data, self.device)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except DEVICE_DECODE_ERRORS:
             image = decode_or_failure(item.path, self.decode_min_side, self.max_pixels)
         if isinstance(image, DecodeFailure):
@@ -317,12 +437,54 @@ class DeviceDecoder:
 
 # --------------------------------------------------------------------------- the device path: batches
 
+ItemDecoder = Callable[[Sequence[Encoded]], tuple[list[tuple[Encoded, Tensor]], list[DecodeFailure]]]
+DecodedBatch = tuple[list[Tensor], list[int], list[DecodeFailure]]
+
+
+def decoded_batches(loader: DataLoader, decode: ItemDecoder, cache: DecodedImages | None,
+                    device: torch.device) -> Iterator[DecodedBatch]:
+    """Each of the loader's batches as ``(images on device, their positions, failures)``, images in the batch's
+    order: the items the workers read decoded by ``decode`` (and kept in ``cache``), the :class:`Cached` ones
+    taken from ``cache``."""
+    for batch in loader:
+        decoded, failed = decode([item for item in batch.items if isinstance(item, Encoded)])
+        failed = batch.failed + failed
+        if cache is not None:
+            keep(cache, decoded, failed)
+        images = {item.position: image for item, image in decoded}
+        held = [item.position for item in batch.items if isinstance(item, Cached)]
+        if held:
+            images.update(cached_images(cache, held, device))
+            failed += cached_failures(cache, held, loader.dataset.paths)
+        positions = [item.position for item in batch.items if item.position in images]
+        yield [images[position] for position in positions], positions, failed
+
+
+def keep(cache: DecodedImages, decoded: list[tuple[Encoded, Tensor]], failed: list[DecodeFailure]) -> None:
+    """Put a batch's decoded images and failures in ``cache``."""
+    for item, image in decoded:
+        cache.put(item.position, image)
+    for failure in failed:
+        cache.fail(failure.position, failure.reason)
+
+
+def cached_images(cache: DecodedImages, positions: Sequence[int], device: torch.device) -> dict[int, Tensor]:
+    """The images ``cache`` holds for ``positions`` (not the failures), on ``device``, in one fetch."""
+    kept = [position for position in dict.fromkeys(positions) if position not in cache.failures]
+    return dict(zip(kept, cache.fetch(kept, device)))
+
+
+def cached_failures(cache: DecodedImages, positions: Sequence[int], paths: Sequence[str]) -> list[DecodeFailure]:
+    """The failures ``cache`` remembers among ``positions``."""
+    return [DecodeFailure(paths[position], cache.failures[position], position)
+            for position in positions if position in cache.failures]
+
 
 class DeviceTrainBatches:
     """The device path's training batches: decoded on the device (or read from ``cache``) and augmented there.
 
     Batch ``n`` of an epoch draws its augmentation from seed ``epoch_seed(seed, epoch) + n``: the batches are the
-    same whether they come from the files or from the cache.
+    same whether their images come from the files, from the cache or from both.
     """
 
     def __init__(self, loader: DataLoader, decoder: DeviceDecoder, augment: gpu_augment.TrainAugment,
@@ -340,36 +502,14 @@ class DeviceTrainBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        decoded = self.from_cache() if self.cache is not None and self.cache.complete else self.from_files()
-        for number, (images, positions, failed) in enumerate(decoded):
+        batches = decoded_batches(self.loader, self.decoder, self.cache, self.accel.device)
+        for number, (images, positions, failed) in enumerate(batches):
             if not images:
                 yield Batch(None, None, [], failed)
                 continue
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + number)
             targets = self.labels[positions].to(self.accel.device, non_blocking=True)
             yield Batch(self.accel.images_to_device(self.augment(images, generator)), targets, positions, failed)
-
-    def from_files(self) -> Iterator[tuple[list[Tensor], list[int], list[DecodeFailure]]]:
-        """Each batch read by the workers and decoded here; kept in the cache when there is one."""
-        for batch in self.loader:
-            decoded, failed = self.decoder(batch.items)
-            failed = batch.failed + failed
-            if self.cache is not None:
-                for item, image in decoded:
-                    self.cache.put(item.position, image)
-                for failure in failed:
-                    self.cache.fail(failure.position, failure.reason)
-            yield [image for _, image in decoded], [item.position for item, _ in decoded], failed
-
-    def from_cache(self) -> Iterator[tuple[list[Tensor], list[int], list[DecodeFailure]]]:
-        """Each batch from the cache: the same positions the loader would read, nothing decoded."""
-        paths = self.loader.dataset.paths
-        for keys in self.loader.batch_sampler:
-            positions = [position for position, _ in keys]
-            kept = [position for position in positions if position not in self.cache.failures]
-            failed = [DecodeFailure(paths[position], self.cache.failures[position], position)
-                      for position in positions if position in self.cache.failures]
-            yield self.cache.fetch(kept, self.accel.device), kept, failed
 
 
 class DeviceEvalBatches:
@@ -385,8 +525,7 @@ class DeviceEvalBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        decoded = self.from_cache() if self.cache is not None and self.cache.complete else self.from_files()
-        for crops, positions, failed in decoded:
+        for crops, positions, failed in decoded_batches(self.loader, self.cropped, self.cache, self.accel.device):
             if not crops:
                 yield Batch(None, None, [], failed)
                 continue
@@ -395,28 +534,10 @@ class DeviceEvalBatches:
                 images = self.transform.normalize_crops(crops)
             yield Batch(self.accel.images_to_device(images), targets, positions, failed)
 
-    def from_files(self) -> Iterator[tuple[list[Tensor], list[int], list[DecodeFailure]]]:
-        """Each batch read by the workers, decoded and cropped here; the crops kept when there is a cache."""
-        for batch in self.loader:
-            decoded, failed = self.decoder(batch.items)
-            failed = batch.failed + failed
-            crops = [self.transform.crop(image) for _, image in decoded]
-            positions = [item.position for item, _ in decoded]
-            if self.cache is not None:
-                for position, crop in zip(positions, crops):
-                    self.cache.put(position, crop)
-                for failure in failed:
-                    self.cache.fail(failure.position, failure.reason)
-            yield crops, positions, failed
-
-    def from_cache(self) -> Iterator[tuple[list[Tensor], list[int], list[DecodeFailure]]]:
-        """Each batch's crops from the cache, in the loader's order."""
-        paths = self.loader.dataset.paths
-        for positions in self.loader.batch_sampler:
-            kept = [position for position in positions if position not in self.cache.failures]
-            failed = [DecodeFailure(paths[position], self.cache.failures[position], position)
-                      for position in positions if position in self.cache.failures]
-            yield self.cache.fetch(kept, self.accel.device), kept, failed
+    def cropped(self, items: Sequence[Encoded]) -> tuple[list[tuple[Encoded, Tensor]], list[DecodeFailure]]:
+        """The items decoded and centre-cropped (what the cache keeps), and the failures."""
+        decoded, failed = self.decoder(items)
+        return [(item, self.transform.crop(image)) for item, image in decoded], failed
 
 
 # --------------------------------------------------------------------------- the two splits
@@ -433,15 +554,15 @@ def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, ba
     weights = balanced_sample_weights(labels) if recipe.balanced else None
     batch_sampler = (sharded_epoch_batches(len(paths), batch_size, seed, world, weights) if world.distributed
                      else epoch_batches(len(paths), batch_size, seed, weights))
-    options = loader_options(workers, seed, accel)
+    options = loader_options(workers, seed, accel, pin_memory=not on_device)
     if not on_device:
         transform = build_train_transform(img_size, recipe.mean, recipe.std, recipe.auto_augment,
                                           recipe.random_erase)
         images = ImageFiles(paths, labels, transform, decode_side, max_pixels)
         loader = DataLoader(images, batch_sampler=batch_sampler, collate_fn=collate_decoded, **options)
         return HostBatches(loader, accel, labeled=True)
-    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels), batch_sampler=batch_sampler,
-                        collate_fn=collate_encoded, **options)
+    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels), collate_fn=collate_encoded,
+                        batch_sampler=batch_sampler if cache is None else SkipCached(batch_sampler, cache), **options)
     decoder = DeviceDecoder(accel.device, decode_side, decode_side, max_pixels)
     augment = gpu_augment.TrainAugment(img_size, recipe.mean, recipe.std,
                                        random_erase=recipe.random_erase).to(accel.device)
@@ -458,13 +579,13 @@ def eval_batches(paths: Sequence[str], labels: Sequence[int] | None, img_size: i
     which images cannot be decoded, as they are met."""
     decode_side = eval_resize_size(img_size)
     batch_sampler = BatchSampler(SequentialSampler(range(len(paths))), batch_size, drop_last=False)
-    options = loader_options(workers, 0, accel)
+    options = loader_options(workers, 0, accel, pin_memory=not on_device)
     if not on_device:
         images = ImageFiles(paths, labels, build_eval_transform(img_size, mean, std), decode_side, max_pixels, warn)
         loader = DataLoader(images, batch_sampler=batch_sampler, collate_fn=collate_decoded, **options)
         return HostBatches(loader, accel, labeled=labels is not None)
-    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels, warn), batch_sampler=batch_sampler,
-                        collate_fn=collate_encoded, **options)
+    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels, warn), collate_fn=collate_encoded,
+                        batch_sampler=batch_sampler if cache is None else SkipCached(batch_sampler, cache), **options)
     decoder = DeviceDecoder(accel.device, None, decode_side, max_pixels, warn)
     transform = gpu_augment.EvalTransform(img_size, mean, std).to(accel.device)
     return DeviceEvalBatches(loader, decoder, transform, labels, cache, accel)

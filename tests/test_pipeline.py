@@ -3,6 +3,7 @@ the same batched code that decodes with nvJPEG and augments on a GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -134,6 +135,92 @@ def test_the_cpu_path_drafts_training_jpegs_no_smaller_than_the_decode_side(tmp_
     assert min(image.size) >= 792 and size == (3200, 2400)  # drafted to 1/2 (1600x1200), not to 1/8 (400x300)
 
 
+class FakeStream:
+    """A CUDA stream that writes down what is asked of it."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: FakeStream) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+
+def test_on_cuda_jpegs_decode_on_a_stream_of_their_own_between_the_compute_streams_work(files, monkeypatch):
+    log: list[str] = []
+    compute, created, current = FakeStream("compute", log), [], []
+
+    def new_stream(device):
+        created.append(FakeStream("decode", log))
+        return created[-1]
+
+    @contextlib.contextmanager
+    def use(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    def decode(data, device):
+        log.append(f"decode {len(data)} on {current[-1].name if current else 'compute'}")
+        return cpu_decode(data, torch.device("cpu"))
+
+    cpu_decode = pipeline.decode_jpeg
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(pipeline, "decode_jpeg", decode)
+    monkeypatch.setattr(pipeline, "record_on",
+                        lambda image, stream: log.append(f"{stream.name} uses {image.shape[1:]}"))
+    decoder = pipeline.DeviceDecoder(torch.device("cuda"), None, None, warn=False)
+    items = read_all([files["jpeg"], files["grey jpeg"]]).items
+
+    for _ in range(2):
+        decoded, _ = decoder(items)
+
+    assert len(created) == 1 and [image.shape[1:] for _, image in decoded] == [(60, 80), (80, 60)]
+    # The decode stream never waits for the compute stream (see pipeline.DecodeStream): nvJPEG's own waits would
+    # then wait for the training step queued before it (measured on an H200: first epoch 1,181 img/s).
+    assert log == ["decode 2 on decode", "compute waits for decode",
+                   "compute uses torch.Size([60, 80])", "compute uses torch.Size([80, 60])"] * 2
+
+
+def test_off_cuda_decoding_uses_no_streams(files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: pytest.fail("asked for a CUDA stream"))
+    decoded, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(read_all([files["jpeg"]]).items)
+    assert len(decoded) == 1
+
+
+@pytest.mark.parametrize("fails", ["the batched call", "the one-by-one call"])
+def test_running_out_of_gpu_memory_is_raised_not_taken_for_a_bad_file(files, monkeypatch, fails):
+    def decode(data, device):
+        if isinstance(data, list) and fails == "the one-by-one call":
+            raise RuntimeError("nvjpeg: bad huffman table")  # a bad file: then each alone
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "decode_jpeg", decode)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
+        pipeline.DeviceDecoder(torch.device("cpu"), None, None, warn=False)(read_all([files["jpeg"]]).items)
+
+
+def test_a_batch_is_decoded_in_calls_within_the_memory_budget(files, monkeypatch):
+    calls: list[int] = []
+
+    def counting(data, device):
+        images = real(data, device)
+        calls.append(sum(image.numel() for image in images))  # decoded bytes of this call
+        return images
+
+    real = pipeline.decode_jpeg
+    monkeypatch.setattr(pipeline, "decode_jpeg", counting)
+    items = read_all([files["jpeg"], files["grey jpeg"], files["big jpeg"], files["jpeg"]]).items
+    assert [item.size for item in items] == [(80, 60), (60, 80), (400, 200), (80, 60)]  # from the headers
+
+    chunked, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None, budget=30_000)(items)
+    assert calls == [2 * 14_400, 240_000, 14_400]  # 80x60x3 bytes each; the big one (over the budget) alone
+    whole, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(items)
+    assert calls[3:] == [2 * 14_400 + 240_000 + 14_400]  # the default budget takes them in one call
+    assert all(torch.equal(one, two) for (_, one), (_, two) in zip(chunked, whole))
+
+
 def test_the_jpeg_decoder_is_torchcodecs_when_it_is_installed():
     try:
         import torchcodec.decoders  # noqa: F401
@@ -191,6 +278,18 @@ def test_images_kept_in_host_memory_come_back_unchanged():
 # --------------------------------------------------------------------------- batches
 
 
+def test_only_the_cpu_paths_batches_are_pinned(tmp_path, monkeypatch):
+    noise(40, 30, 0).save(tmp_path / "a.jpg")
+    paths, labels = [str(tmp_path / "a.jpg")] * 3, [0, 1, 2]
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)  # no GPU to move modules to
+    cuda = Accel(torch.device("cuda"))
+    for on_device, pinned in ((False, True), (True, False)):  # the device path's file bytes: pinned for nothing
+        train = pipeline.train_batches(paths, labels, IMG, 2, 0, 0, cuda, on_device)
+        evaluation = pipeline.eval_batches(paths, labels, IMG, (0.5,) * 3, (0.25,) * 3, 2, 0, cuda, on_device)
+        assert train.loader.pin_memory is pinned and evaluation.loader.pin_memory is pinned
+    assert not pipeline.train_batches(paths, labels, IMG, 2, 0, 0, CPU, on_device=False).loader.pin_memory
+
+
 @pytest.fixture
 def training_files(tmp_path: Path) -> tuple[list[str], list[int]]:
     paths = []
@@ -221,6 +320,38 @@ def test_an_epoch_from_the_cache_equals_one_from_the_files(training_files):
     for (images, targets), (file_images, file_targets) in zip(second_cached, second_files):
         assert torch.equal(images, file_images) and torch.equal(targets, file_targets)
     assert not torch.equal(first[0][0], second_cached[0][0])  # another epoch, another order and augmentation
+
+
+def test_an_epoch_with_half_the_images_cached_reads_the_others_and_equals_one_from_the_files(training_files,
+                                                                                              monkeypatch):
+    """Under torchrun each process meets a part of the images an epoch: the cache serves what it holds."""
+    paths, labels = training_files
+    full = cache.DecodedImages(len(paths), torch.device("cpu"))
+    epoch_images(pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True, cache=full), 1)
+    half = cache.DecodedImages(len(paths), torch.device("cpu"))
+    for position in range(0, len(paths), 2):  # the broken file (10) among them: remembered as a failure
+        if position in full.failures:
+            half.fail(position, full.failures[position])
+        else:
+            half.put(position, full.images[position])
+    read = []
+
+    def reading(path, *args):
+        read.append(path)
+        return read_for_device(path, *args)
+
+    read_for_device = pipeline.read_for_device
+    monkeypatch.setattr(pipeline, "read_for_device", reading)
+    partly = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True, cache=half)
+    partly.set_epoch(2)
+    from_both = list(partly)
+
+    assert sorted(read) == sorted(paths[1::2])  # the workers read only the files not cached
+    assert half.complete and [failure.position for batch in from_both for failure in batch.failed] == [10]
+    from_files = epoch_images(pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True), 2)
+    assert len(from_both) == len(from_files) == 3
+    for batch, (file_images, file_targets) in zip(from_both, from_files):
+        assert torch.equal(batch.images, file_images) and torch.equal(batch.targets, file_targets)
 
 
 def test_validation_crops_from_the_cache_equal_fresh_ones(training_files):
