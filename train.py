@@ -27,7 +27,6 @@ import torch
 import torchvision
 import yaml
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import metrics
 import plots
@@ -58,17 +57,27 @@ from distributed import (
     any_rank,
     broadcast_flag,
     close_world,
+    describe_sync_bn,
     gather_objects,
     init_world,
     mistakes_told_by_rank_0,
     peer_failures,
+    release_wrapper,
     shard_range,
     silence_other_ranks,
     sync_buffers,
     sync_trainable_batchnorm,
     wrap_model,
 )
-from engine import EvalResult, NonFiniteLossError, StepOptions, evaluate, make_optimizer, train_one_epoch
+from engine import (
+    EvalResult,
+    NonFiniteLossError,
+    StepOptions,
+    WeightAverage,
+    evaluate,
+    make_optimizer,
+    train_one_epoch,
+)
 from model import (
     DEFAULT_TRAINABLE,
     SUPPORTED_ARCHS,
@@ -446,12 +455,22 @@ def resolve_augment_device(request: str, device: torch.device) -> str:
     return request
 
 
+def cached_bytes(args: argparse.Namespace, samples: Sequence[tuple[str, int]], data: TrainValData,
+                 training: bool) -> int:
+    """Bytes the cache needs for ``samples``: decoded training images (sizes from the headers), or eval crops."""
+    if training:
+        sizes = [data.sizes.get(path, (0, 0)) for path, _ in samples]
+        return cache_bytes(sizes, train_decode_side(args.img_size))
+    return len(samples) * 3 * (args.test_size or args.img_size) ** 2
+
+
 def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool) -> CacheChoice:
-    """Where ``--cache`` keeps the decoded training images and validation crops, said in one line."""
-    sizes = [data.sizes.get(path, (0, 0)) for path, _ in data.train_samples]
-    test_size = args.test_size or args.img_size
-    needed = cache_bytes(sizes, train_decode_side(args.img_size)) + len(data.val_samples) * 3 * test_size ** 2
-    choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device)
+    """Where ``--cache`` keeps the decoded training images and validation crops, said in one line. Processes on
+    one node (torchrun) share its host memory."""
+    needed = (cached_bytes(args, data.train_samples, data, training=True)
+              + cached_bytes(args, data.val_samples, data, training=False))
+    choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device,
+                          processes_on_node=processes_per_node())
     if on_device or args.cache != "auto":
         print(f"cache: {choice.place} ({choice.reason})")
     return choice
@@ -476,13 +495,17 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel, wor
     own_val = [data.val_samples[index] for index in shard_range(len(data.val_samples), world)]
     val_paths, val_labels = [path for path, _ in own_val], [label for _, label in own_val]
     train_on_device = on_device and args.auto_augment == "none"
+    train_cache = val_cache = None
+    if place is not None:
+        val_cache = DecodedImages(len(val_paths), place, capacity=cached_bytes(args, own_val, data, training=False))
+        if train_on_device:
+            train_cache = DecodedImages(len(train_paths), place,
+                                        capacity=cached_bytes(args, data.train_samples, data, training=True))
     train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
-                          train_on_device, DecodedImages(len(train_paths), place) if place and train_on_device else None,
-                          args.max_image_pixels, recipe, world)
+                          train_on_device, train_cache, args.max_image_pixels, recipe, world)
     val = None if not val_paths else eval_batches(
         val_paths, val_labels, args.test_size or args.img_size, mean, std, args.batch_size,
-        args.workers, accel, on_device, DecodedImages(len(val_paths), place) if place else None,
-        args.max_image_pixels, warn=True)
+        args.workers, accel, on_device, val_cache, args.max_image_pixels, warn=True)
     return Loaders(train, val, choice)
 
 
@@ -607,7 +630,7 @@ class Run:
     output_dir: Path
     runtime: dict[str, Any]
     step_options: StepOptions
-    ema: AveragedModel | None = None
+    ema: WeightAverage | None = None
     logger: TensorBoardLogger | None = None
     thaw_schedule: dict[int, list[str]] = field(default_factory=dict)  # --unfreeze-at: epoch -> blocks
     world: World = field(default_factory=World)  # this process's place under torchrun (one process: rank 0 of 1)
@@ -646,8 +669,9 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     runtime = runtime_record(args, accel, world)
     logger = prepare_output_dir(args, resume, data, config_yaml(config, runtime)) if world.is_main else None
     ema = make_ema(model, args.ema, resume)
-    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update_parameters(model)) if ema else None,
-                               all_finite=(lambda finite: all_ranks_true(finite, world)) if world.distributed else None)
+    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update(model)) if ema else None,
+                               all_finite=(lambda finite: all_ranks_true(finite, world)) if world.distributed else None,
+                               empty_images=(lambda: empty_input(args.img_size, accel)) if world.distributed else None)
     if args.sampler == "balanced" and args.class_weights == "balanced":
         print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
               "--class-weights none is the usual choice")
@@ -656,6 +680,11 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
               model_for_training(model, args, world), make_criterion(data, args, device, world), optimizer, scaler,
               output_dir, runtime, step_options, ema, logger, thaw_schedule, world)
     return run, progress
+
+
+def empty_input(img_size: int, accel: Accel) -> torch.Tensor:
+    """A batch of no training image, for a process whose whole batch failed to decode (see ``StepOptions``)."""
+    return accel.images_to_device(torch.empty(0, 3, img_size, img_size))
 
 
 def note_process_count_change(args: argparse.Namespace, resume: dict[str, Any], world: World) -> None:
@@ -703,19 +732,19 @@ def model_for_training(model: nn.Module, args: argparse.Namespace, world: World)
     """What training calls: ``model`` under DistributedDataParallel when several processes train (its learning
     BatchNorm layers synchronised with --sync-bn), compiled with --compile."""
     if world.distributed and args.sync_bn:
-        sync_trainable_batchnorm(model)
+        print(describe_sync_bn(model, sync_trainable_batchnorm(model)))
     return maybe_compile(wrap_model(model, world), args.compile)
 
 
-def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> AveragedModel | None:
+def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> WeightAverage | None:
     """The exponential moving average of ``model``'s weights and buffers (None when ``decay`` is 0), restored from
     a resumed run's last.pt."""
     if not decay:
         return None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema = WeightAverage(model, decay)
     if resume is not None and "ema_model" in resume:
         ema.module.load_state_dict(resume["ema_model"])
-        ema.n_averaged.fill_(int(resume["training_state"].get("ema_updates", 0)))
+        ema.updates = int(resume["training_state"].get("ema_updates", 0))
     return ema
 
 
@@ -781,6 +810,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     if epoch in run.thaw_schedule:
         thaw(run.model, run.optimizer, run.thaw_schedule[epoch], args.backbone_lr_mult)
         if run.world.distributed:  # DDP fixes the parameters it reduces when it is built
+            release_wrapper(run.step_model)  # its reducer and hooks go now, not when (or if) the GC finds them
             run.step_model = model_for_training(run.model, args, run.world)
         trainable, total = parameter_summary(run.model)
         print(f"epoch {epoch}: {','.join(run.thaw_schedule[epoch])} start(s) training (--unfreeze-at); now "
@@ -876,7 +906,7 @@ def record_epoch(run: Run, progress: Progress, outcome: EpochOutcome) -> bool:
     checkpoint["training_state"] = training_state(progress, run.optimizer, run.scaler)
     if run.ema is not None:
         checkpoint["ema_model"] = {key: value.detach().cpu() for key, value in run.ema.module.state_dict().items()}
-        checkpoint["training_state"]["ema_updates"] = int(run.ema.n_averaged)
+        checkpoint["training_state"]["ema_updates"] = run.ema.updates
     save_checkpoint(checkpoint, run.output_dir / "last.pt")
     write_history(progress.history, run.output_dir / "history.csv")
     return is_best
