@@ -362,5 +362,14 @@ def test_cuda_matches_cpu(images):
     # Same parameters: equal up to float rounding, except a pixel exactly between two sources of the rotation.
     differs = (on_cuda.cpu() - on_cpu).abs() > 1e-3
     assert differs.float().mean().item() < 1e-3
-    evaluated = ga.EvalTransform(IMG, MEAN, STD).cuda()([image.cuda() for image in tensors])
-    torch.testing.assert_close(evaluated.cpu(), ga.EvalTransform(IMG, MEAN, STD)(tensors), atol=1e-4, rtol=0)
+    # The eval crop compared before its rounding to uint8: a CUDA kernel's last-bit difference may flip a pixel
+    # that sits at .5 (the CPU alone flips 15 of 75,264 in fp32 against fp64).
+    side = dataset.eval_resize_size(IMG)
+    for image in tensors:
+        on_cpu = ga.centre_crop(ga.resize_shorter_side(image, side), IMG)
+        on_cuda = ga.centre_crop(ga.resize_shorter_side(image.cuda(), side), IMG)
+        torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-3, rtol=0)
+    evaluated = ga.EvalTransform(IMG, MEAN, STD).cuda()([image.cuda() for image in tensors]).cpu()
+    one_level = 1 / 255 / min(STD)  # one uint8 step, normalized
+    difference = (evaluated - ga.EvalTransform(IMG, MEAN, STD)(tensors)).abs()
+    assert difference.max() <= one_level + 1e-5 and (difference > 1e-5).float().mean() < 1e-3
