@@ -439,13 +439,16 @@ def first_and_steady(stage: str, measures: Sequence[Measure]) -> dict[str, Measu
 
 
 def our_predict(run: OurRun) -> Measure:
-    """One pass of predict.py's batches (no cache) through predict_probabilities."""
+    """predict.py's batches (no cache) through predict_probabilities: the second of two passes, so that starting
+    the loader's workers and the decoder's first call are not counted (predict.py pays them once per run)."""
     paths = [path for path, _ in run.data.train_samples]
     options = run.options
     batches = pipeline.eval_batches(paths, None, options.img_size, IMAGENET_MEAN, IMAGENET_STD, options.batch_size,
                                     options.workers, run.accel, run.on_device)
-    return timed(run.accel.device, len(paths),
-                 lambda: predict_probabilities(run.model, batches, len(paths), run.accel, show_progress=False))
+    passes = [timed(run.accel.device, len(paths),
+                    lambda: predict_probabilities(run.model, batches, len(paths), run.accel, show_progress=False))
+              for _ in range(2)]
+    return passes[-1]
 
 
 # --------------------------------------------------------------------------- ceiling
@@ -649,10 +652,12 @@ def measure_setting(cores: int | None, samples: list, args: argparse.Namespace, 
         run = start_our_run(our_options(args, workers, args.trainable), benchmark_data(samples, args))
         ours, ceiling = ours_and_ceiling(run, args)
         rows = comparison_rows(ours, baseline, ceiling, label)
+        print_rows(rows)
         breakdown = [] if worker_ms is None else breakdown_of(run, ours, ceiling, worker_ms)
         if args.trainable_all_row and run.options.trainable != "all":
             elapsed_note(started, f"ours with --trainable all, {label} cores ...")
             rows.append(trainable_all_row(run, args, label))
+            print_rows(rows[-1:])
         setting = Setting(rows, label, workers, run.loaders.cache.place, precision_of(run.accel), breakdown)
         del run
         release_memory(device)
@@ -705,6 +710,11 @@ def throughput_table(rows: list[Row]) -> str:
         lines.append(f"| {row.stage} | {row.cores} | {format_rate(row.baseline)} | {format_rate(row.ours)} | "
                      f"{format_rate(row.ceiling)} | {speedup} | {row.ours.rate / row.ceiling.rate:.2f} |")
     return "\n".join(lines)
+
+
+def print_rows(rows: list[Row]) -> None:
+    """Print table rows as soon as they are measured, so that a run stopped later keeps them in its log."""
+    print("\n".join(throughput_table(rows).splitlines()[2:]), flush=True)
 
 
 def breakdown_table(stages: list[StageCost], batch_size: int) -> str:

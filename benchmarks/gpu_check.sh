@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# The GPU check of the data path, as one command for a session that has a GPU (see ../shared/GPU.md):
+# The GPU check, as one command for a session that has a GPU (see ../shared/GPU.md): every figure in one call.
 #
-#     bash benchmarks/gpu_check.sh            # on the GPU machine; about 5 minutes on one H100
-#     SMOKE=1 bash benchmarks/gpu_check.sh    # the same steps on the CPU with tiny sizes, to try the script first
+#     bash benchmarks/gpu_check.sh            # on the GPU machine; 304 s on one H200 (2026-12-04)
+#     SMOKE=1 bash benchmarks/gpu_check.sh    # the same steps on the CPU with tiny sizes (about 2 minutes)
 #
-# Each step runs under its own time limit, in order of importance; everything goes to $OUT/log.txt (OUT defaults
-# to gpu-check/), the benchmark's tables to $OUT/bench.md. Copy the tables into benchmarks/results.md and the
-# README, naming the GPU, the CPU count and the torch version (bench.md's header has them).
+# In order: versions; the probes (fused non-finite skip, the nvJPEG stream race, waits per batch); the two data
+# paths' accuracy on the bundled sample (3 seeds each, all at once, in the background while the next two steps
+# run); `pytest -k cuda`; a DDP smoke test on nccl; the throughput benchmark (3 epochs, all cores and 2). Each step
+# runs under its own time limit and never stops the script; everything goes to $OUT/log.txt (OUT defaults to
+# gpu-check/), the tables to $OUT/summary.md, which is printed last. Runs write under /tmp.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
 log="$out/log.txt"
+summary="$out/summary.md"
+: > "$log"
+: > "$summary"
+scratch="$(mktemp -d /tmp/gpu-check-XXXXXX)"
 
 step() {  # step LIMIT_SECONDS COMMAND...: run it, log it, never stop the script
     local limit=$1
@@ -23,33 +30,66 @@ step() {  # step LIMIT_SECONDS COMMAND...: run it, log it, never stop the script
 
 if [ -n "${SMOKE:-}" ]; then
     device=cpu
+    probes=(--device cpu --small)
+    accuracy=(--device cpu --seeds 0 --epochs 1 --jobs 2)
     bench=(--device cpu --path gpu --arch resnet18 --img-size 32 --images 16 --classes 2 --batch-size 8
-           --width 64 --height 48 --cpus all,1 --trainable-all-row --no-save)
-    sample=(--device cpu --augment-device gpu --epochs 2)
+           --width 64 --height 48 --cpus all --trainable-all-row --epochs 3 --worker-images 4 --no-save)
 else
     device=cuda
-    bench=(--device cuda --no-save)
-    sample=(--device cuda)
+    probes=(--device cuda)
+    accuracy=(--device cuda --seeds 0 1 2 --jobs 6)
+    bench=(--device cuda --epochs 3 --no-save)
 fi
 
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee -a "$log"
-# 1. The throughput table (all cores and 2, first and steady epoch, prediction, --trainable all, breakdown).
-step 420 python benchmarks/bench.py "${bench[@]}"
-sed -n '/^## /,$p' "$log" > "$out/bench.md"
-# 2. The tests that only run where CUDA is (the device path's outputs against the CPU's).
-step 120 python -m pytest -q tests/test_gpu_augment.py tests/test_pipeline.py
-# 3. The bundled sample end to end on the GPU path: training, prediction and their accuracy.
-step 180 python train.py --config configs/sample.yaml "${sample[@]}" --output-dir "$out/sample" --no-progress
-step 60 python predict.py --checkpoint "$out/sample/best.pt" --test-dir data/sample/test \
-    --labels data/sample/test_labels.csv --output "$out/sample/prediction.csv" --device "$device" --no-progress
-# 4. The same sample run under torchrun with one process: its history must match step 3's (nccl on CUDA).
-step 180 python -m torch.distributed.run --standalone --nproc_per_node=1 train.py --config configs/sample.yaml \
-    "${sample[@]}" --output-dir "$out/sample-torchrun" --no-progress
-step 30 python - "$out/sample" "$out/sample-torchrun" <<'PY'
-import csv, sys
-plain, launched = ([{key: value for key, value in row.items() if key != "seconds"}
-                    for row in csv.DictReader(open(f"{folder}/history.csv"))] for folder in sys.argv[1:3])
-print("torchrun with one process, history equal to the plain run's:", plain == launched)
+"$py" - <<'PY' 2>&1 | tee -a "$log" "$summary"
+import os, sys
+sys.path.insert(0, os.getcwd())
+import torch, torchvision
+import pipeline
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+capability = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "-"
+print(f"# GPU check: GPU {gpu} (capability {capability}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+      f"torchvision {torchvision.__version__}, JPEG decoder {pipeline.JPEG_DECODER_NAME}")
 PY
-echo "done: $log, $out/bench.md"
+
+# 1. The probes: each prints a 'probe NAME: ...' line.
+step 120 "$py" benchmarks/gpu_probes.py "${probes[@]}"
+# 2. Accuracy of the two paths, in the background (it measures no speed).
+echo "== $(date -u +%H:%M:%S) accuracy of the two paths, in the background" | tee -a "$log"
+timeout 200 "$py" benchmarks/path_accuracy.py "${accuracy[@]}" --no-save > "$scratch/accuracy.txt" 2>&1 &
+accuracy_pid=$!
+# 3. The tests that run only where CUDA is.
+step 120 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/
+# 4. DistributedDataParallel on nccl (gloo on the CPU) with one process: wrapping, a thaw and rebuild, SyncBatchNorm.
+step 90 "$py" benchmarks/ddp_smoke.py --device "$device"
+wait "$accuracy_pid"
+echo "== accuracy exit $?" | tee -a "$log"
+cat "$scratch/accuracy.txt" >> "$log"
+# 5. Throughput: each row is printed as soon as it is measured.
+step 300 "$py" benchmarks/bench.py "${bench[@]}"
+
+{
+    echo
+    echo "## Probes"
+    grep -h '^probe ' "$log"
+    echo
+    echo "## DDP smoke test"
+    grep -h '^ddp ' "$log"
+    echo
+    echo "## pytest -k cuda"
+    grep -hE '^[0-9]+ (passed|failed|skipped|deselected)|^(FAILED|ERROR) ' "$log" | tail -n 20
+    echo
+    echo "## Accuracy of the two data paths"
+    sed -n '/^| seed/,/^| range/p' "$scratch/accuracy.txt"
+    echo
+    echo "## Throughput"
+    if grep -q '^## .*bench.py' "$log"; then
+        sed -n '/^## .*bench.py/,$p' "$log" | grep -v '^appended'
+    else  # the benchmark did not finish: the rows it printed as it measured them
+        echo "(the benchmark did not finish; the rows it measured:)"
+        grep -hE '^\| (train|val|predict)' "$log"
+    fi
+} >> "$summary"
+rm -rf "$scratch"
+echo "log: $log"
+cat "$summary"

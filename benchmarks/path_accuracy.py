@@ -3,10 +3,13 @@ augmentation batched on the device), a few seeds each, on the same data and reci
 
     python benchmarks/path_accuracy.py                                   # the bundled sample, seeds 0-2
     python benchmarks/path_accuracy.py --data-dir /tmp/longtail --epochs 15
+    python benchmarks/path_accuracy.py --device cuda --jobs 6           # on a GPU, every run at once
 
-Each run is ``python train.py --config CONFIG --augment-device PATH --seed S`` on the CPU (the GPU path's code
-runs there too, batched in the main process), in a temporary folder. The table gives each run's final and best
-validation accuracy, and each path's mean and range; it is printed and appended to benchmarks/results.md.
+Each run is ``python train.py --config CONFIG --augment-device PATH --seed S --device DEVICE`` in a temporary
+folder (on a CPU the GPU path's code runs there too, batched in the main process), then, where the data folder has
+``test/`` and ``test_labels.csv`` (the bundled sample has), ``predict.py --labels`` on the test images with the run's
+best.pt. The table gives each run's final and best validation accuracy and its test accuracy, and each path's mean
+and range; it is printed and appended to benchmarks/results.md.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,33 +35,76 @@ PATHS = ("cpu", "gpu")
 def train_once(args: argparse.Namespace, path: str, seed: int, output: Path) -> list[dict[str, str]]:
     """One training run; returns its history rows."""
     command = [sys.executable, str(ROOT / "train.py"), "--config", args.config, "--augment-device", path,
-               "--device", "cpu", "--seed", str(seed), "--output-dir", str(output), "--no-progress"]
+               "--device", args.device, "--seed", str(seed), "--output-dir", str(output), "--no-progress"]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     if args.epochs:
         command += ["--epochs", str(args.epochs)]
-    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise SystemExit(f"error: train.py failed for --augment-device {path} --seed {seed}:\n"
-                         + completed.stderr[-2000:])
+    run_or_exit(command, f"train.py --augment-device {path} --seed {seed}")
     with (output / "history.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def accuracy_table(results: dict[tuple[str, int], list[dict[str, str]]], seeds: list[int]) -> str:
-    """Markdown: per seed the final and best val accuracy of each path, then each path's mean and range."""
-    lines = ["| seed | " + " | ".join(f"{path} final val | {path} best val" for path in PATHS) + " |",
-             "|---|" + "---:|" * (2 * len(PATHS))]
-    finals = {path: [float(results[path, seed][-1]["val_acc"]) for seed in seeds] for path in PATHS}
-    bests = {path: [max(float(row["val_acc"]) for row in results[path, seed]) for seed in seeds] for path in PATHS}
+def run_or_exit(command: list[str], what: str) -> str:
+    """Run ``command`` in the repository; its output, or exit naming ``what`` with the end of its errors."""
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"error: {what} failed:\n" + completed.stderr[-2000:])
+    return completed.stdout
+
+
+def test_split(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """The data folder's ``test/`` and ``test_labels.csv``, when it has both."""
+    data_dir = Path(args.data_dir) if args.data_dir else ROOT / config_value(args.config, "data_dir")
+    folder, labels = data_dir / "test", data_dir / "test_labels.csv"
+    return (folder, labels) if folder.is_dir() and labels.is_file() else None
+
+
+def config_value(config: str, key: str) -> str:
+    """One top-level value of a flat YAML config file."""
+    import yaml
+
+    return str(yaml.safe_load(Path(config).read_text())[key])
+
+
+def test_accuracy(args: argparse.Namespace, run_dir: Path, split: tuple[Path, Path]) -> float:
+    """predict.py's accuracy on the labeled test images with the run's best.pt."""
+    stdout = run_or_exit([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(run_dir / "best.pt"),
+                          "--test-dir", str(split[0]), "--labels", str(split[1]), "--device", args.device,
+                          "--output", str(run_dir / "prediction.csv"), "--no-progress"], f"predict.py for {run_dir}")
+    return float(re.search(r"accuracy ([0-9.]+)%", stdout).group(1)) / 100
+
+
+def one_run(args: argparse.Namespace, path: str, seed: int, scratch: Path) -> tuple[list[dict[str, str]], float | None]:
+    """Train one (path, seed) pair; its history, and its test accuracy where the data has labeled test images."""
+    print(f"--augment-device {path} --seed {seed} ...", flush=True)
+    run_dir = scratch / f"{path}-{seed}"
+    history = train_once(args, path, seed, run_dir)
+    split = test_split(args)
+    return history, (test_accuracy(args, run_dir, split) if split else None)
+
+
+def accuracy_table(results: dict[tuple[str, int], tuple[list[dict[str, str]], float | None]],
+                   seeds: list[int]) -> str:
+    """Markdown: per seed the final and best val accuracy (and the test accuracy) of each path, then each path's
+    mean and range."""
+    tested = all(test is not None for _, test in results.values())
+    columns = ("final val", "best val", "test") if tested else ("final val", "best val")
+    figures = {(path, column): [] for path in PATHS for column in columns}
+    for path in PATHS:
+        for seed in seeds:
+            history, test = results[path, seed]
+            figures[path, "final val"].append(float(history[-1]["val_acc"]))
+            figures[path, "best val"].append(max(float(row["val_acc"]) for row in history))
+            if tested:
+                figures[path, "test"].append(test)
+    keys = [(path, column) for path in PATHS for column in columns]
+    lines = ["| seed | " + " | ".join(f"{path} {column}" for path, column in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
     for index, seed in enumerate(seeds):
-        cells = [f"{finals[path][index]:.1%} | {bests[path][index]:.1%}" for path in PATHS]
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    means = [f"{sum(finals[path]) / len(seeds):.1%} | {sum(bests[path]) / len(seeds):.1%}" for path in PATHS]
-    lines.append("| mean | " + " | ".join(means) + " |")
-    spans = [f"{min(finals[path]):.1%}-{max(finals[path]):.1%} | {min(bests[path]):.1%}-{max(bests[path]):.1%}"
-             for path in PATHS]
-    lines.append("| range | " + " | ".join(spans) + " |")
+        lines.append(f"| {seed} | " + " | ".join(f"{figures[key][index]:.1%}" for key in keys) + " |")
+    lines.append("| mean | " + " | ".join(f"{sum(figures[key]) / len(seeds):.1%}" for key in keys) + " |")
+    lines.append("| range | " + " | ".join(f"{min(figures[key]):.1%}-{max(figures[key]):.1%}" for key in keys) + " |")
     return "\n".join(lines)
 
 
@@ -68,6 +116,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="train.py --data-dir (default: the config's)")
     parser.add_argument("--epochs", type=int, help="train.py --epochs (default: the config's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="train.py --seed values")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="train.py and predict.py --device")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (on a GPU every run fits at once)")
     parser.add_argument("--no-save", action="store_true", help="print the table without appending to results.md")
     return parser
 
@@ -75,18 +125,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Train every (path, seed) pair and report the accuracies."""
     args = get_args_parser().parse_args(argv)
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="path-accuracy-") as scratch:
-        for path in PATHS:
-            for seed in args.seeds:
-                print(f"--augment-device {path} --seed {seed} ...", flush=True)
-                results[path, seed] = train_once(args, path, seed, Path(scratch) / f"{path}-{seed}")
+    pairs = [(path, seed) for path in PATHS for seed in args.seeds]
+    with tempfile.TemporaryDirectory(prefix="path-accuracy-") as scratch, \
+            ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        outcomes = pool.map(lambda pair: one_run(args, *pair, Path(scratch)), pairs)
+        results = dict(zip(pairs, outcomes))
     config = Path(args.config).resolve()
     setup = (f"`train.py --config {config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}"
              + (f" --data-dir {args.data_dir}" if args.data_dir else "")
-             + (f" --epochs {args.epochs}" if args.epochs else "") + " --device cpu`")
+             + (f" --epochs {args.epochs}" if args.epochs else "") + f" --device {args.device}`")
     text = (f"## {datetime.date.today().isoformat()} - accuracy of the CPU and GPU data paths "
-            f"(benchmarks/path_accuracy.py)\n\n{machine_description(torch.device('cpu'))}  \n{setup}, "
+            f"(benchmarks/path_accuracy.py)\n\n{machine_description(torch.device(args.device))}  \n{setup}, "
             f"--augment-device cpu or gpu, seeds {', '.join(map(str, args.seeds))}\n\n"
             f"{accuracy_table(results, args.seeds)}\n")
     publish(text, save=not args.no_save)

@@ -55,6 +55,7 @@ def test_auto_picks_fp16_on_an_older_gpu(hardware) -> None:
     assert resolve_amp("auto", CUDA) is torch.float16
 
 
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
 @pytest.mark.parametrize("capability, dtype, scaled", [
     ((7, 5), torch.float16, True),   # T4 (Colab's free GPU): bf16 only emulated
     ((7, 0), torch.float16, True),   # V100

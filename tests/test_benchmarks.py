@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from types import ModuleType
 
@@ -144,3 +145,19 @@ def test_cpu_precision_refuses_an_unknown_variant() -> None:
     result = run_script("benchmarks/cpu_precision.py", "--variants", "fp32,int4", "--no-save")
     assert result.returncode != 0
     assert "--variants fp32,int4: unknown int4" in result.stderr
+
+
+def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path) -> None:
+    """``SMOKE=1 bash benchmarks/gpu_check.sh``: the GPU check's steps on the CPU with tiny sizes, so that the one
+    call a GPU session gets does not die on a typo. Every section of the summary is filled."""
+    environment = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")], env=environment,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for section in ("## Probes", "## DDP smoke test", "## pytest -k cuda", "## Accuracy", "## Throughput"):
+        assert section in summary
+    probes = [line for line in summary.splitlines() if line.startswith(("probe ", "ddp "))]
+    assert len([line for line in probes if line.endswith("-> OK")]) == 8, probes
+    assert not any("FAIL" in line for line in probes), probes
+    assert "| mean |" in summary and "| train, steady state (epochs 2-3) |" in summary
