@@ -6,9 +6,10 @@ import argparse
 import contextlib
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -175,6 +176,25 @@ def host_peak_rss_mb() -> float:
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
+@contextlib.contextmanager
+def flagged_waits() -> Iterator[list[str]]:
+    """Collect, as ``file:line``, each PyTorch operation on CUDA tensors that waits for the GPU inside the block
+    (``torch.cuda.set_sync_debug_mode``); on a machine without CUDA the list stays empty."""
+    places: list[str] = []
+    if not torch.cuda.is_available():
+        yield places
+        return
+    with warnings.catch_warnings(record=True) as flagged:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield places
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places.extend(f"{warning.filename}:{warning.lineno}" for warning in flagged
+                  if "synchronizing" in str(warning.message))
 
 
 def device_peak_memory_mb(device: torch.device) -> float | None:

@@ -22,7 +22,6 @@ import io
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
 import pipeline  # noqa: E402
-from accel import Accel, configure_backends  # noqa: E402
+from accel import Accel, configure_backends, flagged_waits  # noqa: E402
 from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from model import build_model, freeze_blocks, parse_trainable  # noqa: E402
 
@@ -143,17 +142,10 @@ def count_waits(work: Callable[[], object]) -> tuple[Counter, Counter]:
         work()
         return Counter(), Counter()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with warnings.catch_warnings(record=True) as flagged, torch.profiler.profile(activities=activities) as profiler:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            work()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    with torch.profiler.profile(activities=activities) as profiler, flagged_waits() as places:
+        work()
     syncs = Counter({event.key: event.count for event in profiler.key_averages() if SYNC_EVENT_MARK in event.key})
-    places = Counter(f"{Path(warning.filename).name}:{warning.lineno}" for warning in flagged
-                     if "synchronizing" in str(warning.message))
-    return syncs, places
+    return syncs, Counter(f"{Path(place).name}" for place in places)
 
 
 def training_setup(args: argparse.Namespace, device: torch.device, folder: Path):

@@ -4,7 +4,6 @@ scaler and fused SGD, the decoded-image cache, and the precision ``--amp auto`` 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch import nn
 
 import engine
 import pipeline
-from accel import Accel, make_grad_scaler, resolve_amp
+from accel import Accel, flagged_waits, make_grad_scaler, resolve_amp
 from model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,18 +38,12 @@ def jpegs(tmp_path: Path) -> list[str]:
 
 
 def flagged_syncs(work) -> list[str]:
-    """Where PyTorch flagged a synchronizing operation during ``work()`` (file:line of each)."""
-    with warnings.catch_warnings(record=True) as flagged:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            work()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # Only our code's lines: a wait flagged in a thread without Python frames (measured on an H200: one, in the
-    # first pass only) is attributed to the line that set the debug mode, in torch/cuda/__init__.py.
-    return [f"{Path(warning.filename).name}:{warning.lineno}" for warning in flagged
-            if "synchronizing" in str(warning.message) and Path(warning.filename).is_relative_to(REPO_ROOT)]
+    """Where our code waited for the GPU during ``work()`` (file:line of each). Only our files: a wait flagged in a
+    thread without Python frames (measured on an H200: one, in the first pass only) is attributed to the line that
+    set the debug mode, in torch/cuda/__init__.py."""
+    with flagged_waits() as places:
+        work()
+    return [place for place in places if Path(place.rsplit(":", 1)[0]).is_relative_to(REPO_ROOT)]
 
 
 def test_cuda_decoder_matches_the_cpu_decode(jpegs: list[str]) -> None:
