@@ -6,13 +6,16 @@ of a notebook that imports ``train``. Each figure is rendered in memory and
 written with :func:`utils.atomic_write_bytes`, so a crash mid-write never leaves
 a truncated image behind; the figure is not kept by pyplot, so long training
 runs do not leak memory. Text the default font cannot draw (CJK class names) is
-drawn with an installed font that has the glyphs, when there is one.
+drawn with installed fonts that have the glyphs, when there are some; a note
+names what no installed font can draw, with a hint that fits it (a CJK font
+for CJK, an outline emoji font for emoji).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,9 +27,10 @@ from matplotlib import colormaps, font_manager, rc_context, rcParams
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize, PowerNorm
 from matplotlib.figure import Figure
-from matplotlib.font_manager import FontEntry
+from matplotlib.font_manager import FontEntry, FontProperties
 from matplotlib.ft2font import FT2Font
 from matplotlib.image import AxesImage
+from matplotlib.textpath import text_to_path
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
 from scipy.sparse.csgraph import connected_components
@@ -38,6 +42,7 @@ import utils
 DPI = 130
 TRAIN_COLOR = "tab:blue"
 VAL_COLOR = "tab:orange"
+EMA_COLOR = "tab:purple"  # the validation curve of the moving average of the weights (--ema)
 BEST_COLOR = "tab:green"
 STOP_COLOR = "tab:red"
 LR_COLOR = "0.55"  # grey: the learning rate is context, not the story
@@ -59,6 +64,15 @@ LABEL_GROWTH_CHARS = 8
 LOSS_OUTLIER_FACTOR = 5.0
 
 MISSING_FONT_HINT = "install a CJK font such as fonts-noto-cjk"
+EMOJI_FONT_HINT = ("for emoji install an outline emoji font such as fonts-symbola "
+                   "(matplotlib cannot draw colour emoji fonts)")
+OTHER_SCRIPT_FONT_HINT = "install a font that has them, such as fonts-noto-core"
+# Code point ranges of emoji, their modifiers and joiners (skin tones, U+200D, variation selectors, tags).
+EMOJI_RANGES = ((0x1F000, 0x1FAFF), (0x2600, 0x27BF), (0x2300, 0x23FF), (0x2B00, 0x2BFF), (0xFE00, 0xFE0F),
+                (0x200D, 0x200D), (0x20E3, 0x20E3), (0xE0000, 0xE007F))
+# FreeType's FT_FACE_FLAG_SCALABLE: the font has outlines. Bitmap-only fonts (colour emoji) cannot be drawn
+# at an arbitrary size: matplotlib fails with "Could not set the fontsize".
+FT_FACE_FLAG_SCALABLE = 1
 # Fonts that map every character to a placeholder box (matplotlib ships "Last Resort High-Efficiency"):
 # choosing one as fallback would hide that the real glyphs are missing.
 PLACEHOLDER_FONT_PREFIXES = ("Last Resort",)
@@ -102,11 +116,19 @@ def _save_figure(fig: Figure, path: str | Path) -> None:
 # --------------------------------------------------------------------------
 
 
+def _is_scalable(font: FT2Font) -> bool:
+    """True when ``font`` has outlines, so matplotlib can draw it at any size (colour emoji fonts are bitmaps)."""
+    flags = font.face_flags  # an int before matplotlib 3.10, a FaceFlags enum since
+    return bool(int(getattr(flags, "value", flags)) & FT_FACE_FLAG_SCALABLE)
+
+
 def _glyphs_in_font(font_path: str, chars: frozenset[str]) -> frozenset[str]:
-    """The characters of ``chars`` that the font file at ``font_path`` has glyphs for (none if unreadable)."""
+    """The characters of ``chars`` that the font file at ``font_path`` can draw (none if unreadable or bitmap-only)."""
     try:
         font = FT2Font(font_path)
     except (OSError, RuntimeError):
+        return frozenset()
+    if not _is_scalable(font):
         return frozenset()
     return frozenset(char for char in chars if font.get_char_index(ord(char)))
 
@@ -138,26 +160,63 @@ def fallback_font_family(chars: frozenset[str], fonts: Sequence[FontEntry]) -> t
     return best_family, chars - best_covered
 
 
+def fallback_font_families(chars: frozenset[str], fonts: Sequence[FontEntry]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """Families from ``fonts`` that together have glyphs for ``chars``, and the characters none of them has.
+
+    Picked one at a time with :func:`fallback_font_family` (the font with most of
+    the characters still lacking), so CJK and, say, Devanagari names in one
+    figure each get a font that has them.
+    """
+    families: list[str] = []
+    lacking = chars
+    while lacking:
+        family, still_lacking = fallback_font_family(lacking, fonts)
+        if family is None:
+            break
+        families.append(family)
+        lacking = still_lacking
+    return tuple(families), lacking
+
+
 @functools.lru_cache(maxsize=64)
-def _installed_fallback_family(chars: frozenset[str]) -> tuple[str | None, frozenset[str]]:
-    """:func:`fallback_font_family` over the installed fonts, cached: scanning opens every font file."""
-    return fallback_font_family(chars, font_manager.fontManager.ttflist)
+def _installed_fallback_families(chars: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """:func:`fallback_font_families` over the installed fonts, cached: scanning opens every font file."""
+    return fallback_font_families(chars, font_manager.fontManager.ttflist)
+
+
+def _is_emoji(char: str) -> bool:
+    """True for an emoji or a character that joins or modifies one (see ``EMOJI_RANGES``)."""
+    return any(low <= ord(char) <= high for low, high in EMOJI_RANGES)
+
+
+def _font_hints(missing: frozenset[str]) -> list[str]:
+    """What to install for the characters no font has: a CJK font, an outline emoji font, or a broad one."""
+    emoji = {char for char in missing if _is_emoji(char)}
+    wide = {char for char in missing - emoji if unicodedata.east_asian_width(char) in ("W", "F")}
+    hints = [MISSING_FONT_HINT] if wide else []
+    hints += [EMOJI_FONT_HINT] if emoji else []
+    return hints + ([OTHER_SCRIPT_FONT_HINT] if missing - emoji - wide else [])
+
+
+def missing_glyphs_note(texts: Sequence[str], missing: frozenset[str]) -> str:
+    """The note naming the words of ``texts`` whose ``missing`` characters show as boxes, and what to install."""
+    words = list(dict.fromkeys(word for text in texts for word in text.split() if missing & set(word)))
+    shown = ", ".join(words[:3]) + (", ..." if len(words) > 3 else "")
+    return (f"note: no installed font has the glyphs of {len(words)} label(s) ({shown}); "
+            f"they show as boxes in the figures; {'; '.join(_font_hints(missing))}")
 
 
 def _note_missing_glyphs(texts: list[str], missing: frozenset[str]) -> None:
-    """Print one note naming the words drawn as boxes, unless their characters were reported before."""
+    """Print :func:`missing_glyphs_note`, unless all of ``missing`` was reported before (or there is none)."""
     if missing <= _REPORTED_MISSING_GLYPHS:
         return
     _REPORTED_MISSING_GLYPHS.update(missing)
-    words = list(dict.fromkeys(word for text in texts for word in text.split() if missing & set(word)))
-    shown = ", ".join(words[:3]) + (", ..." if len(words) > 3 else "")
-    print(f"note: no installed font has the glyphs of {len(words)} label(s) ({shown}); "
-          f"they show as boxes in the figures; {MISSING_FONT_HINT}")
+    print(missing_glyphs_note(texts, missing))
 
 
 @contextmanager
 def _fonts_for(texts: Iterable[str]) -> Iterator[None]:
-    """Draw ``texts`` with an installed fallback font for the characters the default font lacks.
+    """Draw ``texts`` with installed fallback fonts for the characters the default font lacks.
 
     Characters that no installed font has are named in one note instead of
     matplotlib's warning per glyph. Costs nothing when the default font has
@@ -168,9 +227,9 @@ def _fonts_for(texts: Iterable[str]) -> Iterator[None]:
     if not missing:
         yield
         return
-    family, unavailable = _installed_fallback_family(missing)
+    fallbacks, unavailable = _installed_fallback_families(missing)
     _note_missing_glyphs(texts, unavailable)
-    families = list(rcParams["font.family"]) + ([family] if family else [])
+    families = list(rcParams["font.family"]) + list(fallbacks)
     with rc_context({"font.family": families}), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_GLYPH_WARNING)
         yield
@@ -250,23 +309,63 @@ def _best_label(history: Sequence[dict], best_epoch: int) -> str:
     return f"best @ epoch {best_epoch}"
 
 
-def _draw_train_val(ax: Axes, epochs: list[int], train: list[float], val: list[float]) -> None:
-    """Plot the train and validation series; markers when points are few."""
+class Curve(NamedTuple):
+    """One series of a training-curve plot: its legend label, its values per epoch (NaN: none) and its look."""
+
+    label: str
+    values: list[float]
+    color: str
+    linestyle: str = "-"
+
+
+def _has_values(values: Sequence[float]) -> bool:
+    """True when at least one value is a number (a series of NaN has nothing to draw)."""
+    return bool(np.isfinite(np.asarray(values, dtype=float)).any())
+
+
+def _curves(history: Sequence[dict], metric: str, scale: float = 1.0) -> list[Curve]:
+    """The train, val and EMA val (``--ema``) series of ``metric`` (``loss`` or ``acc``) that have values.
+
+    A run that validated nothing (``--train-on-all``) has only its train series;
+    the EMA series exists only when the history has ``ema_val_*`` columns.
+    """
+    curves = [Curve("train", _column(history, f"train_{metric}", scale), TRAIN_COLOR),
+              Curve("val", _column(history, f"val_{metric}", scale), VAL_COLOR),
+              Curve("val (EMA weights)", _column(history, f"ema_val_{metric}", scale), EMA_COLOR, "--")]
+    return [curve for curve in curves if _has_values(curve.values)]
+
+
+def _val_values(curves: Sequence[Curve]) -> list[float] | None:
+    """The values of the val curve, or None when nothing was validated."""
+    return next((curve.values for curve in curves if curve.label == "val"), None)
+
+
+def _draw_curves(ax: Axes, epochs: list[int], curves: Sequence[Curve]) -> None:
+    """Plot each series with its label; markers when points are few."""
     marker = "o" if len(epochs) <= 30 else None
-    ax.plot(epochs, train, color=TRAIN_COLOR, marker=marker, markersize=5, label="train")
-    ax.plot(epochs, val, color=VAL_COLOR, marker=marker, markersize=5, label="val")
+    for curve in curves:
+        ax.plot(epochs, curve.values, color=curve.color, linestyle=curve.linestyle, marker=marker, markersize=5,
+                label=curve.label)
+
+
+def _curve_title(name: str, curves: Sequence[Curve]) -> str:
+    """``name``, saying so when nothing was validated (``--train-on-all``) so the lone train curve is no surprise."""
+    return name if _val_values(curves) is not None else f"{name} (training only: nothing validated)"
 
 
 def _mark_epochs(
     ax: Axes,
     history: Sequence[dict],
-    val: list[float],
+    val: list[float] | None,
     best_epoch: int | None,
     stopped_epoch: int | None,
 ) -> None:
-    """Draw the best-epoch line (plus a star on the val curve) and the early-stop line."""
+    """Draw the best-epoch line (plus a star on the val curve) and the early-stop line.
+
+    Without a val curve (``val`` None: nothing was validated) there is no best epoch to mark.
+    """
     epochs = _epochs(history)
-    if best_epoch is not None:
+    if best_epoch is not None and val is not None:
         ax.axvline(best_epoch, color=BEST_COLOR, linestyle=":", linewidth=1.5,
                    label=_best_label(history, best_epoch))
         if best_epoch in epochs:
@@ -358,14 +457,14 @@ def _mark_clipped(ax: Axes, epochs: list[int], values: list[float], top: float, 
                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
-def _clip_loss_outliers(ax: Axes, epochs: list[int], train: list[float], val: list[float]) -> None:
+def _clip_loss_outliers(ax: Axes, epochs: list[int], curves: Sequence[Curve]) -> None:
     """Limit the y axis to the typical losses when a few are far above them (see :func:`loss_axis_range`)."""
-    limits = loss_axis_range(train + val)
+    limits = loss_axis_range([value for curve in curves for value in curve.values])
     if limits is None:
         return
     ax.set_ylim(limits.bottom, limits.top)
-    _mark_clipped(ax, epochs, train, limits.top, TRAIN_COLOR)
-    _mark_clipped(ax, epochs, val, limits.top, VAL_COLOR)
+    for curve in curves:
+        _mark_clipped(ax, epochs, curve.values, limits.top, curve.color)
 
 
 def plot_loss_curve(
@@ -377,26 +476,31 @@ def plot_loss_curve(
     """Save train/val loss per epoch, with the learning rate on a secondary axis.
 
     ``history`` holds one dict per epoch with keys ``epoch``, ``train_loss``,
-    ``val_loss`` and ``lr`` (other keys are ignored). ``best_epoch`` adds a
-    dotted line labelled with that epoch's validation accuracy;
-    ``stopped_epoch`` adds a dashed "early stop" line. Losses far above the
-    rest (a fresh head's first epochs) are marked at the top edge with their
-    value instead of stretching the axis, see :func:`loss_axis_range`.
+    ``val_loss`` and ``lr``, plus ``ema_val_loss`` with ``--ema`` (drawn as its
+    own dashed line); other keys are ignored. ``best_epoch`` adds a dotted line
+    labelled with that epoch's validation accuracy; ``stopped_epoch`` adds a
+    dashed "early stop" line. Without validation values (``--train-on-all``)
+    only the train curve is drawn, with no val legend entry and no best epoch.
+    Losses far above the rest (a fresh head's first epochs) are marked at the
+    top edge with their value instead of stretching the axis, see
+    :func:`loss_axis_range`.
     """
     _check_history(history)
     epochs = _epochs(history)
-    train, val = _column(history, "train_loss"), _column(history, "val_loss")
+    curves = _curves(history, "loss")
+    val = _val_values(curves)
+    best_epoch = best_epoch if val is not None else None
     with _figure((8, 5)) as fig:
         ax = fig.add_subplot()
-        _draw_train_val(ax, epochs, train, val)
+        _draw_curves(ax, epochs, curves)
         _mark_epochs(ax, history, val, best_epoch, stopped_epoch)
         _set_epoch_axis(ax, epochs, best_epoch, stopped_epoch)
-        _clip_loss_outliers(ax, epochs, train, val)
+        _clip_loss_outliers(ax, epochs, curves)
         lr_ax = _draw_learning_rate(ax, history)
         ax.set_zorder(2)  # curves above the lr line, but keep the lr axis' background invisible
         ax.patch.set_visible(False)
         ax.set_ylabel("loss")
-        ax.set_title("Loss")
+        ax.set_title(_curve_title("Loss", curves))
         _legend_below(ax, lr_ax)
         _save_figure(fig, path)
 
@@ -410,21 +514,25 @@ def plot_accuracy_curve(
     """Save train/val accuracy (in percent) per epoch.
 
     ``history`` holds one dict per epoch with keys ``epoch``, ``train_acc`` and
-    ``val_acc`` (fractions in 0..1). ``best_epoch`` adds a dotted line and a
-    star on the validation curve; ``stopped_epoch`` adds a dashed "early stop"
-    line.
+    ``val_acc`` (fractions in 0..1), plus ``ema_val_acc`` with ``--ema`` (drawn
+    as its own dashed line). ``best_epoch`` adds a dotted line and a star on the
+    validation curve; ``stopped_epoch`` adds a dashed "early stop" line.
+    Without validation values (``--train-on-all``) only the train curve is
+    drawn, with no val legend entry and no best epoch.
     """
     _check_history(history)
     epochs = _epochs(history)
-    val = _column(history, "val_acc", scale=100.0)
+    curves = _curves(history, "acc", scale=100.0)
+    val = _val_values(curves)
+    best_epoch = best_epoch if val is not None else None
     with _figure((8, 5)) as fig:
         ax = fig.add_subplot()
-        _draw_train_val(ax, epochs, _column(history, "train_acc", scale=100.0), val)
+        _draw_curves(ax, epochs, curves)
         _mark_epochs(ax, history, val, best_epoch, stopped_epoch)
         _set_epoch_axis(ax, epochs, best_epoch, stopped_epoch)
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
         ax.set_ylabel("accuracy")
-        ax.set_title("Accuracy")
+        ax.set_title(_curve_title("Accuracy", curves))
         _legend_below(ax)
         _save_figure(fig, path)
 
@@ -672,11 +780,115 @@ def _leaf_order(similarity: np.ndarray) -> list[int]:
 GRID_COLUMNS = 6
 # Inches: each cell is a square image box with its caption lines above it; a band on top holds the title.
 GRID_IMAGE_INCHES = 2.0
-GRID_CAPTION_INCHES = 0.72  # four lines of 8.5 pt text
 GRID_GAP_INCHES = 0.3
 GRID_TITLE_INCHES = 0.45
 # Below this size a thumbnail is drawn with visible pixels instead of being smoothed into a blur.
 PIXELATED_BELOW = 96
+# A caption may use its image's width and most of the gap before the next column.
+CAPTION_WIDTH_INCHES = GRID_IMAGE_INCHES + GRID_GAP_INCHES - 0.12
+CAPTION_SPACE_INCHES = 0.04  # between a caption and its image
+# Caption font sizes, largest first: a grid uses the largest at which every caption line fits its column.
+CAPTION_POINTS = (8.5, 8.0, 7.5, 7.0)
+CAPTION_LINE_SPACING = 1.3
+# A line too wide even at the smallest size wraps onto at most this many lines (the later ones indented);
+# one that needs more is shortened in the middle as well.
+CAPTION_MAX_WRAPS = 2
+CAPTION_CONTINUATION = "  "
+CAPTION_BREAK_AFTER = " _-/.,…)"  # a wrapped line preferably ends after one of these
+
+
+class CaptionLayout(NamedTuple):
+    """Captions as drawn (wrapped or shortened to fit their column) and their font size in points."""
+
+    captions: list[str]
+    fontsize: float
+
+
+def _text_width(text: str, font: FontProperties) -> float:
+    """The width in points of one line of plain ``text`` (no mathtext) drawn in ``font``."""
+    width, _, _ = text_to_path.get_text_width_height_descent(text, font, ismath=False)
+    return width
+
+
+def _longest_fitting(prefix: str, text: str, width: float, font: FontProperties) -> int:
+    """How many leading characters of ``text`` fit in ``width`` after ``prefix``; at least one."""
+    low, high = 1, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _text_width(prefix + text[:middle], font) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _break_point(text: str, fitting: int) -> int:
+    """Where to end a wrapped line of ``text`` that fits ``fitting`` characters: after a separator in its second
+    half (see ``CAPTION_BREAK_AFTER``), else at ``fitting``."""
+    if fitting >= len(text):
+        return fitting
+    for position in range(fitting - 1, fitting // 2 - 1, -1):
+        if text[position] in CAPTION_BREAK_AFTER:
+            return position + 1
+    return fitting
+
+
+def _wrap_to_width(line: str, width: float, font: FontProperties) -> list[str]:
+    """``line`` broken into lines that each fit ``width`` points, the later ones indented."""
+    pieces: list[str] = []
+    rest = line
+    while rest:
+        prefix = CAPTION_CONTINUATION if pieces else ""
+        end = _break_point(rest, _longest_fitting(prefix, rest, width, font))
+        pieces.append(prefix + rest[:end])
+        rest = rest[end:]
+    return pieces
+
+
+def _fit_line(line: str, width: float, font: FontProperties) -> list[str]:
+    """One caption line as lines that fit ``width`` points: itself, wrapped onto ``CAPTION_MAX_WRAPS`` lines, or
+    shortened in the middle (as :func:`shorten_labels` does) as little as needed to wrap onto that many."""
+    if _text_width(line, font) <= width:
+        return [line]
+    pieces = _wrap_to_width(line, width, font)
+    if len(pieces) <= CAPTION_MAX_WRAPS:
+        return pieces
+    # The longest middle-shortened form ("a…z" at least) that wraps onto few enough lines.
+    low, high = 3, len(line) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(_wrap_to_width(_shorten_middle(line, middle), width, font)) <= CAPTION_MAX_WRAPS:
+            low = middle
+        else:
+            high = middle - 1
+    return _wrap_to_width(_shorten_middle(line, low), width, font)
+
+
+def fit_captions(captions: Sequence[str], width: float) -> CaptionLayout:
+    """Captions whose every line fits ``width`` points, in the largest of ``CAPTION_POINTS`` where they fit as given.
+
+    When a line is too wide even at the smallest size, that line is wrapped (and,
+    if very long, shortened in the middle), see :func:`_fit_line`. Measured with
+    the current fonts, so call it where the figure's fonts are in effect.
+    """
+    reference = FontProperties(size=CAPTION_POINTS[0])
+    lines = [line for caption in captions for line in caption.split("\n")]
+    widest = max((_text_width(line, reference) for line in lines), default=0.0)
+    for size in CAPTION_POINTS:
+        if widest * size / CAPTION_POINTS[0] <= width:  # text widths scale with the font size
+            return CaptionLayout(list(captions), size)
+    font = FontProperties(size=CAPTION_POINTS[-1])
+    fitted = ["\n".join(piece for line in caption.split("\n") for piece in _fit_line(line, width, font))
+              for caption in captions]
+    return CaptionLayout(fitted, CAPTION_POINTS[-1])
+
+
+def _caption_inches(layout: CaptionLayout) -> float:
+    """Height of the band that holds the tallest caption of ``layout``."""
+    lines = max((caption.count("\n") + 1 for caption in layout.captions), default=1)
+    _, line_height, _ = text_to_path.get_text_width_height_descent("lp", FontProperties(size=layout.fontsize),
+                                                                   ismath=False)
+    return lines * line_height * CAPTION_LINE_SPACING / 72
 
 
 def plot_image_grid(
@@ -688,7 +900,9 @@ def plot_image_grid(
 ) -> None:
     """Save images (H x W x 3 uint8 arrays, any sizes) in a grid, each under a caption of a few lines.
 
-    With no images the figure shows ``empty_message`` instead, so the file always exists.
+    Each caption fits its column: the font shrinks a little, then a line still
+    too wide wraps (see :func:`fit_captions`). With no images the figure shows
+    ``empty_message`` instead, so the file always exists.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -697,11 +911,13 @@ def plot_image_grid(
         return
     columns = min(GRID_COLUMNS, len(images))
     rows = -(-len(images) // columns)
-    cell_width = GRID_IMAGE_INCHES + GRID_GAP_INCHES
-    cell_height = GRID_CAPTION_INCHES + GRID_IMAGE_INCHES + GRID_GAP_INCHES
-    width, height = columns * cell_width, GRID_TITLE_INCHES + rows * cell_height
-    with _figure((width, height), texts=[title, *captions]) as fig:
-        for position, (image, caption) in enumerate(zip(images, captions)):
+    with _figure((1.0, 1.0), texts=[title, *captions]) as fig:
+        layout = fit_captions(captions, CAPTION_WIDTH_INCHES * 72)
+        cell_width = GRID_IMAGE_INCHES + GRID_GAP_INCHES
+        cell_height = _caption_inches(layout) + CAPTION_SPACE_INCHES + GRID_IMAGE_INCHES + GRID_GAP_INCHES
+        width, height = columns * cell_width, GRID_TITLE_INCHES + rows * cell_height
+        fig.set_size_inches(width, height)
+        for position, (image, caption) in enumerate(zip(images, layout.captions)):
             row, column = divmod(position, columns)
             bottom = height - GRID_TITLE_INCHES - (row + 1) * cell_height + GRID_GAP_INCHES
             box = (column * cell_width / width, bottom / height, GRID_IMAGE_INCHES / width, GRID_IMAGE_INCHES / height)
@@ -709,8 +925,8 @@ def plot_image_grid(
             ax.set_axis_off()
             small = max(image.shape[:2]) < PIXELATED_BELOW
             ax.imshow(image, interpolation="nearest" if small else "antialiased")
-            fig.text(box[0], (bottom + GRID_IMAGE_INCHES + 0.04) / height, caption, ha="left", va="bottom",
-                     fontsize=8.5, linespacing=1.3)
+            fig.text(box[0], (bottom + GRID_IMAGE_INCHES + CAPTION_SPACE_INCHES) / height, caption, ha="left",
+                     va="bottom", fontsize=layout.fontsize, linespacing=CAPTION_LINE_SPACING, parse_math=False)
         fig.text(0.0, 1.0, title, ha="left", va="top", fontsize=12)
         _save_figure(fig, path)
 

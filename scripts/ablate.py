@@ -10,9 +10,13 @@ stem followed by its flags (``sample --img-size 48``). A recipe that is a single
 
 Each recipe runs as
 ``python train.py [--config FILE] [--data-dir D] [--epochs N] [--seed S] [EXTRA...] FLAGS --output-dir
-OUTPUT/SLUG --no-progress``, where SLUG is the name in lowercase letters, digits, dots and dashes; flags given
-to this script apply to every run, and a recipe's own flags win over them. train.py's console output goes to
-``OUTPUT/logs/SLUG.log`` (follow it with ``tail -f``). Then this script writes:
+OUTPUT/SLUG --no-progress``, where SLUG is the name in lowercase letters, digits, dots and dashes
+(``sample-img-size-48``). Past 60 characters it keeps the config's stem and as many whole flags with their values
+as fit, the last ones first (``reference--label-smoothing-0.1-batch-size-64``, ``--`` where flags are left out),
+and ends in a short hash of the full name, as does a name whose SLUG an earlier recipe (or ``logs``) took: every
+folder says what its recipe is and stays the same each time. Flags given to this script apply to every run, and a
+recipe's own flags win over them. train.py's console output goes to ``OUTPUT/logs/SLUG.log`` (follow it with
+``tail -f``). Then this script writes:
 
 - ``OUTPUT/ablation.md``: the machine, date, dataset and exact commands, and one table row per recipe: best
   val accuracy (history.csv), balanced accuracy and macro-F1 of best.pt on val (report/metrics.json), the best
@@ -85,6 +89,7 @@ OWNED_FLAGS = {
     "--config": "give the config file as the recipe's first word",
 }
 MAX_SLUG_CHARS = 60
+SLUG_HASH_CHARS = 6  # hex digits of the name's hash that end a shortened or shared folder name
 LABEL_WRAP_CHARS = 36  # chart labels wrap here, so long recipe names stay readable
 INTERRUPTED = 130
 VAL_COLOR = "tab:blue"
@@ -172,14 +177,69 @@ def refuse_owned_flags(flags: Sequence[str], where: str) -> None:
             raise UserError(f"{where}: {name} is not allowed here ({OWNED_FLAGS[name]})")
 
 
-def slug_of(name: str) -> str:
-    """A folder name for a recipe name: lowercase letters, digits and dots, other runs of characters as ``-``."""
-    slug = re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.")
-    return slug[:MAX_SLUG_CHARS].rstrip("-.") or "run"
+def slug_words(text: str) -> str:
+    """``text`` in lowercase letters, digits and dots, other runs of characters as ``-``, without end dashes."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-.")
+
+
+def name_hash(name: str) -> str:
+    """A short, stable hash of a recipe name: it tells apart folders whose readable part is the same."""
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()[:SLUG_HASH_CHARS]
+
+
+def flag_groups(flags: Sequence[str]) -> list[str]:
+    """Each flag with the values after it, as one string: ``["--trainable layer4,fc", "--lr=1e-3"]``."""
+    groups: list[str] = []
+    for word in flags:
+        starts_flag = word.startswith("-") and not re.fullmatch(r"-[0-9.]+(e-?[0-9]+)?", word)  # not "-1", "-0.5"
+        if starts_flag or not groups:
+            groups.append(word)
+        else:
+            groups[-1] += f" {word}"
+    return groups
+
+
+def name_parts(recipe: Recipe) -> list[str]:
+    """The pieces a folder name keeps whole: the config's stem and each flag with its values, or the label."""
+    if recipe.name != default_name(recipe.config, recipe.flags):
+        return [recipe.name]
+    return ([Path(recipe.config).stem] if recipe.config else []) + flag_groups(recipe.flags)
+
+
+def cut_slug(parts: Sequence[str], room: int) -> str:
+    """The slug of ``parts`` in at most ``room`` characters, whole parts only: all when they fit, else the first,
+    as many of the last as fit (ablation recipes tend to differ in the flags added last) and then more from the
+    front, with ``--`` where parts are left out. A first part too long alone is cut at its last dash that fits."""
+    words = [word for word in (slug_words(part) for part in parts) if word]
+    if len("-".join(words)) <= room:
+        return "-".join(words)
+    if len(words[0]) > room:
+        cut = words[0][:room + 1]
+        return (cut.rsplit("-", 1)[0] if "-" in cut else cut[:room]).rstrip("-.")
+    head, tail, rest = words[:1], [], words[1:]
+    while rest and len("-".join(head) + "--" + "-".join([rest[-1], *tail])) <= room:
+        tail.insert(0, rest.pop())
+    while rest and len("-".join([*head, rest[0]]) + "--" + "-".join(tail)) <= room:
+        head.append(rest.pop(0))
+    return "--".join(filter(None, ["-".join(head), "-".join(tail)]))
+
+
+def slug_of(recipe: Recipe, shared: bool = False) -> str:
+    """The run folder name of ``recipe``: its name as :func:`slug_words`; when that is over ``MAX_SLUG_CHARS``
+    characters, or ``shared`` (another recipe's is the same), its whole parts that fit (:func:`cut_slug`) and a
+    hash of its name.
+
+    It depends on the recipe alone (and on ``shared``), so the same recipe always runs in the same folder.
+    """
+    slug = slug_words(recipe.name) or "run"
+    if len(slug) <= MAX_SLUG_CHARS and not shared:
+        return slug
+    readable = cut_slug(name_parts(recipe), MAX_SLUG_CHARS - SLUG_HASH_CHARS - 1)
+    return f"{readable}-{name_hash(recipe.name)}" if readable else name_hash(recipe.name)
 
 
 def parse_recipes(texts: Sequence[str]) -> list[Recipe]:
-    """Every recipe with a unique name and a unique run folder (``-2``, ``-3`` appended where slugs collide)."""
+    """Every recipe with a unique name and a unique run folder (a hash of the name appended where slugs collide)."""
     if not texts:
         raise UserError("no recipes: give at least one config file or flag set, e.g. "
                         "python scripts/ablate.py configs/sample.yaml \"configs/sample.yaml --img-size 48\"")
@@ -188,9 +248,9 @@ def parse_recipes(texts: Sequence[str]) -> list[Recipe]:
         recipe = parse_recipe(text)
         if any(other.name == recipe.name for other in recipes):
             raise UserError(f"recipe {recipe.name!r} is given twice; give one of them another name with name=LABEL")
-        slug, number = slug_of(recipe.name), 2
-        while slug in taken:
-            slug, number = f"{slug_of(recipe.name)}-{number}", number + 1
+        slug = slug_of(recipe)
+        if slug in taken:
+            slug = slug_of(recipe, shared=True)
         taken.add(slug)
         recipes.append(Recipe(recipe.text, recipe.name, recipe.config, recipe.flags, slug))
     return recipes
@@ -542,10 +602,20 @@ def plot_accuracies(results: Sequence[Result], path: Path) -> None:
 # --------------------------------------------------------------------------- options and main
 
 
+class OneDefaultHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default once: the one its help states, else the value; none for an option without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The help text, with ``(default: ...)`` added unless it says it already or there is no default."""
+        help_text = action.help or ""
+        if "(default" in help_text or action.default in (None, ""):
+            return help_text
+        return super()._get_help_string(action)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The script's options."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=OneDefaultHelpFormatter)
     parser.add_argument("recipes", nargs="*", metavar="RECIPE",
                         help="'[name=LABEL] [CONFIG.yaml] [train.py flags]', one quoted argument each")
     parser.add_argument("--output-dir", default="runs/ablation",

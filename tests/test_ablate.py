@@ -175,7 +175,9 @@ def test_run_folders_are_slugs_of_the_names_and_never_collide() -> None:
     ablate = load_ablate()
     recipes = ablate.parse_recipes(["configs/sample.yaml --trainable layer4,fc", "--lr 1e-3", "--lr=1e-3",
                                     "name=logs --lr 1e-2"])
-    assert [recipe.slug for recipe in recipes] == ["sample-trainable-layer4-fc", "lr-1e-3", "lr-1e-3-2", "logs-2"]
+    assert [recipe.slug for recipe in recipes] == ["sample-trainable-layer4-fc", "lr-1e-3",
+                                                   f"lr-1e-3-{ablate.name_hash('--lr=1e-3')}",
+                                                   f"logs-{ablate.name_hash('logs')}"]
 
 
 # --------------------------------------------------------------------------- mistakes in the command

@@ -253,7 +253,7 @@ def test_fallback_font_family_picks_the_font_with_the_glyphs(monkeypatch):
 
 
 def test_cjk_labels_are_drawn_with_the_installed_fallback_font(tmp_path, drawn, monkeypatch):
-    monkeypatch.setattr(plots, "_installed_fallback_family", lambda chars: ("Noto Sans CJK JP", frozenset()))
+    monkeypatch.setattr(plots, "_installed_fallback_families", lambda chars: (("Noto Sans CJK JP",), frozenset()))
     plots.plot_confusion_matrix(random_confusion(4), CJK_NAMES, tmp_path / "cm.png")
     assert drawn[0]["title_fonts"][-1] == "Noto Sans CJK JP"
 
@@ -262,7 +262,7 @@ def test_plain_names_never_look_for_a_fallback_font(tmp_path, drawn, monkeypatch
     def no_font_search(chars):
         raise AssertionError(f"looked for a fallback font for {chars}")
 
-    monkeypatch.setattr(plots, "_installed_fallback_family", no_font_search)
+    monkeypatch.setattr(plots, "_installed_fallback_families", no_font_search)
     plots.plot_confusion_matrix(random_confusion(3), ["cat", "dog", "café"], tmp_path / "cm.png")
     assert "Noto Sans CJK JP" not in drawn[0]["title_fonts"]
 
