@@ -8,6 +8,7 @@ import math
 import random
 import re
 import sys
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -33,9 +34,10 @@ TRAIN_MIN_SCALE = 0.08
 DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 # EXIF orientations that transpose the image (swap width and height).
 AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-)
+# Formats Pillow recognizes but cannot decode (besides its stub plugins, which need a handler): MPEG video.
+UNDECODABLE_FORMATS = frozenset({"MPEG"})
+# The extensions the error messages name first; every one Pillow reads is accepted (see readable_extensions).
+COMMON_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 Sample = tuple[str, int]  # (image path, class index)
 
@@ -43,9 +45,41 @@ Sample = tuple[str, int]  # (image path, class index)
 # --------------------------------------------------------------------------- finding files
 
 
+def readable_formats() -> frozenset[str]:
+    """The formats Pillow can open and decode here (its plugins, less :data:`UNDECODABLE_FORMATS` and stubs)."""
+    Image.init()
+    formats = {name for name, (factory, _) in Image.OPEN.items()
+               if name not in UNDECODABLE_FORMATS and not _is_stub(factory)}
+    if "JPEG" in formats:
+        formats.add("MPO")  # multi-picture JPEGs (.mpo, and many phone photos) open through the JPEG plugin
+    return frozenset(formats)
+
+
+def _is_stub(factory: Any) -> bool:
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+
+def readable_extensions(formats: frozenset[str]) -> frozenset[str]:
+    """Every file extension Pillow registers for one of ``formats`` (``.jpg``, ``.jfif``, ``.avif`` ...)."""
+    return frozenset(ext.lower() for ext, name in Image.registered_extensions().items() if name in formats)
+
+
+IMAGE_FORMATS = readable_formats()
+IMAGE_EXTENSIONS = readable_extensions(IMAGE_FORMATS)
+
+
 def is_image_name(path: Path) -> bool:
     """True for a visible file whose extension is an image format we read (``.DS_Store``, ``.txt``: False)."""
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_image_content(path: Path) -> bool:
+    """True when ``path``'s header is that of an image Pillow can decode, whatever its name (``photo.jpg_large``)."""
+    try:
+        with open_image(path, max_pixels=0) as image:
+            return image.format in IMAGE_FORMATS
+    except DECODE_ERRORS:
+        return False
 
 
 def sort_class_names(names: Sequence[str]) -> list[str]:
@@ -95,6 +129,11 @@ def visible_entries(folder: Path) -> list[Path]:
     return sorted((entry for entry in folder.iterdir() if not entry.name.startswith(".")), key=lambda path: path.name)
 
 
+def same_name(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC), so that ``café`` as macOS writes it (NFD) matches other copies."""
+    return unicodedata.normalize("NFC", name)
+
+
 def class_folders(split_dir: Path) -> list[str]:
     """Names of the (visible) sub-folders of ``split_dir``, in class order."""
     return sort_class_names([entry.name for entry in visible_entries(split_dir) if entry.is_dir()])
@@ -137,9 +176,10 @@ def scan_labeled_split(split_dir: Path, class_names: Sequence[str]) -> tuple[lis
     require_no_loose_images(split_dir)
     samples: list[Sample] = []
     ignored: list[Path] = []
+    folders = {same_name(name): split_dir / name for name in class_folders(split_dir)}
     for index, name in enumerate(class_names):
-        folder = split_dir / name
-        if not folder.is_dir():
+        folder = folders.get(same_name(name))
+        if folder is None:
             continue
         images, skipped = list_images(folder)
         samples.extend((str(path), index) for path in images)
@@ -162,14 +202,29 @@ def find_test_images(test_dir: str | Path) -> tuple[list[Path], list[Path]]:
         raise UserError(f"--test-dir {test_dir}: holds only the folder {entries[0].name}/; pass --test-dir "
                         f"{entries[0]}")
     images, ignored = list_images(test_dir)
+    images, ignored = _add_images_named_otherwise(test_dir, images, ignored)
     if not images:
-        raise UserError(
-            f"--test-dir {test_dir}: no image files found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
+        raise UserError(f"--test-dir {test_dir}: no image files found (looked for {', '.join(COMMON_EXTENSIONS)} and "
+                        f"the {len(IMAGE_EXTENSIONS) - len(COMMON_EXTENSIONS)} other extensions Pillow reads)")
     nested = sorted({path.parent.relative_to(test_dir).as_posix() for path in images} - {"."})
     if nested:
         print(f"note: {test_dir}: also predicting the images in its sub-folder(s) {', '.join(nested)}")
     return images, ignored
+
+
+def _add_images_named_otherwise(
+    folder: Path, images: list[Path], ignored: list[Path]
+) -> tuple[list[Path], list[Path]]:
+    """Move the ignored visible files whose content is an image (``photo``, ``a.jpg_large``) to ``images``, with a
+    note: a test image is never left out of the submission for its name alone."""
+    found = [path for path in ignored if not path.name.startswith(".") and path.is_file() and is_image_content(path)]
+    if not found:
+        return images, ignored
+    print(f"note: {folder}: {len(found)} file(s) without an image extension hold images and are predicted too: "
+          f"{_first_names(found, limit=10)}")
+    named = set(found)
+    rest = [path for path in ignored if path not in named]
+    return sorted(images + found, key=lambda path: path.relative_to(folder).parts), rest
 
 
 class ImageCheck(NamedTuple):
@@ -618,7 +673,7 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
 def load_train_val(
     data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, held_out: Sequence[str] | None = None,
-    fold: tuple[int, int] | None = None, train_on_all: bool = False,
+    fold: tuple[int, int] | None = None, train_on_all: bool = False, val_fraction_given: bool = False,
 ) -> TrainValData:
     """Scan ``data_dir/train`` and ``data_dir/val`` (or split train) into samples; report what was left out.
 
@@ -626,13 +681,16 @@ def load_train_val(
     ``val/``, ``held_out`` (a run's stored list) decides the validation images; without it, a stratified
     ``val_fraction`` of train/ drawn with ``seed``. With ``fold`` (I, K), train/ and val/ are pooled and fold I
     of a stratified K-fold split validates (``held_out`` then lists paths relative to ``data_dir``); with
-    ``train_on_all`` every image trains and nothing validates.
+    ``train_on_all`` every image trains and nothing validates. ``val_fraction_given``: the user set
+    ``--val-fraction``, so a note says when it goes unused.
     """
     data_dir = Path(data_dir)
     train_dir = _require_train_dir(data_dir)
     class_names, train_samples = _scan_train(train_dir)
 
     val_dir = data_dir / "val"
+    if val_fraction_given:
+        note_unused_val_fraction(val_fraction, val_dir, fold, train_on_all)
     val_samples = _scan_val(val_dir, class_names) if val_dir.is_dir() else []
     # Drop unreadable files before any split, so the split's guarantees hold for the images actually used.
     check = check_images([path for path, _ in train_samples + val_samples], verify_images, workers, max_pixels)
@@ -656,6 +714,20 @@ def load_train_val(
         _hold_out_val(data, train_dir, val_fraction, seed, held_out)
     _note_classes_without_val_images(data)
     return data
+
+
+def note_unused_val_fraction(val_fraction: float, val_dir: Path, fold: tuple[int, int] | None,
+                             train_on_all: bool) -> None:
+    """Say so when a given ``--val-fraction`` will not be used: --train-on-all, --fold or a val/ folder decides."""
+    if train_on_all:
+        reason = "--train-on-all validates on nothing"
+    elif fold is not None:
+        reason = f"--fold {fold[0]}/{fold[1]} validates on its fold"
+    elif val_dir.is_dir():
+        reason = f"{val_dir} exists and is the validation set (remove it to split train/ instead)"
+    else:
+        return
+    print(f"note: --val-fraction {val_fraction} is not used: {reason}")
 
 
 def parse_fold(text: str) -> tuple[int, int]:
@@ -688,6 +760,7 @@ def _validate_on_fold(data: TrainValData, data_dir: Path, fold: tuple[int, int],
         data.train_samples, data.val_samples, missing = split_by_list(data.train_samples, data_dir, held_out)
         _note_missing_held_out(missing, held_out, data_dir, len(data.val_samples))
     else:
+        require_fold_count_possible(data, fold)
         data.train_samples, data.val_samples = fold_split(data.train_samples, index, folds, seed)
         counts = class_counts(data.train_samples + data.val_samples, len(data.class_names))
         few = [name for name, count in zip(data.class_names, counts) if count < folds]
@@ -696,6 +769,19 @@ def _validate_on_fold(data: TrainValData, data_dir: Path, fold: tuple[int, int],
                   f"{' ...' if len(few) > 5 else ''}); some folds validate without them")
     data.val_source = f"fold {index}/{folds} of {data_dir}'s train/ and val/ pooled (stratified, seed {seed})"
     data.held_out = [relative_name(path, data_dir) for path, _ in data.val_samples]
+
+
+def require_fold_count_possible(data: TrainValData, fold: tuple[int, int]) -> None:
+    """Refuse ``--fold I/K`` when every class has fewer than K images: no stratified K-fold split exists."""
+    index, folds = fold
+    counts = class_counts(data.train_samples, len(data.class_names))
+    fewest, most = min(counts), max(counts)
+    if most >= folds:
+        return
+    instead = f"use at most {most} folds (--fold {min(index, most)}/{most})" if most >= 2 else \
+        "add images: a fold split needs a class with at least 2"
+    raise UserError(f"--fold {index}/{folds}: every class has fewer than {folds} images (the smallest, "
+                    f"{data.class_names[counts.index(fewest)]}, has {fewest}; the largest has {most}); {instead}")
 
 
 def _note_missing_held_out(missing: Sequence[str], held_out: Sequence[str], root: Path, kept: int) -> None:
@@ -759,13 +845,16 @@ def has_images(folder: Path) -> bool:
 
 def unknown_class_folders(split_dir: Path, class_names: Sequence[str]) -> list[str]:
     """Class folders of ``split_dir`` that hold images but are not among ``class_names``."""
-    return [name for name in class_folders(split_dir) if name not in class_names and has_images(split_dir / name)]
+    known = {same_name(name) for name in class_names}
+    return [name for name in class_folders(split_dir)
+            if same_name(name) not in known and has_images(split_dir / name)]
 
 
 def _scan_train(train_dir: Path) -> tuple[list[str], list[Sample]]:
     """The class names (folders with images, in class order) and the samples of ``train_dir``."""
     require_not_nested_once_more(train_dir, flag="--data-dir")
     names = class_folders(train_dir)
+    require_distinct_class_names(train_dir, names)
     samples, ignored = scan_labeled_split(train_dir, names)
     report_ignored(str(train_dir), ignored)
     counts = class_counts(samples, len(names))
@@ -780,6 +869,17 @@ def _scan_train(train_dir: Path) -> tuple[list[str], list[Sample]]:
                         f"two classes, as {train_dir}/<class>/*.jpg folders")
     new_index = {names.index(name): index for index, name in enumerate(kept)}
     return kept, [(path, new_index[label]) for path, label in samples]
+
+
+def require_distinct_class_names(split_dir: Path, names: Sequence[str]) -> None:
+    """Refuse two class folders whose names differ only in Unicode normalization (``café`` twice): they look alike
+    and would be one class in every other folder."""
+    first_with: dict[str, str] = {}
+    for name in names:
+        other = first_with.setdefault(same_name(name), name)
+        if other != name:
+            raise UserError(f"{split_dir}: the class folders {other!r} and {name!r} have the same name written with "
+                            "different Unicode characters (composed and decomposed accents); merge them into one")
 
 
 def _scan_val(val_dir: Path, class_names: list[str]) -> list[Sample]:

@@ -20,6 +20,7 @@ from accel import add_inference_options, set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import Sample, add_max_image_pixels_option, check_max_image_pixels, load_train_val, parse_fold
 from dataset import report_ignored, require_not_nested_once_more, scan_labeled_split, unknown_class_folders
+from predict import refuse_files_in_the_way
 from report import write_evaluation_report
 from utils import UserError, argument_list, describe_device, exit_on_user_error, resolve_workers
 
@@ -149,6 +150,8 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     validate_args(args)
     checkpoint = load_checkpoint(args.checkpoint)
     checkpoint_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    report_dir = Path(args.report_dir) if args.report_dir else checkpoint_dir / "report"
+    refuse_files_in_the_way("--report-dir", report_dir, is_folder=True)  # before the scan and the inference
     samples, source = resolve_split(args, checkpoint)
     accel = set_up_accel(args.device, args.amp)
     print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}")
@@ -156,7 +159,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
           f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))
     return write_evaluation_report(
-        model, checkpoint, samples, Path(args.report_dir) if args.report_dir else checkpoint_dir / "report", accel,
+        model, checkpoint, samples, report_dir, accel,
         source=source, history_path=checkpoint_dir / "history.csv", batch_size=args.batch_size,
         workers=args.workers, show_progress=not args.no_progress, top_confusions=args.top_confusions,
         misclassified=args.misclassified, max_pixels=args.max_image_pixels,

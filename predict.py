@@ -21,12 +21,12 @@ The views are made from the already-transformed batch, so they cost forward pass
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ import metrics
 from accel import Accel, add_inference_options, set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, find_unreadable
-from dataset import report_ignored
+from dataset import report_ignored, same_name
 from engine import predict_probabilities
 from pipeline import eval_batches
 from utils import (
@@ -47,10 +47,20 @@ from utils import (
     csv_text,
     describe_device,
     exit_on_user_error,
+    first_line,
     resolve_workers,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 TTA_CHOICES = ("none", "flip", "multi")
+# Header names read as a labels file's image-name and label columns (lower case, spaces as underscores).
+NAME_COLUMNS = ("image_name", "image", "image_id", "id", "filename", "file_name", "file")
+LABEL_COLUMNS = ("label", "class", "category")
+LABELS_ENCODINGS = ("utf-8-sig", "cp1252")  # Excel's "CSV UTF-8" (with a BOM) and its plain "CSV" on Windows
+# A labels file's separator (Excel writes ";" where "," is the decimal mark); the first wins a tie.
+CSV_SEPARATORS = (",", ";", "\t", "|")
 MULTI_ZOOM = 1.15  # how far "--tta multi" zooms into the centre crop
 
 
@@ -107,20 +117,89 @@ def write_zip(submission: str, zip_path: Path) -> None:
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
-    """``image_name -> label`` from a CSV with those two columns (extensions in image_name are dropped)."""
+    """``image_name -> label`` from a labels CSV as people save them: UTF-8 with or without Excel's BOM, or Windows
+    (cp1252) text; comma-, semicolon- or tab-separated; an image_name (or id, filename ...) and a label (or class)
+    column. Rows without a name or a label are left out.
+
+    Names are kept as written (``scan.001.jpg``, ``scan.001``), less any folder part; :func:`labels_of` matches them
+    to the test files.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--labels {path}: file not found")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"image_name", "label"} <= set(reader.fieldnames):
-            raise UserError(f"--labels {path}: expected a header with image_name and label columns")
-        return {Path(row["image_name"]).stem: row["label"] for row in reader}
+    table = read_user_csv(path, "--labels")
+    name_column, label_column = find_columns(table.columns, path)
+    truth: dict[str, str] = {}
+    for written, label in zip(table[name_column].str.strip(), table[label_column].str.strip()):
+        name = written.replace("\\", "/").rsplit("/", 1)[-1]
+        if name and label and truth.setdefault(name, label) != label:
+            raise UserError(f"--labels {path}: {name!r} is listed twice, as {truth[name]!r} and {label!r}; keep one "
+                            "row per image")
+    return truth
 
 
-def score(names: Sequence[str], predicted: Sequence[str], truth: dict[str, str]) -> tuple[float, float, int]:
-    """(accuracy, balanced accuracy, images scored) of predictions against known labels."""
-    pairs = [(truth[Path(name).stem], label) for name, label in zip(names, predicted) if Path(name).stem in truth]
+def read_user_csv(path: Path, flag: str) -> pd.DataFrame:
+    """A CSV file someone saved by hand, as a pandas table of strings (no value read as a number or as missing)."""
+    import pandas as pd  # only --labels needs it
+
+    text = decode_user_text(path, flag)
+    try:
+        return pd.read_csv(io.StringIO(text), sep=sniff_separator(text), dtype=str, keep_default_na=False,
+                           index_col=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{flag} {path}: empty; expected a header such as image_name,label and a row per image") \
+            from None
+    except pd.errors.ParserError as error:
+        raise UserError(f"{flag} {path}: cannot be read as CSV ({first_line(error)}); fix that line (a name holding "
+                        "the separator needs quotes)") from None
+
+
+def decode_user_text(path: Path, flag: str) -> str:
+    """The text of ``path`` in the first of :data:`LABELS_ENCODINGS` that decodes it (a UTF-8 BOM dropped)."""
+    data = path.read_bytes()
+    for encoding in LABELS_ENCODINGS:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise UserError(f"{flag} {path}: neither UTF-8 nor Windows (cp1252) text; save it as \"CSV UTF-8\"")
+
+
+def sniff_separator(text: str) -> str:
+    """The separator of CSV ``text``: whichever of :data:`CSV_SEPARATORS` its header line holds most (a comma if
+    none: a one-column file)."""
+    header = text.split("\n", 1)[0]
+    return max(CSV_SEPARATORS, key=header.count)
+
+
+def find_columns(columns: Sequence[str], path: Path) -> tuple[str, str]:
+    """The image-name and label columns of a labels file's header (case, spaces and dashes aside)."""
+    by_key = {str(column).strip().lower().replace(" ", "_").replace("-", "_"): column for column in columns}
+    name = next((by_key[key] for key in NAME_COLUMNS if key in by_key), None)
+    label = next((by_key[key] for key in LABEL_COLUMNS if key in by_key), None)
+    if name is None or label is None or name == label:
+        raise UserError(f"--labels {path}: its header has the column(s) {', '.join(repr(str(c)) for c in columns)}; "
+                        f"expected an image-name column ({' or '.join(NAME_COLUMNS)}) and a label column "
+                        f"({' or '.join(LABEL_COLUMNS)}), such as image_name,label")
+    return name, label
+
+
+def labels_of(paths: Sequence[Path], truth: dict[str, str]) -> list[str | None]:
+    """The true label of each test file (None: not in ``truth``): the row for its name as written (``scan.001.jpg``),
+    else the row for its name without extension (``scan.001``) when no other test file shares that name."""
+    stems = Counter(path.stem for path in paths)
+    labels: list[str | None] = []
+    for path in paths:
+        if path.name in truth:
+            labels.append(truth[path.name])
+        else:
+            labels.append(truth.get(path.stem) if stems[path.stem] == 1 else None)
+    return labels
+
+
+def score(true_labels: Sequence[str | None], predicted: Sequence[str]) -> tuple[float, float, int]:
+    """(accuracy, balanced accuracy, images scored) of predictions against the known labels (None: not scored)."""
+    pairs = [(true, label) for true, label in zip(true_labels, predicted) if true is not None]
     if not pairs:
         raise UserError("--labels: none of the test images appear in the labels file")
     labels = sorted({label for pair in pairs for label in pair})
@@ -130,9 +209,10 @@ def score(names: Sequence[str], predicted: Sequence[str], truth: dict[str, str])
     return metrics.accuracy(confusion), metrics.balanced_accuracy(confusion), len(pairs)
 
 
-def note_label_problems(names: Sequence[str], truth: dict[str, str], class_names: Sequence[str], source: str) -> None:
+def note_label_problems(names: Sequence[str], true_labels: Sequence[str | None], truth: dict[str, str],
+                        class_names: Sequence[str], source: str) -> None:
     """Say which test images the labels file leaves unscored, and which of its labels the model cannot predict."""
-    unlabeled = [name for name in names if Path(name).stem not in truth]
+    unlabeled = [name for name, label in zip(names, true_labels) if label is None]
     if unlabeled:
         print(f"note: --labels {source}: {len(unlabeled)} test image(s) have no label and are not scored "
               f"({', '.join(unlabeled[:5])}{' ...' if len(unlabeled) > 5 else ''})")
@@ -143,6 +223,15 @@ def note_label_problems(names: Sequence[str], truth: dict[str, str], class_names
               "are not classes of the model, so those images can never be predicted right")
 
 
+def report_score(names: Sequence[str], predicted: Sequence[str], true_labels: Sequence[str | None],
+                 truth: dict[str, str], class_names: Sequence[str], source: str) -> dict[str, float]:
+    """Print the score of the predictions against ``--labels`` (and what it leaves out); returns the figures."""
+    note_label_problems(names, true_labels, truth, class_names, source)
+    accuracy, balanced, scored = score(true_labels, predicted)
+    print(f"score on {scored} labeled images: accuracy {accuracy:.2%}, balanced accuracy {balanced:.2%}")
+    return {"accuracy": accuracy, "balanced_accuracy": balanced}
+
+
 def refuse_labeled_folders(test_dir: Path, paths: Sequence[Path], class_names: Sequence[str]) -> None:
     """A test folder whose sub-folders are the model's classes, or train/val/test, is a labeled split or the data
     folder: predicting it would write a submission of the wrong images."""
@@ -151,7 +240,8 @@ def refuse_labeled_folders(test_dir: Path, paths: Sequence[Path], class_names: S
     if splits:
         raise UserError(f"--test-dir {test_dir}: holds {', '.join(name + '/' for name in splits)}, so it is the data "
                         f"folder, not its test images; pass --test-dir {test_dir / 'test'}")
-    classes = [name for name in folders if name in set(class_names)]
+    known = {same_name(name) for name in class_names}
+    classes = [name for name in folders if same_name(name) in known]
     if classes:
         raise UserError(f"--test-dir {test_dir}: its sub-folders {', '.join(classes[:5])} are named like the model's "
                         "classes, so it is a labeled split; evaluate it with python evaluate.py --split-dir "
@@ -321,9 +411,45 @@ def check_output_paths(output: Path, zip_too: bool, topk: int) -> None:
         if path.is_dir():
             raise UserError(f"{flag}: {path} is a folder; pass a file name for --output, such as "
                             f"{output / 'prediction.csv' if flag == '--output' else output.with_name('prediction.csv')}")
-    for parent in output.parents:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"--output {output}: {parent} is a file, not a folder")
+    refuse_files_in_the_way("--output", output)
+
+
+def refuse_files_in_the_way(flag: str, path: Path, is_folder: bool = False) -> None:
+    """Refuse ``path`` when a file stands where one of its folders must go (``path`` itself too, if ``is_folder``):
+    writing there would fail only at the end, after all the work."""
+    for folder in ([path] if is_folder else []) + list(path.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{flag} {path}: {folder} is a file, not a folder; move that file or pick another path")
+
+
+def refuse_unreadable_images(paths: Sequence[Path], workers: int, max_pixels: int) -> None:
+    """Refuse test images that cannot be decoded, naming every one at once, before any inference.
+
+    Only headers are read at first; when one fails the submission is refused anyway, so the other images are then
+    decoded in full to find those truncated past their header too, all listed in the same error.
+    """
+    header_failures = find_unreadable(paths, max_pixels=max_pixels)
+    if not header_failures:
+        return  # a file truncated further in is found during inference, with every other such file
+    bad = {path for path, _ in header_failures}
+    rest = [path for path in paths if str(path) not in bad]
+    print(f"note: {len(bad)} test image(s) cannot be read; decoding the other {len(rest)} to list every unreadable "
+          "file at once")
+    truncated = find_unreadable(rest, full_decode=True, workers=workers, max_pixels=max_pixels)
+    failures = dict(header_failures + truncated)
+    refuse_missing_rows({index: failures[str(path)] for index, path in enumerate(paths) if str(path) in failures},
+                        paths)
+
+
+def refuse_missing_rows(failed: dict[int, str], paths: Sequence[Path]) -> NoReturn:
+    """Refuse to write a submission lacking the rows of the images at the positions ``failed`` (with reasons)."""
+    raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written "
+                    f"(--allow-missing writes the other rows): {failure_list(failed, paths)}")
+
+
+def failure_list(failed: dict[int, str], paths: Sequence[Path]) -> str:
+    """``path (reason); ...`` for each failed position, in path order."""
+    return "; ".join(f"{paths[index]} ({reason})" for index, reason in sorted(failed.items()))
 
 
 def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict[int, str], paths: Sequence[Path],
@@ -331,10 +457,9 @@ def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict
     """The rows of the images that were decoded; refuses (unless ``allow_missing``) when any was not."""
     if not failed:
         return names, probabilities
-    listed = "; ".join(f"{paths[index]} ({reason})" for index, reason in failed.items())
     if not allow_missing:
-        raise UserError(f"{len(failed)} test image(s) could not be decoded, so no submission was written "
-                        f"(--allow-missing writes the other rows): {listed}")
+        refuse_missing_rows(failed, paths)
+    listed = failure_list(failed, paths)
     print(f"warning: --allow-missing: {output} lacks {len(failed)} row(s) for undecodable images: {listed}",
           file=sys.stderr)
     kept = [index for index in range(len(names)) if index not in failed]
@@ -370,8 +495,17 @@ def validate_args(args: argparse.Namespace) -> None:
 
 @exit_on_user_error
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
-    """Predict every test image and write the submission; returns the output path and row count."""
+    """Predict every test image and write the submission; returns the output path and row count (and the score)."""
     args = get_args_parser().parse_args(argument_list(argv, "predict.py"))
+    try:
+        return predict_and_write(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: no submission written ({args.output} is as it was)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole prediction: checks, inference, the submission and, with ``--labels``, its score."""
     validate_args(args)
     truth = read_labels(args.labels) if args.labels else None
     checkpoints = load_checkpoints(args.checkpoint)
@@ -385,11 +519,9 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     report_ignored(args.test_dir, ignored)
     refuse_labeled_folders(Path(args.test_dir), paths, class_names)
     names = image_names(paths, args.keep_ext)
-    unreadable = dict(find_unreadable(paths, max_pixels=args.max_image_pixels))
-    if unreadable and not args.allow_missing:  # known from the headers: no need to wait for the inference
-        drop_failed_rows(names, torch.zeros(len(paths), 0), {paths.index(Path(path)): reason
-                                                            for path, reason in unreadable.items()},
-                         paths, Path(args.output), allow_missing=False)
+    true_label_of = dict(zip(names, labels_of(paths, truth))) if truth is not None else {}
+    if not args.allow_missing:
+        refuse_unreadable_images(paths, args.workers, args.max_image_pixels)
 
     probabilities, failed = ensemble_probabilities(checkpoints, paths, accel, args.tta, args.batch_size, args.workers,
                                                    args.max_image_pixels, not args.no_progress)
@@ -397,10 +529,8 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
     result = write_outputs(args, names, predicted, probabilities, class_names, topk)
     if truth is not None:
-        note_label_problems(names, truth, class_names, args.labels)
-        accuracy, balanced, scored = score(names, predicted, truth)
-        print(f"score on {scored} labeled images: accuracy {accuracy:.2%}, balanced accuracy {balanced:.2%}")
-        result.update(accuracy=accuracy, balanced_accuracy=balanced)
+        result.update(report_score(names, predicted, [true_label_of[name] for name in names], truth, class_names,
+                                   args.labels))
     return result
 
 

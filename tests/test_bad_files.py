@@ -400,15 +400,17 @@ def test_predict_refuses_to_write_a_submission_with_missing_rows(
     result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
                        "--output", output, *PREDICT_FLAGS, *LIMIT_FLAGS)
 
-    # The files whose headers fail are refused before any inference, each with its reason.
-    line = assert_user_error(result, "3 test image(s) could not be decoded", "--allow-missing",
+    # Every unreadable file is refused in one run, before any inference, each with its reason: those whose headers
+    # fail, and (since the submission is refused anyway) the one truncated after its header.
+    line = assert_user_error(result, "4 test image(s) could not be decoded", "--allow-missing",
                              test_dir / "empty.jpg", test_dir / "huge.png", test_dir / "text.jpg")
-    assert not output.exists() and "cut.jpg" not in line
+    assert not output.exists()
     assert f"{test_dir / 'huge.png'} (100x100 pixels (10,000) is above the limit of 4,000" in line
     assert f"{test_dir / 'empty.jpg'} (cannot identify image file" in line
+    assert f"{test_dir / 'cut.jpg'} (image file is truncated" in line
     for path in broken[1:]:
         path.unlink()
-    # A file truncated after its header is found when it is decoded.
+    # Alone, a file truncated after its header is found when it is decoded for the inference.
     result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
                        "--output", output, *PREDICT_FLAGS, *LIMIT_FLAGS)
     line = assert_user_error(result, "1 test image(s) could not be decoded", f"{test_dir / 'cut.jpg'} (image file is "
