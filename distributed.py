@@ -75,6 +75,11 @@ class PeerLostError(UserError):
     """A collective failed because another rank crashed, hung or was stopped."""
 
 
+class PeerStoppedError(PeerLostError):
+    """A collective failed because another rank stopped cleanly on request (Ctrl-C, SIGTERM): see
+    :func:`announce_stop`. This rank should stop too, as quietly."""
+
+
 # --------------------------------------------------------------------------- the process group
 
 
@@ -517,6 +522,8 @@ def peer_failures(world: World, doing: str) -> Iterator[None]:
     :class:`PeerLostError` naming that rank when the others can tell; other errors pass through unchanged.
 
     Wrap whatever runs collectives outside this module too, such as DDP's backward pass: ``doing`` names it.
+    A peer that announced a clean stop (:func:`announce_stop`) is not blamed: a :class:`PeerStoppedError` says it
+    stopped on request.
     """
     try:
         yield
@@ -524,8 +531,29 @@ def peer_failures(world: World, doing: str) -> Iterator[None]:
         if not (world.distributed and is_peer_error(error)):
             raise
         silent = silent_ranks(world, min(PEER_GRACE_S, world.timeout_s))
-        raise PeerLostError(f"rank {world.rank} of {world.world_size}: {describe_silent(silent)} during {doing} "
-                            f"({short_reason(error)})") from None
+        stopped = stopped_ranks(world) if silent == [] else []
+        where = f"rank {world.rank} of {world.world_size}"
+        if stopped:
+            raise PeerStoppedError(f"{where}: {describe_ranks(stopped)} stopped on request (Ctrl-C or SIGTERM) "
+                                   f"during {doing}; this process stops too") from None
+        raise PeerLostError(f"{where}: {describe_silent(silent)} during {doing} ({short_reason(error)})") from None
+
+
+def announce_stop(world: World) -> None:
+    """Tell the other ranks, through the store, that this one leaves because a stop was requested, so that a
+    collective of theirs that fails now does not read as a crash of this rank. Call it before leaving."""
+    if not world.distributed:
+        return
+    with contextlib.suppress(RuntimeError, dist.DistError):  # no store left: the others blame no one in particular
+        world.store.set(f"stopped/{world.rank}", "1")
+
+
+def stopped_ranks(world: World) -> list[int]:
+    """The ranks that announced a clean stop (:func:`announce_stop`)."""
+    try:
+        return [rank for rank in range(world.world_size) if world.store.check([f"stopped/{rank}"])]
+    except (RuntimeError, dist.DistError):
+        return []
 
 
 def is_peer_error(error: BaseException) -> bool:
@@ -535,12 +563,14 @@ def is_peer_error(error: BaseException) -> bool:
 
 def silent_ranks(world: World, grace_s: float) -> list[int] | None:
     """The ranks that did not report in through the store within ``grace_s`` seconds of this one, after a
-    collective failed (a rank reports in when its own collective fails); None when the store is gone too."""
+    collective failed (a rank reports in when its own collective fails, or announced a clean stop before it left);
+    None when the store is gone too."""
     try:
         world.store.set(f"alive/{world.rank}", "1")
         deadline = time.monotonic() + grace_s
         while True:
-            silent = [rank for rank in range(world.world_size) if not world.store.check([f"alive/{rank}"])]
+            silent = [rank for rank in range(world.world_size)
+                      if not world.store.check([f"alive/{rank}"]) and not world.store.check([f"stopped/{rank}"])]
             if not silent or time.monotonic() >= deadline:
                 return silent
             time.sleep(0.1)
@@ -554,8 +584,12 @@ def describe_silent(silent: list[int] | None) -> str:
         return "lost contact with another rank (the launcher's report names the one that failed)"
     if not silent:
         return "a collective failed although every rank is still running"
-    ranks = ", ".join(str(rank) for rank in silent)
-    return f"rank {ranks} stopped answering (crashed, hung or was stopped; see its own output)"
+    return f"{describe_ranks(silent)} stopped answering (crashed, hung or was stopped; see its own output)"
+
+
+def describe_ranks(ranks: Sequence[int]) -> str:
+    """'rank 1', or 'ranks 1, 3'."""
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(rank) for rank in ranks)
 
 
 def short_reason(error: BaseException) -> str:

@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from accel import Accel
 from gpu_augment import Mixed
 from dataset import DecodeFailure
+from utils import progress_bar
 
 CUDA_READBACK_BATCHES = 25  # how often a CUDA run reads its running sums back (a few times a second)
 
@@ -47,7 +47,8 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EvalResult:
-    """An evaluation pass: mean loss, accuracy, image count, wall time, and every prediction and target in order."""
+    """An evaluation pass: mean loss, accuracy, image count, wall time, every prediction and target in order, and
+    the images that failed to decode (left out)."""
 
     loss: float
     accuracy: float
@@ -55,6 +56,7 @@ class EvalResult:
     seconds: float
     predictions: torch.Tensor
     targets: torch.Tensor
+    failed: list[DecodeFailure] = field(default_factory=list)
 
 
 def readback_interval(device: torch.device) -> int:
@@ -148,7 +150,7 @@ def train_one_epoch(
     interval = readback_interval(accel.device)
     started = time.perf_counter()
     total = len(batches) if hasattr(batches, "__len__") else None
-    progress = tqdm(batches, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True)
+    progress = progress_bar(batches, description, show_progress)
     failed: list[DecodeFailure] = []
     window = AccumulationWindow(accel.device)
     optimizer.zero_grad(set_to_none=True)
@@ -273,7 +275,10 @@ class WeightAverage:
     """An exponential moving average of a model's weights and floating-point buffers (``--ema``), kept on the
     model's device: each update is one fused ``lerp`` with no copy to or from the host (torch's AveragedModel keeps
     its update count on the CPU, which costs two waits for the GPU a step). The first update copies the model;
-    integer buffers (BatchNorm's batch counts) are copied, not averaged. ``module`` is the averaged network."""
+    integer buffers (BatchNorm's batch counts) are copied, not averaged. ``module`` is the averaged network.
+
+    The decay warms up (:meth:`current_decay`), so that early on the average follows the recent weights rather than
+    the initial ones; it is computed on the host from ``updates``, which a resumed run restores."""
 
     def __init__(self, model: nn.Module, decay: float, updates: int = 0) -> None:
         self.module = copy.deepcopy(model)
@@ -293,11 +298,16 @@ class WeightAverage:
             torch._foreach_copy_(averaged, current)
         else:
             torch._foreach_lerp_(self.floating, [tensor for tensor in current if tensor.is_floating_point()],
-                                 1 - self.decay)
+                                 1 - self.current_decay())
             for kept, new in zip(averaged, current):
                 if not kept.is_floating_point():
                     kept.copy_(new)
         self.updates += 1
+
+    def current_decay(self) -> float:
+        """The decay of the next update: ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (the warm-up of
+        TensorFlow's ExponentialMovingAverage and timm's ModelEma), a plain number: no wait for the device."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
 
 def check_readback(meter: RunningMeter, first: int, last: int) -> None:
@@ -322,8 +332,10 @@ def evaluate(
     model.eval()
     meter = RunningMeter(accel.device)
     predictions, targets_seen = [], []
+    failed: list[DecodeFailure] = []
     started = time.perf_counter()
-    for batch in tqdm(batches, desc=description, leave=False, disable=not show_progress, dynamic_ncols=True):
+    for batch in progress_bar(batches, description, show_progress):
+        failed.extend(batch.failed)
         if batch.targets is None:
             continue
         with accel.autocast():
@@ -340,6 +352,7 @@ def evaluate(
         seconds=time.perf_counter() - started,
         predictions=torch.cat(predictions).cpu() if predictions else empty,
         targets=torch.cat(targets_seen).cpu() if targets_seen else empty,
+        failed=failed,
     )
 
 
@@ -352,7 +365,7 @@ def predict_probabilities(
     model.eval()
     parts: list[tuple[list[int], torch.Tensor]] = []
     failed: dict[int, str] = {}
-    for batch in tqdm(batches, desc="predict", leave=False, disable=not show_progress, dynamic_ncols=True):
+    for batch in progress_bar(batches, "predict", show_progress):
         failed.update((failure.position, failure.reason) for failure in batch.failed)
         if batch.images is None:
             continue

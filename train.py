@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import platform
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,17 +44,21 @@ from dataset import (
     balanced_class_weights,
     check_max_image_pixels,
     class_counts,
+    class_folders,
     epoch_seed,
+    has_images,
     load_train_val,
     parse_fold,
     train_decode_side,
 )
 from distributed import (
     GlobalCrossEntropy,
+    PeerStoppedError,
     World,
     all_ranks_true,
     all_reduce_epoch,
     all_reduce_eval,
+    announce_stop,
     any_rank,
     broadcast_flag,
     close_world,
@@ -111,6 +116,7 @@ from resume import (
 )
 from tb_logger import TensorBoardLogger, summary_writer_class
 from utils import (
+    ArgumentParser,
     UserError,
     argument_list,
     atomic_write_text,
@@ -134,7 +140,7 @@ MONITOR_CHOICES = ("val_acc", "val_balanced_acc", "val_loss")
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The training options; defaults are the reference recipe."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py",
         description="Fine-tune an ImageNet-pretrained ResNet on data/train/<class>/*.jpg.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -205,7 +211,7 @@ RESUMABLE_OPTIONS = frozenset({"epochs", "patience", "workers", "device", "amp",
 SAME_RUN_MAY_DIFFER = frozenset({"workers", "no_progress", "verify_images", "tensorboard", "max_image_pixels",
                                  "output_dir", "max_params"})
 # Options that are about this invocation only, never saved.
-INVOCATION_OPTIONS = ("config", "resume", "epochs_this_run", "overwrite")
+INVOCATION_OPTIONS = ("config", "resume", "epochs_this_run", "overwrite", "val_fraction_given")
 
 
 def parse_args(argv: str | Sequence[str] | None = None) -> argparse.Namespace:
@@ -229,6 +235,7 @@ def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argp
     resume_path = resolve_resume_path(pre_args.resume, pre_args.output_dir) if pre_args.resume else None
     if resume_path is None:
         args = parser.parse_args(argv)
+        args.val_fraction_given = "val_fraction" in from_file or "val_fraction" in given_options(argv)
         validate_args(args)
         return args, None
     checkpoint = load_checkpoint(resume_path, flag="--resume", file_in_folder="last.pt")
@@ -238,13 +245,25 @@ def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argp
     # A --config file (the same cell re-run in Colab, say) counts like flags: it must agree with the checkpoint.
     parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent), **from_file})
     args = parser.parse_args(argv)
+    args.val_fraction_given = False  # the resumed run keeps the split it had
     validate_args(args)
     changed = differing_options(vars(args), saved, ignore=RESUMABLE_OPTIONS)
     if changed:
-        raise UserError(f"--resume: {flag_names(changed)} differ from the checkpoint's; only --epochs, --patience, "
-                        "--workers, --device, --amp, --data-dir, --output-dir and such may change when resuming")
+        raise UserError(f"--resume: {flag_names(changed)} {'differs' if len(changed) == 1 else 'differ'} from the "
+                        "checkpoint's; only --epochs, --patience, --workers, --device, --amp, --data-dir, --output-dir "
+                        "and such may change when resuming")
+    refuse_changed_classes(args, checkpoint["class_names"], class_folders_now(args.data_dir, checkpoint["class_names"]))
     print(f"resuming from {resume_path}")
     return args, checkpoint
+
+
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The options set on the command line itself (abbreviated or ``--flag=value`` spellings included)."""
+    parser = get_args_parser(add_help=False)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given, _ = parser.parse_known_args(argv)
+    return set(vars(given))
 
 
 # Options whose values are paths: compared as the folders or files they name, however spelled.
@@ -345,8 +364,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError(f"--epochs-this-run {args.epochs_this_run}: must be at least 1")
     if args.patience < 0:
         raise UserError(f"--patience {args.patience}: must be 0 (never stop early) or more")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise UserError(f"--output-dir {args.output_dir}: is a file; pass a folder (it is created if missing)")
+    check_output_dir(args.output_dir)
     check_max_image_pixels(args.max_image_pixels)
     if args.sync_bn and pick_device(args.device).type != "cuda":
         raise UserError("--sync-bn: SyncBatchNorm needs CUDA GPUs (torchrun with one process a GPU); without it each "
@@ -374,6 +392,17 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.batch_size < 2 and has_trainable_batchnorm(trained, skeleton):
         raise UserError(f"--batch-size {args.batch_size}: the trained blocks ({','.join(trained)}) hold BatchNorm "
                         "layers, which need at least 2 images a batch; use --batch-size 2 or more")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an --output-dir that is a file, or lies inside one (it could never be created)."""
+    path = Path(output_dir)
+    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
+    if existing is None or existing.is_dir():
+        return
+    if existing == path:
+        raise UserError(f"--output-dir {output_dir}: is a file; pass a folder (it is created if missing)")
+    raise UserError(f"--output-dir {output_dir}: {existing} is a file, not a folder; pass another --output-dir")
 
 
 def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:
@@ -546,9 +575,6 @@ def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
     freeze_blocks(model, parse_trainable(args.trainable, model))
     if resume is not None:
         model.load_state_dict(resume["model"])
-    trainable, total = parameter_summary(model)
-    print(f"model: {args.arch}, weights {args.weights}; training {args.trainable}: "
-          f"{format_count(trainable)} of {format_count(total)} parameters ({trainable / total:.1%})")
     return accel.prepare_model(model)
 
 
@@ -556,11 +582,20 @@ def describe_data(data: TrainValData) -> None:
     """Print the class count, split sizes, imbalance and any skipped files."""
     counts = class_counts(data.train_samples, len(data.class_names))
     print(f"data: {len(data.class_names)} classes; train {len(data.train_samples)} images "
-          f"({min(counts)} to {max(counts)} a class); val {len(data.val_samples)} images from {data.val_source}")
+          f"({min(counts)} to {max(counts)} a class); {describe_val(data)}")
     if data.skipped:
         print(f"warning: skipped {len(data.skipped)} image file(s) that cannot be read or are too large:")
         for path, reason in data.skipped:
             print(f"  {path}: {reason}")
+
+
+def describe_val(data: TrainValData) -> str:
+    """'val 40 images from data/val', or 'no val (--train-on-all: ...)' when nothing validates."""
+    if data.val_samples:
+        return f"val {len(data.val_samples)} images from {data.val_source}"
+    if data.val_source.startswith("nothing "):
+        return f"no val {data.val_source.removeprefix('nothing ')}"
+    return f"no val images from {data.val_source}"
 
 
 # --------------------------------------------------------------------------- outputs
@@ -640,7 +675,6 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     """Device, data, loaders, model, loss, optimizer and schedule; restored from ``resume`` when given. Under
     torchrun every process sets up the same way; only rank 0 touches the output folder."""
     config = config_of(args)
-    print("config:\n" + "".join(f"  {key}: {value}\n" for key, value in config.items()), end="")
     accel = set_up_accel(args.device, args.amp, args.channels_last)
     device = accel.device
     print(f"device: {describe_device(device)}, precision {accel.precision_name}"
@@ -648,19 +682,20 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     seed_everything(args.seed)  # the same on every process: the new head starts the same everywhere
     data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
                           args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
-                          fold=parse_fold(args.fold) if args.fold else None, train_on_all=args.train_on_all)
+                          fold=parse_fold(args.fold) if args.fold else None, train_on_all=args.train_on_all,
+                          val_fraction_given=getattr(args, "val_fraction_given", False))
+    if resume is not None:  # a folder emptied since: the early check in main() only saw that it is there
+        refuse_changed_classes(args, resume["class_names"], data.class_names)
     describe_data(data)
-    if resume is not None and resume["class_names"] != data.class_names:
-        raise UserError(f"--resume: the checkpoint's classes differ from those in {args.data_dir}/train")
     model = make_model(args, len(data.class_names), accel, resume)
     optimizer = make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay, device,
                                args.optimizer)
     scaler = make_grad_scaler(accel)
     progress = Progress()
     thaw_schedule = unfreeze_schedule(args, model)
+    thawed = thaw_resumed_blocks(model, optimizer, thaw_schedule, resume, args.backbone_lr_mult)
+    print(describe_model(args, model, thawed))
     if resume is not None:
-        for epoch in (epoch for epoch in thaw_schedule if epoch <= resume["training_state"]["progress"]["epoch"]):
-            thaw(model, optimizer, thaw_schedule[epoch], args.backbone_lr_mult)  # the optimizer's groups as saved
         progress = restore_training_state(resume["training_state"], optimizer, scaler)
         note_process_count_change(args, resume, world)
         print(f"resumed after epoch {progress.epoch} ("
@@ -676,10 +711,79 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
         print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
               "--class-weights none is the usual choice")
     describe_batch(args, world)
-    run = Run(args, config, accel, data, make_loaders(data, args, accel, world), model,
-              model_for_training(model, args, world), make_criterion(data, args, device, world), optimizer, scaler,
-              output_dir, runtime, step_options, ema, logger, thaw_schedule, world)
+    loaders = make_loaders(data, args, accel, world)
+    if ema is not None:
+        warn_short_average(args.ema, optimizer_steps(len(loaders.train), args.accum_steps), args.epochs)
+    run = Run(args, config, accel, data, loaders, model, model_for_training(model, args, world),
+              make_criterion(data, args, device, world), optimizer, scaler, output_dir, runtime, step_options, ema,
+              logger, thaw_schedule, world)
+    print(describe_config(config, output_dir))
     return run, progress
+
+
+def thaw_resumed_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, thaw_schedule: dict[int, list[str]],
+                        resume: dict[str, Any] | None, lr_mult: float) -> list[str]:
+    """Thaw the blocks a resumed run had thawed by its last epoch (--unfreeze-at), so the model and the optimizer's
+    groups are as saved; returns those blocks."""
+    if resume is None:
+        return []
+    done = resume["training_state"]["progress"]["epoch"]
+    thawed = []
+    for epoch in sorted(epoch for epoch in thaw_schedule if epoch <= done):
+        thaw(model, optimizer, thaw_schedule[epoch], lr_mult)
+        thawed += thaw_schedule[epoch]
+    return thawed
+
+
+def describe_config(config: dict[str, Any], output_dir: Path) -> str:
+    """One line: the options that differ from train.py's defaults, as flags (config.yaml holds them all)."""
+    defaults = default_options()
+    flags = [flag_text(key, value) for key, value in config.items() if value != defaults.get(key, value)]
+    return f"config: {' '.join(flags) or 'the defaults'} (all options in {output_dir / 'config.yaml'})"
+
+
+def default_options() -> dict[str, Any]:
+    """train.py's option defaults, with --workers auto resolved as on this machine."""
+    defaults = vars(get_args_parser().parse_args([]))
+    return {**defaults, "workers": resolve_workers(defaults["workers"])}
+
+
+def flag_text(key: str, value: Any) -> str:
+    """An option as on the command line: ``--lr 0.001``, ``--train-on-all``, ``--no-channels-last``."""
+    flag = f"--{key.replace('_', '-')}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"{flag} {shlex.quote(str(value))}"
+
+
+def optimizer_steps(batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` batches, ``accum_steps`` to a step (a last partial window steps)."""
+    return math.ceil(batches / accum_steps)
+
+
+# An average with decay D spans about 1/(1-D) steps; fewer steps than a few spans, and it says little.
+EMA_SPANS_NEEDED = 3
+
+
+def warn_short_average(decay: float, steps_per_epoch: int, epochs: int) -> None:
+    """Warn when --ema's average spans more optimizer steps than the run has to fill it a few times over."""
+    steps, span = steps_per_epoch * epochs, 1 / (1 - decay)
+    if steps >= EMA_SPANS_NEEDED * span:
+        return
+    fitting = math.floor((1 - EMA_SPANS_NEEDED / steps) * 1000) / 1000 if steps > EMA_SPANS_NEEDED else 0.0
+    advice = f"--ema {fitting:g} or lower fits this run" if fitting >= 0.5 else "leave --ema off for this run"
+    print(f"warning: --ema {decay:g} averages over about {span:,.0f} optimizer steps, but this run takes {steps} "
+          f"({steps_per_epoch} an epoch x {epochs} epochs); its decay warms up, so the average stays close to the "
+          f"latest weights and adds little: {advice}, or train longer")
+
+
+def describe_model(args: argparse.Namespace, model: nn.Module, thawed: Sequence[str] = ()) -> str:
+    """'model: resnet18, weights imagenet; training layer4,fc: 8.4M of 11.2M parameters (75.0%)', counted as the
+    model is now: blocks ``thawed`` by --unfreeze-at (when resuming past their epoch) included."""
+    trainable, total = parameter_summary(model)
+    training = args.trainable + (f" and, since --unfreeze-at, {','.join(thawed)}" if thawed else "")
+    return (f"model: {args.arch}, weights {args.weights}; training {training}: "
+            f"{format_count(trainable)} of {format_count(total)} parameters ({trainable / total:.1%})")
 
 
 def empty_input(img_size: int, accel: Accel) -> torch.Tensor:
@@ -825,7 +929,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
         run.step_options.mix = BatchMix(args.mixup, args.cutmix, epoch_seed(args.seed, epoch))
     with peer_failures(run.world, f"epoch {epoch}"):
         trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel,
-                                  run.scaler, description=f"epoch {epoch}/{args.epochs}",
+                                  run.scaler, description=bar_label(f"epoch {epoch}/{args.epochs}", run.world),
                                   show_progress=not args.no_progress and run.world.is_main,
                                   should_stop=stop_check(stop, run),
                                   options=run.step_options)
@@ -854,9 +958,17 @@ def validate(run: Run, model: nn.Module, description: str) -> EvalResult:
     """``model`` on the validation images: this process's part, then every process's results put together."""
     sync_buffers(model, run.world)  # BatchNorm statistics as rank 0's, so every part is judged by one model
     with peer_failures(run.world, description):
-        evaluated = evaluate(model, run.loaders.val, run.criterion, run.accel, description=description,
+        evaluated = evaluate(model, run.loaders.val, run.criterion, run.accel,
+                             description=bar_label(description, run.world),
                              show_progress=not run.args.no_progress and run.world.is_main)
+    record_skipped(run, [failure for part in gather_objects(evaluated.failed, run.world) for failure in part])
     return all_reduce_eval(evaluated, run.world)
+
+
+def bar_label(description: str, world: World) -> str:
+    """A progress bar's label: under torchrun the bar (rank 0's) counts and scores only rank 0's images, while the
+    epoch line reports the whole job's, so it says so."""
+    return f"{description} (rank 0's images)" if world.distributed else description
 
 
 def stop_check(stop: StopRequest, run: Run) -> Callable[[], bool]:
@@ -865,7 +977,15 @@ def stop_check(stop: StopRequest, run: Run) -> Callable[[], bool]:
     if not run.world.distributed:
         return stop
     interval, calls = (1 if run.accel.device.type == "cpu" else 25), itertools.count(1)
-    return lambda: next(calls) % interval == 0 and any_rank(stop.requested, run.world)
+    return lambda: next(calls) % interval == 0 and stop_agreed(stop, run.world)
+
+
+def stop_agreed(stop: StopRequest, world: World) -> bool:
+    """Whether to stop now. Under torchrun the processes agree (a stop requested on any one stops all, which then
+    count it as their own), so none of them is left waiting for another that has left."""
+    if world.distributed and any_rank(stop.requested, world):
+        stop.requested = True
+    return stop.requested
 
 
 def balanced_accuracy(evaluated: EvalResult, num_classes: int) -> float:
@@ -1025,6 +1145,16 @@ def report_interruption(run: Run, progress: Progress) -> None:
               file=sys.stderr)
 
 
+def train_epochs_or_stop_with_peers(run: Run, progress: Progress, stop: StopRequest) -> int | None:
+    """:func:`train_epochs`; under torchrun, when another process stopped on request (Ctrl-C, SIGTERM) and left, this
+    one stops too, as quietly (exit code 130)."""
+    try:
+        return train_epochs(run, progress, stop)
+    except PeerStoppedError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
     """The epoch loop, with early stopping; returns the epoch where early stopping fired, if it did."""
     args = run.args
@@ -1047,7 +1177,7 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
         print(epoch_line(outcome.row, args.epochs, is_best, outcome.images_per_second, run.accel.device), flush=True)
         if run.logger is not None:
             run.logger.log_epoch(epoch, outcome.row, outcome.images_per_second)
-        if stop.requested:
+        if stop_agreed(stop, run.world):
             return None
         patience_over = bool(args.patience) and progress.epochs_without_improvement() >= args.patience
         if broadcast_flag(patience_over and epoch < args.epochs, run.world):  # rank 0 decides for every process
@@ -1119,6 +1249,39 @@ def refuse_resuming_over_another_run(args: argparse.Namespace) -> None:
                         f"{source.parent}")
 
 
+def class_folders_now(data_dir: str, saved: Sequence[str]) -> list[str] | None:
+    """The class folders of ``data_dir``/train as the scan will find them, told apart from a run's ``saved``
+    classes without reading every folder: a folder new to the run counts when it holds images (None when there is
+    no train/ folder: the scan says what is wrong)."""
+    train_dir = Path(data_dir) / "train"
+    if not train_dir.is_dir():
+        return None
+    return [name for name in class_folders(train_dir) if name in saved or has_images(train_dir / name)]
+
+
+def refuse_changed_classes(args: argparse.Namespace, saved: Sequence[str], found: Sequence[str] | None) -> None:
+    """A run keeps the classes it started with: refuse to continue it when --data-dir's train/ has other classes
+    (``found``) than the run's (``saved``), naming those added and missing, before anything says it continues."""
+    if found is None or list(found) == list(saved):
+        return
+    added, missing = [name for name in found if name not in saved], [name for name in saved if name not in found]
+    changes = "; ".join(f"{label}: {some_names(names)}" for label, names in (("new", added), ("missing", missing))
+                        if names) or "in another order"
+    if args.resume:
+        where = f"--resume {args.resume}"
+        fix = "start a new run with --overwrite in place of --resume, or with another --output-dir"
+    else:
+        where = f"--output-dir {args.output_dir}"
+        fix = "start a new run there with --overwrite, or pass another --output-dir"
+    raise UserError(f"{where}: {Path(args.data_dir) / 'train'} has other classes than the {len(saved)} the run "
+                    f"learned ({changes}); a run keeps its classes: {fix}")
+
+
+def some_names(names: Sequence[str], limit: int = 5) -> str:
+    """'a, b, c' or, past ``limit`` names, 'a, b, c, d, e and 3 more'."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def describe_run(checkpoint: dict[str, Any]) -> str:
     """'epoch 7 of 50, best val accuracy 81.20% at epoch 6' for a last.pt."""
     progress, config = checkpoint.get("training_state", {}).get("progress", {}), checkpoint["config"]
@@ -1178,9 +1341,10 @@ def run_is_complete(args: argparse.Namespace, progress: Progress) -> bool:
 def say_complete(args: argparse.Namespace, progress: Progress) -> None:
     """Tell that the run is already complete, and how to train it further."""
     output_dir = Path(args.output_dir)
-    how = "all epochs trained" if progress.epoch >= args.epochs else f"early stopping after epoch {progress.epoch}"
+    trained = f"all {args.epochs} epochs trained" if args.epochs > 1 else "its 1 epoch trained"
+    how = trained if progress.epoch >= args.epochs else f"early stopping after epoch {progress.epoch} of {args.epochs}"
     longer = command_hint("train.py", ["--resume", str(output_dir / "last.pt"), "--epochs", str(args.epochs + 10)])
-    print(f"the run in {output_dir} is complete ({how} of {args.epochs}; "
+    print(f"the run in {output_dir} is complete ({how}; "
           f"{describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)}); "
           f"to train longer: {longer}"
           + (" (with a larger --patience)" if progress.epoch < args.epochs else ""))
@@ -1204,8 +1368,9 @@ def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) ->
     with joined_world(args) as world:
         run, progress = set_up(args, resume, world)
         with StopRequest() as stop:
-            stopped_epoch = train_epochs(run, progress, stop)
+            stopped_epoch = train_epochs_or_stop_with_peers(run, progress, stop)
         if stop.requested:
+            announce_stop(world)  # before leaving: a process still in a collective must not read it as a crash
             report_interruption(run, progress)
             raise SystemExit(130)
         if progress.epoch < args.epochs and stopped_epoch is None:
@@ -1246,7 +1411,11 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
         refuse_resuming_over_another_run(args)
     same_command = False
     if resume is None:  # no --resume: the folder may hold this very command's run, to continue
-        resume = run_to_continue(args)
+        with mistakes_told_by_rank_0():
+            resume = run_to_continue(args)
+            if resume is not None:
+                refuse_changed_classes(args, resume["class_names"],
+                                       class_folders_now(args.data_dir, resume["class_names"]))
         same_command = resume is not None
     if resume is None:
         return train_and_finish(args, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import functools
@@ -18,24 +19,69 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns "IProgress not found"
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad path, bad flag): printed as one line, exit code 2."""
+    """A mistake the user can fix (bad path, bad flag): printed as one line, exit code 2 (raised as is in a
+    notebook: see :func:`exit_on_user_error`)."""
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython and Jupyter show for this error instead of a traceback: the one line."""
+        return [f"error: {self}"]
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a script's ``main`` so a :class:`UserError` prints ``error: ...`` and exits with code 2."""
+    """Wrap a script's ``main`` so a :class:`UserError` prints ``error: ...`` and exits with code 2.
+
+    In an interactive session (a notebook, IPython, the Python prompt) the error is raised instead: exiting there
+    would stop the kernel or make IPython say "To exit: use 'exit'"; the notebook shows the one line.
+    """
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
         except UserError as error:
+            if interactive_session():
+                raise
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def interactive_session() -> bool:
+    """True in a notebook or IPython (an IPython shell is running) and at the plain Python prompt."""
+    ipython = sys.modules.get("IPython")
+    get_ipython = getattr(ipython, "get_ipython", None)
+    return (get_ipython is not None and get_ipython() is not None) or hasattr(sys, "ps1")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose refusals in an interactive session are a :class:`UserError`, not argparse's
+    usage text and ``SystemExit(2)``; from a shell it behaves as argparse does."""
+
+    def error(self, message: str) -> Any:
+        """Refuse the arguments with ``message``."""
+        if interactive_session():
+            raise UserError(f"{self.prog}: {message}")
+        return super().error(message)
+
+
+def progress_bar(iterable: Iterable, description: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar over ``iterable`` on standard error, shown only when ``enabled`` and someone watches: a terminal,
+    or a notebook. Redirected into a log file it stays silent (a bar there is one long line of carriage returns)."""
+    watched = interactive_session() or _is_terminal(sys.stderr)
+    return tqdm(iterable, desc=description, leave=False, disable=not (enabled and watched), dynamic_ncols=True,
+                file=sys.stderr)
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def argument_list(argv: str | Sequence[str] | None, script: str) -> list[str]:
@@ -107,7 +153,8 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
     return device.type
 
 

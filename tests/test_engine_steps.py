@@ -105,12 +105,22 @@ def host_reads(work) -> int:
                                                                                   "aten::item", "aten::is_nonzero"))
 
 
+def warmed_up_ema(decay: float):
+    """torch's EMA update with the warm-up ``WeightAverage`` applies: decay ``min(decay, (1 + n) / (10 + n))`` after
+    ``n`` updates."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        n = int(updates)
+        torch.optim.swa_utils.get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(averaged, current, updates)
+
+    return update
+
+
 def test_the_weight_average_matches_torchs_and_never_reads_back() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     ours = engine.WeightAverage(model, 0.9)
-    theirs = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
-                                                 use_buffers=True)
+    theirs = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=warmed_up_ema(0.9), use_buffers=True)
     reads = 0
     for _ in range(3):
         model(torch.randn(5, 3, 8, 8)).sum().backward()

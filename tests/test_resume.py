@@ -270,7 +270,7 @@ def test_a_complete_run_run_again_says_so_and_returns_its_summary(straight: Stra
 
     result = tiny_train(small_data, output, *flags)
 
-    assert f"the run in {output} is complete (all epochs trained of {EPOCHS}; best val accuracy" in result.stdout
+    assert f"the run in {output} is complete (all {EPOCHS} epochs trained; best val accuracy" in result.stdout
     assert f"to train longer: train.main(['--resume', '{output / 'last.pt'}', '--epochs', '{EPOCHS + 10}'])" \
         in result.stdout
     assert result.value == {**straight.result.value, "output_dir": str(output)}
