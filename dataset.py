@@ -23,6 +23,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from cache import available_ram_bytes
 from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,7 +32,19 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image
 # RandomResizedCrop's smallest crop, as a share of the image's area (torchvision's default).
 TRAIN_MIN_SCALE = 0.08
 # Where Pillow refuses to open an image by default (twice its warning limit): about 179 megapixels.
-DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+# Bytes of memory an image's pixel may take while it is decoded: RGBA (4) and a converted copy, with room to spare.
+BYTES_PER_DECODED_PIXEL = 16
+
+
+def machine_pixel_limit(available_bytes: int) -> int:
+    """The default ``--max-image-pixels``: the largest image that decodes comfortably in ``available_bytes`` of
+    memory (a sixteenth of it per pixel's bytes), never below Pillow's own limit; a 600-megapixel clip-art PNG
+    passes on a machine with 10 GB or more available."""
+    return max(PILLOW_PIXEL_LIMIT, available_bytes // BYTES_PER_DECODED_PIXEL)
+
+
+DEFAULT_MAX_IMAGE_PIXELS = machine_pixel_limit(available_ram_bytes())
 # EXIF orientations that transpose the image (swap width and height).
 AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Formats Pillow recognizes but cannot decode (besides its stub plugins, which need a handler): MPEG video.
@@ -327,7 +340,9 @@ def add_max_image_pixels_option(parser: argparse.ArgumentParser | argparse._Argu
     """``--max-image-pixels``, shared by train.py, predict.py and evaluate.py."""
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                         help="images with more pixels are skipped and listed as too large (decoding one takes "
-                             "3 bytes a pixel and more); 0 = no limit. The default is Pillow's")
+                             "3 bytes a pixel and more); 0 = no limit. The default follows this machine's available "
+                             f"memory (here {DEFAULT_MAX_IMAGE_PIXELS:,}: a sixteenth of it in bytes), and is never "
+                             "below Pillow's own limit")
 
 
 def check_max_image_pixels(value: int) -> None:
