@@ -27,6 +27,7 @@ only the files not yet decoded (:class:`SkipCached`), and the batches are the sa
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -298,16 +299,31 @@ def jpeg_decoder() -> tuple[str, JpegDecoder]:
     try:
         from torchcodec.decoders import decode_jpeg as torchcodec_decode
     except Exception:  # noqa: BLE001 - absent, or built for another torch: torchvision then
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_jpeg as torchvision_decode
+        import torchvision
 
-        def decode(data: list[Tensor] | Tensor, device: torch.device) -> list[Tensor] | Tensor:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchCodec.*")
-                return torchvision_decode(data, mode=ImageReadMode.RGB, device=device)
-
-        return "torchvision", decode
+        return "torchvision", torchvision_jpeg_decoder(takes_jpeg_lists(torchvision.__version__))
     return "torchcodec", lambda data, device: torchcodec_decode(data, mode="RGB", device=device)
+
+
+def takes_jpeg_lists(torchvision_version: str) -> bool:
+    """True when torchvision's ``decode_jpeg`` takes a list of JPEGs (one batched nvJPEG call): 0.20 and newer."""
+    major, minor = (int(part) for part in re.findall(r"\d+", torchvision_version)[:2])
+    return (major, minor) >= (0, 20)
+
+
+def torchvision_jpeg_decoder(takes_lists: bool) -> JpegDecoder:
+    """torchvision's ``decode_jpeg`` to RGB; a list is decoded one JPEG at a time where it takes none (0.19)."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as torchvision_decode
+
+    def decode(data: list[Tensor] | Tensor, device: torch.device) -> list[Tensor] | Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchCodec.*")
+            if isinstance(data, list) and not takes_lists:
+                return [torchvision_decode(one, mode=ImageReadMode.RGB, device=device) for one in data]
+            return torchvision_decode(data, mode=ImageReadMode.RGB, device=device)
+
+    return decode
 
 
 JPEG_DECODER_NAME, decode_jpeg = jpeg_decoder()

@@ -412,3 +412,28 @@ def test_a_non_finite_loss_between_readbacks_names_the_batches(monkeypatch):
     assert all(torch.isfinite(parameter).all() for parameter in model.parameters())  # the NaN step was skipped
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the finite ones were taken
 
+
+
+@pytest.mark.parametrize("version, takes", [("0.19.1+cu121", False), ("0.20.0", True), ("0.26.0+cu130", True),
+                                            ("0.29.1", True), ("1.0.0a0", True)])
+def test_torchvision_takes_lists_of_jpegs_from_0_20(version, takes):
+    assert pipeline.takes_jpeg_lists(version) is takes
+
+
+def test_before_torchvision_0_20_a_batch_is_decoded_one_jpeg_at_a_time(files, monkeypatch):
+    """torchvision 0.19 (the floor) rejects a list: simulated here, the decoder then decodes each JPEG alone."""
+    import torchvision.io
+
+    real = torchvision.io.decode_jpeg
+    calls = []
+
+    def decode_0_19(data, mode, device):
+        if isinstance(data, list):
+            raise RuntimeError("Expected a value of type 'Tensor' for argument 'input' but instead found type 'list'")
+        calls.append(data)
+        return real(data, mode=mode, device=device)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_0_19)
+    data = [item.data for item in read_all([files["jpeg"], files["grey jpeg"]]).items]
+    images = pipeline.torchvision_jpeg_decoder(takes_lists=False)(data, torch.device("cpu"))
+    assert len(calls) == 2 and [image.shape for image in images] == [(3, 60, 80), (3, 80, 60)]
