@@ -23,8 +23,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from cache import available_ram_bytes
-from utils import UserError
+from utils import UserError, available_ram_bytes, some_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -178,8 +177,7 @@ def require_not_nested_once_more(split_dir: Path, flag: str | None = None) -> No
 
 
 def _first_names(paths: Sequence[Path], limit: int = 3) -> str:
-    shown = ", ".join(path.name for path in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+    return some_names([path.name for path in paths], limit)
 
 
 def scan_labeled_split(split_dir: Path, class_names: Sequence[str]) -> tuple[list[Sample], list[Path]]:

@@ -234,13 +234,12 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     """Step with the window's gradients unless one of its losses was not finite; then clear them."""
     if options.all_finite is not None:
         window.finite = options.all_finite(window.finite)
+    zero_missing_momentum(optimizer)  # fused SGD only
     if scaler is not None:  # GradScaler skips steps whose gradients are not finite, on the device
-        zero_missing_momentum(optimizer)
         scaler.step(optimizer)
         scaler.update()
     elif optimizer.defaults.get("fused"):
         # The fused kernel reads this flag on the device, as GradScaler uses it: no waiting for the loss.
-        zero_missing_momentum(optimizer)
         optimizer.found_inf = (~window.finite).float()
         optimizer.step()
         del optimizer.found_inf
@@ -284,7 +283,8 @@ class WeightAverage:
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         self.decay, self.updates = decay, updates
-        self.floating = [tensor for tensor in self._tensors(self.module) if tensor.is_floating_point()]
+        self.averaged = self._tensors(self.module)  # load_state_dict copies in place: these stay the module's
+        self.is_floating = [tensor.is_floating_point() for tensor in self.averaged]
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -293,14 +293,15 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current weights (the first update copies them)."""
-        averaged, current = self._tensors(self.module), self._tensors(model)
+        current = self._tensors(model)
         if self.updates == 0:
-            torch._foreach_copy_(averaged, current)
+            torch._foreach_copy_(self.averaged, current)
         else:
-            torch._foreach_lerp_(self.floating, [tensor for tensor in current if tensor.is_floating_point()],
-                                 1 - self.current_decay())
-            for kept, new in zip(averaged, current):
-                if not kept.is_floating_point():
+            pairs = list(zip(self.averaged, current, self.is_floating))
+            torch._foreach_lerp_([kept for kept, _, floating in pairs if floating],
+                                 [new for _, new, floating in pairs if floating], 1 - self.current_decay())
+            for kept, new, floating in pairs:
+                if not floating:
                     kept.copy_(new)
         self.updates += 1
 

@@ -20,9 +20,16 @@ from accel import add_inference_options, set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import Sample, add_max_image_pixels_option, check_max_image_pixels, load_train_val, parse_fold
 from dataset import report_ignored, require_not_nested_once_more, scan_labeled_split, unknown_class_folders
-from predict import refuse_files_in_the_way
 from report import write_evaluation_report
-from utils import UserError, argument_list, describe_device, exit_on_user_error, resolve_workers
+from utils import (
+    UserError,
+    argument_list,
+    describe_device,
+    exit_on_user_error,
+    refuse_files_in_the_way,
+    resolve_workers,
+    some_names,
+)
 
 MAX_NAMES_IN_ERROR = 10
 
@@ -63,8 +70,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _listed(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:MAX_NAMES_IN_ERROR])
-    return shown + (f" and {len(names) - MAX_NAMES_IN_ERROR} more" if len(names) > MAX_NAMES_IN_ERROR else "")
+    return some_names(names, MAX_NAMES_IN_ERROR)
 
 
 def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[Sample]:

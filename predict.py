@@ -47,6 +47,7 @@ from utils import (
     csv_text,
     describe_device,
     exit_on_user_error,
+    refuse_files_in_the_way,
     first_line,
     resolve_workers,
 )
@@ -412,14 +413,6 @@ def check_output_paths(output: Path, zip_too: bool, topk: int) -> None:
             raise UserError(f"{flag}: {path} is a folder; pass a file name for --output, such as "
                             f"{output / 'prediction.csv' if flag == '--output' else output.with_name('prediction.csv')}")
     refuse_files_in_the_way("--output", output)
-
-
-def refuse_files_in_the_way(flag: str, path: Path, is_folder: bool = False) -> None:
-    """Refuse ``path`` when a file stands where one of its folders must go (``path`` itself too, if ``is_folder``):
-    writing there would fail only at the end, after all the work."""
-    for folder in ([path] if is_folder else []) + list(path.parents):
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{flag} {path}: {folder} is a file, not a folder; move that file or pick another path")
 
 
 def refuse_unreadable_images(paths: Sequence[Path], workers: int, max_pixels: int) -> None:

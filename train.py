@@ -33,7 +33,7 @@ import metrics
 import plots
 from accel import AMP_CHOICES, DEVICE_CHOICES, Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from accel import maybe_compile, set_up_accel
-from cache import CACHE_CHOICES, CacheChoice, DecodedImages, available_ram_bytes, cache_bytes, choose_cache
+from cache import CACHE_CHOICES, CacheChoice, DecodedImages, cache_bytes, choose_cache
 from cache import gpu_free_bytes
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from dataset import (
@@ -120,14 +120,17 @@ from utils import (
     UserError,
     argument_list,
     atomic_write_text,
+    available_ram_bytes,
     command_hint,
     describe_device,
     exit_on_user_error,
+    file_in_the_way,
     format_count,
     load_yaml_config,
     pick_device,
     resolve_workers,
     seed_everything,
+    some_names,
 )
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "seconds")
@@ -396,13 +399,11 @@ def validate_args(args: argparse.Namespace) -> None:
 
 def check_output_dir(output_dir: str) -> None:
     """Refuse an --output-dir that is a file, or lies inside one (it could never be created)."""
-    path = Path(output_dir)
-    existing = next((folder for folder in (path, *path.parents) if folder.exists()), None)
-    if existing is None or existing.is_dir():
-        return
-    if existing == path:
+    blocker = file_in_the_way(Path(output_dir), is_folder=True)
+    if blocker == Path(output_dir):
         raise UserError(f"--output-dir {output_dir}: is a file; pass a folder (it is created if missing)")
-    raise UserError(f"--output-dir {output_dir}: {existing} is a file, not a folder; pass another --output-dir")
+    if blocker is not None:
+        raise UserError(f"--output-dir {output_dir}: {blocker} is a file, not a folder; pass another --output-dir")
 
 
 def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:
@@ -493,11 +494,11 @@ def cached_bytes(args: argparse.Namespace, samples: Sequence[tuple[str, int]], d
     return len(samples) * 3 * (args.test_size or args.img_size) ** 2
 
 
-def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool) -> CacheChoice:
-    """Where ``--cache`` keeps the decoded training images and validation crops, said in one line. Processes on
-    one node (torchrun) share its host memory."""
-    needed = (cached_bytes(args, data.train_samples, data, training=True)
-              + cached_bytes(args, data.val_samples, data, training=False))
+def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool,
+                  train_bytes: int) -> CacheChoice:
+    """Where ``--cache`` keeps the decoded training images (``train_bytes``) and validation crops, said in one
+    line. Processes on one node (torchrun) share its host memory."""
+    needed = train_bytes + cached_bytes(args, data.val_samples, data, training=False)
     choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device,
                           processes_on_node=processes_per_node())
     if on_device or args.cache != "auto":
@@ -516,7 +517,8 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel, wor
     if on_device and args.auto_augment != "none":
         print(f"note: --auto-augment {args.auto_augment} runs in the loader workers: training images take the CPU "
               "path (PIL), validation stays on the device")
-    choice = resolve_cache(args, data, accel, on_device)
+    train_bytes = cached_bytes(args, data.train_samples, data, training=True)
+    choice = resolve_cache(args, data, accel, on_device, train_bytes)
     mean, std = input_normalization(args.arch)
     recipe = TrainRecipe(args.auto_augment, args.random_erase, args.sampler == "balanced", mean, std)
     place = {"gpu": accel.device, "ram": torch.device("cpu")}.get(choice.place)
@@ -528,8 +530,7 @@ def make_loaders(data: TrainValData, args: argparse.Namespace, accel: Accel, wor
     if place is not None:
         val_cache = DecodedImages(len(val_paths), place, capacity=cached_bytes(args, own_val, data, training=False))
         if train_on_device:
-            train_cache = DecodedImages(len(train_paths), place,
-                                        capacity=cached_bytes(args, data.train_samples, data, training=True))
+            train_cache = DecodedImages(len(train_paths), place, capacity=train_bytes)
     train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
                           train_on_device, train_cache, args.max_image_pixels, recipe, world)
     val = None if not val_paths else eval_batches(
@@ -683,7 +684,7 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
                           args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
                           fold=parse_fold(args.fold) if args.fold else None, train_on_all=args.train_on_all,
-                          val_fraction_given=getattr(args, "val_fraction_given", False))
+                          val_fraction_given=args.val_fraction_given)
     if resume is not None:  # a folder emptied since: the early check in main() only saw that it is there
         refuse_changed_classes(args, resume["class_names"], data.class_names)
     describe_data(data)
@@ -934,7 +935,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
                                   should_stop=stop_check(stop, run),
                                   options=run.step_options)
     trained = all_reduce_epoch(trained, run.world)
-    record_skipped(run, [failure for part in gather_objects(trained.failed, run.world) for failure in part])
+    record_every_rank_skipped(run, trained.failed)
     if trained.interrupted:
         return None
     row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": None,
@@ -943,6 +944,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
         return EpochOutcome({**row, "seconds": trained.seconds}, None, None,
                             trained.images / max(trained.seconds, 1e-9))
     raw = validate(run, run.step_model, "val")
+    record_every_rank_skipped(run, raw.failed)  # the EMA's pass meets the same files
     row.update(val_loss=raw.loss, val_acc=raw.accuracy,
                val_balanced_acc=balanced_accuracy(raw, len(run.data.class_names)))
     averaged = None
@@ -961,8 +963,12 @@ def validate(run: Run, model: nn.Module, description: str) -> EvalResult:
         evaluated = evaluate(model, run.loaders.val, run.criterion, run.accel,
                              description=bar_label(description, run.world),
                              show_progress=not run.args.no_progress and run.world.is_main)
-    record_skipped(run, [failure for part in gather_objects(evaluated.failed, run.world) for failure in part])
     return all_reduce_eval(evaluated, run.world)
+
+
+def record_every_rank_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
+    """:func:`record_skipped` for the images that every process failed to decode (``failed``: this process's)."""
+    record_skipped(run, [failure for part in gather_objects(list(failed), run.world) for failure in part])
 
 
 def bar_label(description: str, world: World) -> str:
@@ -1275,11 +1281,6 @@ def refuse_changed_classes(args: argparse.Namespace, saved: Sequence[str], found
         fix = "start a new run there with --overwrite, or pass another --output-dir"
     raise UserError(f"{where}: {Path(args.data_dir) / 'train'} has other classes than the {len(saved)} the run "
                     f"learned ({changes}); a run keeps its classes: {fix}")
-
-
-def some_names(names: Sequence[str], limit: int = 5) -> str:
-    """'a, b, c' or, past ``limit`` names, 'a, b, c, d, e and 3 more'."""
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def describe_run(checkpoint: dict[str, Any]) -> str:

@@ -222,6 +222,39 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in content.items()}
 
 
+def available_ram_bytes() -> int:
+    """Host memory available to this process (MemAvailable on Linux; total physical memory elsewhere)."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def some_names(names: Sequence[str], limit: int = 5) -> str:
+    """'a, b, c' or, past ``limit`` names, 'a, b, c, d, e and 3 more'."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def file_in_the_way(path: Path, is_folder: bool = False) -> Path | None:
+    """The file that stands where one of ``path``'s folders must go (``path`` itself too, if ``is_folder``), or None:
+    writing there would fail only at the end, after all the work."""
+    return next((folder for folder in ([path] if is_folder else []) + list(path.parents)
+                 if folder.exists() and not folder.is_dir()), None)
+
+
+def refuse_files_in_the_way(flag: str, path: Path, is_folder: bool = False) -> None:
+    """Refuse ``path`` when a file stands where one of its folders must go (``path`` itself too, if ``is_folder``):
+    writing there would fail only at the end, after all the work."""
+    blocker = file_in_the_way(path, is_folder)
+    if blocker is not None:
+        raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; move that file or pick another path")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so a crash leaves the old file."""
     path = Path(path)

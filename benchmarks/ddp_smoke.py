@@ -104,10 +104,10 @@ def smoke(device: torch.device, world: distributed.World) -> None:
     finite = all(torch.isfinite(parameter).all().item() for parameter in model.parameters())
     say("empty batch", result.images == 8 and finite, "a batch with every image failed still steps; weights finite "
         f"{finite}")
-    timm_smoke(device, accel)
+    timm_smoke(accel)
 
 
-def timm_smoke(device: torch.device, accel: Accel) -> None:
+def timm_smoke(accel: Accel) -> None:
     """timm's BatchNormAct2d converted to SyncBatchNormAct, and the model still runs forward."""
     try:
         import timm
