@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shutil
 import sys
@@ -48,18 +47,6 @@ class Accel:
     def precision_name(self) -> str:
         """``bf16``, ``fp16`` or ``fp32``, for logs."""
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
-
-
-def add_inference_options(parser: argparse.ArgumentParser) -> None:
-    """The options predict.py and evaluate.py share: batch size, workers, device, precision, progress bar."""
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass (lower it if the GPU "
-                        "runs out of memory)")
-    parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto (one per "
-                        "CPU core, up to 8)")
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="auto = CUDA, then Apple MPS, "
-                        "then the CPU")
-    parser.add_argument("--amp", default="auto", choices=AMP_CHOICES, help="mixed precision, as in train.py")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def cpu_has_native_bf16() -> bool:

@@ -1,97 +1,32 @@
-"""Data: finding images in an ImageFolder tree, decoding them to RGB, the train/eval recipes, class weights."""
+"""Finding the images of an ImageFolder tree and splitting them: classes, train/val (a held-out share, folds), class
+ weights."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import math
 import random
 import re
-import sys
 import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold
-from sklearn.utils.class_weight import compute_class_weight
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms as T
 
-from utils import UserError, available_ram_bytes, some_names
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
-# RandomResizedCrop's smallest crop, as a share of the image's area (torchvision's default).
-TRAIN_MIN_SCALE = 0.08
-# Where Pillow refuses to open an image by default (twice its warning limit): about 179 megapixels.
-PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
-# Bytes of memory an image's pixel may take while it is decoded: RGBA (4) and a converted copy, with room to spare.
-BYTES_PER_DECODED_PIXEL = 16
-
-
-def machine_pixel_limit(available_bytes: int) -> int:
-    """The default ``--max-image-pixels``: the largest image that decodes comfortably in ``available_bytes`` of
-    memory (a sixteenth of it per pixel's bytes), never below Pillow's own limit; a 600-megapixel clip-art PNG
-    passes on a machine with 10 GB or more available."""
-    return max(PILLOW_PIXEL_LIMIT, available_bytes // BYTES_PER_DECODED_PIXEL)
-
-
-DEFAULT_MAX_IMAGE_PIXELS = machine_pixel_limit(available_ram_bytes())
-# EXIF orientations that transpose the image (swap width and height).
-AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
-# Formats Pillow recognizes but cannot decode (besides its stub plugins, which need a handler): MPEG video.
-UNDECODABLE_FORMATS = frozenset({"MPEG"})
-# The extensions the error messages name first; every one Pillow reads is accepted (see readable_extensions).
-COMMON_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-Sample = tuple[str, int]  # (image path, class index)
-
+from common import Sample
+from images import (
+    COMMON_EXTENSIONS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_EXTENSIONS,
+    check_images,
+    is_image_content,
+    is_image_name,
+)
+from utils import UserError, some_names
 
 # --------------------------------------------------------------------------- finding files
-
-
-def readable_formats() -> frozenset[str]:
-    """The formats Pillow can open and decode here (its plugins, less :data:`UNDECODABLE_FORMATS` and stubs)."""
-    Image.init()
-    formats = {name for name, (factory, _) in Image.OPEN.items()
-               if name not in UNDECODABLE_FORMATS and not _is_stub(factory)}
-    if "JPEG" in formats:
-        formats.add("MPO")  # multi-picture JPEGs (.mpo, and many phone photos) open through the JPEG plugin
-    return frozenset(formats)
-
-
-def _is_stub(factory: Any) -> bool:
-    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
-
-
-def readable_extensions(formats: frozenset[str]) -> frozenset[str]:
-    """Every file extension Pillow registers for one of ``formats`` (``.jpg``, ``.jfif``, ``.avif`` ...)."""
-    return frozenset(ext.lower() for ext, name in Image.registered_extensions().items() if name in formats)
-
-
-IMAGE_FORMATS = readable_formats()
-IMAGE_EXTENSIONS = readable_extensions(IMAGE_FORMATS)
-
-
-def is_image_name(path: Path) -> bool:
-    """True for a visible file whose extension is an image format we read (``.DS_Store``, ``.txt``: False)."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def is_image_content(path: Path) -> bool:
-    """True when ``path``'s header is that of an image Pillow can decode, whatever its name (``photo.jpg_large``)."""
-    try:
-        with open_image(path, max_pixels=0) as image:
-            return image.format in IMAGE_FORMATS
-    except DECODE_ERRORS:
-        return False
 
 
 def sort_class_names(names: Sequence[str]) -> list[str]:
@@ -238,74 +173,6 @@ def _add_images_named_otherwise(
     return sorted(images + found, key=lambda path: path.relative_to(folder).parts), rest
 
 
-class ImageCheck(NamedTuple):
-    """What reading the images' headers found: the unreadable files with the reason, and every other file's
-    ``(width, height)`` as stored (before EXIF orientation)."""
-
-    unreadable: list[tuple[str, str]]
-    sizes: dict[str, tuple[int, int]]
-
-
-def check_images(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageCheck:
-    """Read every image's header: which cannot be read as an image (empty, not an image, no permission, too
-    large), and the sizes of the others.
-
-    A header read is fast; a file truncated further in is caught when it is decoded. ``full_decode`` decodes
-    every image, in ``workers`` processes. ``max_pixels``: see :func:`check_pixel_count`.
-    """
-    checker = _ImageCheck([str(path) for path in paths], full_decode, max_pixels)
-    unreadable, sizes = [], {}
-    for path, reason, size in iterate_items(checker, workers if full_decode else 0):
-        if reason:
-            unreadable.append((path, reason))
-        else:
-            sizes[path] = tuple(size)
-    return ImageCheck(unreadable, sizes)
-
-
-def find_unreadable(paths: Sequence[str | Path], full_decode: bool = False, workers: int = 0,
-                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
-    """The files of ``paths`` that cannot be read as images, with the reason (see :func:`check_images`)."""
-    return check_images(paths, full_decode, workers, max_pixels).unreadable
-
-
-def iterate_items(items: Dataset, workers: int) -> Iterable[Any]:
-    """Every item of ``items`` in order: in this process when ``workers`` is 0, else in that many processes."""
-    if workers == 0:
-        return (items[index] for index in range(len(items)))
-    return DataLoader(items, batch_size=None, num_workers=workers)
-
-
-class _ImageCheck(Dataset):
-    """``(path, reason or '', (width, height))`` for each path: reads the header, or decodes the whole image."""
-
-    def __init__(self, paths: list[str], full_decode: bool, max_pixels: int) -> None:
-        self.paths, self.full_decode, self.max_pixels = paths, full_decode, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[str, str, tuple[int, int]]:
-        path = self.paths[index]
-        try:
-            with open_image(path, self.max_pixels) as image:  # opening reads the header and checks the size
-                size = image.size
-            if self.full_decode:
-                decode_rgb(path, max_pixels=self.max_pixels)
-        except DECODE_ERRORS as error:
-            return path, decode_error_reason(error, path), (0, 0)
-        return path, "", size
-
-
-def decode_error_reason(error: Exception, path: str | Path) -> str:
-    """Why ``path`` could not be decoded, in one line and without the path itself (the caller names it)."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    for name in {str(path), str(getattr(error, "filename", "") or "")} - {""}:
-        text = text.replace(f"'{name}'", "").replace(name, "")
-    return text.strip(" :'") or type(error).__name__
-
-
 def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
     """Print once which files of ``label`` were ignored as not being images."""
     if not paths:
@@ -318,299 +185,10 @@ def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-class ImageTooLarge(ValueError):
-    """An image with more pixels than ``--max-image-pixels`` allows."""
-
-
-def check_pixel_count(size: tuple[int, int], max_pixels: int) -> None:
-    """Refuse an image of ``size`` (width, height) above ``max_pixels`` pixels (0: no limit).
-
-    Decoding one uses 3 bytes a pixel and more, so a limit keeps a stray poster-sized file (or a crafted
-    "decompression bomb") from exhausting memory. The default is where Pillow itself refuses.
-    """
-    pixels = size[0] * size[1]
-    if max_pixels and pixels > max_pixels:
-        raise ImageTooLarge(f"{size[0]}x{size[1]} pixels ({pixels:,}) is above the limit of {max_pixels:,} "
-                            "(--max-image-pixels N raises it; 0 = no limit)")
-
-
-def add_max_image_pixels_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--max-image-pixels``, shared by train.py, predict.py and evaluate.py."""
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
-                        help="images with more pixels are skipped and listed as too large (decoding one takes "
-                             "3 bytes a pixel and more); 0 = no limit. The default follows this machine's available "
-                             f"memory (here {DEFAULT_MAX_IMAGE_PIXELS:,}: a sixteenth of it in bytes), and is never "
-                             "below Pillow's own limit")
-
-
-def check_max_image_pixels(value: int) -> None:
-    """Refuse a negative ``--max-image-pixels``."""
-    if value < 0:
-        raise UserError(f"--max-image-pixels {value}: must be 0 (no limit) or a pixel count")
-
-
-@contextlib.contextmanager
-def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
-    """``Image.open(path)`` with :func:`check_pixel_count` instead of Pillow's own limit, which has no flag."""
-    pillow_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # restored below; Pillow reads it while opening and while loading some formats
-    try:
-        with Image.open(path) as image:
-            check_pixel_count(image.size, max_pixels)
-            yield image
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
-
-
-def load_rgb(path: str | Path, min_side: int | None = None,
-             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image file to an RGB PIL image, with its EXIF orientation applied.
-
-    With ``min_side``, a JPEG much larger than needed is decoded at a reduced scale (1/2, 1/4 or 1/8) whose
-    shorter side stays at least ``min_side``: far less decoding work for the same resized result.
-    """
-    return decode_rgb(path, min_side=min_side, max_pixels=max_pixels)[0]
-
-
-def decode_rgb(
-    path: str | Path, min_side: int | None = None, min_size: tuple[int, int] | None = None,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> tuple[Image.Image, tuple[int, int]]:
-    """The RGB image (EXIF orientation applied) and its full-resolution ``(width, height)`` as oriented.
-
-    JPEGs are decoded at a reduced DCT scale when that keeps the shorter side at least ``min_side``, or both
-    sides at least ``min_size``; the returned size is that of the whole image, whatever scale was decoded.
-    Images above ``max_pixels`` raise :class:`ImageTooLarge`.
-    """
-    with open_image(path, max_pixels) as image:
-        width, height = image.size
-        if image.format == "JPEG" and (min_side or min_size):
-            image.draft(image.mode, min_size or _draft_request(image.size, min_side))
-        image.load()
-        if image.getexif().get(ExifTags.Base.Orientation, 1) in AXIS_SWAPPING_ORIENTATIONS:
-            width, height = height, width
-        return to_rgb(ImageOps.exif_transpose(image)), (width, height)
-
-
-def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int]:
-    width, height = size
-    scale = max(min(width, height) / min_side, 1.0)
-    return int(width / scale) + 1, int(height / scale) + 1
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits, CMYK as colours."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = _high_depth_to_l(image)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return _flatten_on_white(image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    pixels = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        peak = 1.0 if pixels.size and pixels.max() <= 1.0 else 255.0
-    else:
-        peak = 65535.0 if pixels.size and pixels.max() > 255 else 255.0
-    scaled = np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return Image.fromarray(scaled, mode="L")
-
-
-def _flatten_on_white(image: Image.Image) -> Image.Image:
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, image).convert("RGB")
-
-
 # --------------------------------------------------------------------------- recipes
 
 
-def eval_resize_size(img_size: int) -> int:
-    """The shorter-side resize before the centre crop: 256 for 224, scaled alike for other sizes."""
-    return int(round(img_size * 256 / 224))
-
-
-def train_decode_side(img_size: int, min_scale: float = TRAIN_MIN_SCALE) -> int:
-    """The shorter side an image needs for training: 792 for 224.
-
-    RandomResizedCrop's smallest crop covers ``min_scale`` of the area, a side of about ``sqrt(min_scale)``
-    of the image's; for that crop to still hold ``img_size`` pixels a side, the image's shorter side needs
-    ``img_size / sqrt(min_scale)``. Larger JPEGs may be decoded at a reduced scale down to it, and the device path
-    scales larger images down to it once, without blurring any crop the recipe can draw.
-    """
-    return math.ceil(img_size / math.sqrt(min_scale))
-
-
-AUTO_AUGMENT_CHOICES = ("none", "ta_wide", "ra", "aa")
-
-
-def auto_augment_transform(name: str) -> Callable[[Image.Image], Image.Image] | None:
-    """``--auto-augment``: TrivialAugmentWide (``ta_wide``), RandAugment (``ra``), AutoAugment's ImageNet policy
-    (``aa``), or None (``none``)."""
-    policies = {"ta_wide": T.TrivialAugmentWide, "ra": T.RandAugment,
-                "aa": lambda: T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)}
-    return policies[name]() if name in policies else None
-
-
-def build_train_transform(
-    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-    auto_augment: str = "none", random_erase: float = 0.0,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The reference recipe's training augmentation, ending in a normalized tensor; with ``auto_augment`` a policy
-    after the flip (as torchvision's reference scripts place it), with ``random_erase`` > 0 RandomErasing of that
-    probability at the end."""
-    policy = auto_augment_transform(auto_augment)
-    return T.Compose(
-        [
-            T.RandomResizedCrop(img_size, scale=(TRAIN_MIN_SCALE, 1.0)),
-            T.RandomHorizontalFlip(),
-            *([policy] if policy is not None else []),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1),
-            T.RandomRotation(15),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-            *([T.RandomErasing(p=random_erase)] if random_erase > 0 else []),
-        ]
-    )
-
-
-def build_eval_transform(
-    img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Deterministic evaluation transform: resize the shorter side, centre crop, normalize."""
-    return T.Compose(
-        [
-            T.Resize(eval_resize_size(img_size)),
-            T.CenterCrop(img_size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
 # --------------------------------------------------------------------------- datasets
-
-
-class DecodeFailure(NamedTuple):
-    """What a dataset yields for an image it could not decode: its path, why, and its position in the dataset."""
-
-    path: str
-    reason: str = "cannot be decoded"
-    position: int = -1
-
-
-class ImageFiles(Dataset):
-    """The CPU path's items: ``(image tensor, label, position)``, decoded with PIL and transformed in the worker.
-
-    Keys are positions, or ``(position, seed)`` from :class:`EpochSampler`: the transform's randomness is then drawn
-    from that seed. ``labels`` None gives label -1 (unlabeled images). An image that fails to decode yields a
-    :class:`DecodeFailure` (with a warning when ``warn``). ``decode_min_side`` lets large JPEGs decode at a reduced
-    scale (see :func:`load_rgb`); ``max_pixels`` is the size limit of :func:`check_pixel_count`.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[str | Path],
-        labels: Sequence[int] | None,
-        transform: Callable[[Image.Image], torch.Tensor],
-        decode_min_side: int | None = None,
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        warn: bool = True,
-    ) -> None:
-        self.paths = [str(path) for path in paths]
-        self.labels = [-1] * len(self.paths) if labels is None else [int(label) for label in labels]
-        self.transform = transform
-        self.decode_min_side = decode_min_side
-        self.max_pixels = max_pixels
-        self.warn = warn
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | DecodeFailure:
-        position, seed = key if isinstance(key, tuple) else (key, None)
-        path = self.paths[position]
-        image = decode_or_failure(path, self.decode_min_side, self.max_pixels)
-        if isinstance(image, DecodeFailure):
-            if self.warn:
-                print(f"\nwarning: skipping {path}: cannot decode ({image.reason})", file=sys.stderr)
-            return image._replace(position=position)
-        return transform_seeded(self.transform, image, seed), self.labels[position], position
-
-
-def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image,
-                     seed: int | None) -> torch.Tensor:
-    """``transform(image)``, its randomness drawn from ``seed`` when given, leaving the global RNG untouched.
-
-    Only the CPU generator is seeded (torchvision's transforms draw from it): ``torch.manual_seed`` would also
-    reseed the CUDA generator, and dropout on the GPU would then repeat its masks (with ``--workers 0``).
-    """
-    if seed is None:
-        return transform(image)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        return transform(image)
-
-
-def decode_or_failure(path: str, min_side: int | None = None,
-                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | DecodeFailure:
-    """The RGB image of ``path`` (see :func:`load_rgb`), or a :class:`DecodeFailure` saying why there is none."""
-    try:
-        return load_rgb(path, min_side, max_pixels)
-    except DECODE_ERRORS as error:
-        return DecodeFailure(path, decode_error_reason(error, path))
-
-
-def split_failures(batch: list[Any]) -> tuple[list[Any], list[DecodeFailure]]:
-    """Separate decoded items from :class:`DecodeFailure` markers."""
-    failed = [item for item in batch if isinstance(item, DecodeFailure)]
-    return [item for item in batch if not isinstance(item, DecodeFailure)], failed
-
-
-class EpochSampler(Sampler):
-    """A shuffled order, and one augmentation seed per sample, that depend only on ``(seed, epoch)``.
-
-    Yields ``(index, sample_seed)`` keys. Because the randomness does not live in the worker processes, a run
-    gives the same batches whatever ``--workers`` is, and a resumed run continues exactly as an uninterrupted
-    one would, persistent workers included. With ``weights`` (one per sample) an epoch draws ``size`` samples
-    with replacement in proportion to them instead (class-balanced sampling). Call :meth:`set_epoch` before each
-    epoch.
-    """
-
-    def __init__(self, size: int, seed: int, shuffle: bool = True, weights: Sequence[float] | None = None) -> None:
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
-        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and seeds to yield."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
-        else:
-            order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
-        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
-
-
-def balanced_sample_weights(labels: Sequence[int]) -> list[float]:
-    """One weight per sample, the inverse of its class's size: each class is drawn equally often."""
-    counts = Counter(labels)
-    return [1.0 / counts[label] for label in labels]
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed for one epoch of a run, distinct for every ``(seed, epoch)`` pair."""
-    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**62
 
 
 # --------------------------------------------------------------------------- splits and weights
@@ -673,16 +251,6 @@ def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     return [counts.get(index, 0) for index in range(num_classes)]
 
 
-def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """scikit-learn's 'balanced' weights, ``n_samples / (n_classes * count)``, for class indices
-    ``0..num_classes-1``; a class with no samples gets 0."""
-    labels = np.asarray(labels)
-    present = np.unique(labels)
-    weights = np.zeros(num_classes)
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def load_train_val(
     data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, held_out: Sequence[str] | None = None,
@@ -741,14 +309,6 @@ def note_unused_val_fraction(val_fraction: float, val_dir: Path, fold: tuple[int
     else:
         return
     print(f"note: --val-fraction {val_fraction} is not used: {reason}")
-
-
-def parse_fold(text: str) -> tuple[int, int]:
-    """``--fold 2/5`` as (2, 5): fold I of K, with 1 <= I <= K and K >= 2."""
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if match is None or not 2 <= int(match.group(2)) or not 1 <= int(match.group(1)) <= int(match.group(2)):
-        raise UserError(f"--fold {text}: write I/K, fold I of K folds, with 1 <= I <= K and K >= 2 (e.g. 1/5)")
-    return int(match.group(1)), int(match.group(2))
 
 
 def fold_split(samples: Sequence[Sample], fold: int, folds: int, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -908,3 +468,23 @@ def _scan_val(val_dir: Path, class_names: list[str]) -> list[Sample]:
     if not samples:
         raise UserError(f"{val_dir}: no images; add val/<class>/*.jpg or remove val/ to split train/ instead")
     return samples
+
+
+def describe_data(data: TrainValData) -> None:
+    """Print the class count, split sizes, imbalance and any skipped files."""
+    counts = class_counts(data.train_samples, len(data.class_names))
+    print(f"data: {len(data.class_names)} classes; train {len(data.train_samples)} images "
+          f"({min(counts)} to {max(counts)} a class); {describe_val(data)}")
+    if data.skipped:
+        print(f"warning: skipped {len(data.skipped)} image file(s) that cannot be read or are too large:")
+        for path, reason in data.skipped:
+            print(f"  {path}: {reason}")
+
+
+def describe_val(data: TrainValData) -> str:
+    """'val 40 images from data/val', or 'no val (--train-on-all: ...)' when nothing validates."""
+    if data.val_samples:
+        return f"val {len(data.val_samples)} images from {data.val_source}"
+    if data.val_source.startswith("nothing "):
+        return f"no val {data.val_source.removeprefix('nothing ')}"
+    return f"no val images from {data.val_source}"

@@ -24,51 +24,29 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, Sampler
 
-from dataset import EpochSampler
+from accel import maybe_compile
+from common import DEFAULT_TIMEOUT_S, World
 from utils import UserError, first_line, pick_device
+
+if TYPE_CHECKING:
+    from resume import StopRequest
 
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_VARIABLE = "TRAIN_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 300.0  # long enough for rank 0 to write a checkpoint while the others wait at the next collective
 PEER_GRACE_S = 5.0  # how long a rank whose collective failed waits for the others to report in
 STORE_PREFIX = "train_dist/"
 # Errors that mean a peer is gone or silent: gloo raises plain RuntimeErrors, NCCL and the store DistErrors.
 PEER_ERROR_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
 
 Result = TypeVar("Result")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the job: its rank, its rank on this node, how many processes, its device, the
-    collectives' timeout, and the rendezvous store (None in a single process)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    store: Any = field(default=None, compare=False, repr=False)
-
-    @property
-    def is_main(self) -> bool:
-        """True on rank 0, the one process that prints and writes files."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """True when more than one process trains."""
-        return self.world_size > 1
 
 
 class PeerLostError(UserError):
@@ -168,7 +146,7 @@ def silence_other_ranks() -> None:
 
 
 @contextlib.contextmanager
-def mistakes_told_by_rank_0() -> Iterator[None]:
+def errors_on_rank_0() -> Iterator[None]:
     """Around the checks every process makes alike (the command line, the output folder): only rank 0 reports a
     mistake, argparse's usage line or a :class:`UserError`; the others exit with the same code in silence, so the
     user reads it once, not once a process."""
@@ -318,60 +296,6 @@ def sync_buffers(model: nn.Module, world: World) -> None:
 
 
 # --------------------------------------------------------------------------- each rank's data
-
-
-def shard_slice(count: int, rank: int, world_size: int) -> slice:
-    """Rank ``rank``'s contiguous part of ``count`` items: equal parts, the first ``count % world_size`` ranks
-    taking one more. The parts in rank order are the items in order."""
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
-
-
-def shard_range(count: int, world: World) -> range:
-    """The positions of ``count`` evaluation images this rank evaluates (see :func:`shard_slice`)."""
-    return range(count)[shard_slice(count, world.rank, world.world_size)]
-
-
-class ShardedBatches(Sampler[list]):
-    """One rank's training batches: its contiguous part of each of the single-process run's batches of
-    ``batch_size * world_size`` keys from ``sampler``.
-
-    Step k of rank r is ``shard_slice`` r of the single-process run's k-th global batch, so the ranks' batches of a
-    step, in rank order, are that batch, and the union over ranks and steps is the single-process epoch order. A
-    last partial global batch is split as evenly as it goes, and kept only when every rank gets 2 or more images
-    (BatchNorm cannot train on one); with one process that is exactly ``pipeline.drops_lone_batch``. Every rank
-    takes the same number of steps. ``set_epoch`` reaches the :class:`EpochSampler` as ``pipeline.set_epoch``
-    expects (through ``.sampler``).
-    """
-
-    def __init__(self, sampler: EpochSampler, batch_size: int, rank: int, world_size: int) -> None:
-        size = len(sampler)
-        if world_size > 1 and size < 2 * world_size:
-            raise UserError(f"{size} training images cannot be shared by {world_size} processes (each needs 2); "
-                            "start fewer processes")
-        self.sampler, self.rank, self.world_size = sampler, rank, world_size
-        self.global_size = batch_size * world_size
-        remainder = size % self.global_size
-        self.drop_last = 0 < remainder < 2 * world_size and size > remainder
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches to yield."""
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(BatchSampler(self.sampler, self.global_size, self.drop_last))
-
-    def __iter__(self) -> Iterator[list]:
-        for keys in BatchSampler(self.sampler, self.global_size, self.drop_last):
-            yield keys[shard_slice(len(keys), self.rank, self.world_size)]
-
-
-def sharded_epoch_batches(size: int, batch_size: int, seed: int, world: World,
-                          weights: Sequence[float] | None = None) -> ShardedBatches:
-    """This rank's batches of ``batch_size`` keys from :class:`EpochSampler` ``(size, seed, weights)``; with one
-    process the same batches as ``pipeline.epoch_batches``."""
-    return ShardedBatches(EpochSampler(size, seed, weights=weights), batch_size, world.rank, world.world_size)
 
 
 # --------------------------------------------------------------------------- the loss of the global batch
@@ -597,3 +521,64 @@ def short_reason(error: BaseException) -> str:
     """The first sentence of a collective's error, without the ``[file.cc:123]`` prefix gloo puts on it."""
     reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))
     return reason.split(". ")[0].rstrip(".")
+
+
+def note_process_count_change(before: int, batch: int, world: World) -> None:
+    """Say so when a run continues with another number of processes (``before``) than it ran with: its global batch
+    (``batch`` images a process and step) changes."""
+    if before != world.world_size:
+        print(f"note: this run trained with {before} process(es), a global batch of {batch * before}; it continues "
+              f"with {world.world_size}, a global batch of {batch * world.world_size} (start it as before to keep "
+              "the steps it took)")
+
+
+def describe_batch(batch_size: int, accum_steps: int, world: World) -> None:
+    """Say how many images an optimizer step sees, when that is more than --batch-size."""
+    if world.distributed:
+        accumulated = f" x {accum_steps} accumulated" if accum_steps > 1 else ""
+        print(f"global batch: {batch_size} a process x {world.world_size} processes{accumulated} = "
+              f"{batch_size * world.world_size * accum_steps} images a step (--lr is not scaled for you: "
+              "see the README's linear scaling rule)")
+    elif accum_steps > 1:
+        print(f"effective batch: {batch_size} x {accum_steps} accumulated = {batch_size * accum_steps} images a step")
+
+
+def model_for_training(model: nn.Module, world: World, sync_bn: bool = False, compile: bool = False) -> nn.Module:
+    """What training calls: ``model`` under DistributedDataParallel when several processes train (its learning
+    BatchNorm layers synchronised with --sync-bn), compiled with --compile."""
+    if world.distributed and sync_bn:
+        print(describe_sync_bn(model, sync_trainable_batchnorm(model)))
+    return maybe_compile(wrap_model(model, world), compile)
+
+
+def bar_label(description: str, world: World) -> str:
+    """A progress bar's label: under torchrun the bar (rank 0's) counts and scores only rank 0's images, while the
+    epoch line reports the whole job's, so it says so."""
+    return f"{description} (rank 0's images)" if world.distributed else description
+
+
+def stop_agreed(stop: StopRequest, world: World) -> bool:
+    """Whether to stop now. Under torchrun the processes agree (a stop requested on any one stops all, which then
+    count it as their own), so none of them is left waiting for another that has left."""
+    if world.distributed and any_rank(stop.requested, world):
+        stop.requested = True
+    return stop.requested
+
+
+def launch_command(processes: int, per_node: int) -> str:
+    """How a run of ``processes`` processes (``per_node`` on each machine) is started: python, or torchrun."""
+    if processes == 1:
+        return "python"
+    if processes == per_node:
+        return f"torchrun --nproc_per_node={processes}"
+    return f"torchrun --nnodes={processes // per_node} --nproc_per_node={per_node} (and your --rdzv options)"
+
+
+@contextlib.contextmanager
+def joined_world(device_request: str = "auto") -> Iterator[World]:
+    """The job torchrun started (this process one of its ranks), or a one-process world; left at the end."""
+    world = init_world(device_request)
+    try:
+        yield world
+    finally:
+        close_world(world)

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
+import metrics
 from accel import Accel
-from gpu_augment import Mixed
-from dataset import DecodeFailure
+from common import Batch, DecodeFailure, Mixed, World
+from distributed import GlobalCrossEntropy
 from utils import progress_bar
 
 CUDA_READBACK_BATCHES = 25  # how often a CUDA run reads its running sums back (a few times a second)
@@ -177,17 +181,9 @@ def train_one_epoch(
     return EpochResult(meter.loss, meter.accuracy, meter.count, time.perf_counter() - started, False, failed)
 
 
-class EmptyBatch(NamedTuple):
-    """A batch with no image, for a process whose batch failed to decode entirely (see ``StepOptions``)."""
-
-    images: torch.Tensor
-    targets: torch.Tensor
-    failed: list[DecodeFailure]
-
-
-def empty_batch(images: torch.Tensor, device: torch.device) -> EmptyBatch:
+def empty_batch(images: torch.Tensor, device: torch.device) -> Batch:
     """No image and no target: its forward and backward run every collective of a step and add nothing."""
-    return EmptyBatch(images, torch.empty(0, dtype=torch.int64, device=device), [])
+    return Batch(images, torch.empty(0, dtype=torch.int64, device=device), [], [])
 
 
 class AccumulationWindow:
@@ -380,3 +376,118 @@ def predict_probabilities(
     probabilities = torch.zeros(num_images, values.shape[1])
     probabilities[positions] = values
     return probabilities, dict(sorted(failed.items()))
+
+
+def learning_rate(base_lr: float, epoch: int, epochs: int, warmup_epochs: int = 0) -> float:
+    """The learning rate of an epoch: a linear warmup over ``warmup_epochs`` (epoch k gets ``base_lr * k / (W+1)``),
+    then cosine annealing from ``base_lr`` towards 0 over the remaining epochs, as CosineAnnealingLR.
+
+    A closed form of the epoch rather than a stateful scheduler, so a resumed run, or one whose --epochs was
+    extended, gets exactly the rate a run started with those epochs would have had.
+    """
+    if epoch <= warmup_epochs:
+        return base_lr * epoch / (warmup_epochs + 1)
+    return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs - 1) / (epochs - warmup_epochs))) / 2
+
+
+def optimizer_steps(batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of ``batches`` batches, ``accum_steps`` to a step (a last partial window steps)."""
+    return math.ceil(batches / accum_steps)
+
+
+# An average with decay D spans about 1/(1-D) steps; fewer steps than a few spans, and it says little.
+EMA_SPANS_NEEDED = 3
+
+
+def warn_short_average(decay: float, steps_per_epoch: int, epochs: int) -> None:
+    """Warn when --ema's average spans more optimizer steps than the run has to fill it a few times over."""
+    steps, span = steps_per_epoch * epochs, 1 / (1 - decay)
+    if steps >= EMA_SPANS_NEEDED * span:
+        return
+    fitting = math.floor((1 - EMA_SPANS_NEEDED / steps) * 1000) / 1000 if steps > EMA_SPANS_NEEDED else 0.0
+    advice = f"--ema {fitting:g} or lower fits this run" if fitting >= 0.5 else "leave --ema off for this run"
+    print(f"warning: --ema {decay:g} averages over about {span:,.0f} optimizer steps, but this run takes {steps} "
+          f"({steps_per_epoch} an epoch x {epochs} epochs); its decay warms up, so the average stays close to the "
+          f"latest weights and adds little: {advice}, or train longer")
+
+
+def empty_input(img_size: int, accel: Accel) -> torch.Tensor:
+    """A batch of no training image, for a process whose whole batch failed to decode (see ``StepOptions``)."""
+    return accel.images_to_device(torch.empty(0, 3, img_size, img_size))
+
+
+def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> WeightAverage | None:
+    """The exponential moving average of ``model``'s weights and buffers (None when ``decay`` is 0), restored from
+    a resumed run's last.pt."""
+    if not decay:
+        return None
+    ema = WeightAverage(model, decay)
+    if resume is not None and "ema_model" in resume:
+        ema.module.load_state_dict(resume["ema_model"])
+        ema.updates = int(resume["training_state"].get("ema_updates", 0))
+    return ema
+
+
+def balanced_accuracy(evaluated: EvalResult, num_classes: int) -> float:
+    """Mean recall over the classes with validation images."""
+    if not evaluated.images:
+        return 0.0
+    return metrics.balanced_accuracy(metrics.confusion_matrix(evaluated.targets.numpy(),
+                                                              evaluated.predictions.numpy(), num_classes))
+
+
+def monitored(evaluated: EvalResult, monitor: str, num_classes: int) -> float:
+    """The value --monitor follows, higher is better (the loss negated)."""
+    if monitor == "val_loss":
+        return -evaluated.loss
+    if monitor == "val_balanced_acc":
+        return balanced_accuracy(evaluated, num_classes)
+    return evaluated.accuracy
+
+
+@dataclass
+class Predictions:
+    """What the model said about each decoded image of a labeled split, in sample order."""
+
+    paths: list[str]
+    targets: np.ndarray  # [n] true class indices
+    probabilities: np.ndarray  # [n, classes] softmax probabilities
+    failed: list[tuple[str, str]]  # (path, reason) of each file that could not be decoded, left out of the above
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The most probable class of each image."""
+        return self.probabilities.argmax(axis=1)
+
+
+def predict_samples(model: nn.Module, batches: Iterable[Any], samples: Sequence[tuple[str, int]], accel: Accel,
+                    show_progress: bool = True) -> Predictions:
+    """``model`` over labeled ``samples`` (``batches``: theirs, in order, unlabeled); undecodable files set aside."""
+    paths = [path for path, _ in samples]
+    probabilities, reasons = predict_probabilities(model, batches, len(paths), accel, show_progress)
+    keep = np.ones(len(paths), dtype=bool)
+    keep[list(reasons)] = False
+    return Predictions(
+        paths=[path for path, kept in zip(paths, keep) if kept],
+        targets=np.asarray([label for _, label in samples], dtype=np.int64)[keep],
+        probabilities=probabilities.numpy()[keep],
+        failed=[(paths[position], reasons[position]) for position in sorted(reasons)],
+    )
+
+
+def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """scikit-learn's 'balanced' weights, ``n_samples / (n_classes * count)``, for class indices
+    ``0..num_classes-1``; a class with no samples gets 0."""
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    weights = np.zeros(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def make_criterion(weights: torch.Tensor | None, label_smoothing: float, world: World = World()) -> nn.Module:
+    """Cross-entropy with label smoothing and class ``weights`` (None: unweighted); under torchrun the weighted mean
+    over every process's images, not a mean of each one's mean."""
+    if world.distributed:
+        return GlobalCrossEntropy(world, weights, label_smoothing)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)

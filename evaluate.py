@@ -16,10 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from accel import add_inference_options, set_up_accel
+from accel import set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
-from dataset import Sample, add_max_image_pixels_option, check_max_image_pixels, load_train_val, parse_fold
-from dataset import report_ignored, require_not_nested_once_more, scan_labeled_split, unknown_class_folders
+from common import Sample
+from dataset import (
+    load_train_val,
+    report_ignored,
+    require_not_nested_once_more,
+    scan_labeled_split,
+    unknown_class_folders,
+)
+from engine import predict_samples
+from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels, parse_fold
+from pipeline import checkpoint_batches
 from report import write_evaluation_report
 from utils import (
     UserError,
@@ -159,17 +168,19 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     report_dir = Path(args.report_dir) if args.report_dir else checkpoint_dir / "report"
     refuse_files_in_the_way("--report-dir", report_dir, is_folder=True)  # before the scan and the inference
     samples, source = resolve_split(args, checkpoint)
+    if not samples:
+        raise UserError(f"{source}: no labeled images to evaluate")
     accel = set_up_accel(args.device, args.amp)
     print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}")
     print(f"checkpoint: {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
           f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))
-    return write_evaluation_report(
-        model, checkpoint, samples, report_dir, accel,
-        source=source, history_path=checkpoint_dir / "history.csv", batch_size=args.batch_size,
-        workers=args.workers, show_progress=not args.no_progress, top_confusions=args.top_confusions,
-        misclassified=args.misclassified, max_pixels=args.max_image_pixels,
-    )
+    batches = checkpoint_batches([path for path, _ in samples], checkpoint, accel, args.batch_size, args.workers,
+                                 args.max_image_pixels)
+    predictions = predict_samples(model, batches, samples, accel, show_progress=not args.no_progress)
+    return write_evaluation_report(predictions, checkpoint, report_dir, source=source,
+                                   history_path=checkpoint_dir / "history.csv", top_confusions=args.top_confusions,
+                                   misclassified=args.misclassified)
 
 
 if __name__ == "__main__":

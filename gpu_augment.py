@@ -1,7 +1,7 @@
 """The training and evaluation recipes run batched on the device, from decoded images of any size.
 
 ``pipeline.py`` decodes a batch on the device (or takes it from the decoded-image cache): a list of ``uint8
-[3, H, W]`` images, each of its own size. Here the random part of ``dataset.build_train_transform`` runs on the
+[3, H, W]`` images, each of its own size. Here the random part of ``recipe.build_train_transform`` runs on the
 list, with per-sample parameters drawn like torchvision's, in the CPU recipe's order:
 
 * ``RandomResizedCrop``: boxes drawn in the pixels of each image, each crop resized to ``img_size`` with an
@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import dataset
+from common import Mixed
+from recipe import TRAIN_AUGMENTATION, TrainAugmentation, eval_resize_size
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale and PIL's convert("L") use.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -336,15 +337,6 @@ def erase(images: Tensor, boxes: Sequence[tuple[int, int, int, int, int]]) -> Te
     return images
 
 
-class Mixed(NamedTuple):
-    """A mixed batch (mixup or cutmix): images, the two label sets, and the weight of the first."""
-
-    images: Tensor
-    targets_a: Tensor
-    targets_b: Tensor
-    lam: float
-
-
 class BatchMix:
     """Mixup and CutMix of a batch with itself rolled by one (as torchvision.transforms.v2's MixUp and CutMix):
     one ``lam ~ Beta(alpha, alpha)`` a batch; with both enabled each batch uses one of them, at random. CutMix pastes
@@ -380,11 +372,6 @@ def paste_box(images: Tensor, other: Tensor, lam: float, rng: np.random.Generato
     return images, 1 - (bottom - top) * (right - left) / (height * width)
 
 
-def soft_targets(targets: Tensor, other: Tensor, lam: float, num_classes: int) -> Tensor:
-    """The mixed labels as class probabilities, ``lam * one_hot(targets) + (1 - lam) * one_hot(other)``."""
-    return lam * F.one_hot(targets, num_classes).float() + (1 - lam) * F.one_hot(other, num_classes).float()
-
-
 # --------------------------------------------------------------------------- modules
 
 
@@ -404,37 +391,22 @@ class _Normalizing(torch.nn.Module):
 
 
 class TrainAugment(_Normalizing):
-    """The training recipe on a list of decoded images, with per-sample random parameters.
+    """The training recipe (``recipe.TrainAugmentation``) on a list of decoded images, with per-sample random
+    parameters: equivalent in distribution to the CPU path's ``recipe.build_train_transform`` applied to each image,
+    computed in float32 (PIL rounds to 8 bits after each step)."""
 
-    Equivalent in distribution to ``RandomResizedCrop(img_size, scale, ratio)``, ``RandomHorizontalFlip(flip_p)``,
-    ``ColorJitter(brightness, contrast, saturation, hue)``, ``RandomRotation(degrees)``, ``ToTensor()``,
-    ``Normalize(mean, std)`` applied to each image, computed in float32 (PIL rounds to 8 bits after each step).
-    """
-
-    def __init__(
-        self,
-        img_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        brightness: float = 0.2,
-        contrast: float = 0.2,
-        saturation: float = 0.2,
-        hue: float = 0.1,
-        degrees: float = 15.0,
-        random_erase: float = 0.0,
-    ) -> None:
+    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float],
+                 recipe: TrainAugmentation = TRAIN_AUGMENTATION, random_erase: float = 0.0) -> None:
         super().__init__(img_size, mean, std)
+        if not 0 <= recipe.hue <= 0.5:
+            raise ValueError(f"hue {recipe.hue}: must be in [0, 0.5]")
         self.random_erase = float(random_erase)
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue {hue}: must be in [0, 0.5]")
-        self.scale, self.ratio, self.flip_p, self.degrees = tuple(scale), tuple(ratio), flip_p, float(degrees)
-        self.brightness = jitter_range(brightness, 1.0, 0.0)
-        self.contrast = jitter_range(contrast, 1.0, 0.0)
-        self.saturation = jitter_range(saturation, 1.0, 0.0)
-        self.hue = jitter_range(hue, 0.0, None)
+        self.scale, self.ratio, self.flip_p = tuple(recipe.scale), tuple(recipe.ratio), recipe.flip_p
+        self.degrees = float(recipe.degrees)
+        self.brightness = jitter_range(recipe.brightness, 1.0, 0.0)
+        self.contrast = jitter_range(recipe.contrast, 1.0, 0.0)
+        self.saturation = jitter_range(recipe.saturation, 1.0, 0.0)
+        self.hue = jitter_range(recipe.hue, 0.0, None)
         ranges = (self.brightness, self.contrast, self.saturation, self.hue)
         self.jitter_enabled = tuple(low != high for low, high in ranges)
 
@@ -471,12 +443,12 @@ class TrainAugment(_Normalizing):
 
 
 class EvalTransform(_Normalizing):
-    """The eval recipe on a list of decoded images: ``Resize(round(img_size*256/224))``, ``CenterCrop``,
-    normalization."""
+    """The eval recipe (``recipe.build_eval_transform``) on a list of decoded images: shorter side resized to
+    ``recipe.eval_resize_size``, centre crop, normalization."""
 
     def crop(self, image: Tensor) -> Tensor:
         """One ``uint8 [3, H, W]`` image resized and centre-cropped: ``uint8 [3, img, img]``."""
-        resized = resize_shorter_side(image, dataset.eval_resize_size(self.img_size))
+        resized = resize_shorter_side(image, eval_resize_size(self.img_size))
         return centre_crop(resized, self.img_size).round_().clamp_(0, 255).to(torch.uint8)
 
     def normalize_crops(self, crops: Sequence[Tensor]) -> Tensor:

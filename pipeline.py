@@ -26,6 +26,7 @@ only the files not yet decoded (:class:`SkipCached`), and the batches are the sa
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -43,39 +44,14 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 
 import gpu_augment
 from accel import Accel
-from cache import DecodedImages
-from distributed import World, sharded_epoch_batches
-from dataset import (
-    DECODE_ERRORS,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DecodeFailure,
-    EpochSampler,
-    ImageFiles,
-    balanced_sample_weights,
-    build_eval_transform,
-    build_train_transform,
-    decode_error_reason,
-    decode_or_failure,
-    decode_rgb,
-    epoch_seed,
-    eval_resize_size,
-    open_image,
-    split_failures,
-    train_decode_side,
-)
-
-
-class Batch(NamedTuple):
-    """A batch: model-ready images on the device (None when every image of it failed to decode), their class
-    indices on the device (None for unlabeled images), the dataset positions of the images in order, and the
-    images that could not be decoded."""
-
-    images: Tensor | None
-    targets: Tensor | None
-    positions: list[int]
-    failed: list[DecodeFailure]
+from cache import CacheChoice, DecodedImages, cache_bytes, choose_cache, gpu_free_bytes
+from checkpoint import eval_size
+from common import IMAGENET_MEAN, IMAGENET_STD, Batch, DecodeFailure, World, processes_per_node
+from dataset import TrainValData
+from images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, decode_error_reason, decode_rgb, load_rgb, open_image
+from recipe import build_eval_transform, build_train_transform, eval_resize_size, train_decode_side
+from samplers import balanced_sample_weights, epoch_batches, epoch_seed, shard_range, sharded_epoch_batches
+from utils import available_ram_bytes
 
 
 def loader_options(workers: int, seed: int, accel: Accel, pin_memory: bool) -> dict[str, Any]:
@@ -97,18 +73,6 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     the main process terminates it or dies."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
-
-
-def drops_lone_batch(size: int, batch_size: int) -> bool:
-    """Drop the last training batch when it would hold a single image: BatchNorm cannot train on one."""
-    return size % batch_size == 1 and size > 1
-
-
-def epoch_batches(size: int, batch_size: int, seed: int, weights: Sequence[float] | None = None) -> BatchSampler:
-    """Each epoch's batches of ``(position, sample seed)`` keys, in :class:`EpochSampler`'s order (drawn by
-    ``weights`` when given)."""
-    return BatchSampler(EpochSampler(size, seed, weights=weights), batch_size,
-                        drop_last=drops_lone_batch(size, batch_size))
 
 
 @dataclass(frozen=True)
@@ -605,3 +569,156 @@ def eval_batches(paths: Sequence[str], labels: Sequence[int] | None, img_size: i
     decoder = DeviceDecoder(accel.device, None, decode_side, max_pixels, warn)
     transform = gpu_augment.EvalTransform(img_size, mean, std).to(accel.device)
     return DeviceEvalBatches(loader, decoder, transform, labels, cache, accel)
+
+
+class ImageFiles(Dataset):
+    """The CPU path's items: ``(image tensor, label, position)``, decoded with PIL and transformed in the worker.
+
+    Keys are positions, or ``(position, seed)`` from :class:`EpochSampler`: the transform's randomness is then drawn
+    from that seed. ``labels`` None gives label -1 (unlabeled images). An image that fails to decode yields a
+    :class:`DecodeFailure` (with a warning when ``warn``). ``decode_min_side`` lets large JPEGs decode at a reduced
+    scale (see :func:`load_rgb`); ``max_pixels`` is the size limit of :func:`check_pixel_count`.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        labels: Sequence[int] | None,
+        transform: Callable[[Image.Image], torch.Tensor],
+        decode_min_side: int | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        warn: bool = True,
+    ) -> None:
+        self.paths = [str(path) for path in paths]
+        self.labels = [-1] * len(self.paths) if labels is None else [int(label) for label in labels]
+        self.transform = transform
+        self.decode_min_side = decode_min_side
+        self.max_pixels = max_pixels
+        self.warn = warn
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int] | DecodeFailure:
+        position, seed = key if isinstance(key, tuple) else (key, None)
+        path = self.paths[position]
+        image = decode_or_failure(path, self.decode_min_side, self.max_pixels)
+        if isinstance(image, DecodeFailure):
+            if self.warn:
+                print(f"\nwarning: skipping {path}: cannot decode ({image.reason})", file=sys.stderr)
+            return image._replace(position=position)
+        return transform_seeded(self.transform, image, seed), self.labels[position], position
+
+
+def transform_seeded(transform: Callable[[Image.Image], torch.Tensor], image: Image.Image,
+                     seed: int | None) -> torch.Tensor:
+    """``transform(image)``, its randomness drawn from ``seed`` when given, leaving the global RNG untouched.
+
+    Only the CPU generator is seeded (torchvision's transforms draw from it): ``torch.manual_seed`` would also
+    reseed the CUDA generator, and dropout on the GPU would then repeat its masks (with ``--workers 0``).
+    """
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return transform(image)
+
+
+def decode_or_failure(path: str, min_side: int | None = None,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | DecodeFailure:
+    """The RGB image of ``path`` (see :func:`load_rgb`), or a :class:`DecodeFailure` saying why there is none."""
+    try:
+        return load_rgb(path, min_side, max_pixels)
+    except DECODE_ERRORS as error:
+        return DecodeFailure(path, decode_error_reason(error, path))
+
+
+def split_failures(batch: list[Any]) -> tuple[list[Any], list[DecodeFailure]]:
+    """Separate decoded items from :class:`DecodeFailure` markers."""
+    failed = [item for item in batch if isinstance(item, DecodeFailure)]
+    return [item for item in batch if not isinstance(item, DecodeFailure)], failed
+
+
+@dataclass
+class Loaders:
+    """The training and validation batches (``pipeline.Batch`` es on the device), and where the cache is."""
+
+    train: HostBatches | DeviceTrainBatches
+    val: HostBatches | DeviceEvalBatches | None  # None with --train-on-all
+    cache: CacheChoice
+
+
+def choose_data_path(request: str, device: torch.device) -> str:
+    """Which path decodes and augments (``gpu`` or ``cpu``), for train.py, predict.py and evaluate.py alike:
+    ``auto`` decodes and augments on the GPU when training on CUDA, else on the CPU in the
+    loader workers. ``gpu`` on another device runs that path there (batched in the main process: slower than the
+    workers on a CPU, but the same code as on a GPU), with a note."""
+    if request == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if request == "gpu" and device.type != "cuda":
+        print(f"note: --augment-device gpu on a {device.type} run: images are decoded and augmented batched on the "
+              f"{device.type} by the GPU path's code (slower than --augment-device cpu here)")
+    return request
+
+
+def cached_bytes(args: argparse.Namespace, samples: Sequence[tuple[str, int]], data: TrainValData,
+                 training: bool) -> int:
+    """Bytes the cache needs for ``samples``: decoded training images (sizes from the headers), or eval crops."""
+    if training:
+        sizes = [data.sizes.get(path, (0, 0)) for path, _ in samples]
+        return cache_bytes(sizes, train_decode_side(args.img_size))
+    return len(samples) * 3 * (args.test_size or args.img_size) ** 2
+
+
+def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool,
+                  train_bytes: int) -> CacheChoice:
+    """Where ``--cache`` keeps the decoded training images (``train_bytes``) and validation crops, said in one
+    line. Processes on one node (torchrun) share its host memory."""
+    needed = train_bytes + cached_bytes(args, data.val_samples, data, training=False)
+    choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device,
+                          processes_on_node=processes_per_node())
+    if on_device or args.cache != "auto":
+        print(f"cache: {choice.place} ({choice.reason})")
+    return choice
+
+
+def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: Sequence[float], std: Sequence[float],
+              world: World = World()) -> Loaders:
+    """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses).
+
+    On the CPU path the loader workers decode and augment each image with PIL; on the GPU path they read the
+    files' bytes, and decoding and augmentation run on the device (see pipeline.py). Under torchrun each process
+    gets its share of every step's batch and its contiguous part of the validation images.
+    """
+    on_device = choose_data_path(args.augment_device, accel.device) == "gpu"
+    if on_device and args.auto_augment != "none":
+        print(f"note: --auto-augment {args.auto_augment} runs in the loader workers: training images take the CPU "
+              "path (PIL), validation stays on the device")
+    train_bytes = cached_bytes(args, data.train_samples, data, training=True)
+    choice = resolve_cache(args, data, accel, on_device, train_bytes)
+    recipe = TrainRecipe(args.auto_augment, args.random_erase, args.sampler == "balanced", mean, std)
+    place = {"gpu": accel.device, "ram": torch.device("cpu")}.get(choice.place)
+    train_paths, train_labels = [path for path, _ in data.train_samples], [label for _, label in data.train_samples]
+    own_val = [data.val_samples[index] for index in shard_range(len(data.val_samples), world)]
+    val_paths, val_labels = [path for path, _ in own_val], [label for _, label in own_val]
+    train_on_device = on_device and args.auto_augment == "none"
+    train_cache = val_cache = None
+    if place is not None:
+        val_cache = DecodedImages(len(val_paths), place, capacity=cached_bytes(args, own_val, data, training=False))
+        if train_on_device:
+            train_cache = DecodedImages(len(train_paths), place, capacity=train_bytes)
+    train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
+                          train_on_device, train_cache, args.max_image_pixels, recipe, world)
+    val = None if not val_paths else eval_batches(
+        val_paths, val_labels, args.test_size or args.img_size, mean, std, args.batch_size,
+        args.workers, accel, on_device, val_cache, args.max_image_pixels, warn=True)
+    return Loaders(train, val, choice)
+
+
+def checkpoint_batches(paths: Sequence[str], checkpoint: dict[str, Any], accel: Accel, batch_size: int = 128,
+                       workers: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> HostBatches | DeviceEvalBatches:
+    """Unlabeled batches of ``paths`` through ``checkpoint``'s eval recipe (its size, mean and std), on the path
+    :func:`choose_data_path` picks for the device: what predict.py and evaluate.py feed a trained model."""
+    on_device = choose_data_path("auto", accel.device) == "gpu"
+    return eval_batches(list(paths), None, eval_size(checkpoint), checkpoint["mean"], checkpoint["std"], batch_size,
+                        workers, accel, on_device, max_pixels=max_pixels)

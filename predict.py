@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import metrics
-from accel import Accel, add_inference_options, set_up_accel
+from accel import Accel, set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
-from dataset import add_max_image_pixels_option, check_max_image_pixels, find_test_images, find_unreadable
-from dataset import report_ignored, same_name
+from dataset import find_test_images, report_ignored, same_name
 from engine import predict_probabilities
-from pipeline import eval_batches
+from images import find_unreadable
+from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels
+from pipeline import checkpoint_batches
 from utils import (
     UserError,
     argument_list,
@@ -47,8 +48,8 @@ from utils import (
     csv_text,
     describe_device,
     exit_on_user_error,
-    refuse_files_in_the_way,
     first_line,
+    refuse_files_in_the_way,
     resolve_workers,
 )
 
@@ -369,9 +370,7 @@ def ensemble_probabilities(
     failed: dict[int, str] = {}
     for group in preprocessing_groups(checkpoints):
         first = checkpoints[group[0]]
-        batches = eval_batches([str(path) for path in paths], None, eval_size(first), first["mean"], first["std"],
-                               batch_size, workers, accel, on_device=accel.device.type == "cuda",
-                               max_pixels=max_pixels)
+        batches = checkpoint_batches([str(path) for path in paths], first, accel, batch_size, workers, max_pixels)
         models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
         probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), batches, len(paths), accel,
                                                             show_progress)

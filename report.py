@@ -2,7 +2,8 @@
 
 One implementation, used by ``evaluate.py`` and by ``train.py`` at the end of training (for ``best.pt``):
 
-    write_evaluation_report(model, checkpoint, samples, report_dir, accel, source="data/val", history_path=...)
+    predictions = engine.predict_samples(model, pipeline.checkpoint_batches(paths, checkpoint, accel), samples, accel)
+    write_evaluation_report(predictions, checkpoint, report_dir, source="data/val", history_path=...)
 
 writes into ``report_dir``:
 
@@ -19,27 +20,21 @@ writes into ``report_dir``:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 import metrics
 import plots
-from accel import Accel
-from dataset import DEFAULT_MAX_IMAGE_PIXELS, Sample, load_rgb
-from checkpoint import eval_size
-from engine import predict_probabilities
-from pipeline import eval_batches
+from common import REPORT_FILES
+from engine import Predictions
+from images import load_rgb
+from run_folder import read_history
 from utils import UserError, atomic_write_text, csv_text
 
-REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "top_confusions.csv",
-                "misclassified.png", "report.md")
 TOP_K = 5
 THUMBNAIL_PIXELS = 256  # longest side of a misclassified thumbnail; more only makes the figure heavy
 MAX_CAPTION_CHARS = 28  # keeps a caption line within its grid cell (about 30 characters at 8.5 pt)
@@ -49,82 +44,31 @@ WEAKEST_CLASSES_SHOWN = 10
 TOP_CONFUSIONS_SHOWN = 10
 
 
-@dataclass
-class Predictions:
-    """What the model said about each decoded image of a labeled split, in sample order."""
-
-    paths: list[str]
-    targets: np.ndarray  # [n] true class indices
-    probabilities: np.ndarray  # [n, classes] softmax probabilities
-    failed: list[tuple[str, str]]  # (path, reason) of each file that could not be decoded, left out of the above
-
-    @property
-    def predicted(self) -> np.ndarray:
-        """The most probable class of each image."""
-        return self.probabilities.argmax(axis=1)
-
-
 # --------------------------------------------------------------------------- inference
-
-
-def predict_samples(
-    model: torch.nn.Module,
-    checkpoint: dict[str, Any],
-    samples: Sequence[Sample],
-    accel: Accel,
-    batch_size: int = 128,
-    workers: int = 0,
-    show_progress: bool = True,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> Predictions:
-    """Run ``model`` over labeled samples with the checkpoint's evaluation transform; undecodable files are set
-    aside (``max_pixels``: see ``dataset.check_pixel_count``)."""
-    paths = [path for path, _ in samples]
-    batches = eval_batches(paths, None, eval_size(checkpoint), checkpoint["mean"], checkpoint["std"], batch_size,
-                           workers, accel, on_device=accel.device.type == "cuda", max_pixels=max_pixels)
-    probabilities, reasons = predict_probabilities(model, batches, len(paths), accel, show_progress)
-    keep = np.ones(len(paths), dtype=bool)
-    keep[list(reasons)] = False
-    return Predictions(
-        paths=[path for path, kept in zip(paths, keep) if kept],
-        targets=np.asarray([label for _, label in samples], dtype=np.int64)[keep],
-        probabilities=probabilities.numpy()[keep],
-        failed=[(paths[position], reasons[position]) for position in sorted(reasons)],
-    )
 
 
 # --------------------------------------------------------------------------- the report
 
 
 def write_evaluation_report(
-    model: torch.nn.Module,
+    predictions: Predictions,
     checkpoint: dict[str, Any],
-    samples: Sequence[Sample],
     report_dir: str | Path,
-    accel: Accel,
     *,
     source: str = "",
     history_path: str | Path | None = None,
-    batch_size: int = 128,
-    workers: int = 0,
-    show_progress: bool = True,
     top_confusions: int = 20,
     misclassified: int = 24,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on ``samples`` (``(path, index into checkpoint['class_names'])``) and write the report.
-
-    ``source`` names the split in the report; ``history_path`` is the run's ``history.csv`` (skipped if absent).
-    Returns the contents of ``metrics.json`` plus ``report_dir``.
+    """Write the report of ``predictions`` (``engine.predict_samples``) on a labeled split, first listing the files
+    that could not be decoded. ``source`` names the split; ``history_path`` is the run's ``history.csv`` (skipped
+    if absent). Returns the contents of ``metrics.json`` plus ``report_dir``.
     """
-    if not samples:
-        raise UserError(f"{source or 'evaluation'}: no labeled images to evaluate")
-    predictions = predict_samples(model, checkpoint, samples, accel, batch_size, workers, show_progress, max_pixels)
     if predictions.failed:
         print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded:"
               + "".join(f"\n  {path}: {reason}" for path, reason in predictions.failed))
     if not predictions.paths:
-        raise UserError(f"{source or 'evaluation'}: none of the {len(samples)} images could be decoded")
+        raise UserError(f"{source or 'evaluation'}: none of the {len(predictions.failed)} images could be decoded")
     return write_report_files(predictions, checkpoint, report_dir, source=source, history_path=history_path,
                               top_confusions=top_confusions, misclassified=misclassified)
 
@@ -208,18 +152,6 @@ def top_confusions_csv(pairs: Sequence[tuple[int, int, int, float]], class_names
     rows = [[class_names[true], class_names[predicted], count, f"{share:.4f}"]
             for true, predicted, count, share in pairs]
     return csv_text(["true", "predicted", "count", "share_of_true"], rows)
-
-
-def read_history(path: str | Path | None) -> list[dict[str, float]]:
-    """The rows of a ``history.csv`` as numbers; empty when there is none or it cannot be read."""
-    if path is None or not Path(path).is_file():
-        return []
-    try:
-        with Path(path).open(newline="", encoding="utf-8") as handle:
-            return [{key: float(value) for key, value in row.items() if value not in ("", None)}
-                    for row in csv.DictReader(handle)]
-    except (OSError, ValueError):
-        return []
 
 
 # --------------------------------------------------------------------------- figures

@@ -7,12 +7,11 @@ import signal
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils import UserError, atomic_write_bytes, capture_rng_state, restore_rng_state
+from utils import capture_rng_state, restore_rng_state
 
 
 @dataclass
@@ -55,33 +54,6 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
     if "best_score" not in state["progress"]:  # a run from before --monitor followed its val accuracy
         progress.best_score = progress.best_val_acc
     return progress
-
-
-def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
-    """``--resume auto``: the output folder's last.pt if there is one; otherwise the given last.pt (or the last.pt
-    in the given run folder), which must exist."""
-    if resume == "auto":
-        path = Path(output_dir) / "last.pt"
-        if not path.is_file():
-            print(f"note: --resume auto: no {path} yet, starting a new run")
-            return None
-        return path
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise UserError(f"--resume {resume}: file not found; pass a last.pt written by train.py (or its folder), "
-                        "or auto")
-    return path
-
-
-def carry_over_best_checkpoint(resume_path: Path | None, output_dir: Path) -> None:
-    """A run resumed into another --output-dir takes the best.pt beside its last.pt along (the report needs it)."""
-    if resume_path is None:
-        return
-    source, target = resume_path.parent / "best.pt", output_dir / "best.pt"
-    if source.is_file() and not target.exists():
-        atomic_write_bytes(target, source.read_bytes())
 
 
 class StopRequest:

@@ -7,7 +7,7 @@ In one process and on the same generated JPEG dataset it measures, in images per
   baseline  the reference notebook's loop: fp32, NCHW, PIL augmentation in 2 workers, layer4+fc trained by
             requires_grad alone, so every BatchNorm runs in training mode; its evaluation loop (the notebook has
             one) gives both the val and the predict figure;
-  ours      what train.py and predict.py run (train.make_loaders with train.py's own options, so --cache auto
+  ours      what train.py and predict.py run (pipeline.load_data with train.py's own options, so --cache auto
             applies; engine.train_one_epoch, evaluate, predict_probabilities): the first epoch and, apart from
             it, the steady state of the later ones (after the cache is built);
   ceiling   our model step on tensors already on the device: the speed with free data loading.
@@ -51,23 +51,27 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import gpu_augment  # noqa: E402
-import pipeline  # noqa: E402
-import train  # noqa: E402
-from accel import Accel, configure_backends, make_grad_scaler, resolve_amp  # noqa: E402
-from dataset import (  # noqa: E402
-    DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageFiles,
-    TrainValData,
-    build_eval_transform,
-    build_train_transform,
-    train_decode_side,
+import common
+import gpu_augment
+import pipeline
+from accel import Accel, configure_backends, make_grad_scaler, resolve_amp
+from common import IMAGENET_MEAN, IMAGENET_STD
+from dataset import TrainValData
+from engine import (
+    balanced_class_weights,
+    evaluate,
+    make_criterion,
+    make_optimizer,
+    predict_probabilities,
+    train_one_epoch,
 )
-from engine import evaluate, make_optimizer, predict_probabilities, train_one_epoch  # noqa: E402
-from model import DEFAULT_TRAINABLE, trainable_parameters  # noqa: E402
-from utils import cpu_model  # noqa: E402
+from images import DEFAULT_MAX_IMAGE_PIXELS
+from model import DEFAULT_TRAINABLE, input_normalization, make_model, trainable_parameters
+from options import parse_args as parse_train_args
+from options import spelled_out_trainable
+from pipeline import ImageFiles
+from recipe import build_eval_transform, build_train_transform, train_decode_side
+from utils import cpu_model, resolve_workers
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
 DEFAULTS = {
@@ -271,7 +275,7 @@ def workers_for(cores: int | None, requested: str) -> int:
     """Loader workers for a core setting: ``--workers auto`` picks what train.py's auto would on that many cores."""
     if cores is not None and requested == "auto":
         return min(8, cores)
-    return train.resolve_workers(requested)
+    return resolve_workers(requested)
 
 
 # --------------------------------------------------------------------------- one loader worker's cost
@@ -354,7 +358,7 @@ class OurRun:
     options: argparse.Namespace
     accel: Accel
     data: TrainValData
-    loaders: train.Loaders
+    loaders: pipeline.Loaders
     model: nn.Module
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
@@ -365,7 +369,7 @@ class OurRun:
 def our_options(args: argparse.Namespace, workers: int, trainable: str) -> argparse.Namespace:
     """train.py's options at their defaults (--cache auto included), but for this benchmark's arch, size, batch,
     device, path and workers."""
-    return train.parse_args([
+    return parse_train_args([
         "--data-dir", args.data_dir, "--arch", args.arch, "--weights", "none", "--img-size", str(args.img_size),
         "--batch-size", str(args.batch_size), "--device", args.device, "--no-progress", "--workers", str(workers),
         "--augment-device", args.path, "--trainable", trainable,
@@ -381,7 +385,7 @@ def benchmark_data(samples: list, args: argparse.Namespace) -> TrainValData:
 def our_model(options: argparse.Namespace, accel: Accel) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model train.py builds for ``options`` and its optimizer."""
     torch.manual_seed(0)
-    model = train.make_model(options, options.classes, accel)
+    model = make_model(options, options.classes, accel)
     return model, make_optimizer(trainable_parameters(model), options.lr, options.weight_decay, accel.device)
 
 
@@ -391,16 +395,18 @@ def start_our_run(options: argparse.Namespace, data: TrainValData) -> OurRun:
                   options.channels_last)
     options.classes = len(data.class_names)
     model, optimizer = our_model(options, accel)
-    return OurRun(options, accel, data, train.make_loaders(data, options, accel), model,
-                  train.make_criterion(data, options, accel.device), optimizer, make_grad_scaler(accel),
-                  train.resolve_augment_device(options.augment_device, accel.device) == "gpu")
+    labels = [label for _, label in data.train_samples]
+    criterion = make_criterion(balanced_class_weights(labels, options.classes).to(accel.device), options.label_smoothing)
+    return OurRun(options, accel, data, pipeline.load_data(data, options, accel, *input_normalization(options.arch)),
+                  model, criterion, optimizer, make_grad_scaler(accel),
+                  pipeline.choose_data_path(options.augment_device, accel.device) == "gpu")
 
 
-def synthetic_batches(run: OurRun, count: int) -> list[pipeline.Batch]:
+def synthetic_batches(run: OurRun, count: int) -> list[common.Batch]:
     """``count`` batches of one random batch already on the device, as the pipeline would yield them."""
     images, targets = random_batch(run.options.batch_size, run.options.img_size, run.options.classes,
                                    run.accel.device)
-    batch = pipeline.Batch(run.accel.images_to_device(images), targets, list(range(len(targets))), [])
+    batch = common.Batch(run.accel.images_to_device(images), targets, list(range(len(targets))), [])
     return [batch] * count
 
 
@@ -467,7 +473,7 @@ def ceiling_eval(run: OurRun, count: int) -> Measure:
     """Our prediction step (eval mode, autocast, softmax) on batches already on the device."""
     batches = synthetic_batches(run, count)
 
-    def predict_only(batches: list[pipeline.Batch]) -> None:
+    def predict_only(batches: list[common.Batch]) -> None:
         run.model.eval()
         with torch.inference_mode(), run.accel.autocast():
             for batch in batches:
@@ -480,7 +486,7 @@ def ceiling_eval(run: OurRun, count: int) -> Measure:
 def other_trainable(run: OurRun, trainable: str, epoch: int, count: int) -> tuple[Measure, Measure]:
     """A steady-state epoch and the ceiling of a model training ``trainable``, on the run's batches (their cache
     already built)."""
-    options = argparse.Namespace(**{**vars(run.options), "trainable": train.spelled_out_trainable(trainable)})
+    options = argparse.Namespace(**{**vars(run.options), "trainable": spelled_out_trainable(trainable)})
     model, optimizer = our_model(options, run.accel)
     warm_up_model(run, model, optimizer)
     run.loaders.train.set_epoch(epoch)
@@ -688,7 +694,7 @@ def setup_description(args: argparse.Namespace, settings: list[Setting], seconds
     return (f"{args.arch} at {args.img_size} px, batch {args.batch_size}, {args.images} images of "
             f"{args.width}x{args.height} in {args.classes} classes, {args.epochs} epochs; ours: "
             f"{settings[0].precision}, {'gpu' if args.on_device else 'cpu'} path, trains "
-            f"{train.spelled_out_trainable(args.trainable)}; cores: {cores}"
+            f"{spelled_out_trainable(args.trainable)}; cores: {cores}"
             f"{' (fewer cores: os.sched_setaffinity on every thread, torch threads to match)' if pinned else ''}; "
             f"the benchmark took {seconds:.0f} s")
 
@@ -847,7 +853,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU is visible; run with --device cpu")
-    args.on_device = train.resolve_augment_device(args.path, device) == "gpu"
+    args.on_device = pipeline.choose_data_path(args.path, device) == "gpu"
     with tempfile.TemporaryDirectory(prefix="bench-data-") as data_dir:
         args.data_dir = data_dir
         elapsed_note(started, f"generating {args.images} JPEGs of {args.width}x{args.height} in {args.classes} "

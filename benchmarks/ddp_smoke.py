@@ -28,9 +28,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common
 import distributed  # noqa: E402
 import engine  # noqa: E402
-import pipeline  # noqa: E402
 from accel import Accel  # noqa: E402
 from model import build_model, freeze_blocks, parse_trainable, thaw_blocks  # noqa: E402
 
@@ -42,8 +42,8 @@ def say(stage: str, ok: bool, detail: str) -> None:
 
 
 
-def train_steps(model: nn.Module, accel: Accel, optimizer: torch.optim.Optimizer, world: distributed.World,
-                batches: list[pipeline.Batch]) -> engine.EpochResult:
+def train_steps(model: nn.Module, accel: Accel, optimizer: torch.optim.Optimizer, world: common.World,
+                batches: list[common.Batch]) -> engine.EpochResult:
     """``batches`` through engine.train_one_epoch with the step options train.py uses under torchrun."""
     options = engine.StepOptions(all_finite=lambda finite: distributed.all_ranks_true(finite, world),
                                  empty_images=lambda: accel.images_to_device(torch.empty(0, 3, 64, 64)))
@@ -51,9 +51,9 @@ def train_steps(model: nn.Module, accel: Accel, optimizer: torch.optim.Optimizer
     return engine.train_one_epoch(model, batches, criterion, optimizer, accel, show_progress=False, options=options)
 
 
-def random_batches(accel: Accel, count: int) -> list[pipeline.Batch]:
+def random_batches(accel: Accel, count: int) -> list[common.Batch]:
     """``count`` batches of 8 random images (64 px) on the device."""
-    return [pipeline.Batch(accel.images_to_device(torch.randn(8, 3, 64, 64)),
+    return [common.Batch(accel.images_to_device(torch.randn(8, 3, 64, 64)),
                            torch.randint(0, 5, (8,), device=accel.device), list(range(8)), [])
             for _ in range(count)]
 
@@ -66,7 +66,7 @@ def sync_bn(model: nn.Module, device: torch.device) -> int:
     return distributed.sync_trainable_batchnorm(copy.deepcopy(model))
 
 
-def smoke(device: torch.device, world: distributed.World) -> None:
+def smoke(device: torch.device, world: common.World) -> None:
     """Wrap, convert, train, thaw, rebuild, train: each stage checked."""
     accel = Accel(device, torch.bfloat16 if device.type == "cuda" else None, channels_last=True)
     torch.manual_seed(0)
@@ -99,7 +99,7 @@ def smoke(device: torch.device, world: distributed.World) -> None:
         f"layer3 thawed ({converted} BatchNorm converted), {reducers} reducer(s) alive after the rebuild, 3 steps, "
         f"layer3 moved {moved}")
 
-    empty = pipeline.Batch(None, None, [], [])
+    empty = common.Batch(None, None, [], [])
     result = train_steps(wrapper, accel, optimizer, world, [random_batches(accel, 1)[0], empty])
     finite = all(torch.isfinite(parameter).all().item() for parameter in model.parameters())
     say("empty batch", result.images == 8 and finite, "a batch with every image failed still steps; weights finite "
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ddp backend: {backend}, torch {torch.__version__}, DDP keywords: forward_sync_buffers "
                   f"{'forward_sync_buffers' in distributed.ddp_keywords(nn.parallel.DistributedDataParallel)}",
                   flush=True)
-            smoke(device, distributed.World(rank=0, local_rank=0, world_size=2, device=device))
+            smoke(device, common.World(rank=0, local_rank=0, world_size=2, device=device))
         finally:
             dist.destroy_process_group()
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 import pipeline  # noqa: E402
 from accel import Accel, configure_backends, flagged_waits  # noqa: E402
-from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from common import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model, freeze_blocks, parse_trainable  # noqa: E402
 
 SYNC_EVENT_MARK = "Synchronize"  # cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize

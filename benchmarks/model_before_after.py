@@ -25,8 +25,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import model as current_model  # noqa: E402
 from cpu_precision import images_per_second  # noqa: E402
+
+import model as current_model  # noqa: E402
 
 
 def model_module_at(ref: str, folder: Path) -> ModuleType:

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
 from bench import machine_description, publish
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
 """Build the small bundled sample dataset ``data/sample/`` from Fashion-MNIST.
 
 The source is the Debian package ``dataset-fashion-mnist`` (gzipped IDX files
-in ``/usr/share/datasets/fashion-mnist/``). The result is a tiny,
-long-tailed image-classification dataset laid out for
-``torchvision.datasets.ImageFolder``::
+in ``/usr/share/datasets/fashion-mnist/``), read with torchvision's MNIST
+readers. The result is a tiny, long-tailed image-classification dataset laid
+out for ``torchvision.datasets.ImageFolder``::
 
     data/sample/
         train/<class>/<source index>.jpg   long-tailed, 60 down to 12 per class
@@ -30,8 +30,8 @@ import gzip
 import io
 import random
 import shutil
-import struct
 import sys
+import tempfile
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_OUTPUT = Path("data/sample")
@@ -48,8 +49,9 @@ SOURCE_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-IDX_IMAGES_MAGIC = 0x00000803
-IDX_LABELS_MAGIC = 0x00000801
+IDX_READERS = {"images": read_image_file, "labels": read_label_file}
+# What torchvision's readers raise on a file that is not a uint8 IDX file of the expected kind (images 3-D, labels 1-D).
+IDX_ERRORS = (AssertionError, IndexError, KeyError, RuntimeError, TypeError, ValueError)
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 
 CLASS_NAMES = (
@@ -179,26 +181,31 @@ def source_paths(source: Path) -> dict[str, Path]:
     return paths
 
 
-def read_idx(path: Path, magic: int, n_dims: int) -> np.ndarray:
-    """Read a gzipped IDX file with the given magic number into a uint8 array."""
+def gunzip(path: Path, target: Path) -> None:
+    """Decompress the gzipped file ``path`` into the file ``target``."""
     try:
-        data = gzip.decompress(path.read_bytes())
+        with gzip.open(path, "rb") as source, target.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
     except (OSError, EOFError, zlib.error) as exc:
         raise SampleError(f"cannot read {path}: {exc}; try: {INSTALL_HINT}") from exc
-    header_size = 4 * (1 + n_dims)
-    if len(data) < header_size:
-        raise SampleError(f"{path} is too short for an IDX file; try: {INSTALL_HINT}")
-    header = struct.unpack(f">{1 + n_dims}i", data[:header_size])
-    shape = header[1:]
-    if header[0] != magic or len(data) != header_size + int(np.prod(shape)):
-        raise SampleError(f"{path} is not a valid IDX file; try: {INSTALL_HINT}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """Read a gzipped IDX file of ``kind`` ("images" or "labels") with torchvision's MNIST reader."""
+    with tempfile.TemporaryDirectory(prefix="make_sample-") as tmp:
+        plain = Path(tmp) / path.stem
+        gunzip(path, plain)
+        try:
+            tensor = IDX_READERS[kind](str(plain))
+        except IDX_ERRORS as exc:
+            raise SampleError(f"{path} is not a valid IDX file of {kind}; try: {INSTALL_HINT}") from exc
+    return tensor.numpy()
 
 
 def load_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Load matching image and label arrays of one Fashion-MNIST split."""
-    images = read_idx(images_path, IDX_IMAGES_MAGIC, 3)
-    labels = read_idx(labels_path, IDX_LABELS_MAGIC, 1)
+    images = read_idx(images_path, "images")
+    labels = read_idx(labels_path, "labels")
     if len(images) != len(labels):
         raise SampleError(f"{images_path} and {labels_path} differ in length")
     return images, labels

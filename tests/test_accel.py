@@ -248,10 +248,10 @@ def test_supported_archs_are_torchvisions_networks_with_our_head(arch: str) -> N
 
 
 def test_resolve_augment_device() -> None:
-    assert train.resolve_augment_device("auto", CUDA) == "gpu"
-    assert train.resolve_augment_device("auto", CPU) == "cpu"
-    assert train.resolve_augment_device("cpu", CUDA) == "cpu"
-    assert train.resolve_augment_device("gpu", CUDA) == "gpu"
+    assert pipeline.choose_data_path("auto", CUDA) == "gpu"
+    assert pipeline.choose_data_path("auto", CPU) == "cpu"
+    assert pipeline.choose_data_path("cpu", CUDA) == "cpu"
+    assert pipeline.choose_data_path("gpu", CUDA) == "gpu"
 
 
 def test_device_path_trains_on_the_cpu_and_decodes_only_in_the_first_epoch(

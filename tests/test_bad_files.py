@@ -23,8 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-import dataset
 import evaluate
+import images
 import pipeline
 import predict
 import train
@@ -40,6 +40,7 @@ from conftest import (
     colour_image,
     read_csv_rows,
 )
+from images import load_rgb
 
 # --max-image-pixels, lowered for these tests so the "huge" image can stay small. Every other test image is at most
 # 32 x 32 = 1024 pixels.
@@ -226,7 +227,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> BadRun:
 
     output = root.parent / "out"
     decoded: dict[str, tuple[int, int]] = {}
-    real_load_rgb = dataset.load_rgb
+    real_load_rgb = images.load_rgb
 
     def recording_load_rgb(path, *args, **kwargs):
         image = real_load_rgb(path, *args, **kwargs)
@@ -235,7 +236,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> BadRun:
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         deny_reading(monkeypatch, {str(odd / "locked.jpg")})
-        monkeypatch.setattr(dataset, "load_rgb", recording_load_rgb)
+        monkeypatch.setattr(pipeline, "load_rgb", recording_load_rgb)
         # 3 x 3 plain + 14 in class 3 = 23 training images: batches of 8 leave no lone image to drop
         result = call_main(train.main, "--data-dir", root, "--output-dir", output, "--epochs", "1",
                            *TINY_TRAIN_FLAGS, "--batch-size", "8", *LIMIT_FLAGS)
@@ -324,7 +325,7 @@ def test_real_unreadable_permissions_are_reported(tmp_path: Path) -> None:
     plain_jpeg(path)
     path.chmod(0)
     try:
-        assert dataset.find_unreadable([path]) == [(str(path), "[Errno 13] Permission denied")]
+        assert images.find_unreadable([path]) == [(str(path), "[Errno 13] Permission denied")]
     finally:
         path.chmod(0o644)
 
@@ -344,7 +345,7 @@ def test_the_device_path_decodes_every_kind_of_file_as_the_cpu_path(bad_run: Bad
 
     images = {item.path: image for item, image in decoded}
     for name in GOOD_FILES:
-        expected = pipeline.pixels_of(dataset.load_rgb(bad_run.path(name)))
+        expected = pipeline.pixels_of(load_rgb(bad_run.path(name)))
         got = images[bad_run.path(name)]
         assert got.dtype == torch.uint8 and got.shape == expected.shape, name
         assert (got.float() - expected.float()).abs().mean() < 1.0, name  # decoders may differ in the last bit
@@ -439,9 +440,9 @@ def test_max_image_pixels_0_lifts_the_limit_and_the_default_is_at_least_pillows(
 ) -> None:
     test_dir, _ = test_dir_with_broken_images
     huge = test_dir / "huge.png"
-    assert dataset.DEFAULT_MAX_IMAGE_PIXELS >= 2 * Image.MAX_IMAGE_PIXELS  # never below where Pillow refuses
-    assert dataset.decode_or_failure(str(huge), max_pixels=0).size == (HUGE_SIDE, HUGE_SIDE)
-    assert dataset.decode_or_failure(str(huge)).size == (HUGE_SIDE, HUGE_SIDE)
+    assert images.DEFAULT_MAX_IMAGE_PIXELS >= 2 * Image.MAX_IMAGE_PIXELS  # never below where Pillow refuses
+    assert pipeline.decode_or_failure(str(huge), max_pixels=0).size == (HUGE_SIDE, HUGE_SIDE)
+    assert pipeline.decode_or_failure(str(huge)).size == (HUGE_SIDE, HUGE_SIDE)
     assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # Pillow's own setting is left as it was
     for broken in ("cut.jpg", "empty.jpg", "text.jpg"):
         (test_dir / broken).unlink()
@@ -457,7 +458,7 @@ def test_max_image_pixels_0_lifts_the_limit_and_the_default_is_at_least_pillows(
 def test_every_script_takes_max_image_pixels_and_refuses_a_negative_one(script: str, tmp_path: Path) -> None:
     module = {"train.py": train, "predict.py": predict, "evaluate.py": evaluate}[script]
     [option] = [action for action in module.get_args_parser()._actions if "--max-image-pixels" in action.option_strings]
-    assert option.default == dataset.DEFAULT_MAX_IMAGE_PIXELS and "0 = no limit" in option.help
+    assert option.default == images.DEFAULT_MAX_IMAGE_PIXELS and "0 = no limit" in option.help
     result = call_main(module.main, "--max-image-pixels", "-1", "--output-dir" if script == "train.py" else
                        "--batch-size", tmp_path if script == "train.py" else "8")
     assert_user_error(result, "--max-image-pixels -1")

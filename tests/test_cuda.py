@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import common
 import engine
 import pipeline
 from accel import Accel, flagged_waits, make_grad_scaler, resolve_amp
@@ -66,7 +67,7 @@ def test_cuda_training_steps_wait_only_for_the_closing_read(monkeypatch: pytest.
     optimizer = engine.make_optimizer(list(model.parameters()), 1e-3, 1e-4, CUDA)
     average = engine.WeightAverage(model, 0.99)
     images = accel.images_to_device(torch.randn(8, 3, 64, 64))
-    batches = [pipeline.Batch(images, torch.randint(0, 4, (8,), device=CUDA), list(range(8)), [])] * 6
+    batches = [common.Batch(images, torch.randint(0, 4, (8,), device=CUDA), list(range(8)), [])] * 6
     options = engine.StepOptions(after_step=lambda: average.update(model))
     criterion = nn.CrossEntropyLoss(label_smoothing=0.05)
     engine.train_one_epoch(model, batches, criterion, optimizer, accel, show_progress=False, options=options)
@@ -82,7 +83,7 @@ def test_cuda_fp16_overflow_skips_keep_fused_sgd_momentum_finite() -> None:
     optimizer = engine.make_optimizer(list(model.parameters()), 0.1, 0.0, CUDA, kind="sgd")
     scaler = make_grad_scaler(accel)
     scaler._init_scale = 2.0 ** 127  # the first steps overflow in fp16 and are skipped, as on a T4
-    batches = [pipeline.Batch(torch.randn(4, 3, 2, 2, device=CUDA) * 100, torch.tensor([0, 1, 2, 0], device=CUDA),
+    batches = [common.Batch(torch.randn(4, 3, 2, 2, device=CUDA) * 100, torch.tensor([0, 1, 2, 0], device=CUDA),
                               [0, 1, 2, 3], [])] * 8
     engine.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, accel, scaler, show_progress=False)
     assert scaler.get_scale() < 2.0 ** 127  # some steps were skipped
@@ -121,7 +122,7 @@ def test_cuda_empty_batch_runs_forward_and_backward_in_bf16() -> None:
     optimizer = engine.make_optimizer(list(model.parameters()), 1e-3, 0.0, CUDA)
     running_mean = model.bn1.running_mean.clone()
     options = engine.StepOptions(empty_images=lambda: accel.images_to_device(torch.empty(0, 3, 64, 64)))
-    result = engine.train_one_epoch(model, [pipeline.Batch(None, None, [], [])], nn.CrossEntropyLoss(reduction="sum"),
+    result = engine.train_one_epoch(model, [common.Batch(None, None, [], [])], nn.CrossEntropyLoss(reduction="sum"),
                                     optimizer,
                                     accel, show_progress=False, options=options)
     assert result.images == 0 and torch.equal(model.bn1.running_mean, running_mean)

@@ -13,19 +13,11 @@ from PIL import Image
 from sklearn.utils.class_weight import compute_class_weight
 
 from conftest import ColourData
-from dataset import (
-    balanced_class_weights,
-    build_train_transform,
-    find_test_images,
-    find_unreadable,
-    list_images,
-    load_rgb,
-    load_train_val,
-    sort_class_names,
-    stratified_split,
-    to_rgb,
-    transform_seeded,
-)
+from dataset import find_test_images, list_images, load_train_val, sort_class_names, stratified_split
+from engine import balanced_class_weights
+from images import find_unreadable, load_rgb, to_rgb
+from pipeline import transform_seeded
+from recipe import build_train_transform
 from utils import UserError
 
 # --------------------------------------------------------------------------- class order

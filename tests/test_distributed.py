@@ -18,12 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 import distributed
-from dataset import EpochSampler
+from common import World
 from distributed import (
     GlobalCrossEntropy,
     PeerLostError,
-    ShardedBatches,
-    World,
     all_reduce_eval,
     all_reduce_sum,
     any_rank,
@@ -34,14 +32,11 @@ from distributed import (
     init_world,
     peer_failures,
     rank_device,
-    shard_range,
-    shard_slice,
-    sharded_epoch_batches,
     sync_buffers,
     wrap_model,
 )
 from engine import EvalResult
-from pipeline import epoch_batches
+from samplers import EpochSampler, ShardedBatches, epoch_batches, shard_range, shard_slice, sharded_epoch_batches
 from utils import UserError, exit_on_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

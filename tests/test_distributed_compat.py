@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 import distributed
+from common import World
 from distributed import (
     GlobalCrossEntropy,
-    World,
     describe_sync_bn,
     global_weighted_share,
     release_wrapper,

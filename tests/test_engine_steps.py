@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+import common
 import engine
-import pipeline
 from accel import Accel
 from model import build_model
 
@@ -20,11 +20,11 @@ def fused_sgd(model: nn.Module) -> torch.optim.SGD:
     return engine.make_optimizer(list(model.parameters()), 0.1, 0.0, torch.device("cuda"), kind="sgd")
 
 
-def linear_batches(first_loss_nan: bool) -> list[pipeline.Batch]:
+def linear_batches(first_loss_nan: bool) -> list[common.Batch]:
     images = torch.randn(4, 3)
     first = images * float("nan") if first_loss_nan else images
-    return [pipeline.Batch(first, torch.tensor([0, 1, 0, 1]), [0, 1, 2, 3], []),
-            pipeline.Batch(images, torch.tensor([0, 1, 0, 1]), [0, 1, 2, 3], [])]
+    return [common.Batch(first, torch.tensor([0, 1, 0, 1]), [0, 1, 2, 3], []),
+            common.Batch(images, torch.tensor([0, 1, 0, 1]), [0, 1, 2, 3], [])]
 
 
 def test_fused_sgd_keeps_finite_momentum_after_a_skipped_first_step() -> None:
@@ -68,8 +68,8 @@ def test_a_process_whose_batch_failed_still_takes_every_step() -> None:
     model = build_model("resnet18", 3, weights="none")
     optimizer = engine.make_optimizer(list(model.parameters()), 1e-3, 0.0, CPU.device)
     images = torch.randn(2, 3, 32, 32)
-    empty = pipeline.Batch(None, None, [], [])
-    batches = [pipeline.Batch(images, torch.tensor([0, 1]), [0, 1], []), empty, empty]
+    empty = common.Batch(None, None, [], [])
+    batches = [common.Batch(images, torch.tensor([0, 1]), [0, 1], []), empty, empty]
     collectives, forwards = [], []
     model.register_forward_hook(lambda module, inputs, output: forwards.append(inputs[0].shape[0]))
     options = engine.StepOptions(all_finite=lambda finite: collectives.append(finite) or finite,
@@ -85,7 +85,7 @@ def test_a_single_process_skips_a_batch_that_failed_entirely() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     optimizer = engine.make_optimizer(list(model.parameters()), 1e-3, 0.0, CPU.device)
     steps = []
-    batches = [pipeline.Batch(None, None, [], [])]
+    batches = [common.Batch(None, None, [], [])]
     result = engine.train_one_epoch(model, batches, nn.CrossEntropyLoss(), optimizer, CPU, show_progress=False,
                                     options=engine.StepOptions(after_step=lambda: steps.append(1)))
     assert result.images == 0 and steps == []

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+import options
 import predict
 import train
 from checkpoint import make_checkpoint, save_checkpoint
+from common import IMAGENET_MEAN, IMAGENET_STD
 from conftest import (
     FAST_FLAGS,
     PREDICT_FLAGS,
@@ -29,7 +31,6 @@ from conftest import (
     go_offline,
     run_script,
 )
-from dataset import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model, freeze_blocks, parse_trainable
 
 MAINS = {"train.py": train.main, "predict.py": predict.main}
@@ -61,11 +62,11 @@ class Inputs:
 @pytest.fixture(scope="module")
 def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint in train.py's format for 3 classes, without any training: enough to reach predict's checks."""
-    args = train.parse_args(["--arch", "resnet18", "--weights", "none", *FAST_FLAGS])
+    args = options.parse_args(["--arch", "resnet18", "--weights", "none", *FAST_FLAGS])
     model = build_model(args.arch, num_classes=3, weights="none")
     freeze_blocks(model, parse_trainable(args.trainable))
     path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
-    save_checkpoint(make_checkpoint(model, ["0", "1", "2"], train.config_of(args), 0, {}, IMAGENET_MEAN, IMAGENET_STD),
+    save_checkpoint(make_checkpoint(model, ["0", "1", "2"], options.config_of(args), 0, {}, IMAGENET_MEAN, IMAGENET_STD),
                     path)
     return path
 

@@ -16,17 +16,26 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
+import engine
 import evaluate
 import metrics
+import pipeline
 import plots
 import report
 from accel import Accel
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from common import IMAGENET_MEAN, IMAGENET_STD, REPORT_FILES
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
-from dataset import IMAGENET_MEAN, IMAGENET_STD, scan_labeled_split
+from dataset import scan_labeled_split
+from engine import Predictions
 from model import model_from_config
-from report import (MAX_CAPTION_CHARS, MAX_CAPTION_NAME_CHARS, REPORT_FILES, Predictions, mistake_caption, write_evaluation_report,
-                    write_report_files)
+from report import (
+    MAX_CAPTION_CHARS,
+    MAX_CAPTION_NAME_CHARS,
+    mistake_caption,
+    write_evaluation_report,
+    write_report_files,
+)
 
 CLASSES = ["0", "1", "2"]
 
@@ -299,9 +308,11 @@ def test_library_call_as_train_py_makes_it(tiny: tuple[Path, Path], tmp_path: Pa
     checkpoint = load_checkpoint(checkpoint_path)
     samples, _ = scan_labeled_split(data_dir / "val", checkpoint["class_names"])
     accel = Accel(torch.device("cpu"), None)
-    summary = write_evaluation_report(
-        accel.prepare_model(model_from_checkpoint(checkpoint)), checkpoint, samples, tmp_path / "report", accel,
-        source="val", history_path=checkpoint_path.parent / "history.csv", batch_size=4, show_progress=False)
+    batches = pipeline.checkpoint_batches([path for path, _ in samples], checkpoint, accel, batch_size=4)
+    predictions = engine.predict_samples(accel.prepare_model(model_from_checkpoint(checkpoint)), batches, samples,
+                                         accel, show_progress=False)
+    summary = write_evaluation_report(predictions, checkpoint, tmp_path / "report", source="val",
+                                      history_path=checkpoint_path.parent / "history.csv")
     assert summary["images"] == 9 and Path(summary["report_dir"]).is_dir()
 
 
@@ -340,14 +351,15 @@ def test_undecodable_files_are_reported_with_their_reasons(
     samples = [("val/a/0.jpg", 0), ("val/b/huge.png", 1), ("val/b/1.jpg", 1), ("val/a/bad.jpg", 0)]
     reasons = {3: "cannot identify image file", 1: "image of 24960x24960 = 623.0 megapixels is above the limit"}
     probabilities = torch.tensor([[0.9, 0.1], [0.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
-    monkeypatch.setattr(report, "predict_probabilities", lambda *args: (probabilities, reasons))
+    monkeypatch.setattr(engine, "predict_probabilities", lambda *args: (probabilities, reasons))
     checkpoint = {"class_names": ["a", "b"], "config": {}, "img_size": 32, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     accel = Accel(torch.device("cpu"), None)
-    predictions = report.predict_samples(None, checkpoint, samples, accel)
+    batches = pipeline.checkpoint_batches([path for path, _ in samples], checkpoint, accel)
+    predictions = engine.predict_samples(None, batches, samples, accel)
     assert predictions.paths == ["val/a/0.jpg", "val/b/1.jpg"] and predictions.targets.tolist() == [0, 1]
     assert predictions.failed == [("val/b/huge.png", reasons[1]), ("val/a/bad.jpg", reasons[3])]
 
-    summary = write_evaluation_report(None, checkpoint, samples, tmp_path, accel, show_progress=False)
+    summary = write_evaluation_report(predictions, checkpoint, tmp_path)
     assert summary["undecodable"] == [{"path": "val/b/huge.png", "reason": reasons[1]},
                                       {"path": "val/a/bad.jpg", "reason": reasons[3]}]
     assert json.loads((tmp_path / "metrics.json").read_text())["undecodable"] == summary["undecodable"]

@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 import evaluate
+import options
 import predict
 import train
+from accel import Accel
 from checkpoint import load_checkpoint, make_checkpoint
+from common import IMAGENET_MEAN, IMAGENET_STD, Batch
 from conftest import (
     PREDICT_FLAGS,
     TINY_TRAIN_FLAGS,
@@ -24,10 +27,7 @@ from conftest import (
     call_main,
     read_csv_rows,
 )
-from accel import Accel
-from dataset import IMAGENET_MEAN, IMAGENET_STD
 from engine import NonFiniteLossError, make_optimizer, train_one_epoch
-from pipeline import Batch
 from model import build_model, freeze_blocks, parse_trainable
 
 # --------------------------------------------------------------------------- checkpoints that would run code
@@ -45,10 +45,10 @@ class WritesMarker:
 
 def hostile_checkpoint(path: Path, marker: Path) -> Path:
     """A checkpoint in train.py's format (training state included) with a code-running object inside."""
-    args = train.parse_args(["--arch", "resnet18", "--weights", "none", *TINY_TRAIN_FLAGS])
+    args = options.parse_args(["--arch", "resnet18", "--weights", "none", *TINY_TRAIN_FLAGS])
     model = build_model("resnet18", num_classes=3, weights="none")
     freeze_blocks(model, parse_trainable(args.trainable))
-    checkpoint = make_checkpoint(model, ["0", "1", "2"], train.config_of(args), 1, {}, IMAGENET_MEAN, IMAGENET_STD)
+    checkpoint = make_checkpoint(model, ["0", "1", "2"], options.config_of(args), 1, {}, IMAGENET_MEAN, IMAGENET_STD)
     checkpoint["training_state"] = {"progress": {"epoch": 1}, "hook": WritesMarker(marker)}
     torch.save(checkpoint, path)  # the default pickle protocol
     return path

@@ -21,10 +21,12 @@ from PIL import Image, ImageDraw
 # Let `pytest` find the repo-root modules however it is invoked.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dataset  # noqa: E402
+import common
 import gpu_augment as ga  # noqa: E402
+import recipe
+from recipe import TrainAugmentation
 
-MEAN, STD = dataset.IMAGENET_MEAN, dataset.IMAGENET_STD
+MEAN, STD = common.IMAGENET_MEAN, common.IMAGENET_STD
 IMG = 56
 # Kolmogorov-Smirnov critical values at alpha = 1e-4, sqrt(ln(2 / alpha) / 2) = 2.23 times sqrt(1/n) (one sample
 # of n) or sqrt(2/n) (two samples of n).
@@ -186,12 +188,12 @@ def test_flip_angle_and_jitter_parameters():
 
 
 def test_jitter_ranges_follow_colorjitter_rules():
-    augment = ga.TrainAugment(IMG, MEAN, STD, brightness=1.5, contrast=0.0, saturation=0.3, hue=0.5)
+    augment = ga.TrainAugment(IMG, MEAN, STD, TrainAugmentation(brightness=1.5, contrast=0.0, saturation=0.3, hue=0.5))
     assert augment.brightness == (0.0, 2.5)  # the lower bound is clamped at 0
     assert augment.contrast == (1.0, 1.0) and augment.jitter_enabled == (True, False, True, True)
     assert augment.hue == (-0.5, 0.5)
     with pytest.raises(ValueError):
-        ga.TrainAugment(IMG, MEAN, STD, hue=0.6)
+        ga.TrainAugment(IMG, MEAN, STD, TrainAugmentation(hue=0.6))
 
 
 # --------------------------------------------------------------------------- the operations vs torchvision's
@@ -217,7 +219,7 @@ def test_jitter_applies_each_samples_own_order():
     generator = torch.Generator().manual_seed(6)
     count = 24
     pixels = torch.rand(count, 3, 10, 10, generator=generator)
-    augment = ga.TrainAugment(IMG, MEAN, STD, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.3)
+    augment = ga.TrainAugment(IMG, MEAN, STD, TrainAugmentation(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.3))
     params = augment.sample_params(torch.tensor([[10, 10]]).repeat(count, 1), generator)
     ours = ga.apply_color_jitter(pixels, params, augment.jitter_enabled)
 
@@ -260,10 +262,10 @@ def test_rotation_and_flip_match_torchvision_pil():
 
 
 def test_identity_settings_reproduce_a_plain_resize(images):
-    augment = ga.TrainAugment(
-        IMG, MEAN, STD, scale=(1.0, 1.0), ratio=(0.5, 2.0), flip_p=0.0,
-        brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, degrees=0.0,
-    )
+    augment = ga.TrainAugment(IMG, MEAN, STD, TrainAugmentation(
+        scale=(1.0, 1.0), ratio=(0.5, 2.0), flip_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+        degrees=0.0,
+    ))
     ours = augment(decoded(images), torch.Generator().manual_seed(8))
     expected = torch.stack([TF.normalize(TF.to_tensor(TF.resize(image, [IMG, IMG])), MEAN, STD) for image in images])
     # The whole image resized, antialiased: PIL rounds to 8 bits, torch does not. Measured 0.003.
@@ -277,7 +279,7 @@ def test_output_statistics_match_the_cpu_recipe(images):
     # its standard error is ~0.002 per pipeline.
     draws = 16
     torch.manual_seed(9)
-    train_transform = dataset.build_train_transform(IMG)
+    train_transform = recipe.build_train_transform(IMG)
     cpu = torch.stack([train_transform(image) for _ in range(draws) for image in images])
     augment = ga.TrainAugment(IMG, MEAN, STD)
     generator = torch.Generator().manual_seed(9)
@@ -319,7 +321,7 @@ def test_the_same_parameters_give_the_cpu_recipes_image(images):
 
 def test_eval_transform_matches_cpu_eval(images):
     ours = ga.EvalTransform(IMG, MEAN, STD)(decoded(images))
-    eval_transform = dataset.build_eval_transform(IMG)
+    eval_transform = recipe.build_eval_transform(IMG)
     expected = torch.stack([eval_transform(image) for image in images])
     errors = pixel_mae(ours, expected)
     # The same resize (shorter side 64, torchvision's rounding), antialiased, and the same crop: only the
@@ -364,7 +366,7 @@ def test_cuda_matches_cpu(images):
     assert differs.float().mean().item() < 1e-3
     # The eval crop compared before its rounding to uint8: a CUDA kernel's last-bit difference may flip a pixel
     # that sits at .5 (the CPU alone flips 15 of 75,264 in fp32 against fp64).
-    side = dataset.eval_resize_size(IMG)
+    side = recipe.eval_resize_size(IMG)
     for image in tensors:
         on_cpu = ga.centre_crop(ga.resize_shorter_side(image, side), IMG)
         on_cuda = ga.centre_crop(ga.resize_shorter_side(image.cuda(), side), IMG)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, features
+from test_evaluate import make_tiny_checkpoint
 
-import dataset
 import evaluate
+import images
 import predict
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
 from dataset import list_images, load_train_val, scan_labeled_split, unknown_class_folders
-from test_evaluate import make_tiny_checkpoint
 from utils import UserError
 
 CLASSES = ["0", "1", "2"]
@@ -297,10 +297,10 @@ def test_a_given_val_fraction_beside_a_val_folder_is_noted(tmp_path: Path, capsy
 def test_the_default_pixel_limit_follows_the_machines_memory(tmp_path: Path) -> None:
     """A clip-art PNG above Pillow's bomb limit (179 Mpx) is read where memory allows it: the default limit is a
     sixteenth of the available memory in pixels, never below Pillow's."""
-    assert dataset.machine_pixel_limit(10 * 10**9) >= 623_001_600  # the largest PNG a user met
-    assert dataset.machine_pixel_limit(1 * 10**9) == dataset.PILLOW_PIXEL_LIMIT
+    assert images.machine_pixel_limit(10 * 10**9) >= 623_001_600  # the largest PNG a user met
+    assert images.machine_pixel_limit(1 * 10**9) == images.PILLOW_PIXEL_LIMIT
     path = tmp_path / "poster.png"
     Image.new("1", (14_000, 13_000)).save(path)  # 182 Mpx of one bit: tiny on disk, only its header is read here
-    limit = dataset.machine_pixel_limit(16 * 182_000_000)
-    assert dataset.find_unreadable([str(path)], max_pixels=limit) == []
-    assert "above the limit" in dataset.find_unreadable([str(path)], max_pixels=dataset.PILLOW_PIXEL_LIMIT)[0][1]
+    limit = images.machine_pixel_limit(16 * 182_000_000)
+    assert images.find_unreadable([str(path)], max_pixels=limit) == []
+    assert "above the limit" in images.find_unreadable([str(path)], max_pixels=images.PILLOW_PIXEL_LIMIT)[0][1]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.font_manager import FontEntry
+from test_ablate import load_ablate
 
 import plots
-from test_ablate import load_ablate
 
 # 36 classes whose names share a long head and tail, so that their caption labels grow well past 18 characters
 # to stay distinct (as report.plot_misclassified shortens them).

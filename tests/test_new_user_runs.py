@@ -18,9 +18,11 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+import common
 import distributed
 import engine
-import report
+import options
+import pipeline
 import train
 import utils
 from accel import Accel
@@ -58,8 +60,10 @@ def training_accuracy(checkpoint_path: Path, data_root: Path) -> float:
     names = checkpoint["class_names"]
     samples = [(str(path), names.index(path.parent.name)) for split in ("train", "val")
                for path in sorted((data_root / split).glob("*/*.jpg"))]
-    predictions = report.predict_samples(model_from_checkpoint(checkpoint), checkpoint, samples,
-                                         Accel(CPU, channels_last=False), show_progress=False)
+    accel = Accel(CPU, channels_last=False)
+    batches = pipeline.checkpoint_batches([path for path, _ in samples], checkpoint, accel)
+    predictions = engine.predict_samples(model_from_checkpoint(checkpoint), batches, samples, accel,
+                                         show_progress=False)
     return float((predictions.probabilities.argmax(axis=1) == predictions.targets).mean())
 
 
@@ -136,8 +140,8 @@ def test_continuing_after_a_class_was_added_names_it_before_any_note(own_data: P
 
 def test_a_peer_that_stopped_on_request_is_not_blamed_as_a_crash() -> None:
     store = dist.HashStore()
-    rank0 = distributed.World(rank=0, local_rank=0, world_size=2, timeout_s=0.3, store=store)
-    rank1 = distributed.World(rank=1, local_rank=1, world_size=2, timeout_s=0.3, store=store)
+    rank0 = common.World(rank=0, local_rank=0, world_size=2, timeout_s=0.3, store=store)
+    rank1 = common.World(rank=1, local_rank=1, world_size=2, timeout_s=0.3, store=store)
     distributed.announce_stop(rank0)  # rank 0 leaves after a Ctrl-C
 
     with pytest.raises(distributed.PeerStoppedError) as raised:
@@ -149,7 +153,7 @@ def test_a_peer_that_stopped_on_request_is_not_blamed_as_a_crash() -> None:
 
 
 def test_a_peer_that_did_not_announce_a_stop_is_still_named_as_silent() -> None:
-    world = distributed.World(rank=1, local_rank=1, world_size=2, timeout_s=0.3, store=dist.HashStore())
+    world = common.World(rank=1, local_rank=1, world_size=2, timeout_s=0.3, store=dist.HashStore())
     with pytest.raises(distributed.PeerLostError) as raised:
         with distributed.peer_failures(world, "epoch 3"):
             raise RuntimeError(GLOO_GLITCH)
@@ -192,8 +196,8 @@ def test_a_resume_past_a_thaw_counts_the_thawed_parameters(small_data: ColourDat
 
 
 def test_under_torchrun_the_bar_says_whose_figures_it_shows() -> None:
-    assert train.bar_label("epoch 3/10", distributed.World(world_size=2)) == "epoch 3/10 (rank 0's images)"
-    assert train.bar_label("epoch 3/10", distributed.World()) == "epoch 3/10"
+    assert distributed.bar_label("epoch 3/10", common.World(world_size=2)) == "epoch 3/10 (rank 0's images)"
+    assert distributed.bar_label("epoch 3/10", common.World()) == "epoch 3/10"
 
 
 def test_no_progress_bars_in_a_redirected_log(small_data: ColourData, tmp_path: Path) -> None:
@@ -277,6 +281,6 @@ def test_train_knows_whether_val_fraction_was_given(tmp_path: Path, argv: list[s
     if config is not None:
         (tmp_path / "run.yaml").write_text(config)
         argv = [*argv, "--config", str(tmp_path / "run.yaml")]
-    args = train.parse_args([*argv, "--output-dir", str(tmp_path / "out")])
+    args = options.parse_args([*argv, "--output-dir", str(tmp_path / "out")])
     assert args.val_fraction_given is given
-    assert "val_fraction_given" not in train.config_of(args)
+    assert "val_fraction_given" not in options.config_of(args)

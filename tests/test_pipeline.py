@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 import cache
+import common
 import engine
 import pipeline
 from accel import Accel
-from dataset import decode_rgb, load_rgb, train_decode_side
+from images import decode_rgb, load_rgb
 from model import build_model
+from recipe import train_decode_side
 from utils import UserError
 
 CPU = Accel(torch.device("cpu"), channels_last=False)
@@ -402,8 +404,8 @@ def test_a_non_finite_loss_between_readbacks_names_the_batches(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     optimizer = engine.make_optimizer(list(model.parameters()), 1e-3, 0.0, CPU.device)
     images = torch.randn(2, 3, 2, 2)
-    batches = [pipeline.Batch(images, torch.tensor([0, 1]), [0, 1], []) for _ in range(6)]
-    batches[2] = pipeline.Batch(images * float("nan"), torch.tensor([0, 1]), [0, 1], [])
+    batches = [common.Batch(images, torch.tensor([0, 1]), [0, 1], []) for _ in range(6)]
+    batches[2] = common.Batch(images * float("nan"), torch.tensor([0, 1]), [0, 1], [])
     before = [parameter.detach().clone() for parameter in model.parameters()]
 
     with pytest.raises(engine.NonFiniteLossError, match="loss is nan in one of batches 1 to 4"):

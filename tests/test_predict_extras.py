@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_evaluate import make_tiny_checkpoint
 from torch import nn
 
 import predict
 from accel import Accel
+from common import Batch
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
 from engine import predict_probabilities
-from pipeline import Batch
-from test_evaluate import make_tiny_checkpoint
 
 CPU = Accel(torch.device("cpu"), None, channels_last=False)
 

@@ -12,17 +12,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 import torch
+import yaml
+from test_resume import assert_same_training, history_without_seconds
 from torch import nn
+from torch.nn import functional as F
 
+import common
 import dataset as train_set
+import engine
 import evaluate
 import gpu_augment
+import options
 import pipeline
 import predict
 import train
 from checkpoint import load_checkpoint
+from common import IMAGENET_MEAN, IMAGENET_STD, World
 from conftest import (
     PREDICT_FLAGS,
     REPO_ROOT,
@@ -34,14 +40,20 @@ from conftest import (
     read_csv_rows,
     run_script,
 )
-from dataset import IMAGENET_MEAN, IMAGENET_STD, EpochSampler, balanced_sample_weights, build_train_transform
-from model import FrozenBatchNorm, build_model, freeze_blocks, input_normalization, parameter_count, parse_trainable
-from model import thaw_blocks
-from distributed import World
 from engine import EvalResult, StepOptions, WeightAverage, make_optimizer, train_one_epoch
+from model import (
+    FrozenBatchNorm,
+    build_model,
+    freeze_blocks,
+    input_normalization,
+    parameter_count,
+    parse_trainable,
+    thaw_blocks,
+)
+from recipe import build_train_transform
 from resume import Progress
+from samplers import EpochSampler, balanced_sample_weights
 from utils import UserError
-from test_resume import assert_same_training, history_without_seconds
 
 CPU = torch.device("cpu")
 
@@ -57,10 +69,10 @@ def tiny_train(data: ColourData, output: Path, *flags: str | Path):
 
 
 def test_warmup_rises_linearly_then_the_cosine_spans_the_other_epochs() -> None:
-    rates = [train.learning_rate(1.0, epoch, 10, warmup_epochs=3) for epoch in range(1, 11)]
+    rates = [engine.learning_rate(1.0, epoch, 10, warmup_epochs=3) for epoch in range(1, 11)]
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # epoch k of 3 gets k/4, then the cosine starts at 1
     assert rates[4:] == pytest.approx([(1 + math.cos(math.pi * k / 7)) / 2 for k in range(1, 7)])
-    assert [train.learning_rate(1.0, epoch, 10) for epoch in range(1, 11)] == \
+    assert [engine.learning_rate(1.0, epoch, 10) for epoch in range(1, 11)] == \
         pytest.approx([(1 + math.cos(math.pi * k / 10)) / 2 for k in range(10)])  # no warmup: as before
 
 
@@ -79,15 +91,15 @@ def test_the_backbone_learns_at_its_share_of_the_heads_rate(small_data: ColourDa
 # --------------------------------------------------------------------------- the step
 
 
-def linear_batches(count: int, size: int) -> list[pipeline.Batch]:
+def linear_batches(count: int, size: int) -> list[common.Batch]:
     torch.manual_seed(1)
-    return [pipeline.Batch(torch.randn(size, 6), torch.randint(0, 3, (size,)), list(range(size)), [])
+    return [common.Batch(torch.randn(size, 6), torch.randint(0, 3, (size,)), list(range(size)), [])
             for _ in range(count)]
 
 
 def test_accumulated_gradients_make_one_step_of_the_whole_batch() -> None:
     batches = linear_batches(2, 4)
-    whole = [pipeline.Batch(torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches]),
+    whole = [common.Batch(torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches]),
                             list(range(8)), [])]
     states = []
     for data, steps in ((batches, 2), (whole, 1)):
@@ -144,10 +156,10 @@ def test_best_pt_holds_the_better_of_the_raw_and_averaged_weights(tmp_path: Path
 
 def test_what_best_pt_follows_is_the_monitor() -> None:
     better_loss, better_acc = fake_evaluation(0.5, 0.2), fake_evaluation(0.75, 0.9)
-    assert train.monitored(better_loss, "val_loss", 3) > train.monitored(better_acc, "val_loss", 3)
-    assert train.monitored(better_acc, "val_acc", 3) > train.monitored(better_loss, "val_acc", 3)
+    assert engine.monitored(better_loss, "val_loss", 3) > engine.monitored(better_acc, "val_loss", 3)
+    assert engine.monitored(better_acc, "val_acc", 3) > engine.monitored(better_loss, "val_acc", 3)
     # predictions [0, 1, 1, 2] of [0, 1, 2, 2]: recalls 1, 1, 1/2 -> balanced accuracy 5/6
-    assert train.monitored(better_acc, "val_balanced_acc", 3) == pytest.approx(5 / 6)
+    assert engine.monitored(better_acc, "val_balanced_acc", 3) == pytest.approx(5 / 6)
 
 
 def test_with_the_average_on_the_history_and_last_pt_carry_it(small_data: ColourData, tmp_path: Path) -> None:
@@ -173,7 +185,8 @@ def test_mixed_targets_sum_to_one_and_follow_the_pasted_area() -> None:
     targets = torch.tensor([0, 1, 2, 3])
     for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
         mixed = gpu_augment.BatchMix(mixup, cutmix, seed=5)(images, targets, batch_number=2)
-        soft = gpu_augment.soft_targets(mixed.targets_a, mixed.targets_b, mixed.lam, 4)
+        soft = (mixed.lam * F.one_hot(mixed.targets_a, 4).float()
+                + (1 - mixed.lam) * F.one_hot(mixed.targets_b, 4).float())  # the mixed labels as probabilities
         torch.testing.assert_close(soft.sum(dim=1), torch.ones(4))
         assert torch.equal(mixed.targets_b, targets.roll(1))
         kept = (mixed.images == images).all(dim=1).float().mean().item()  # pixels left as they were
@@ -241,8 +254,7 @@ def test_the_test_size_is_stored_and_used_by_predict_and_evaluate(small_data: Co
         sizes.append(img_size)
         return real(paths, labels, img_size, *args, **kwargs)
 
-    monkeypatch.setattr(predict, "eval_batches", recording)
-    monkeypatch.setattr("report.eval_batches", recording)
+    monkeypatch.setattr(pipeline, "eval_batches", recording)  # what predict.py and evaluate.py both call
     assert call_main(predict.main, "--checkpoint", tmp_path / "out", "--test-dir", small_data.test_dir, "--output",
                      tmp_path / "p.csv", *PREDICT_FLAGS).returncode == 0
     assert call_main(evaluate.main, "--checkpoint", tmp_path / "out" / "best.pt", "--data-dir", small_data.root,
@@ -319,7 +331,7 @@ def test_every_bundled_config_is_valid_and_within_the_course_budget(config: Path
     if str(values.get("arch", "")).startswith("timm:"):
         pytest.importorskip("timm", reason="timm is optional: pip install timm (requirements-dev.txt has it)")
 
-    args = train.parse_args(["--config", str(config)])  # every value checked as its flag is; nothing downloaded
+    args = options.parse_args(["--config", str(config)])  # every value checked as its flag is; nothing downloaded
 
     written = {**values, **({"amp": "off"} if values.get("amp") is False else {})}  # YAML reads off as False
     assert {key: vars(args)[key] for key in values} == written
@@ -421,7 +433,7 @@ def test_the_folds_partition_the_pooled_images_class_by_class() -> None:
 @pytest.mark.parametrize("text", ["3", "0/5", "6/5", "1/1", "a/b", "1/5/2"])
 def test_a_fold_is_written_i_of_k(text: str) -> None:
     with pytest.raises(UserError, match=rf"^--fold {re.escape(text)}: write I/K"):
-        train_set.parse_fold(text)
+        options.parse_fold(text)
 
 
 def test_a_fold_run_validates_on_its_fold_of_train_and_val_pooled(small_data: ColourData, tmp_path: Path) -> None:

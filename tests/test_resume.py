@@ -25,6 +25,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
+import engine
 import train
 from checkpoint import load_checkpoint
 from conftest import (
@@ -154,7 +155,7 @@ def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_pa
     history = history_without_seconds(output / "history.csv")
     assert [row["epoch"] for row in history] == ["1", "2", "3", "4", "5", "6"]
     assert history[:EPOCHS] == history_without_seconds(straight.output / "history.csv")
-    assert float(history[4]["lr"]) == pytest.approx(train.learning_rate(5e-4, 5, 6))
+    assert float(history[4]["lr"]) == pytest.approx(engine.learning_rate(5e-4, 5, 6))
     assert load_checkpoint(output / "last.pt")["config"]["epochs"] == 6
     assert ("note: --epochs 6 (the run had 4): the cosine schedule is re-stretched over 6 epochs, so the learning "
             "rate goes from 7.32e-05 at epoch 4 to 1.25e-04 at epoch 5 (it rises)") in result.stdout

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import assert_same_training
 
 import train
 from checkpoint import load_checkpoint
 from conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CliResult, ColourData, assert_user_error, call_main, read_csv_rows
-from test_resume import assert_same_training
 
 # What makes the two-process run comparable with the one-process run: BatchNorm frozen, no dropout.
 COMPARABLE_FLAGS = (*TINY_TRAIN_FLAGS, "--trainable", "fc", "--dropout", "0")

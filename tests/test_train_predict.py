@@ -19,9 +19,12 @@ import yaml
 from PIL import Image
 
 import evaluate
+import options
+import pipeline
 import predict
 import train
 from accel import Accel
+from common import IMAGENET_MEAN, IMAGENET_STD
 from conftest import (
     FAST_FLAGS,
     FROZEN_BY_DEFAULT,
@@ -38,8 +41,10 @@ from conftest import (
     torchvision_state_dict,
     write_labels_csv,
 )
-from dataset import build_eval_transform, load_rgb, load_train_val
+from dataset import load_train_val
+from images import load_rgb
 from model import build_model, freeze_blocks, parse_trainable
+from recipe import build_eval_transform
 
 OUTPUT_FILES = ("best.pt", "last.pt", "history.csv", "loss_curve.png", "accuracy_curve.png",
                 "confusion_matrix.png", "config.yaml")
@@ -222,7 +227,7 @@ def test_flags_override_the_config_file(config_run: tuple[CliResult, Path, Path]
 def test_saved_config_reproduces_the_run(config_run: tuple[CliResult, Path, Path]) -> None:
     _, output_dir, _ = config_run
     saved = yaml.safe_load((output_dir / "config.yaml").read_text())
-    reread = train.config_of(train.parse_args(["--config", str(output_dir / "config.yaml")]))
+    reread = options.config_of(options.parse_args(["--config", str(output_dir / "config.yaml")]))
     assert {key: value for key, value in reread.items() if value is not None} == saved  # unset options are left out
     assert reread["fold"] is None and "fold" not in saved
 
@@ -235,10 +240,10 @@ def test_without_val_folder_a_stratified_share_of_train_is_held_out(config_run: 
 
 def test_held_out_val_images_use_the_eval_transform(small_data: ColourData, tmp_path: Path) -> None:
     shutil.copytree(small_data.root / "train", tmp_path / "train")
-    args = train.parse_args(["--data-dir", str(tmp_path), "--val-fraction", "0.25", *FAST_FLAGS])
+    args = options.parse_args(["--data-dir", str(tmp_path), "--val-fraction", "0.25", *FAST_FLAGS])
     data = load_train_val(args.data_dir, args.val_fraction, args.seed)
 
-    loaders = train.make_loaders(data, args, Accel(torch.device("cpu")))
+    loaders = pipeline.load_data(data, args, Accel(torch.device("cpu")), IMAGENET_MEAN, IMAGENET_STD)
 
     val_images, train_images = loaders.val.loader.dataset, loaders.train.loader.dataset
     expected = build_eval_transform(32)(load_rgb(val_images.paths[0]))
@@ -320,14 +325,14 @@ def test_config_yaml_records_what_ran(trained_run: TrainedRun) -> None:
 
 
 def test_the_sample_config_pins_fp32_on_every_cpu() -> None:
-    args = train.parse_args(["--config", str(Path(train.__file__).parent / "configs" / "sample.yaml")])
+    args = options.parse_args(["--config", str(Path(train.__file__).parent / "configs" / "sample.yaml")])
     assert args.amp == "off"
 
 
 def test_config_switches_written_as_text_are_read_as_booleans(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text('channels_last: "false"\ntensorboard: "no"\ncompile: "True"\namp: off\nclass_weights: none\n')
-    args = train.parse_args(["--config", str(config)])
+    args = options.parse_args(["--config", str(config)])
     assert args.channels_last is False and args.tensorboard is False and args.compile is True
     assert args.amp == "off" and args.class_weights == "none"
 
@@ -338,7 +343,7 @@ def test_weights_none_with_a_frozen_trunk_is_warned_about(trained_run: TrainedRu
 
 
 def test_the_new_head_always_trains(capsys: pytest.CaptureFixture) -> None:
-    args = train.parse_args(["--trainable", "layer4", *FAST_FLAGS])
+    args = options.parse_args(["--trainable", "layer4", *FAST_FLAGS])
 
     assert args.trainable == "layer4,fc"
     assert "the new head (fc) starts from random weights, so it always trains; training layer4,fc" in \
@@ -383,7 +388,7 @@ def test_main_takes_its_arguments_as_one_string(small_data: ColourData, tmp_path
 
 def test_in_a_notebook_the_kernels_own_arguments_are_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", ["/usr/lib/python3/ipykernel_launcher.py", "-f", "/root/kernel-1.json"])
-    assert train.parse_args(None).epochs == 50  # the defaults, not "unrecognized arguments: -f"
+    assert options.parse_args(None).epochs == 50  # the defaults, not "unrecognized arguments: -f"
 
 
 @pytest.mark.parametrize("module", [train, predict, evaluate], ids=lambda module: module.__name__)
