@@ -7,13 +7,12 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
 
-from utils import UserError, pick_device
+from utils import UserError, cpu_info, pick_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
@@ -68,17 +67,12 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
 
 
 def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return set()
-    for line in cpuinfo.read_text(errors="ignore").splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(cpu_info().get("flags", "").split())
 
 
 def resolve_amp(request: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--amp``: ``auto`` picks bf16 where the hardware has it, fp16 on older GPUs, else fp32."""
+    """The autocast dtype for ``--amp``: ``auto`` picks bf16 where the hardware has it, fp16 on older GPUs, else
+    fp32."""
     if request not in AMP_CHOICES:
         raise UserError(f"--amp {request}: expected one of {', '.join(AMP_CHOICES)}")
     if request == "off":

@@ -95,7 +95,7 @@ def require_no_loose_images(split_dir: Path) -> None:
                         "class folders)")
 
 
-def require_not_nested_once_more(split_dir: Path, flag: str | None = None) -> None:
+def require_not_nested(split_dir: Path, flag: str | None = None) -> None:
     """Refuse a Kaggle-style ``train/train/<class>/``: one folder whose sub-folders hold the images.
 
     ``flag`` names the option that would point one level down instead (``--data-dir`` for ``train/``).
@@ -148,7 +148,7 @@ def find_test_images(test_dir: str | Path) -> tuple[list[Path], list[Path]]:
         raise UserError(f"--test-dir {test_dir}: holds only the folder {entries[0].name}/; pass --test-dir "
                         f"{entries[0]}")
     images, ignored = list_images(test_dir)
-    images, ignored = _add_images_named_otherwise(test_dir, images, ignored)
+    images, ignored = _add_images_by_content(test_dir, images, ignored)
     if not images:
         raise UserError(f"--test-dir {test_dir}: no image files found (looked for {', '.join(COMMON_EXTENSIONS)} and "
                         f"the {len(IMAGE_EXTENSIONS) - len(COMMON_EXTENSIONS)} other extensions Pillow reads)")
@@ -158,7 +158,7 @@ def find_test_images(test_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return images, ignored
 
 
-def _add_images_named_otherwise(
+def _add_images_by_content(
     folder: Path, images: list[Path], ignored: list[Path]
 ) -> tuple[list[Path], list[Path]]:
     """Move the ignored visible files whose content is an image (``photo``, ``a.jpg_large``) to ``images``, with a
@@ -338,7 +338,8 @@ def _validate_on_fold(data: TrainValData, data_dir: Path, fold: tuple[int, int],
         counts = class_counts(data.train_samples + data.val_samples, len(data.class_names))
         few = [name for name, count in zip(data.class_names, counts) if count < folds]
         if few:
-            print(f"note: --fold {index}/{folds}: {len(few)} class(es) have fewer images than folds ({', '.join(few[:5])}"
+            print(f"note: --fold {index}/{folds}: {len(few)} class(es) have fewer images than folds "
+                  f"({', '.join(few[:5])}"
                   f"{' ...' if len(few) > 5 else ''}); some folds validate without them")
     data.val_source = f"fold {index}/{folds} of {data_dir}'s train/ and val/ pooled (stratified, seed {seed})"
     data.held_out = [relative_name(path, data_dir) for path, _ in data.val_samples]
@@ -425,7 +426,7 @@ def unknown_class_folders(split_dir: Path, class_names: Sequence[str]) -> list[s
 
 def _scan_train(train_dir: Path) -> tuple[list[str], list[Sample]]:
     """The class names (folders with images, in class order) and the samples of ``train_dir``."""
-    require_not_nested_once_more(train_dir, flag="--data-dir")
+    require_not_nested(train_dir, flag="--data-dir")
     names = class_folders(train_dir)
     require_distinct_class_names(train_dir, names)
     samples, ignored = scan_labeled_split(train_dir, names)
@@ -456,7 +457,7 @@ def require_distinct_class_names(split_dir: Path, names: Sequence[str]) -> None:
 
 
 def _scan_val(val_dir: Path, class_names: list[str]) -> list[Sample]:
-    require_not_nested_once_more(val_dir)
+    require_not_nested(val_dir)
     unknown = unknown_class_folders(val_dir, class_names)
     if unknown:
         raise UserError(

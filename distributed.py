@@ -20,6 +20,7 @@ import datetime
 import functools
 import gc
 import inspect
+import itertools
 import os
 import re
 import sys
@@ -195,10 +196,12 @@ def ddp_keywords(ddp_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(ddp_class.__init__).parameters)
 
 
-def rewrap_model(old_wrapper: nn.Module, model: nn.Module, world: World) -> nn.Module:
-    """A new :func:`wrap_model` of ``model`` once ``old_wrapper`` (its previous wrapper) is released."""
+def rewrap_model(old_wrapper: nn.Module, model: nn.Module, world: World, sync_bn: bool = False,
+                 compile: bool = False) -> nn.Module:
+    """A new :func:`model_for_training` of ``model`` once ``old_wrapper`` (its previous one) is released: its
+    reducer and hooks go now, not when (or if) the garbage collector finds them."""
     release_wrapper(old_wrapper)
-    return wrap_model(model, world)
+    return model_for_training(model, world, sync_bn, compile)
 
 
 def release_wrapper(wrapper: nn.Module) -> None:
@@ -582,3 +585,12 @@ def joined_world(device_request: str = "auto") -> Iterator[World]:
         yield world
     finally:
         close_world(world)
+
+
+def stop_check(stop: StopRequest, world: World) -> Callable[[], bool]:
+    """Whether to stop after this batch. Under torchrun the processes agree on it (a stop on any one stops all at
+    the same batch), asking each other every batch on the CPU and every 25 batches on a GPU."""
+    if not world.distributed:
+        return stop
+    interval, calls = (1 if world.device.type == "cpu" else 25), itertools.count(1)
+    return lambda: next(calls) % interval == 0 and stop_agreed(stop, world)

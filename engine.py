@@ -485,7 +485,7 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def make_criterion(weights: torch.Tensor | None, label_smoothing: float, world: World = World()) -> nn.Module:
+def cross_entropy(weights: torch.Tensor | None, label_smoothing: float, world: World = World()) -> nn.Module:
     """Cross-entropy with label smoothing and class ``weights`` (None: unweighted); under torchrun the weighted mean
     over every process's images, not a mean of each one's mean."""
     if world.distributed:

@@ -19,13 +19,7 @@ from typing import Any, Sequence
 from accel import set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from common import Sample
-from dataset import (
-    load_train_val,
-    report_ignored,
-    require_not_nested_once_more,
-    scan_labeled_split,
-    unknown_class_folders,
-)
+from dataset import load_train_val, report_ignored, require_not_nested, scan_labeled_split, unknown_class_folders
 from engine import predict_samples
 from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels, parse_fold
 from pipeline import checkpoint_batches
@@ -86,7 +80,7 @@ def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[S
     """Labeled samples of ``split_dir``, its class folders matched to the checkpoint's classes by name."""
     if not split_dir.is_dir():
         raise UserError(f"{flag} {split_dir}: folder not found; it should hold <class>/*.jpg folders")
-    require_not_nested_once_more(split_dir, "--split-dir" if flag == "--split-dir" else None)
+    require_not_nested(split_dir, "--split-dir" if flag == "--split-dir" else None)
     unknown = unknown_class_folders(split_dir, class_names)
     if unknown:
         raise UserError(f"{split_dir}: class folder(s) {_listed(unknown)} are not classes of the checkpoint "

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision import models
 
 from accel import Accel
@@ -267,14 +268,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(content, dict) or not all(isinstance(value, torch.Tensor) for value in content.values()):
         raise UserError(f"--weights {path}: holds no state dict of tensors")
-    return {_strip_prefixes(key): value for key, value in content.items()}
-
-
-def _strip_prefixes(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        if key.startswith(prefix):
-            key = key[len(prefix) :]
-    return key
+    state = dict(content)
+    for prefix in ("module.", "_orig_mod."):  # saved from under DistributedDataParallel, or torch.compile
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    return state
 
 
 # --------------------------------------------------------------------------- blocks and freezing
@@ -486,3 +483,10 @@ def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
     if resume is not None:
         model.load_state_dict(resume["model"])
     return accel.prepare_model(model)
+
+
+def thaw(model: nn.Module, optimizer: torch.optim.Optimizer, blocks: list[str], lr_mult: float) -> None:
+    """Let ``blocks`` train from now on: their parameters join the optimizer as a new group at ``lr_mult``."""
+    thawed = thaw_blocks(model, blocks)
+    if thawed:
+        optimizer.add_param_group({"params": thawed, "lr_mult": lr_mult})

@@ -489,7 +489,8 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
               "amp": {"fp32": "off"}.get(runtime["precision"], runtime["precision"])}
     processes = runtime.get("processes", 1)
     launcher = launch_command(processes, runtime.get("processes_per_node", processes))
-    header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, {runtime['workers']} loader workers, "
+    header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, "
+              f"{runtime['workers']} loader workers, "
               f"augmentation on the {runtime['augment_device']}"
               + (f", {processes} processes (torchrun)" if processes > 1 else "") + ";\n"
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib import colormaps, font_manager, rc_context, rcParams
@@ -937,3 +937,14 @@ def _plot_message(path: str | Path, title: str, message: str) -> None:
         fig.suptitle(title, fontsize=12)
         fig.text(0.5, 0.4, message, ha="center", va="center", fontsize=11, color="0.3")
         _save_figure(fig, path)
+
+
+def save_final_plots(progress: Any, stopped_epoch: int | None, class_names: list[str], output_dir: Path) -> None:
+    """A run's loss and accuracy curves, and its best model's normalized confusion matrix on val (``progress``: the
+    run's ``resume.Progress``)."""
+    plot_loss_curve(progress.history, output_dir / "loss_curve.png", progress.best_epoch, stopped_epoch)
+    plot_accuracy_curve(progress.history, output_dir / "accuracy_curve.png", progress.best_epoch, stopped_epoch)
+    if not progress.best_targets:  # --train-on-all: no validation predictions
+        return
+    matrix = metrics.confusion_matrix(progress.best_targets, progress.best_predictions, len(class_names))
+    plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")

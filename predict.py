@@ -78,10 +78,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="a best.pt or last.pt written by train.py; several: an ensemble averaging probabilities")
     parser.add_argument("--test-dir", default="data/test", help="folder of unlabeled test images")
     parser.add_argument("--output", default="prediction.csv", help="the submission CSV to write")
-    parser.add_argument("--allow-missing", action="store_true", help="write the submission even if some test images cannot be decoded (their rows are left out and listed)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="write the submission even if some test images cannot be decoded (their rows are left "
+                             "out and listed)")
     parser.add_argument("--keep-ext", action="store_true", help="keep the file extension in image_name")
-    parser.add_argument("--zip", action="store_true", help="also write OUTPUT with .zip, holding prediction.csv, for upload")
-    parser.add_argument("--labels", help="CSV of image_name,label to score the predictions against (e.g. data/sample/test_labels.csv)")
+    parser.add_argument("--zip", action="store_true",
+                        help="also write OUTPUT with .zip, holding prediction.csv, for upload")
+    parser.add_argument("--labels",
+                        help="CSV of image_name,label to score the predictions against (e.g. "
+                             "data/sample/test_labels.csv)")
     parser.add_argument("--tta", default="none", choices=TTA_CHOICES,
                         help="test-time views averaged: none; flip = centre crop + mirror; multi = flip plus a 1.15x "
                              "centre zoom and its mirror (4 views)")
@@ -237,7 +242,8 @@ def report_score(names: Sequence[str], predicted: Sequence[str], true_labels: Se
 def refuse_labeled_folders(test_dir: Path, paths: Sequence[Path], class_names: Sequence[str]) -> None:
     """A test folder whose sub-folders are the model's classes, or train/val/test, is a labeled split or the data
     folder: predicting it would write a submission of the wrong images."""
-    folders = sorted({path.relative_to(test_dir).parts[0] for path in paths if len(path.relative_to(test_dir).parts) > 1})
+    nested = [path.relative_to(test_dir).parts for path in paths]
+    folders = sorted({parts[0] for parts in nested if len(parts) > 1})
     splits = [name for name in folders if name in ("train", "val", "test")]
     if splits:
         raise UserError(f"--test-dir {test_dir}: holds {', '.join(name + '/' for name in splits)}, so it is the data "
@@ -409,8 +415,8 @@ def check_output_paths(output: Path, zip_too: bool, topk: int) -> None:
         targets.append(("--topk", output.parent / "probabilities.csv"))
     for flag, path in targets:
         if path.is_dir():
-            raise UserError(f"{flag}: {path} is a folder; pass a file name for --output, such as "
-                            f"{output / 'prediction.csv' if flag == '--output' else output.with_name('prediction.csv')}")
+            suggested = output / "prediction.csv" if flag == "--output" else output.with_name("prediction.csv")
+            raise UserError(f"{flag}: {path} is a folder; pass a file name for --output, such as {suggested}")
     refuse_files_in_the_way("--output", output)
 
 

@@ -22,8 +22,8 @@ AUTO_AUGMENT_CHOICES = ("none", "ta_wide", "ra", "aa")
 
 @dataclass(frozen=True)
 class TrainAugmentation:
-    """The reference recipe's random training augmentation, in the order it runs: RandomResizedCrop(scale,
-    ratio), RandomHorizontalFlip(flip_p), ColorJitter(brightness, contrast, saturation, hue), RandomRotation(degrees)."""
+    """The reference recipe's random training augmentation, in the order it runs: RandomResizedCrop(scale, ratio),
+    RandomHorizontalFlip(flip_p), ColorJitter(brightness, contrast, saturation, hue), RandomRotation(degrees)."""
 
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)

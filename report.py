@@ -266,7 +266,8 @@ def _header_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list
     lines = [
         "# Evaluation report",
         "",
-        f"Checkpoint: {checkpoint.get('arch', '?')}, {summary['classes']} classes, {checkpoint.get('img_size', '?')} px{_test_size_note(checkpoint)}, "
+        f"Checkpoint: {checkpoint.get('arch', '?')}, {summary['classes']} classes, "
+        f"{checkpoint.get('img_size', '?')} px{_test_size_note(checkpoint)}, "
         f"saved at epoch {checkpoint.get('epoch', '?')}. Evaluated on {summary['split'] or 'a labeled split'}: "
         f"{summary['images']} images.",
     ]

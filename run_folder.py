@@ -53,7 +53,7 @@ def prepare_output_dir(args: argparse.Namespace, resume: dict[str, Any] | None, 
     if args.tensorboard:
         summary_writer_class()  # a missing package is refused before anything in the folder changes
     if resume is None or (args.overwrite and args.resume not in (None, "auto")):
-        refuse_a_foreign_config_file(output_dir)
+        refuse_foreign_config(output_dir)
         clear_run_outputs(output_dir, args.config)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.resume not in (None, "auto"):
@@ -141,7 +141,7 @@ def run_checkpoint(output_dir: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def refuse_resuming_over_another_run(args: argparse.Namespace) -> None:
+def refuse_resume_into_other_run(args: argparse.Namespace) -> None:
     """``--resume`` of a run into an --output-dir that holds a different run would mix the two: refused, unless
     ``--overwrite`` replaces that run; ``--overwrite`` of the very run being resumed is a contradiction."""
     source = resolve_resume_path(args.resume, args.output_dir) if args.resume not in (None, "auto") else None
@@ -206,7 +206,8 @@ def clear_run_outputs(output_dir: Path, config_file: str | None) -> None:
         removed.append("config.yaml")
     for folder, names in (("report", lambda path: path.name in REPORT_FILES),
                           ("tensorboard", lambda path: path.name.startswith("events.out.tfevents."))):
-        inside = [path for path in (output_dir / folder).glob("*") if names(path)] if (output_dir / folder).is_dir() else []
+        found = (output_dir / folder).glob("*") if (output_dir / folder).is_dir() else []
+        inside = [path for path in found if names(path)]
         if [path for path in inside if _remove_file(path)]:
             removed.append(f"{folder}/")
             with contextlib.suppress(OSError):
@@ -215,7 +216,7 @@ def clear_run_outputs(output_dir: Path, config_file: str | None) -> None:
         print(f"note: removed the earlier run's {', '.join(removed)} from {output_dir}")
 
 
-def refuse_a_foreign_config_file(output_dir: Path) -> None:
+def refuse_foreign_config(output_dir: Path) -> None:
     """A new run writes config.yaml into ``output_dir``: one there that train.py did not write (your own, perhaps
     the very --config in use) is not replaced."""
     path = output_dir / "config.yaml"

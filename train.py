@@ -15,67 +15,29 @@ validation), ``record_epoch`` (best.pt, last.pt, history) and ``finish`` (plots 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-import metrics
+import distributed
+import engine
 import options
-import plots
 import run_folder
 from accel import Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler, set_up_accel
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from common import DecodeFailure, World
 from dataset import TrainValData, describe_data, load_train_val
-from distributed import (
-    PeerStoppedError,
-    all_ranks_true,
-    all_reduce_epoch,
-    all_reduce_eval,
-    announce_stop,
-    bar_label,
-    broadcast_flag,
-    describe_batch,
-    errors_on_rank_0,
-    gather_objects,
-    joined_world,
-    model_for_training,
-    note_process_count_change,
-    peer_failures,
-    release_wrapper,
-    silence_other_ranks,
-    stop_agreed,
-    sync_buffers,
-)
-from engine import (
-    EvalResult,
-    NonFiniteLossError,
-    StepOptions,
-    WeightAverage,
-    balanced_accuracy,
-    balanced_class_weights,
-    empty_input,
-    evaluate,
-    learning_rate,
-    make_criterion,
-    make_ema,
-    make_optimizer,
-    monitored,
-    optimizer_steps,
-    predict_samples,
-    train_one_epoch,
-    warn_short_average,
-)
+from engine import EvalResult, StepOptions, WeightAverage, evaluate, train_one_epoch
 from gpu_augment import BatchMix
-from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw_blocks
+from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw
 from options import get_args_parser  # noqa: F401  train.get_args_parser, as predict.py and evaluate.py have
 from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data
+from plots import save_final_plots
 from report import write_evaluation_report
 from resume import Progress, StopRequest, restore_training_state, training_state
 from samplers import epoch_seed
@@ -87,16 +49,16 @@ from utils import UserError, describe_device, exit_on_user_error, format_count, 
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Train with the given arguments (a list, or one string split as a shell would); returns a summary (best
     epoch, accuracy, output folder)."""
-    silence_other_ranks()
-    with errors_on_rank_0():
+    distributed.silence_other_ranks()
+    with distributed.errors_on_rank_0():
         args, resume = options.parse_args_and_resume(argv)
         if resume is not None:
             run_folder.refuse_changed_classes(args, resume["class_names"])
             print(f"resuming from {options.resolve_resume_path(args.resume, args.output_dir)}")
-        run_folder.refuse_resuming_over_another_run(args)
+        run_folder.refuse_resume_into_other_run(args)
     same_command = False
     if resume is None:  # no --resume: the folder may hold this very command's run, to continue
-        with errors_on_rank_0():
+        with distributed.errors_on_rank_0():
             resume = run_folder.run_to_continue(args)
             if resume is not None:
                 run_folder.refuse_changed_classes(args, resume["class_names"])
@@ -116,12 +78,16 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
 def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
     """Set the run up (as this process's part of the job under torchrun), train the epochs left, and write the final
     plots and report; returns the summary."""
-    with joined_world(args.device) as world:
+    with distributed.joined_world(args.device) as world:
         run, progress = set_up(args, resume, world)
         with StopRequest() as stop:
-            stopped_epoch = train_epochs_or_stop_with_peers(run, progress, stop)
+            try:
+                stopped_epoch = train_epochs(run, progress, stop)
+            except distributed.PeerStoppedError as error:  # another process stopped on request and left: so do we
+                print(error, file=sys.stderr)
+                raise SystemExit(130) from None
         if stop.requested:
-            announce_stop(world)  # before leaving: a process still in a collective must not read it as a crash
+            distributed.announce_stop(world)  # first: a process still in a collective must not take it for a crash
             report_interruption(run, progress)
             raise SystemExit(130)
         if progress.epoch < args.epochs and stopped_epoch is None:
@@ -137,7 +103,7 @@ def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progre
     outputs = ["loss_curve.png"] if args.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
     if all((output_dir / name).is_file() for name in outputs):
         return run_folder.run_summary(progress, output_dir)
-    with joined_world(args.device) as world:
+    with distributed.joined_world(args.device) as world:
         run, progress = set_up(args, resume, world)
         return finish(run, progress, progress.epoch if progress.epoch < args.epochs else None)
 
@@ -184,8 +150,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
         run_folder.refuse_changed_classes(args, resume["class_names"], data.class_names)
     describe_data(data)
     model = make_model(args, len(data.class_names), accel, resume)
-    optimizer = make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay,
-                               accel.device, args.optimizer)
+    optimizer = engine.make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay,
+                                      accel.device, args.optimizer)
     scaler = make_grad_scaler(accel)
     thaw_schedule = options.unfreeze_schedule(args, model)
     thawed = thaw_resumed_blocks(model, optimizer, thaw_schedule, resume, args.backbone_lr_mult)
@@ -193,42 +159,40 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     progress = Progress()
     if resume is not None:
         progress = restore_training_state(resume["training_state"], optimizer, scaler)
-        note_process_count_change(resume.get("runtime", {}).get("processes", 1), args.batch_size * args.accum_steps,
-                                  world)
+        processes_before = resume.get("runtime", {}).get("processes", 1)
+        distributed.note_process_count_change(processes_before, args.batch_size * args.accum_steps, world)
         best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)
         print(f"resumed after epoch {progress.epoch} ({best})")
     runtime = options.runtime_record(args, accel, world, choose_data_path(args.augment_device, accel.device))
     logger = None
     if world.is_main:
         logger = run_folder.prepare_output_dir(args, resume, data.skipped, options.config_yaml(config, runtime))
-    ema = make_ema(model, args.ema, resume)
-    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update(model)) if ema else None,
-                               all_finite=(lambda finite: all_ranks_true(finite, world)) if world.distributed else None,
-                               empty_images=(lambda: empty_input(args.img_size, accel)) if world.distributed else None)
+    ema = engine.make_ema(model, args.ema, resume)
+    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update(model)) if ema else None)
+    if world.distributed:  # every process takes part in every step's collectives, whatever its batch held
+        step_options.all_finite = lambda finite: distributed.all_ranks_true(finite, world)
+        step_options.empty_images = lambda: engine.empty_input(args.img_size, accel)
     if args.sampler == "balanced" and args.class_weights == "balanced":
         print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
               "--class-weights none is the usual choice")
-    describe_batch(args.batch_size, args.accum_steps, world)
+    distributed.describe_batch(args.batch_size, args.accum_steps, world)
     loaders = load_data(data, args, accel, *input_normalization(args.arch), world)
     if ema is not None:
-        warn_short_average(args.ema, optimizer_steps(len(loaders.train), args.accum_steps), args.epochs)
-    step_model = model_for_training(model, world, args.sync_bn, args.compile)
-    weights = None
-    if args.class_weights == "balanced":
-        labels = [label for _, label in data.train_samples]
-        weights = balanced_class_weights(labels, len(data.class_names)).to(accel.device)
-    criterion = make_criterion(weights, args.label_smoothing, world)
-    run = Run(args, config, accel, data, loaders, model, step_model, criterion, optimizer, scaler,
-              Path(args.output_dir), runtime, step_options, ema, logger, thaw_schedule, world)
+        engine.warn_short_average(args.ema, engine.optimizer_steps(len(loaders.train), args.accum_steps), args.epochs)
+    step_model = distributed.model_for_training(model, world, args.sync_bn, args.compile)
+    run = Run(args, config, accel, data, loaders, model, step_model, make_criterion(data, args, accel.device, world),
+              optimizer, scaler, Path(args.output_dir), runtime, step_options, ema, logger, thaw_schedule, world)
     print(options.describe_config(config, run.output_dir))
     return run, progress
 
 
-def thaw(model: nn.Module, optimizer: torch.optim.Optimizer, blocks: list[str], lr_mult: float) -> None:
-    """Let ``blocks`` train from now on: their parameters join the optimizer as a new group at ``lr_mult``."""
-    thawed = thaw_blocks(model, blocks)
-    if thawed:
-        optimizer.add_param_group({"params": thawed, "lr_mult": lr_mult})
+def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device, world: World) -> nn.Module:
+    """Cross-entropy with --label-smoothing and, by default, 'balanced' class weights from the train counts."""
+    weights = None
+    if args.class_weights == "balanced":
+        labels = [label for _, label in data.train_samples]
+        weights = engine.balanced_class_weights(labels, len(data.class_names)).to(device)
+    return engine.cross_entropy(weights, args.label_smoothing, world)
 
 
 def thaw_resumed_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, thaw_schedule: dict[int, list[str]],
@@ -248,24 +212,15 @@ def thaw_resumed_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, thaw
 # --------------------------------------------------------------------------- the epoch loop
 
 
-def train_epochs_or_stop_with_peers(run: Run, progress: Progress, stop: StopRequest) -> int | None:
-    """:func:`train_epochs`; under torchrun, when another process stopped on request (Ctrl-C, SIGTERM) and left, this
-    one stops too, as quietly (exit code 130)."""
-    try:
-        return train_epochs(run, progress, stop)
-    except PeerStoppedError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(130) from None
-
-
 def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
     """The epoch loop, with early stopping; returns the epoch where early stopping fired, if it did."""
     args = run.args
-    last_epoch = args.epochs if args.epochs_this_run is None else min(args.epochs, progress.epoch + args.epochs_this_run)
+    last_epoch = args.epochs if args.epochs_this_run is None else min(args.epochs,
+                                                                      progress.epoch + args.epochs_this_run)
     for epoch in range(progress.epoch + 1, last_epoch + 1):
         try:
             outcome = run_epoch(run, epoch, stop)
-        except NonFiniteLossError as error:
+        except engine.NonFiniteLossError as error:
             kept = (f"{run.output_dir / 'last.pt'} keeps epoch {progress.epoch}, the last good one" if progress.epoch
                     else "no epoch had finished, so nothing was saved")
             amp_hint = " (or --amp off)" if run.accel.amp_dtype is not None else ""
@@ -280,10 +235,10 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
         print(epoch_line(outcome.row, args.epochs, is_best, outcome.images_per_second, run.accel.device), flush=True)
         if run.logger is not None:
             run.logger.log_epoch(epoch, outcome.row, outcome.images_per_second)
-        if stop_agreed(stop, run.world):
+        if distributed.stop_agreed(stop, run.world):
             return None
         patience_over = bool(args.patience) and progress.epochs_without_improvement() >= args.patience
-        if broadcast_flag(patience_over and epoch < args.epochs, run.world):  # rank 0 decides for every process
+        if distributed.broadcast_flag(patience_over and epoch < args.epochs, run.world):  # rank 0 decides for all
             print(f"early stop: no better {args.monitor} for {args.patience} epochs")
             return epoch
     return None
@@ -305,7 +260,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     args = run.args
     if epoch in run.thaw_schedule:
         thaw_at_epoch(run, epoch)
-    lr = learning_rate(args.lr, epoch, args.epochs, args.warmup_epochs)
+    lr = engine.learning_rate(args.lr, epoch, args.epochs, args.warmup_epochs)
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
     run.loaders.train.set_epoch(epoch)
@@ -313,12 +268,13 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
         torch.manual_seed((epoch_seed(args.seed, epoch) + run.world.rank) % 2**63)
     if args.mixup or args.cutmix:
         run.step_options.mix = BatchMix(args.mixup, args.cutmix, epoch_seed(args.seed, epoch))
-    with peer_failures(run.world, f"epoch {epoch}"):
+    with distributed.peer_failures(run.world, f"epoch {epoch}"):
         trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel,
-                                  run.scaler, description=bar_label(f"epoch {epoch}/{args.epochs}", run.world),
+                                  run.scaler,
+                                  description=distributed.bar_label(f"epoch {epoch}/{args.epochs}", run.world),
                                   show_progress=not args.no_progress and run.world.is_main,
-                                  should_stop=stop_check(stop, run), options=run.step_options)
-    trained = all_reduce_epoch(trained, run.world)
+                                  should_stop=distributed.stop_check(stop, run.world), options=run.step_options)
+    trained = distributed.all_reduce_epoch(trained, run.world)
     record_skipped(run, trained.failed)
     if trained.interrupted:
         return None
@@ -330,12 +286,12 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     raw = validate(run, run.step_model, "val")
     record_skipped(run, raw.failed)  # the EMA's pass meets the same files
     num_classes = len(run.data.class_names)
-    row.update(val_loss=raw.loss, val_acc=raw.accuracy, val_balanced_acc=balanced_accuracy(raw, num_classes))
+    row.update(val_loss=raw.loss, val_acc=raw.accuracy, val_balanced_acc=engine.balanced_accuracy(raw, num_classes))
     averaged = None
     if run.ema is not None:
         averaged = validate(run, run.ema.module, "val (ema)")
         row.update(ema_val_loss=averaged.loss, ema_val_acc=averaged.accuracy,
-                   ema_val_balanced_acc=balanced_accuracy(averaged, num_classes))
+                   ema_val_balanced_acc=engine.balanced_accuracy(averaged, num_classes))
     row["seconds"] = trained.seconds + raw.seconds + (averaged.seconds if averaged else 0.0)
     return EpochOutcome(row, raw, averaged, images_per_second)
 
@@ -344,8 +300,8 @@ def thaw_at_epoch(run: Run, epoch: int) -> None:
     """--unfreeze-at: the blocks due at ``epoch`` start training (under torchrun, in a new DDP wrapper)."""
     thaw(run.model, run.optimizer, run.thaw_schedule[epoch], run.args.backbone_lr_mult)
     if run.world.distributed:  # DDP fixes the parameters it reduces when it is built
-        release_wrapper(run.step_model)  # its reducer and hooks go now, not when (or if) the GC finds them
-        run.step_model = model_for_training(run.model, run.world, run.args.sync_bn, run.args.compile)
+        run.step_model = distributed.rewrap_model(run.step_model, run.model, run.world, run.args.sync_bn,
+                                                  run.args.compile)
     trainable, total = parameter_summary(run.model)
     print(f"epoch {epoch}: {','.join(run.thaw_schedule[epoch])} start(s) training (--unfreeze-at); now "
           f"{format_count(trainable)} of {format_count(total)} parameters")
@@ -353,27 +309,18 @@ def thaw_at_epoch(run: Run, epoch: int) -> None:
 
 def validate(run: Run, model: nn.Module, description: str) -> EvalResult:
     """``model`` on the validation images: this process's part, then every process's results put together."""
-    sync_buffers(model, run.world)  # BatchNorm statistics as rank 0's, so every part is judged by one model
-    with peer_failures(run.world, description):
+    distributed.sync_buffers(model, run.world)  # BatchNorm statistics as rank 0's, so every part is judged by one model
+    with distributed.peer_failures(run.world, description):
         evaluated = evaluate(model, run.loaders.val, run.criterion, run.accel,
-                             description=bar_label(description, run.world),
+                             description=distributed.bar_label(description, run.world),
                              show_progress=not run.args.no_progress and run.world.is_main)
-    return all_reduce_eval(evaluated, run.world)
-
-
-def stop_check(stop: StopRequest, run: Run) -> Callable[[], bool]:
-    """Whether to stop after this batch. Under torchrun the processes agree on it (a stop on any one stops all at
-    the same batch), asking each other every batch on the CPU and every 25 batches on a GPU."""
-    if not run.world.distributed:
-        return stop
-    interval, calls = (1 if run.accel.device.type == "cpu" else 25), itertools.count(1)
-    return lambda: next(calls) % interval == 0 and stop_agreed(stop, run.world)
+    return distributed.all_reduce_eval(evaluated, run.world)
 
 
 def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
     """Add the images that any process failed to decode (``failed``: this process's) to the run's skip list and to
     skipped_files.txt."""
-    failed = [failure for part in gather_objects(list(failed), run.world) for failure in part]
+    failed = [failure for part in distributed.gather_objects(list(failed), run.world) for failure in part]
     known = {path for path, _ in run.data.skipped}
     new = list({failure.path: (failure.path, failure.reason) for failure in failed
                 if failure.path not in known}.values())
@@ -430,8 +377,11 @@ def choose_best(run: Run, progress: Progress, outcome: EpochOutcome) -> tuple[st
     beats the best so far, in which case ``progress`` records it)."""
     num_classes = len(run.data.class_names)
     candidates = [("raw", run.model, outcome.raw)] + ([("ema", run.ema.module, outcome.ema)] if outcome.ema else [])
-    weights, model, evaluated = max(candidates, key=lambda item: monitored(item[2], run.args.monitor, num_classes))
-    score = monitored(evaluated, run.args.monitor, num_classes)
+    def score_of(evaluated: EvalResult) -> float:
+        return engine.monitored(evaluated, run.args.monitor, num_classes)
+
+    weights, model, evaluated = max(candidates, key=lambda item: score_of(item[2]))
+    score = score_of(evaluated)
     is_best = score > progress.best_score
     if is_best:
         progress.best_score, progress.best_epoch, progress.best_weights = score, progress.epoch, weights
@@ -476,16 +426,6 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
     return run_folder.run_summary(progress, run.output_dir)
 
 
-def save_final_plots(progress: Progress, stopped_epoch: int | None, class_names: list[str], output_dir: Path) -> None:
-    """Loss and accuracy curves, and the best model's normalized confusion matrix on val."""
-    plots.plot_loss_curve(progress.history, output_dir / "loss_curve.png", progress.best_epoch, stopped_epoch)
-    plots.plot_accuracy_curve(progress.history, output_dir / "accuracy_curve.png", progress.best_epoch, stopped_epoch)
-    if not progress.best_targets:  # --train-on-all: no validation predictions
-        return
-    matrix = metrics.confusion_matrix(progress.best_targets, progress.best_predictions, len(class_names))
-    plots.plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")
-
-
 def write_best_report(run: Run) -> None:
     """The evaluation report (metrics, per-class table, pictures) of best.pt on the validation split."""
     checkpoint = load_checkpoint(run.output_dir / "best.pt")
@@ -493,7 +433,7 @@ def write_best_report(run: Run) -> None:
     samples, args = run.data.val_samples, run.args
     batches = checkpoint_batches([path for path, _ in samples], checkpoint, run.accel, args.batch_size, args.workers,
                                  args.max_image_pixels)
-    predictions = predict_samples(model, batches, samples, run.accel, show_progress=not args.no_progress)
+    predictions = engine.predict_samples(model, batches, samples, run.accel, show_progress=not args.no_progress)
     write_evaluation_report(predictions, checkpoint, run.output_dir / "report", source=run.data.val_source,
                             history_path=run.output_dir / "history.csv")
 

@@ -59,8 +59,8 @@ from common import IMAGENET_MEAN, IMAGENET_STD
 from dataset import TrainValData
 from engine import (
     balanced_class_weights,
+    cross_entropy,
     evaluate,
-    make_criterion,
     make_optimizer,
     predict_probabilities,
     train_one_epoch,
@@ -396,7 +396,8 @@ def start_our_run(options: argparse.Namespace, data: TrainValData) -> OurRun:
     options.classes = len(data.class_names)
     model, optimizer = our_model(options, accel)
     labels = [label for _, label in data.train_samples]
-    criterion = make_criterion(balanced_class_weights(labels, options.classes).to(accel.device), options.label_smoothing)
+    weights = balanced_class_weights(labels, options.classes).to(accel.device)
+    criterion = cross_entropy(weights, options.label_smoothing)
     return OurRun(options, accel, data, pipeline.load_data(data, options, accel, *input_normalization(options.arch)),
                   model, criterion, optimizer, make_grad_scaler(accel),
                   pipeline.choose_data_path(options.augment_device, accel.device) == "gpu")

@@ -79,7 +79,8 @@ def measure_reference(args: argparse.Namespace, images: torch.Tensor, targets: t
     }
 
 
-def measure_ours(variant: str, args: argparse.Namespace, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+def measure_ours(variant: str, args: argparse.Namespace, images: torch.Tensor,
+                 targets: torch.Tensor) -> dict[str, float]:
     """Trunk forward, training step and prediction of our step in one precision (or compiled)."""
     model = our_model(args.arch, args.classes)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=3e-5, weight_decay=1e-4)
@@ -88,7 +89,9 @@ def measure_ours(variant: str, args: argparse.Namespace, images: torch.Tensor, t
     trunk, network = frozen_trunk(model), model
     if variant == "compile":
         trunk, network = torch.compile(trunk), torch.compile(model)
-    autocast = (lambda: torch.autocast("cpu", dtype=AUTOCAST[variant])) if variant in AUTOCAST else contextlib.nullcontext
+    autocast = contextlib.nullcontext
+    if variant in AUTOCAST:
+        autocast = lambda: torch.autocast("cpu", dtype=AUTOCAST[variant])  # noqa: E731
 
     def train_step() -> None:
         model.train()
@@ -114,7 +117,8 @@ def measure_ours(variant: str, args: argparse.Namespace, images: torch.Tensor, t
 
 def precision_table(rates: dict[str, dict[str, float]]) -> str:
     """Markdown table: images/s of each variant and its training step against fp32 and the reference."""
-    lines = ["| variant | trunk forward img/s | train step img/s | predict img/s | train vs fp32 | train vs reference |",
+    lines = ["| variant | trunk forward img/s | train step img/s | predict img/s | train vs fp32 "
+             "| train vs reference |",
              "|---|---:|---:|---:|---:|---:|"]
     fp32, reference = rates.get("fp32", {}).get("train"), rates.get("reference", {}).get("train")
     for variant, stage in rates.items():

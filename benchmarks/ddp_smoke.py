@@ -120,7 +120,8 @@ def timm_smoke(accel: Accel) -> None:
     with accel.autocast():
         output = model(accel.images_to_device(torch.randn(2, 3, 64, 64)))
     say("timm", converted > 0 and not left and output.shape == (2, 3),
-        f"{converted} BatchNormAct2d/BatchNorm layers converted, {len(left)} left unsynced, forward {tuple(output.shape)}")
+        f"{converted} BatchNormAct2d/BatchNorm layers converted, {len(left)} left unsynced, "
+        f"forward {tuple(output.shape)}")
 
 
 def main(argv: list[str] | None = None) -> None:

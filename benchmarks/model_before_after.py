@@ -49,7 +49,8 @@ def recipe_model(module: ModuleType) -> nn.Module:
     return network.to(memory_format=torch.channels_last)
 
 
-def rates(network: nn.Module, images: torch.Tensor, targets: torch.Tensor, bf16: bool, repeats: int) -> tuple[float, float]:
+def rates(network: nn.Module, images: torch.Tensor, targets: torch.Tensor, bf16: bool,
+          repeats: int) -> tuple[float, float]:
     """Images per second of a training step and of a prediction forward pass."""
     optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=3e-5)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.05)

@@ -28,6 +28,10 @@ import torch
 from bench import machine_description, publish
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils import load_yaml_config  # noqa: E402
+
 PATHS = ("cpu", "gpu")
 
 
@@ -60,10 +64,8 @@ def test_split(args: argparse.Namespace) -> tuple[Path, Path] | None:
 
 
 def config_value(config: str, key: str) -> str:
-    """One top-level value of a flat YAML config file."""
-    import yaml
-
-    return str(yaml.safe_load(Path(config).read_text())[key])
+    """One top-level value of a YAML config file."""
+    return str(load_yaml_config(config)[key])
 
 
 def test_accuracy(args: argparse.Namespace, run_dir: Path, split: tuple[Path, Path]) -> float:

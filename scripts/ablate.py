@@ -37,7 +37,6 @@ folder that cannot be written) end with one ``error:`` line and exit code 2 befo
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import hashlib
 import io
@@ -66,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from model import parameter_summary  # noqa: E402
+from run_folder import read_history  # noqa: E402
 from utils import (  # noqa: E402
     UserError,
     argument_list,
@@ -376,15 +376,7 @@ def run_recipe(recipe: Recipe, options: argparse.Namespace, output_dir: Path) ->
 # --------------------------------------------------------------------------- reading a run
 
 
-def read_history(path: Path) -> list[dict[str, str]]:
-    """The rows of a run's history.csv (none when it is missing)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
-
-
-def best_of_history(rows: Sequence[dict[str, str]], best: dict[str, Any] | None) -> tuple[float | None, int, int]:
+def best_of_history(rows: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> tuple[float | None, int, int]:
     """(val accuracy of best.pt's epoch and weights, that epoch, epochs run). best.pt is the epoch --monitor chose
     (with --ema, the averaged weights when they won: their accuracy then); without it, the epoch of the highest val
     accuracy. A run that validated nothing (--train-on-all) has no accuracy."""
@@ -392,8 +384,8 @@ def best_of_history(rows: Sequence[dict[str, str]], best: dict[str, Any] | None)
     if best is not None and "epoch" in best:
         row = next((row for row in rows if int(row["epoch"]) == int(best["epoch"])), {})
         accuracy = row.get("ema_val_acc" if best.get("weights") == "ema" else "val_acc")
-        return (float(accuracy) if accuracy else None), int(best["epoch"]), epochs_run
-    if not any(row.get("val_acc") for row in rows):
+        return (None if accuracy in (None, "") else float(accuracy)), int(best["epoch"]), epochs_run
+    if not any(row.get("val_acc") not in (None, "") for row in rows):
         return None, epochs_run, epochs_run
     accuracies = [float(row["val_acc"]) for row in rows]
     index = int(np.argmax(accuracies))

@@ -370,6 +370,8 @@ def readme_text(plan: SamplePlan, args: argparse.Namespace) -> str:
         for c, name in enumerate(CLASS_NAMES)
     )
     totals = {split: sum(n) for split, n in counts.items()}
+    command = (f"python scripts/make_sample.py --seed {args.seed} --val-per-class {args.val_per_class} "
+               f"--test-per-class {args.test_per_class}{train_sizes_flags(args)}")
     return f"""{README_TITLE}
 
 A tiny, long-tailed subset of [Fashion-MNIST](https://github.com/zalandoresearch/fashion-mnist)
@@ -391,7 +393,7 @@ Train/val file names are the image's index in the Fashion-MNIST train set.
 From the Debian package `dataset-fashion-mnist`:
 
 ```
-python scripts/make_sample.py --seed {args.seed} --val-per-class {args.val_per_class} --test-per-class {args.test_per_class}{train_sizes_flags(args)}
+{command}
 ```
 
 The script is deterministic: rerunning it gives byte-identical files.

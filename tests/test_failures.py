@@ -18,15 +18,7 @@ import train
 from accel import Accel
 from checkpoint import load_checkpoint, make_checkpoint
 from common import IMAGENET_MEAN, IMAGENET_STD, Batch
-from conftest import (
-    PREDICT_FLAGS,
-    TINY_TRAIN_FLAGS,
-    CliResult,
-    ColourData,
-    assert_user_error,
-    call_main,
-    read_csv_rows,
-)
+from conftest import PREDICT_FLAGS, TINY_TRAIN_FLAGS, CliResult, ColourData, assert_user_error, call_main, read_csv_rows
 from engine import NonFiniteLossError, make_optimizer, train_one_epoch
 from model import build_model, freeze_blocks, parse_trainable
 

@@ -28,15 +28,7 @@ import torch
 import engine
 import train
 from checkpoint import load_checkpoint
-from conftest import (
-    REPO_ROOT,
-    TINY_TRAIN_FLAGS,
-    CliResult,
-    ColourData,
-    assert_user_error,
-    call_main,
-    read_csv_rows,
-)
+from conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CliResult, ColourData, assert_user_error, call_main, read_csv_rows
 
 EPOCHS = 4
 
