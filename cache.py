@@ -1,14 +1,14 @@
 """``--cache``: decoded training images kept between epochs, on the GPU when they fit, else in host memory.
 
 The device path (``pipeline.py``) decodes every training image in the first epoch, scaled down once to a shorter
-side of at most ``dataset.train_decode_side(img_size)`` (792 px for 224: RandomResizedCrop's smallest crop still
+side of at most ``recipe.train_decode_side(img_size)`` (792 px for 224: RandomResizedCrop's smallest crop still
 holds ``img_size`` pixels a side, so no crop is blurred by it). With a cache those ``uint8`` images are kept, and
 later epochs decode nothing: the augmentation reads them directly.
 
 ``--cache auto`` holds them on the GPU when all of them fit in :data:`GPU_SHARE` of its free memory (the rest is
 for the model's activations), else in host memory when they fit in :data:`RAM_SHARE` of the available memory,
 else nowhere; it says what it chose and why in one line. The size is known before the first epoch, from the
-headers read at the start (``dataset.check_images``), so each split's images go in one slab allocated up front
+headers read at the start (``images.check_images``), so each split's images go in one slab allocated up front
 (no thousands of separate tensors among the activations). Host memory is pageable and written once; each batch
 comes back through a reusable pinned staging buffer, in one copy to the GPU. Under torchrun the processes of a node
 share its host memory: each gets its part of :data:`RAM_SHARE`.

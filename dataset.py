@@ -1,5 +1,4 @@
-"""Finding the images of an ImageFolder tree and splitting them: classes, train/val (a held-out share, folds), class
- weights."""
+"""Finding the images of an ImageFolder tree and splitting them: classes, train/val (a held-out share, folds)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The loop: one training epoch, one evaluation pass, and batched prediction.
 
-The loops consume ``pipeline.Batch`` es, whose images are already on the device. They never wait for the device
+The loops consume ``common.Batch`` es, whose images are already on the device. They never wait for the device
 batch by batch: losses, correct counts and predictions are summed and kept on the device, and read back every
 :func:`readback_interval` batches (for the progress bar and the check for a non-finite loss) and at the end.
 """
@@ -140,7 +140,7 @@ def train_one_epoch(
     should_stop: Callable[[], bool] = lambda: False,
     options: StepOptions | None = None,
 ) -> EpochResult:
-    """Train ``model`` for one pass over ``batches`` (``pipeline.Batch`` es); returns mean loss and accuracy.
+    """Train ``model`` for one pass over ``batches`` (``common.Batch`` es); returns mean loss and accuracy.
 
     Runs under ``accel``'s autocast; ``scaler`` (fp16 only) scales the loss so small gradients survive. ``options``:
     gradient accumulation, batch mixing, a hook after each step. An accumulation window with a NaN or infinite loss

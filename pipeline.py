@@ -5,16 +5,16 @@
 (``--augment-device``):
 
 ``cpu``
-    DataLoader workers decode each image with PIL (``dataset.decode_rgb``: EXIF orientation, transparency on
-    white, 16-bit, CMYK) and run torchvision's recipe on it (``dataset.build_*_transform``); the batch is copied
+    DataLoader workers decode each image with PIL (``images.decode_rgb``: EXIF orientation, transparency on
+    white, 16-bit, CMYK) and run torchvision's recipe on it (``recipe.build_*_transform``); the batch is copied
     to the device. Large JPEGs are decoded at a reduced scale that keeps what the recipe needs
-    (``dataset.train_decode_side`` for training, the eval resize for evaluation).
+    (``recipe.train_decode_side`` for training, the eval resize for evaluation).
 ``gpu`` (the default on CUDA)
     Workers only read each file's bytes. A batch's JPEGs are decoded together on the device
     (``torchvision.io.decode_jpeg``: nvJPEG on CUDA); files it cannot take (PNG, WebP, GIF, CMYK or EXIF-rotated
     JPEGs, 16-bit images, anything it rejects) are decoded on the CPU with the rules above, by the worker when it
     can tell from the header. For training each image is scaled down once, antialiased, to a shorter side of at
-    most ``dataset.train_decode_side`` and, with ``--cache``, kept for later epochs (``cache.py``); the recipe
+    most ``recipe.train_decode_side`` and, with ``--cache``, kept for later epochs (``cache.py``); the recipe
     then runs batched on the device from those pixels (``gpu_augment.py``). Evaluation resizes and centre-crops
     each decoded image on the device; the validation crops are kept too when the training images are.
 
@@ -529,7 +529,7 @@ def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, ba
                   recipe: TrainRecipe = TrainRecipe(), world: World = World()) -> HostBatches | DeviceTrainBatches:
     """The training batches of an epoch (call ``set_epoch`` first): shuffled (or drawn class-balanced) and augmented
     by the recipe, on the device (``on_device``; not with an auto-augment policy) or in the loader's workers. Under
-    torchrun (``world``) this process's part of each step's global batch (see ``distributed.ShardedBatches``)."""
+    torchrun (``world``) this process's part of each step's global batch (see ``samplers.ShardedBatches``)."""
     decode_side = train_decode_side(img_size)
     weights = balanced_sample_weights(labels) if recipe.balanced else None
     batch_sampler = (sharded_epoch_batches(len(paths), batch_size, seed, world, weights) if world.distributed
@@ -641,7 +641,7 @@ def split_failures(batch: list[Any]) -> tuple[list[Any], list[DecodeFailure]]:
 
 @dataclass
 class Loaders:
-    """The training and validation batches (``pipeline.Batch`` es on the device), and where the cache is."""
+    """The training and validation batches (``common.Batch`` es on the device), and where the cache is."""
 
     train: HostBatches | DeviceTrainBatches
     val: HostBatches | DeviceEvalBatches | None  # None with --train-on-all

@@ -1,4 +1,4 @@
-"""Surviving interruptions: the run state an exact resume needs, finding the checkpoint, and stop requests."""
+"""Surviving interruptions: the run state an exact resume needs, and stop requests (Ctrl-C, SIGTERM)."""
 
 from __future__ import annotations
 
