@@ -1,0 +1,45 @@
+"""The module map of docs/ARCHITECTURE.md, kept: who may import whom."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+DATA_PART = {"dataset", "images", "recipe", "gpu_augment", "samplers", "cache", "pipeline"}
+OURS = {path.stem for path in REPO_ROOT.glob("*.py")}
+
+
+def imports_of(path: Path) -> set[str]:
+    """The modules of ours that a file imports (at any depth of the file, TYPE_CHECKING blocks included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & OURS
+
+
+@pytest.mark.parametrize("module", ["model", "engine", "checkpoint", "distributed", "accel"])
+def test_the_model_and_the_loop_import_no_data_module(module: str) -> None:
+    assert imports_of(REPO_ROOT / f"{module}.py") & DATA_PART == set()
+
+
+@pytest.mark.parametrize("module", sorted(DATA_PART))
+def test_the_data_part_does_not_import_distributed(module: str) -> None:
+    assert "distributed" not in imports_of(REPO_ROOT / f"{module}.py")
+
+
+def test_common_is_a_leaf_and_nothing_imports_train() -> None:
+    assert imports_of(REPO_ROOT / "common.py") == set()
+    files = [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("benchmarks/*.py"), *REPO_ROOT.glob("scripts/*.py")]
+    assert [path.name for path in files if "train" in imports_of(path)] == []
+
+
+def test_every_module_is_on_the_map() -> None:
+    text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert [name for name in sorted(OURS) if f"`{name}.py`" not in text] == []
