@@ -61,14 +61,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject counts that make no sense before any work is done."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse counts that make no sense before any work is done."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     for flag, value in (("--top-confusions", args.top_confusions), ("--misclassified", args.misclassified)):
         if value < 0:
             raise UserError(f"{flag} {value}: must be 0 or more")
-    args.workers = resolve_workers(args.workers)
     check_max_image_pixels(args.max_image_pixels)
 
 
@@ -156,7 +155,8 @@ def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate and write the report; returns the metrics (as in metrics.json) and the report folder."""
     args = get_args_parser().parse_args(argument_list(argv, "evaluate.py"))
-    validate_args(args)
+    check_args(args)
+    args.workers = resolve_workers(args.workers)
     checkpoint = load_checkpoint(args.checkpoint)
     checkpoint_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     report_dir = Path(args.report_dir) if args.report_dir else checkpoint_dir / "report"

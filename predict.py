@@ -483,11 +483,10 @@ def write_outputs(args: argparse.Namespace, names: list[str], predicted: list[st
     return result
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Reject option values that would only fail later."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse option values that would only fail later."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    args.workers = resolve_workers(args.workers)
     check_max_image_pixels(args.max_image_pixels)
 
 
@@ -504,7 +503,8 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
 
 def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
     """The whole prediction: checks, inference, the submission and, with ``--labels``, its score."""
-    validate_args(args)
+    check_args(args)
+    args.workers = resolve_workers(args.workers)
     truth = read_labels(args.labels) if args.labels else None
     checkpoints = load_checkpoints(args.checkpoint)
     class_names = checkpoints[0]["class_names"]
