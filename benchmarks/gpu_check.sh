@@ -31,14 +31,31 @@ step() {  # step LIMIT_SECONDS COMMAND...: run it, log it, never stop the script
 if [ -n "${SMOKE:-}" ]; then
     device=cpu
     probes=(--device cpu --small)
-    accuracy=(--device cpu --seeds 0 --epochs 1 --jobs 2)
-    bench=(--device cpu --path gpu --arch resnet18 --img-size 32 --images 16 --classes 2 --batch-size 8
+    # A few images of the bundled sample (2 a class for training, 1 for validation, 10 labeled test images) and a
+    # copy of its config that points at them
+    sample="$scratch/sample"
+    for folder in data/sample/train/* data/sample/val/*; do
+        split="$(basename "$(dirname "$folder")")"
+        mkdir -p "$sample/$split/$(basename "$folder")"
+        find "$folder" -type f | sort | head -n "$([ "$split" = train ] && echo 2 || echo 1)" |
+            xargs cp -t "$sample/$split/$(basename "$folder")"
+    done
+    mkdir -p "$sample/test"
+    head -n 11 data/sample/test_labels.csv > "$sample/test_labels.csv"
+    tail -n +2 "$sample/test_labels.csv" | cut -d, -f1 | sed 's|^|data/sample/test/|; s|$|.jpg|' |
+        xargs cp -t "$sample/test"
+    sed "s|^data_dir: .*|data_dir: $sample|" configs/sample.yaml > "$scratch/sample.yaml"
+    accuracy=(--device cpu --config "$scratch/sample.yaml" --seeds 0 --epochs 1 --jobs 2)
+    bench=(--device cpu --path gpu --arch resnet18 --img-size 32 --images 8 --classes 2 --batch-size 4
            --width 64 --height 48 --cpus all --trainable-all-row --epochs 3 --worker-images 4 --no-save)
+    # pytest -k cuda collects only the test files that mention CUDA
+    cuda_tests=($(grep -lis cuda tests/test_*.py))
 else
     device=cuda
     probes=(--device cuda)
     accuracy=(--device cuda --seeds 0 1 2 --jobs 6)
     bench=(--device cuda --epochs 3 --no-save)
+    cuda_tests=(tests/)
 fi
 
 "$py" - <<'PY' 2>&1 | tee -a "$log" "$summary"
@@ -59,7 +76,7 @@ echo "== $(date -u +%H:%M:%S) accuracy of the two paths, in the background" | te
 timeout 200 "$py" benchmarks/path_accuracy.py "${accuracy[@]}" --no-save > "$scratch/accuracy.txt" 2>&1 &
 accuracy_pid=$!
 # 3. The tests that run only where CUDA is.
-step 120 "$py" -m pytest -q -p no:cacheprovider -k cuda tests/
+step 120 "$py" -m pytest -q -p no:cacheprovider -k cuda "${cuda_tests[@]}"
 # 4. DistributedDataParallel on nccl (gloo on the CPU) with one process: wrapping, a thaw and rebuild, SyncBatchNorm.
 step 90 "$py" benchmarks/ddp_smoke.py --device "$device"
 wait "$accuracy_pid"

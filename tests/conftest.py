@@ -2,6 +2,9 @@
 
 Everything here is small and deterministic so the whole suite runs on a 2-core CPU in a few minutes:
 32 px images, ResNet-18 and 2 epochs for the shared end-to-end run, one thread per process.
+
+The whole suite (``python -m pytest -q``, no paths given) runs on two pytest-xdist workers, one test file per
+worker at a time, where pytest-xdist is installed and two cores are free: see :func:`pytest_cmdline_main`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torchvision.models._api  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import train  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
@@ -69,6 +75,21 @@ E2E_TRAIN_FLAGS: tuple[str, ...] = (
 TINY_TRAIN_FLAGS: tuple[str, ...] = (
     "--arch", "resnet18", "--weights", "none", "--lr", "5e-4", "--batch-size", "4", "--seed", "0", *FAST_FLAGS,
 )
+
+
+# --------------------------------------------------------------------------- two workers for the whole suite
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run the whole suite on two xdist workers (``-n 2 --dist loadfile``: a file's tests, and so its module
+    fixtures, stay on one worker). Only when no paths were given, nothing chose ``-n``, xdist is installed, this is
+    not already a worker or a pytest started by one (the GPU check's), and two cores are free; ``-n 0`` runs it in
+    one process. Most of the suite's time is subprocesses starting Python and torch, so the second core pays."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if (config.args_source is pytest.Config.ArgsSource.TESTPATHS and config.pluginmanager.hasplugin("xdist")
+            and config.option.numprocesses is None and "PYTEST_XDIST_WORKER" not in os.environ and cores >= 2):
+        config.option.numprocesses, config.option.dist = 2, "loadfile"
 
 
 # --------------------------------------------------------------------------- generated data
@@ -191,13 +212,21 @@ def run_script(script: str, *args: str | Path, cwd: Path = REPO_ROOT) -> CliResu
 
 
 def call_main(main: Callable[[list[str]], Any], *args: str | Path) -> CliResult:
-    """Call a script's ``main(argv)`` in this process, as from a notebook, capturing its output and exit code."""
+    """Call a script's ``main(argv)`` in this process, as from a notebook, capturing its output and exit code.
+
+    A ``SystemExit`` ends it as it would end the interpreter: a message (``SystemExit("error: ...")``) goes to
+    stderr with code 1, ``None`` is code 0."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             value, code = main([str(arg) for arg in args]), 0
         except SystemExit as exit_:
-            value, code = None, exit_.code if isinstance(exit_.code, int) else 1
+            value, code = None, exit_.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
     return CliResult(code, stdout.getvalue(), stderr.getvalue(), value)
 
 
@@ -210,6 +239,60 @@ def assert_user_error(result: CliResult, *fragments: str | Path) -> str:
     for fragment in fragments:
         assert str(fragment) in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+# --------------------------------------------------------------------------- tiny in-process runs, compared
+
+
+def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
+    """``train.main`` in this process with TINY_TRAIN_FLAGS on ``data``; asserts it succeeded."""
+    result = call_main(train.main, "--data-dir", data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def no_final_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the end-of-run plots and evaluation report (a second a run) in tests that only compare checkpoints."""
+    monkeypatch.setattr(train, "save_final_plots", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train, "write_best_report", lambda *args, **kwargs: None)
+
+
+def history_without_seconds(path: Path) -> list[dict[str, str]]:
+    """history.csv rows, without the wall-time column (the one thing that differs between identical runs)."""
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in read_csv_rows(path)]
+
+
+def assert_same(first: Any, second: Any, where: str = "") -> None:
+    """Equal nested structures; tensors bitwise equal (same dtype, same values)."""
+    if isinstance(first, torch.Tensor):
+        assert isinstance(second, torch.Tensor) and first.dtype == second.dtype, where
+        assert torch.equal(first, second), f"{where} differs"
+    elif isinstance(first, dict):
+        assert isinstance(second, dict) and first.keys() == second.keys(), where
+        for key in first:
+            assert_same(first[key], second[key], f"{where}.{key}")
+    elif isinstance(first, (list, tuple)):
+        assert isinstance(second, (list, tuple)) and len(first) == len(second), where
+        for index, (left, right) in enumerate(zip(first, second)):
+            assert_same(left, right, f"{where}[{index}]")
+    else:
+        assert first == second, (where, first, second)
+
+
+def assert_same_training(first: Path, second: Path) -> None:
+    """Two last.pt files hold bitwise the same weights, optimizer, random states and progress (but wall times)."""
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    assert a["epoch"] == b["epoch"]
+    assert_same(a["model"], b["model"], "model")
+    state_a, state_b = a["training_state"], b["training_state"]
+    assert_same(state_a["optimizer"], state_b["optimizer"], "optimizer")
+    assert_same(state_a["rng"], state_b["rng"], "rng")
+    progress_a, progress_b = dict(state_a["progress"]), dict(state_b["progress"])
+    for progress in (progress_a, progress_b):
+        progress["history"] = [{key: value for key, value in row.items() if key != "seconds"}
+                               for row in progress["history"]]
+    assert_same(progress_a, progress_b, "progress")
 
 
 # --------------------------------------------------------------------------- the shared trained run

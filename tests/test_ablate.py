@@ -147,7 +147,7 @@ def test_running_again_reuses_the_complete_runs(ablation: Ablation, small_data: 
     run_dir = Path(ablation.rows["tiny"]["run_dir"])
     written = {name: (run_dir / name).stat().st_mtime_ns for name in ("best.pt", "last.pt", "history.csv")}
     args = ablation_args(small_data, ablation.output_dir, str(tiny_config))  # one of the recipes, to be quick
-    again = run_script(SCRIPT, *args)
+    again = call_main(load_ablate().main, *args)  # in-process (the shared call ran the command line)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     rows = {row["recipe"]: row for row in read_csv_rows(ablation.output_dir / "ablation.csv")}
     assert list(rows) == ["tiny"]

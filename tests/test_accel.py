@@ -39,7 +39,8 @@ def hardware(monkeypatch: pytest.MonkeyPatch):
 
     def set_hardware(cuda_bf16: bool = False, cpu_bf16: bool = False) -> None:
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (8, 0) if cuda_bf16 else (7, 5))
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda *args, **kwargs: (8, 0) if cuda_bf16 else (7, 5))
         monkeypatch.setattr(accel, "cpu_has_native_bf16", lambda: cpu_bf16)
 
     return set_hardware
@@ -241,7 +242,8 @@ def test_supported_archs_are_torchvisions_networks_with_our_head(arch: str) -> N
         ours = build_model(arch, num_classes=3, weights="none").state_dict()
         theirs = torchvision.models.get_model(arch, weights=None, num_classes=3).state_dict()
     renamed = {key.replace("fc.1.", "fc.") if key.startswith("fc.1.") else key: value for key, value in ours.items()}
-    assert [(key, value.shape) for key, value in renamed.items()] == [(key, value.shape) for key, value in theirs.items()]
+    assert [(key, value.shape) for key, value in renamed.items()] == \
+        [(key, value.shape) for key, value in theirs.items()]
 
 
 # --------------------------------------------------------------------------- --augment-device

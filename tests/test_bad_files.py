@@ -275,7 +275,8 @@ def test_unreadable_files_are_skipped_up_front_with_the_reason(bad_run: BadRun, 
 
 
 def test_the_up_front_list_counts_the_unreadable_files(bad_run: BadRun) -> None:
-    assert f"warning: skipped {len(UNREADABLE_FILES)} image file(s) that cannot be read or are too large:" in bad_run.result.stdout
+    assert f"warning: skipped {len(UNREADABLE_FILES)} image file(s) that cannot be read or are too large:" in \
+        bad_run.result.stdout
 
 
 def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: BadRun) -> None:

@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, call_main, run_script
 
 RESULTS = REPO_ROOT / "benchmarks" / "results.md"
 # ResNet-18 at 32 px on 8 tiny JPEGs, two batches an epoch: each stage runs, nothing takes long.
@@ -23,13 +23,20 @@ TINY_BENCH = ("--device", "cpu", "--arch", "resnet18", "--img-size", "32", "--im
 THROUGHPUT_HEADER = "stage | cores | baseline img/s"
 
 
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/NAME.py as a module (loaded once), for its helpers or to call its ``main`` in-process."""
+    if name not in sys.modules:
+        if name != "bench":
+            load_benchmark("bench")  # the others import it as a sibling
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
 def load_bench() -> ModuleType:
-    """benchmarks/bench.py as a module, for its helpers (loaded once)."""
-    if "bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "benchmarks" / "bench.py")
-        sys.modules["bench"] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
-        spec.loader.exec_module(sys.modules["bench"])
-    return sys.modules["bench"]
+    """benchmarks/bench.py as a module."""
+    return load_benchmark("bench")
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -65,7 +72,7 @@ def assert_consistent(cells: list[str], with_baseline: bool = True) -> None:
 
 def test_bench_cpu_path_times_each_stage_against_the_reference_and_the_ceiling() -> None:
     before = RESULTS.read_text(encoding="utf-8")
-    result = run_script("benchmarks/bench.py", *TINY_BENCH, "--epochs", "2")
+    result = call_main(load_bench().main, *TINY_BENCH, "--epochs", "2")  # bench.py's command line: the GPU check
     assert result.returncode == 0, result.stderr
     rows = throughput_rows(result.stdout)
     cores = f"all {len(os.sched_getaffinity(0))}" if hasattr(os, "sched_getaffinity") else f"all {os.cpu_count()}"
@@ -87,7 +94,7 @@ def test_bench_cpu_path_times_each_stage_against_the_reference_and_the_ceiling()
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus needs os.sched_setaffinity (Linux)")
 def test_bench_runs_the_gpu_path_on_the_cpu_device_restricted_to_one_core() -> None:
-    result = run_script("benchmarks/bench.py", *TINY_BENCH, "--path", "gpu", "--cpus", "1", "--trainable-all-row")
+    result = call_main(load_bench().main, *TINY_BENCH, "--path", "gpu", "--cpus", "1", "--trainable-all-row")
     assert result.returncode == 0, result.stderr
     rows = throughput_rows(result.stdout)
     cores = f"1 of {len(os.sched_getaffinity(0))}"
@@ -142,7 +149,7 @@ def test_cpu_precision_measures_each_variant_against_fp32_and_the_reference() ->
 
 
 def test_cpu_precision_refuses_an_unknown_variant() -> None:
-    result = run_script("benchmarks/cpu_precision.py", "--variants", "fp32,int4", "--no-save")
+    result = call_main(load_benchmark("cpu_precision").main, "--variants", "fp32,int4", "--no-save")
     assert result.returncode != 0
     assert "--variants fp32,int4: unknown int4" in result.stderr
 

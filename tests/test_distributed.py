@@ -1,11 +1,10 @@
 """Multi-process training helpers: each rank's share of the epoch, the global batch's loss, the collectives, and
-a rank that dies or hangs. The last three tests start real 2-process gloo jobs running this file's workers
-(``python tests/test_distributed.py WORKER``)."""
+a rank that dies or hangs. The last three tests start real 2-process gloo jobs running the workers of
+distributed_workers.py (``python tests/distributed_workers.py WORKER``)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,10 +35,11 @@ from distributed import (
     wrap_model,
 )
 from engine import EvalResult
-from samplers import EpochSampler, ShardedBatches, epoch_batches, shard_range, shard_slice, sharded_epoch_batches
-from utils import UserError, exit_on_user_error
+from samplers import EpochSampler, ShardedBatches, epoch_batches, shard_range, shard_slice
+from utils import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).with_name("distributed_workers.py")  # the jobs' workers
 GLOO_GLITCH = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:4021."
 
 
@@ -239,22 +239,23 @@ def free_port() -> int:
 
 
 def worker_environment(**variables: str) -> dict[str, str]:
-    """The environment of a worker of this file: the repository importable, one thread, ``variables`` set."""
+    """The environment of a worker: the repository importable, one thread, ``variables`` set."""
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **variables}
 
 
-def start_ranks(worker: str, timeout_s: int) -> list[subprocess.Popen]:
-    """Two processes of ``worker`` launched as a scheduler would, without torchrun (rank 0 hosts the store)."""
+def start_ranks(worker: str, timeout_s: int, ready_dir: Path) -> list[subprocess.Popen]:
+    """Two processes of ``worker`` launched as a scheduler would, without torchrun (rank 0 hosts the store); they
+    meet in ``ready_dir`` before joining the group."""
     common = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                  TRAIN_DIST_TIMEOUT=str(timeout_s))
-    return [subprocess.Popen([sys.executable, __file__, worker], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                  TRAIN_DIST_TIMEOUT=str(timeout_s), WORKER_READY_DIR=str(ready_dir))
+    return [subprocess.Popen([sys.executable, str(WORKERS), worker], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env=worker_environment(RANK=str(rank), LOCAL_RANK=str(rank), **common))
             for rank in range(2)]
 
 
 def test_two_processes_train_like_one_with_the_double_batch() -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKERS),
                "checks"]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env=worker_environment())
@@ -263,9 +264,9 @@ def test_two_processes_train_like_one_with_the_double_batch() -> None:
 
 
 @pytest.mark.parametrize("worker, reason", [("dies", "by peer"), ("hangs", "Timed out")])
-def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str) -> None:
+def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str, tmp_path: Path) -> None:
     started = time.monotonic()
-    rank0, rank1 = start_ranks(worker, timeout_s=2)
+    rank0, rank1 = start_ranks(worker, timeout_s=2, ready_dir=tmp_path)
     try:
         _, stderr = rank0.communicate(timeout=60)
     finally:
@@ -276,90 +277,3 @@ def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str) -> None:
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: rank 0 of 2: rank 1 stopped answering") and reason in last, stderr
-
-
-# --------------------------------------------------------------------------- the workers
-
-
-def check_same_steps_as_one_process(world: World) -> None:
-    """Two epochs of DDP with per-rank batches of 3 give the weights of one process with batches of 6 (17 images:
-    the last global batch of 5 is split 3 and 2), class weights, label smoothing and a frozen layer included."""
-    size, batch_size, seed = 17, 3, 0
-    generator = torch.Generator().manual_seed(0)
-    images, labels = torch.randn(size, 5, generator=generator), torch.randint(0, 3, (size,), generator=generator)
-    class_weights = torch.tensor([0.5, 1.0, 2.5])
-
-    def network() -> nn.Module:
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
-        model[0].requires_grad_(False)
-        return model
-
-    def train(model: nn.Module, criterion: nn.Module, batches) -> None:
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        for epoch in (0, 1):
-            batches.sampler.set_epoch(epoch)
-            for keys in batches:
-                optimizer.zero_grad()
-                criterion(model(images[positions(keys)]), labels[positions(keys)]).backward()
-                optimizer.step()
-
-    single = network()
-    train(single, nn.CrossEntropyLoss(weight=class_weights, label_smoothing=0.1),
-          epoch_batches(size, batch_size * world.world_size, seed))
-    ddp = wrap_model(network(), world)
-    train(ddp, GlobalCrossEntropy(world, class_weights, 0.1), sharded_epoch_batches(size, batch_size, seed, world))
-    for ours, theirs in zip(ddp.module.parameters(), single.parameters()):
-        torch.testing.assert_close(ours, theirs)
-
-
-def check_collectives(world: World) -> None:
-    """Predictions gathered in order (rank 1 holding fewer, or none), results reduced, flags shared, buffers synced."""
-    for count in (7, 1):
-        part = torch.tensor(shard_range(count, world), dtype=torch.long)
-        predictions, targets = gather_predictions(part * 2, part + 100, world)
-        assert predictions.tolist() == [2 * position for position in range(count)]
-        assert targets.tolist() == [100 + position for position in range(count)]
-    part = torch.tensor(shard_range(7, world), dtype=torch.long)  # 4 images on rank 0, 3 on rank 1
-    local = EvalResult(float(world.rank + 1), 0.5 if world.rank == 0 else 1.0, len(part), 1.0 + world.rank,
-                       part, part)
-    combined = all_reduce_eval(local, world)
-    assert (combined.images, combined.seconds, combined.predictions.tolist()) == (7, 2.0, list(range(7)))
-    assert combined.loss == pytest.approx((1 * 4 + 2 * 3) / 7) and combined.accuracy == pytest.approx(5 / 7)
-    assert broadcast_flag(world.rank == 0, world) and not broadcast_flag(world.rank == 1, world)
-    assert any_rank(world.rank == 1, world) and not any_rank(False, world)
-    norm = nn.BatchNorm1d(2)
-    norm.running_mean.fill_(float(world.rank + 3))
-    sync_buffers(norm, world)
-    assert norm.running_mean.tolist() == [3.0, 3.0]
-
-
-def worker_checks() -> None:
-    """Run under torchrun: every check on a real 2-process gloo group."""
-    world = init_world("cpu")
-    assert world.world_size == 2 and dist.get_backend() == "gloo"
-    check_same_steps_as_one_process(world)
-    check_collectives(world)
-    close_world(world)
-    if world.is_main:
-        print(f"checks passed on {world.world_size} ranks")
-
-
-@exit_on_user_error
-def worker_loses_a_peer(how: str) -> None:
-    """Rank 1 dies (SIGKILL) or hangs after the first collective; rank 0 waits at the second."""
-    world = init_world("cpu")
-    all_reduce_sum(torch.ones(1), world)
-    if world.rank == 1:
-        if how == "dies":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(120)
-    all_reduce_sum(torch.ones(1), world)
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    if sys.argv[1] == "checks":
-        worker_checks()
-    else:
-        worker_loses_a_peer(sys.argv[1])

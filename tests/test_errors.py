@@ -66,8 +66,8 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model(args.arch, num_classes=3, weights="none")
     freeze_blocks(model, parse_trainable(args.trainable))
     path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
-    save_checkpoint(make_checkpoint(model, ["0", "1", "2"], options.config_of(args), 0, {}, IMAGENET_MEAN, IMAGENET_STD),
-                    path)
+    save_checkpoint(make_checkpoint(model, ["0", "1", "2"], options.config_of(args), 0, {}, IMAGENET_MEAN,
+                                    IMAGENET_STD), path)
     return path
 
 
@@ -403,8 +403,9 @@ CASES: list[Callable[[Inputs], BadRun]] = [
     labeled_split_as_test_dir,
     run_folder_with_only_last_pt,
 ]
-# One per kind of check, run as real subprocesses: argument validation, the data scan, the checkpoint, decoding.
-SHELL_CASES = [missing_data_dir, unknown_trainable_block, checkpoint_that_is_text, undecodable_test_image]
+# One per script, run as real subprocesses (each costs seconds of interpreter start-up; every case also runs
+# in-process above): train.py's data scan, and predict.py from the checkpoint load through decoding.
+SHELL_CASES = [missing_data_dir, undecodable_test_image]
 
 
 def full_args(case: BadRun, inputs: Inputs) -> list[str | Path]:

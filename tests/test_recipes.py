@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from test_resume import assert_same_training, history_without_seconds
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,11 +33,13 @@ from conftest import (
     REPO_ROOT,
     TINY_TRAIN_FLAGS,
     ColourData,
+    assert_same_training,
     assert_user_error,
     block_of,
     call_main,
+    history_without_seconds,
     read_csv_rows,
-    run_script,
+    tiny_train,
 )
 from engine import EvalResult, StepOptions, WeightAverage, make_optimizer, train_one_epoch
 from model import (
@@ -58,13 +59,6 @@ from utils import UserError
 CPU = torch.device("cpu")
 
 
-def tiny_train(data: ColourData, output: Path, *flags: str | Path):
-    """train.main in this process on small_data; asserts it succeeded."""
-    result = call_main(train.main, "--data-dir", data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, *flags)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
 # --------------------------------------------------------------------------- the schedule
 
 
@@ -76,7 +70,8 @@ def test_warmup_rises_linearly_then_the_cosine_spans_the_other_epochs() -> None:
         pytest.approx([(1 + math.cos(math.pi * k / 10)) / 2 for k in range(10)])  # no warmup: as before
 
 
-def test_the_backbone_learns_at_its_share_of_the_heads_rate(small_data: ColourData, tmp_path: Path) -> None:
+def test_the_backbone_learns_at_its_share_of_the_heads_rate(small_data: ColourData, tmp_path: Path,
+                                                            no_final_outputs: None) -> None:
     tiny_train(small_data, tmp_path / "out", "--epochs", "2", "--warmup-epochs", "1", "--backbone-lr-mult", "0.1")
 
     history = read_csv_rows(tmp_path / "out" / "history.csv")
@@ -117,8 +112,9 @@ def test_an_optimizer_step_updates_the_moving_average_and_sgd_keeps_momentum() -
     model = nn.Linear(6, 3)
     average = WeightAverage(model, 0.5)
     optimizer = make_optimizer(list(model.parameters()), 0.5, 0.0, CPU, kind="sgd")
-    train_one_epoch(model, linear_batches(3, 4), nn.CrossEntropyLoss(), optimizer, train.Accel(CPU, channels_last=False),
-                    show_progress=False, options=StepOptions(after_step=lambda: average.update(model)))
+    train_one_epoch(model, linear_batches(3, 4), nn.CrossEntropyLoss(), optimizer,
+                    train.Accel(CPU, channels_last=False), show_progress=False,
+                    options=StepOptions(after_step=lambda: average.update(model)))
     assert average.updates == 3
     assert not torch.equal(average.module.weight, model.weight)  # the average lags behind the raw weights
     assert all("momentum_buffer" in state for state in optimizer.state.values())
@@ -198,8 +194,8 @@ def test_mixed_targets_sum_to_one_and_follow_the_pasted_area() -> None:
     assert again.lam == only_mixup.lam  # the seed and batch number decide
 
 
-def test_a_mixed_run_trains_and_reports_accuracy_against_the_dominant_label(small_data: ColourData,
-                                                                            tmp_path: Path) -> None:
+def test_a_mixed_run_trains_and_reports_accuracy_against_the_dominant_label(small_data: ColourData, tmp_path: Path,
+                                                                            no_final_outputs: None) -> None:
     tiny_train(small_data, tmp_path / "out", "--epochs", "1", "--mixup", "0.4", "--cutmix", "1.0")
     row = read_csv_rows(tmp_path / "out" / "history.csv")[0]
     assert 0 <= float(row["train_acc"]) <= 1 and math.isfinite(float(row["train_loss"]))
@@ -275,8 +271,8 @@ def test_max_params_refuses_an_over_budget_model_before_any_download(small_data:
     assert not (tmp_path / "out").exists()
 
 
-def test_max_params_lets_a_model_within_budget_train_and_checks_its_spelling(small_data: ColourData,
-                                                                             tmp_path: Path) -> None:
+def test_max_params_lets_a_model_within_budget_train_and_checks_its_spelling(small_data: ColourData, tmp_path: Path,
+                                                                             no_final_outputs: None) -> None:
     tiny_train(small_data, tmp_path / "out", "--epochs", "1", "--max-params", "11.2M")  # resnet18: 11,178,051
     assert_user_error(call_main(train.main, "--data-dir", small_data.root, "--output-dir", tmp_path / "other",
                                 *TINY_TRAIN_FLAGS, "--max-params", "lots"), "--max-params lots: not a parameter count")
@@ -305,7 +301,7 @@ def test_a_timm_backbone_trains_resumes_and_predicts(small_data: ColourData, tmp
 
 
 def test_a_model_is_fed_the_normalization_its_weights_were_pretrained_with(
-        small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_final_outputs: None) -> None:
     assert input_normalization("resnet50") == (IMAGENET_MEAN, IMAGENET_STD)
     if importlib.util.find_spec("timm"):  # timm's pretrained configs say, without a download
         assert input_normalization("timm:vit_base_patch16_224.augreg_in21k") == ((0.5,) * 3, (0.5,) * 3)
@@ -338,9 +334,11 @@ def test_every_bundled_config_is_valid_and_within_the_course_budget(config: Path
     assert parameter_count(args.arch, 100) <= 100_000_000  # the course's rule, with the reference's 100 classes
 
 
-def test_help_with_a_config_shows_the_configs_values_as_defaults() -> None:
+def test_help_with_a_config_shows_the_configs_values_as_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("timm", reason="timm is optional")
-    result = run_script("train.py", "--config", "configs/strong.yaml", "--help")
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps as in a shell without a terminal
+
+    result = call_main(train.main, "--config", REPO_ROOT / "configs" / "strong.yaml", "--help")
 
     text = re.sub(r"\s+", " ", result.stdout)
     assert result.returncode == 0
@@ -370,7 +368,7 @@ def test_a_thawed_block_trains_again_and_its_batchnorm_learns() -> None:
 
 
 def test_blocks_thaw_at_their_epochs_with_the_optimizer_holding_exactly_the_trainable_parameters(
-        small_data: ColourData, tmp_path: Path) -> None:
+        small_data: ColourData, tmp_path: Path, no_final_outputs: None) -> None:
     output = tmp_path / "out"
     tiny_train(small_data, output, "--epochs", "3", "--epochs-this-run", "1", "--unfreeze-at", "layer3:2,all:3")
     states, outputs = [load_checkpoint(output / "last.pt")], []
@@ -495,7 +493,8 @@ ALL_OPTIONS = ("--fold", "2/5", "--unfreeze-at", "layer3:2,layer2:3", "--warmup-
                "--monitor", "val_balanced_acc", "--optimizer", "sgd", "--test-size", "36")
 
 
-def test_resume_is_exact_with_every_new_option_on(small_data: ColourData, tmp_path: Path) -> None:
+def test_resume_is_exact_with_every_new_option_on(small_data: ColourData, tmp_path: Path,
+                                                  no_final_outputs: None) -> None:
     tiny_train(small_data, tmp_path / "straight", "--epochs", "3", *ALL_OPTIONS)
     tiny_train(small_data, tmp_path / "stopped", "--epochs", "3", "--epochs-this-run", "2", *ALL_OPTIONS)
 

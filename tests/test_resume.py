@@ -2,9 +2,10 @@
 instant (SIGKILL), and a polite stop (SIGINT, exit code 130).
 
 The runs are tiny (small_data: 12 training images, 3 batches of 4) and mostly in-process. The signal tests need
-real processes: the first one of each is ``python train.py`` in a subprocess; the later kills of the SIGKILL test
-hit forked copies of this process running ``train.main`` (a real process to kill, without the seconds a fresh
-interpreter spends importing torch).
+real processes: the runs that are killed or sent SIGTERM are forked copies of this process running ``train.main``
+(a real process, without the seconds a fresh interpreter spends importing torch); the SIGINT test, and the finished
+run of the SIGTERM test, are ``python train.py`` in a subprocess, as a user starts it (the resume hint names the
+script; the interpreter must exit when the run ends).
 """
 
 from __future__ import annotations
@@ -23,65 +24,25 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
 import engine
 import train
 from checkpoint import load_checkpoint
-from conftest import REPO_ROOT, TINY_TRAIN_FLAGS, CliResult, ColourData, assert_user_error, call_main, read_csv_rows
+from conftest import (
+    REPO_ROOT,
+    TINY_TRAIN_FLAGS,
+    CliResult,
+    ColourData,
+    assert_same,
+    assert_same_training,
+    assert_user_error,
+    call_main,
+    history_without_seconds,
+    read_csv_rows,
+    tiny_train,
+)
 
 EPOCHS = 4
-
-
-def history_without_seconds(path: Path) -> list[dict[str, str]]:
-    """history.csv rows, without the wall-time column (the one thing that differs between identical runs)."""
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in read_csv_rows(path)]
-
-
-def assert_same(first: Any, second: Any, where: str = "") -> None:
-    """Equal nested structures; tensors bitwise equal (same dtype, same values)."""
-    if isinstance(first, torch.Tensor):
-        assert isinstance(second, torch.Tensor) and first.dtype == second.dtype, where
-        assert torch.equal(first, second), f"{where} differs"
-    elif isinstance(first, dict):
-        assert isinstance(second, dict) and first.keys() == second.keys(), where
-        for key in first:
-            assert_same(first[key], second[key], f"{where}.{key}")
-    elif isinstance(first, (list, tuple)):
-        assert isinstance(second, (list, tuple)) and len(first) == len(second), where
-        for index, (left, right) in enumerate(zip(first, second)):
-            assert_same(left, right, f"{where}[{index}]")
-    else:
-        assert first == second, (where, first, second)
-
-
-def assert_same_training(first: Path, second: Path) -> None:
-    """Two last.pt files hold bitwise the same weights, optimizer, random states and progress (but wall times)."""
-    a, b = load_checkpoint(first), load_checkpoint(second)
-    assert a["epoch"] == b["epoch"]
-    assert_same(a["model"], b["model"], "model")
-    state_a, state_b = a["training_state"], b["training_state"]
-    assert_same(state_a["optimizer"], state_b["optimizer"], "optimizer")
-    assert_same(state_a["rng"], state_b["rng"], "rng")
-    progress_a, progress_b = dict(state_a["progress"]), dict(state_b["progress"])
-    for progress in (progress_a, progress_b):
-        progress["history"] = [{key: value for key, value in row.items() if key != "seconds"}
-                               for row in progress["history"]]
-    assert_same(progress_a, progress_b, "progress")
-
-
-def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
-    """train.main in this process on small_data; asserts it succeeded."""
-    result = call_main(train.main, "--data-dir", data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, *flags)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture
-def no_final_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skip the end-of-run plots and evaluation report (a second a run) in tests that only compare checkpoints."""
-    monkeypatch.setattr(train, "save_final_plots", lambda *args, **kwargs: None)
-    monkeypatch.setattr(train, "write_best_report", lambda *args, **kwargs: None)
 
 
 @dataclass(frozen=True)
@@ -107,8 +68,8 @@ def test_resume_auto_without_last_pt_starts_a_new_run(straight: Straight) -> Non
     assert [row["epoch"] for row in read_csv_rows(straight.output / "history.csv")] == ["1", "2", "3", "4"]
 
 
-def test_stopped_and_resumed_run_is_bitwise_identical(straight: Straight, small_data: ColourData,
-                                                      tmp_path: Path) -> None:
+def test_stopped_and_resumed_run_is_bitwise_identical(straight: Straight, small_data: ColourData, tmp_path: Path,
+                                                      no_final_outputs: None) -> None:
     output = tmp_path / "out"
     first = tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2")
     assert f"stopped after epoch 2 of {EPOCHS}" in first.stdout
@@ -271,8 +232,8 @@ def test_a_complete_run_run_again_says_so_and_returns_its_summary(straight: Stra
     assert not re.search(r"epoch +\d+/\d+ +train loss", result.stdout) and "continuing" not in result.stdout
 
 
-def test_the_same_command_continues_an_interrupted_run(straight: Straight, small_data: ColourData,
-                                                       tmp_path: Path) -> None:
+def test_the_same_command_continues_an_interrupted_run(straight: Straight, small_data: ColourData, tmp_path: Path,
+                                                       no_final_outputs: None) -> None:
     """A re-run notebook cell or re-submitted job: continues where the run stopped, as --resume auto would."""
     output = tmp_path / "out"
     tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2")
@@ -376,29 +337,35 @@ def test_a_best_pt_without_its_last_pt_is_not_replaced(straight: Straight, small
 # --------------------------------------------------------------------------- processes to stop and kill
 
 
-def _train_in_child(argv: list[str], log_path: str) -> None:
-    """Body of a forked training process: stdout and stderr go to ``log_path``."""
-    descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(descriptor, 1)
-    os.dup2(descriptor, 2)
+def _train_in_child(argv: list[str], log_path: str, stderr_path: str) -> None:
+    """Body of a forked training process, in a process group of its own (as ``python train.py`` is started
+    below): stdout goes to ``log_path``, stderr to ``stderr_path``."""
+    os.setsid()
+    for descriptor, path in ((1, log_path), (2, stderr_path)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), descriptor)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     train.main(argv)
 
 
 class TrainingProcess:
-    """A training run in its own process, with its console output in a file that can be watched."""
+    """A training run in its own process and process group, with its console output in files that can be watched
+    (stderr apart, to check what goes where).
+
+    ``fork=False`` starts ``python train.py`` as a user does (seconds of interpreter start-up); ``fork=True`` forks
+    this process, which has torch imported already, to run ``train.main`` (a real process to signal or kill)."""
 
     def __init__(self, argv: list[str | Path], log_path: Path, fork: bool = False) -> None:
         self.log_path = log_path
         argv = [str(arg) for arg in argv]
         log_path.touch()
+        self.stderr_path.touch()
         if fork:
             self.process: Any = multiprocessing.get_context("fork").Process(
-                target=_train_in_child, args=(argv, str(log_path)))
+                target=_train_in_child, args=(argv, str(log_path), str(self.stderr_path)))
             self.process.start()
             self.pid = self.process.pid
-        else:  # stderr apart, to check what goes where
+        else:
             with log_path.open("w") as log, self.stderr_path.open("w") as errors:
                 self.process = subprocess.Popen([sys.executable, "-u", str(REPO_ROOT / "train.py"), *argv],
                                                 cwd=REPO_ROOT, stdout=log, stderr=errors,
@@ -415,9 +382,8 @@ class TrainingProcess:
         return self.log_path.with_suffix(".stderr")
 
     def output(self) -> str:
-        """Everything written so far (stdout, then stderr when it is kept apart)."""
-        errors = self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
-        return self.log_path.read_text(errors="replace") + errors
+        """Everything written so far: stdout, then stderr."""
+        return self.log_path.read_text(errors="replace") + self.stderr_path.read_text(errors="replace")
 
     def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
         """Poll ``condition`` until it holds; fail if the process ends first or time runs out."""
@@ -477,8 +443,8 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
     argv = ["--data-dir", small_data.root, "--output-dir", output, "--epochs", str(EPOCHS), *TINY_TRAIN_FLAGS]
     kills: list[str] = []
 
-    # 1. `python train.py`, killed a random moment after its first epoch line
-    first = TrainingProcess(argv, tmp_path / "run1.log")
+    # 1. a run killed a random moment after its first epoch line
+    first = TrainingProcess(argv, tmp_path / "run1.log", fork=True)
     processes.append(first)
     first.wait_for_line(EPOCH_LINE)
     time.sleep(rng.uniform(0.0, 0.4))
@@ -516,7 +482,7 @@ def test_sigterm_to_the_whole_process_group_stops_as_sigint_does(
     """SLURM and torchrun signal every process, the loader workers too: the run must still stop after its batch."""
     output = tmp_path / "out"
     run = TrainingProcess(["--data-dir", small_data.root, "--output-dir", output, "--epochs", "20",
-                           *TINY_TRAIN_FLAGS, "--workers", "1"], tmp_path / "run.log")
+                           *TINY_TRAIN_FLAGS, "--workers", "1"], tmp_path / "run.log", fork=True)
     processes.append(run)
     run.wait_for_line(EPOCH_LINE)
 

@@ -74,7 +74,8 @@ def test_training_writes_checkpoints_history_plots_and_config(trained_run: Train
 
 def test_history_has_one_row_per_epoch(trained_run: TrainedRun) -> None:
     history = trained_run.output_dir / "history.csv"
-    assert history.read_text().splitlines()[0] == "epoch,train_loss,train_acc,val_loss,val_acc,val_balanced_acc,lr,seconds"
+    assert history.read_text().splitlines()[0] == \
+        "epoch,train_loss,train_acc,val_loss,val_acc,val_balanced_acc,lr,seconds"
     rows = read_csv_rows(history)
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     assert all(0 <= float(row["val_acc"]) <= 1 and float(row["train_loss"]) > 0 for row in rows)
