@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import os
 import random
@@ -20,6 +21,7 @@ import urllib.error
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Sequence
 
 # Tiny tensors gain nothing from a second thread, and OpenMP threads that spin while another process holds
@@ -209,6 +211,17 @@ def run_script(script: str, *args: str | Path, cwd: Path = REPO_ROOT) -> CliResu
         timeout=300,
     )
     return CliResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository (``scripts/ablate.py``) as a module named after its file, loaded once, for its
+    helpers or to call its ``main`` in this process."""
+    path = REPO_ROOT / relative_path
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        sys.modules[path.stem] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
+        spec.loader.exec_module(sys.modules[path.stem])
+    return sys.modules[path.stem]
 
 
 def call_main(main: Callable[[list[str]], Any], *args: str | Path) -> CliResult:

@@ -6,41 +6,29 @@ complete runs. Mistakes in the command itself are checked in-process, before any
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from PIL import Image
 
 from conftest import (
-    REPO_ROOT,
     TINY_TRAIN_FLAGS,
     CliResult,
     ColourData,
     assert_user_error,
     block_of,
     call_main,
+    load_script,
     read_csv_rows,
     run_script,
 )
 
 SCRIPT = "scripts/ablate.py"
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def load_ablate() -> ModuleType:
-    """scripts/ablate.py as a module (loaded once)."""
-    if "ablate" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ablate", REPO_ROOT / SCRIPT)
-        sys.modules["ablate"] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
-        spec.loader.exec_module(sys.modules["ablate"])
-    return sys.modules["ablate"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +135,7 @@ def test_running_again_reuses_the_complete_runs(ablation: Ablation, small_data: 
     run_dir = Path(ablation.rows["tiny"]["run_dir"])
     written = {name: (run_dir / name).stat().st_mtime_ns for name in ("best.pt", "last.pt", "history.csv")}
     args = ablation_args(small_data, ablation.output_dir, str(tiny_config))  # one of the recipes, to be quick
-    again = call_main(load_ablate().main, *args)  # in-process (the shared call ran the command line)
+    again = call_main(load_script(SCRIPT).main, *args)  # in-process (the shared call ran the command line)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     rows = {row["recipe"]: row for row in read_csv_rows(ablation.output_dir / "ablation.csv")}
     assert list(rows) == ["tiny"]
@@ -163,7 +151,7 @@ def test_running_again_reuses_the_complete_runs(ablation: Ablation, small_data: 
 
 
 def test_a_recipe_is_named_by_its_config_and_flags_or_by_name() -> None:
-    ablate = load_ablate()
+    ablate = load_script(SCRIPT)
     config = "configs/sample.yaml"
     assert ablate.parse_recipe(f"{config} --img-size 48").name == "sample --img-size 48"
     assert ablate.parse_recipe("--trainable all --lr 1e-4").name == "--trainable all --lr 1e-4"
@@ -172,7 +160,7 @@ def test_a_recipe_is_named_by_its_config_and_flags_or_by_name() -> None:
 
 
 def test_run_folders_are_slugs_of_the_names_and_never_collide() -> None:
-    ablate = load_ablate()
+    ablate = load_script(SCRIPT)
     recipes = ablate.parse_recipes(["configs/sample.yaml --trainable layer4,fc", "--lr 1e-3", "--lr=1e-3",
                                     "name=logs --lr 1e-2"])
     assert [recipe.slug for recipe in recipes] == ["sample-trainable-layer4-fc", "lr-1e-3",
@@ -184,26 +172,26 @@ def test_run_folders_are_slugs_of_the_names_and_never_collide() -> None:
 
 
 def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
-    result = call_main(load_ablate().main, "configs/nope.yaml --img-size 48", "--output-dir", tmp_path / "out")
+    result = call_main(load_script(SCRIPT).main, "configs/nope.yaml --img-size 48", "--output-dir", tmp_path / "out")
     assert_user_error(result, "recipe 'configs/nope.yaml --img-size 48'", "configs/nope.yaml: file not found")
     assert not (tmp_path / "out").exists()  # nothing was started
 
 
 def test_no_recipes_is_one_line(tmp_path: Path) -> None:
-    assert_user_error(call_main(load_ablate().main, "--output-dir", tmp_path), "no recipes")
+    assert_user_error(call_main(load_script(SCRIPT).main, "--output-dir", tmp_path), "no recipes")
 
 
 def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder\n")
-    assert_user_error(call_main(load_ablate().main, "configs/sample.yaml", "--output-dir", blocker),
+    assert_user_error(call_main(load_script(SCRIPT).main, "configs/sample.yaml", "--output-dir", blocker),
                       f"--output-dir {blocker}: is a file")
-    assert_user_error(call_main(load_ablate().main, "configs/sample.yaml", "--output-dir", blocker / "out"),
+    assert_user_error(call_main(load_script(SCRIPT).main, "configs/sample.yaml", "--output-dir", blocker / "out"),
                       f"--output-dir {blocker / 'out'}: cannot write there")
 
 
 def test_flags_the_script_sets_itself_and_twice_given_recipes_are_refused(tmp_path: Path) -> None:
-    main = load_ablate().main
+    main = load_script(SCRIPT).main
     assert_user_error(call_main(main, "configs/sample.yaml --output-dir x", "--output-dir", tmp_path),
                       "--output-dir is not allowed here")
     assert_user_error(call_main(main, "configs/sample.yaml", "--extra", "--overwrite --lr 1", "--output-dir", tmp_path),
@@ -213,7 +201,7 @@ def test_flags_the_script_sets_itself_and_twice_given_recipes_are_refused(tmp_pa
 
 
 def test_a_row_reports_the_epoch_and_weights_best_pt_holds() -> None:
-    best_of_history = load_ablate().best_of_history
+    best_of_history = load_script(SCRIPT).best_of_history
     rows = [{"epoch": "1", "val_acc": "0.5", "ema_val_acc": "0.2"},
             {"epoch": "2", "val_acc": "0.4", "ema_val_acc": "0.6"}]
     assert best_of_history(rows, {"epoch": 2, "weights": "ema"}) == (0.6, 2, 2)  # --ema: the averaged weights won

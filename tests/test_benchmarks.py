@@ -5,7 +5,6 @@ Speed goals are measured by the scripts themselves (benchmarks/results.md), neve
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import REPO_ROOT, call_main, run_script
+from conftest import REPO_ROOT, call_main, load_script, run_script
 
 RESULTS = REPO_ROOT / "benchmarks" / "results.md"
 # ResNet-18 at 32 px on 8 tiny JPEGs, two batches an epoch: each stage runs, nothing takes long.
@@ -24,19 +23,10 @@ THROUGHPUT_HEADER = "stage | cores | baseline img/s"
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """benchmarks/NAME.py as a module (loaded once), for its helpers or to call its ``main`` in-process."""
-    if name not in sys.modules:
-        if name != "bench":
-            load_benchmark("bench")  # the others import it as a sibling
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look their module up
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-def load_bench() -> ModuleType:
-    """benchmarks/bench.py as a module."""
-    return load_benchmark("bench")
+    """benchmarks/NAME.py as a module (loaded once), for its helpers or to call its ``main`` in this process."""
+    if name != "bench":
+        load_script("benchmarks/bench.py")  # the others import it as a sibling
+    return load_script(f"benchmarks/{name}.py")
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -72,7 +62,7 @@ def assert_consistent(cells: list[str], with_baseline: bool = True) -> None:
 
 def test_bench_cpu_path_times_each_stage_against_the_reference_and_the_ceiling() -> None:
     before = RESULTS.read_text(encoding="utf-8")
-    result = call_main(load_bench().main, *TINY_BENCH, "--epochs", "2")  # bench.py's command line: the GPU check
+    result = call_main(load_benchmark("bench").main, *TINY_BENCH, "--epochs", "2")  # the command line: the GPU check
     assert result.returncode == 0, result.stderr
     rows = throughput_rows(result.stdout)
     cores = f"all {len(os.sched_getaffinity(0))}" if hasattr(os, "sched_getaffinity") else f"all {os.cpu_count()}"
@@ -94,7 +84,7 @@ def test_bench_cpu_path_times_each_stage_against_the_reference_and_the_ceiling()
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus needs os.sched_setaffinity (Linux)")
 def test_bench_runs_the_gpu_path_on_the_cpu_device_restricted_to_one_core() -> None:
-    result = call_main(load_bench().main, *TINY_BENCH, "--path", "gpu", "--cpus", "1", "--trainable-all-row")
+    result = call_main(load_benchmark("bench").main, *TINY_BENCH, "--path", "gpu", "--cpus", "1", "--trainable-all-row")
     assert result.returncode == 0, result.stderr
     rows = throughput_rows(result.stdout)
     cores = f"1 of {len(os.sched_getaffinity(0))}"
@@ -109,7 +99,7 @@ def test_bench_runs_the_gpu_path_on_the_cpu_device_restricted_to_one_core() -> N
 
 
 def test_bench_refuses_more_cores_than_it_may_use(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = load_bench()
+    bench = load_benchmark("bench")
     with pytest.raises(SystemExit):
         bench.parse_args(["--cpus", "all,100000"])
     assert "--cpus all,100000: '100000' is not 'all' or a core count" in capsys.readouterr().err
@@ -117,7 +107,7 @@ def test_bench_refuses_more_cores_than_it_may_use(capsys: pytest.CaptureFixture[
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
 def test_restricted_to_pins_the_process_and_torch_threads_then_restores_them() -> None:
-    bench = load_bench()
+    bench = load_benchmark("bench")
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     with bench.restricted_to(1) as label:
         assert len(os.sched_getaffinity(0)) == 1 and torch.get_num_threads() == 1
@@ -127,7 +117,7 @@ def test_restricted_to_pins_the_process_and_torch_threads_then_restores_them() -
 
 def test_restricted_to_says_where_it_cannot_restrict(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    bench = load_bench()
+    bench = load_benchmark("bench")
     monkeypatch.delattr(os, "sched_setaffinity", raising=False)
     with bench.restricted_to(1) as label:
         assert label.startswith("all ")
