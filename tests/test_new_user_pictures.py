@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.font_manager import FontEntry
-from test_ablate import load_ablate
 
 import plots
+from conftest import load_script
 
 # 36 classes whose names share a long head and tail, so that their caption labels grow well past 18 characters
 # to stay distinct (as report.plot_misclassified shortens them).
@@ -186,7 +186,7 @@ def test_a_colour_emoji_font_is_never_a_fallback(monkeypatch):
 
 
 def test_ablate_help_shows_each_default_once() -> None:
-    help_text = " ".join(load_ablate().get_args_parser().format_help().split())
+    help_text = " ".join(load_script("scripts/ablate.py").get_args_parser().format_help().split())
     assert "(default: None)" not in help_text and "(default: )" not in help_text
     assert "train.py --data-dir for every run (default: each config's) --epochs" in help_text
     assert "(default: runs/ablation)" in help_text
@@ -198,7 +198,7 @@ LONG_RECIPES = [f"configs/reference.yaml --trainable layer3,layer4,fc --img-size
 
 
 def test_long_recipe_folders_say_what_differs_and_stay_the_same() -> None:
-    ablate = load_ablate()
+    ablate = load_script("scripts/ablate.py")
     recipes = ablate.parse_recipes(LONG_RECIPES)
     for recipe, size in zip(recipes, (32, 64)):
         assert len(recipe.slug) <= ablate.MAX_SLUG_CHARS
@@ -210,7 +210,7 @@ def test_long_recipe_folders_say_what_differs_and_stay_the_same() -> None:
 
 
 def test_a_long_label_is_cut_at_a_word_boundary() -> None:
-    ablate = load_ablate()
+    ablate = load_script("scripts/ablate.py")
     label = "label smoothing with the reference recipe and a much larger batch"
     (recipe,) = ablate.parse_recipes([f"'name={label}' --lr 1"])
     readable = recipe.slug.removesuffix(f"-{ablate.name_hash(recipe.name)}")
