@@ -153,7 +153,9 @@ def largest_confusions(confusion: np.ndarray) -> list[dict[str, Any]]:
 
 def page_data(predictions: Predictions, confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Everything the page's script draws from: classes, class table, matrix, images and their thumbnails."""
-    positions = thumbnail_positions(predictions, MAX_THUMBNAILS)
+    # A hand-built Predictions may carry scores without paths (tests do): only images with a file get a thumbnail.
+    positions = [position for position in thumbnail_positions(predictions, MAX_THUMBNAILS)
+                 if position < len(predictions.paths)]
     thumbnails = [thumbnail_data_uri(predictions.paths[position]) for position in positions]
     thumbnail_of = {position: index for index, position in enumerate(positions)}
     root = path_root(predictions.paths)
