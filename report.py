@@ -15,7 +15,9 @@ writes into ``report_dir``:
   classes, grouped by confusion beyond);
 - ``top_confusions.csv``: the largest off-diagonal cells;
 - ``misclassified.png``: the most confident mistakes, as the original images;
-- ``report.md``: one page tying these together with the run's configuration and training history.
+- ``report.md``: one page tying these together with the run's configuration and training history;
+- ``report.html``: the same as one self-contained page that opens offline, with a sortable class table, a clickable
+  confusion matrix showing each cell's images, and the mistakes; see :mod:`report_html`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 import metrics
 import plots
+import report_html
 from common import REPORT_FILES
 from engine import Predictions
 from images import load_rgb
@@ -59,10 +62,12 @@ def write_evaluation_report(
     history_path: str | Path | None = None,
     top_confusions: int = 20,
     misclassified: int = 24,
+    checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the report of ``predictions`` (``engine.predict_samples``) on a labeled split, first listing the files
     that could not be decoded. ``source`` names the split; ``history_path`` is the run's ``history.csv`` (skipped
-    if absent). Returns the contents of ``metrics.json`` plus ``report_dir``.
+    if absent); ``checkpoint_path``, the file the predictions came from, is named in report.html. Returns the
+    contents of ``metrics.json`` plus ``report_dir``.
     """
     if predictions.failed:
         print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded:"
@@ -70,7 +75,8 @@ def write_evaluation_report(
     if not predictions.paths:
         raise UserError(f"{source or 'evaluation'}: none of the {len(predictions.failed)} images could be decoded")
     return write_report_files(predictions, checkpoint, report_dir, source=source, history_path=history_path,
-                              top_confusions=top_confusions, misclassified=misclassified)
+                              top_confusions=top_confusions, misclassified=misclassified,
+                              checkpoint_path=checkpoint_path)
 
 
 def write_report_files(
@@ -82,6 +88,7 @@ def write_report_files(
     history_path: str | Path | None = None,
     top_confusions: int = 20,
     misclassified: int = 24,
+    checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write every report file from finished predictions (no model needed); returns the metrics."""
     report_dir = Path(report_dir)
@@ -101,6 +108,9 @@ def write_report_files(
     curve = relative_curve_path(history_path, report_dir)
     atomic_write_text(report_dir / "report.md", report_markdown(
         summary, confusion, class_names, pairs, checkpoint, history, curve, grouped=grouped, mistakes_shown=shown))
+    atomic_write_text(report_dir / "report.html", report_html.report_html(
+        predictions, confusion, summary, checkpoint, report_dir, checkpoint_path=checkpoint_path,
+        history_path=history_path, history=history))
     print(f"evaluation on {source or 'the split'}: {summary['images']} images, accuracy {summary['accuracy']:.2%}, "
           f"balanced accuracy {summary['balanced_accuracy']:.2%}, macro-F1 {summary['macro_f1']:.3f}; "
           f"wrote {report_dir}/" + "{" + ",".join(REPORT_FILES) + "}")
