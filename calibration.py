@@ -127,6 +127,6 @@ def expected_calibration_error(probabilities: np.ndarray | Tensor, targets: np.n
 def calibration_metrics(probabilities: np.ndarray, targets: np.ndarray, temperature: float) -> dict[str, float]:
     """``ece`` of the probabilities as given, ``ece_calibrated`` after ``temperature``, and ``temperature``, for
     metrics.json."""
+    calibrated = probabilities if temperature == DEFAULT_TEMPERATURE else apply_temperature(probabilities, temperature)
     return {"ece": expected_calibration_error(probabilities, targets),
-            "ece_calibrated": expected_calibration_error(apply_temperature(probabilities, temperature), targets),
-            "temperature": float(temperature)}
+            "ece_calibrated": expected_calibration_error(calibrated, targets), "temperature": float(temperature)}
