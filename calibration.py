@@ -32,6 +32,9 @@ _MIN_PROBABILITY = float(torch.finfo(torch.float32).tiny)
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 DEFAULT_TEMPERATURE = 1.0
+# Below this many images the ECE over 15 bins moves by several points with small changes of T (a handful of
+# images a bin), so its before/after comparison is flagged as noisy.
+NOISY_ECE_BELOW = 1000
 
 
 class ReliabilityBins(NamedTuple):

@@ -384,7 +384,14 @@ def _calibration_section(summary: dict[str, Any], checkpoint: dict[str, Any]) ->
     return ["## Calibration", "",
             f"Expected calibration error ({calibration.ECE_BINS} confidence bins): {summary['ece']:.2%} as the model "
             f"gives its probabilities, {summary['ece_calibrated']:.2%} with its logits divided by the temperature. "
-            + fitted, "", "![reliability diagram](reliability.png)"]
+            + fitted + _noisy_ece_note(summary["images"]), "", "![reliability diagram](reliability.png)"]
+
+
+def _noisy_ece_note(images: int) -> str:
+    if images >= calibration.NOISY_ECE_BELOW:
+        return ""
+    return (f" On {images} images a bin holds only a few, so both figures move by several points with small changes "
+            "of the temperature.")
 
 
 def _config_section(config: dict[str, Any], runtime: dict[str, Any]) -> list[str]:

@@ -31,7 +31,13 @@ import options
 import plots
 import run_folder
 from accel import Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler, set_up_accel
-from calibration import apply_temperature, expected_calibration_error, fit_temperature, log_probabilities
+from calibration import (
+    NOISY_ECE_BELOW,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    log_probabilities,
+)
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, store_temperature
 from common import Batch, DecodeFailure, World
 from dataset import TrainValData, describe_data, load_train_val
@@ -484,8 +490,10 @@ def calibrate_best(run: Run, checkpoint: dict[str, Any], predictions: Prediction
     temperature = fit_temperature(log_probabilities(predictions.probabilities), predictions.targets)
     before = expected_calibration_error(predictions.probabilities, predictions.targets)
     after = expected_calibration_error(apply_temperature(predictions.probabilities, temperature), predictions.targets)
-    print(f"calibration: temperature {temperature:.3f} fitted on {len(predictions.targets)} val images and stored in "
-          f"best.pt; expected calibration error {before:.2%} -> {after:.2%}")
+    images = len(predictions.targets)
+    noisy = f" (noisy on {images} images)" if images < NOISY_ECE_BELOW else ""
+    print(f"calibration: temperature {temperature:.3f} fitted on {images} val images and stored in best.pt; expected "
+          f"calibration error {before:.2%} -> {after:.2%}{noisy}")
     return store_temperature(checkpoint, path, temperature)
 
 

@@ -156,7 +156,7 @@ def test_training_stores_a_fitted_temperature_in_best_pt(calibrated_run: tuple[P
     assert "temperature" not in load_checkpoint(output / "last.pt")  # the resume state, not the calibrated model
     [line] = [line for line in stdout.splitlines() if line.startswith("calibration: ")]
     assert f"temperature {best['temperature']:.3f} fitted on 3 val images" in line
-    assert "expected calibration error" in line and "->" in line
+    assert "expected calibration error" in line and "->" in line and line.endswith("(noisy on 3 images)")
     summary = json.loads((output / "report" / "metrics.json").read_text())
     assert summary["temperature"] == best["temperature"]
     assert (output / "report" / "reliability.png").is_file()
