@@ -30,6 +30,7 @@ def make_checkpoint(
 
     ``held_out`` is the list of validation images split off train/ (see ``dataset.TrainValData``); ``runtime``
     records what the options resolved to on the machine that trained (device, precision, workers, versions).
+    The ``temperature`` comes later, from :func:`store_temperature` at the end of training.
     """
     return {
         "format": CHECKPOINT_FORMAT,
@@ -51,6 +52,14 @@ def make_checkpoint(
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Write a checkpoint atomically: a crash mid-write leaves the previous file intact."""
     atomic_torch_save(checkpoint, path)
+
+
+def store_temperature(checkpoint: dict[str, Any], path: str | Path, temperature: float) -> dict[str, Any]:
+    """Write ``checkpoint`` to ``path`` (atomically) with its ``temperature``: a float that readers divide its
+    logits by before the softmax (``calibration.temperature_of``: 1.0 when absent). Returns the checkpoint written."""
+    calibrated = {**checkpoint, "temperature": float(temperature)}
+    save_checkpoint(calibrated, path)
+    return calibrated
 
 
 def load_checkpoint(path: str | Path, flag: str = "--checkpoint", file_in_folder: str = "best.pt") -> dict[str, Any]:

@@ -75,4 +75,4 @@ def processes_per_node() -> int:
 
 # The files report.py writes into a report folder (run_folder.py clears them for a new run).
 REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "top_confusions.csv",
-                "misclassified.png", "report.md", "report.html")
+                "misclassified.png", "reliability.png", "report.md", "report.html")

@@ -6,7 +6,9 @@
 Class folders are matched to the checkpoint's classes by name. Without DATA_DIR/val, the held-out part of
 DATA_DIR/train that training used is rebuilt from the checkpoint's val_fraction and seed. Writes into
 --report-dir (default: a report/ folder beside the checkpoint) metrics.json, per_class.csv,
-confusion_matrix.png, top_confusions.csv, misclassified.png and report.md; see report.py.
+confusion_matrix.png, top_confusions.csv, misclassified.png, reliability.png and report.md; see report.py.
+metrics.json has the expected calibration error as the model gives its probabilities (``ece``) and with its logits
+divided by the checkpoint's ``temperature`` (``ece_calibrated``; checkpoints written before have none: 1.0).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from accel import set_up_accel
+from calibration import DEFAULT_TEMPERATURE
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from common import Sample
 from dataset import load_train_val, report_ignored, require_not_nested, scan_labeled_split, unknown_class_folders
@@ -151,6 +154,13 @@ def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple
                     "another labeled folder")
 
 
+def note_missing_temperature(checkpoint: dict[str, Any], path: str) -> None:
+    """Say so when a checkpoint predates stored temperatures: it is evaluated with T = 1.0."""
+    if "temperature" not in checkpoint:
+        print(f"note: {path} has no temperature (written before train.py stored one); ece_calibrated uses "
+              f"T = {DEFAULT_TEMPERATURE}, the same as ece")
+
+
 @exit_on_user_error
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate and write the report; returns the metrics (as in metrics.json) and the report folder."""
@@ -158,6 +168,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     check_args(args)
     args.workers = resolve_workers(args.workers)
     checkpoint = load_checkpoint(args.checkpoint)
+    note_missing_temperature(checkpoint, args.checkpoint)
     checkpoint_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     report_dir = Path(args.report_dir) if args.report_dir else checkpoint_dir / "report"
     refuse_files_in_the_way("--report-dir", report_dir, is_folder=True)  # before the scan and the inference
@@ -174,7 +185,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     predictions = predict_samples(model, batches, samples, accel, show_progress=not args.no_progress)
     return write_evaluation_report(predictions, checkpoint, report_dir, source=source,
                                    history_path=checkpoint_dir / "history.csv", top_confusions=args.top_confusions,
-                                   misclassified=args.misclassified)
+                                   misclassified=args.misclassified, checkpoint_path=args.checkpoint)
 
 
 if __name__ == "__main__":

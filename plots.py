@@ -36,6 +36,7 @@ from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
+import calibration
 import metrics
 import utils
 
@@ -948,3 +949,91 @@ def save_final_plots(progress: Any, stopped_epoch: int | None, class_names: list
         return
     matrix = metrics.confusion_matrix(progress.best_targets, progress.best_predictions, len(class_names))
     plot_confusion_matrix(matrix, class_names, output_dir / "confusion_matrix.png")
+
+
+# --------------------------------------------------------------------------
+# Calibration and the training batch
+# --------------------------------------------------------------------------
+
+
+UNCALIBRATED_COLOR = "tab:orange"
+CALIBRATED_COLOR = "tab:blue"
+DIAGONAL_COLOR = "0.45"
+COUNT_ALPHA = 0.22  # the bin counts are context, drawn light behind the curves
+COUNT_AXIS_HEADROOM = 3.0  # the tallest count bar reaches a third of the way up
+BATCH_PICTURE_LIMIT = 32
+BATCH_CAPTION_CHARS = 24
+
+
+def _reliability_curve(ax: Axes, bins: calibration.ReliabilityBins, color: str, label: str) -> None:
+    """Accuracy against mean confidence of the filled bins, as points joined by a line."""
+    filled = bins.counts > 0
+    ax.plot(bins.confidence[filled], bins.accuracy[filled], "o-", color=color, markersize=4, linewidth=1.6,
+            label=label, zorder=3)
+
+
+def _bin_counts(ax: Axes, curves: Sequence[tuple[calibration.ReliabilityBins, str]]) -> None:
+    """Each curve's images per bin as light bars, side by side within the bin, on their own axis at the right."""
+    edges = curves[0][0].edges
+    width = np.diff(edges) / len(curves)
+    for index, (bins, color) in enumerate(curves):
+        ax.bar(edges[:-1] + index * width, bins.counts, width=width, align="edge", color=color, alpha=COUNT_ALPHA,
+               linewidth=0)
+    ax.set_ylim(0, max(1, max(bins.counts.max() for bins, _ in curves)) * COUNT_AXIS_HEADROOM)
+    ax.set_ylabel("images per bin", color="0.4")
+    ax.tick_params(axis="y", colors="0.4")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+
+
+def plot_reliability_diagram(
+    before: calibration.ReliabilityBins,
+    after: calibration.ReliabilityBins | None,
+    temperature: float,
+    path: str | Path,
+    title: str = "Reliability diagram",
+) -> None:
+    """Save accuracy per confidence bin against the diagonal of perfect calibration, for the probabilities as the
+    model gave them (``before``, T = 1) and divided by ``temperature`` (``after``; None: not calibrated), the
+    expected calibration error of each in the legend and the images per bin as a light histogram behind."""
+    curves = [(before, UNCALIBRATED_COLOR, f"uncalibrated (T = 1): ECE {calibration.calibration_error(before):.1%}")]
+    if after is not None:
+        curves.append((after, CALIBRATED_COLOR,
+                       f"calibrated (T = {temperature:.2f}): ECE {calibration.calibration_error(after):.1%}"))
+    with _figure((6.5, 6.0), texts=[title]) as fig:
+        ax = fig.add_subplot()
+        counts_ax = ax.twinx()
+        _bin_counts(counts_ax, [(bins, color) for bins, color, _ in curves])
+        ax.set_zorder(counts_ax.get_zorder() + 1)  # the curves in front of the bars
+        ax.patch.set_visible(False)
+        ax.plot([0, 1], [0, 1], linestyle="--", color=DIAGONAL_COLOR, linewidth=1, label="perfect calibration")
+        for bins, color, label in curves:
+            _reliability_curve(ax, bins, color, label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
+        ax.set_xlabel(f"confidence (top probability; {len(before.counts)} bins)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title, fontsize=11)
+        ax.grid(alpha=0.25)
+        _legend_below(ax)
+        _save_figure(fig, path)
+
+
+def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
+    """Normalized model inputs ``[images, 3, H, W]`` back to viewable ``H x W x 3`` uint8 pictures."""
+    mean_, std_ = np.asarray(mean).reshape(1, -1, 1, 1), np.asarray(std).reshape(1, -1, 1, 1)
+    pixels = np.clip(np.asarray(images, dtype=np.float64) * std_ + mean_, 0.0, 1.0)
+    return list(np.rint(pixels * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def plot_training_batch(pictures: Sequence[np.ndarray], labels: Sequence[int], class_names: Sequence[str],
+                        path: str | Path, batch_images: int) -> None:
+    """Save up to ``BATCH_PICTURE_LIMIT`` augmented training ``pictures`` (see :func:`denormalize`) in a grid, each
+    under its class name; ``batch_images`` is the size of the batch they come from."""
+    shown = min(len(pictures), BATCH_PICTURE_LIMIT)
+    names = shorten_labels(class_names, BATCH_CAPTION_CHARS)
+    captions = [names[int(label)] for label in labels[:shown]]
+    title = (f"The first training batch, as the model sees it (augmented): {shown} of {batch_images} images"
+             if shown < batch_images else f"The first training batch, as the model sees it (augmented): {shown} images")
+    plot_image_grid(list(pictures[:shown]), captions, path, title)

@@ -15,6 +15,9 @@ writes into ``report_dir``:
   classes, grouped by confusion beyond);
 - ``top_confusions.csv``: the largest off-diagonal cells;
 - ``misclassified.png``: the most confident mistakes, as the original images;
+- ``reliability.png``: accuracy per confidence bin, as the model gave its probabilities and divided by the
+  checkpoint's temperature (see ``calibration.py``); metrics.json has their ``ece``, ``ece_calibrated`` and the
+  ``temperature``;
 - ``report.md``: one page tying these together with the run's configuration and training history;
 - ``report.html``: the same as one self-contained page that opens offline, with a sortable class table, a clickable
   confusion matrix showing each cell's images, and the mistakes; see :mod:`report_html`.
@@ -29,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import calibration
 import metrics
 import plots
 import report_html
@@ -95,7 +99,9 @@ def write_report_files(
     report_dir.mkdir(parents=True, exist_ok=True)
     class_names = [str(name) for name in checkpoint["class_names"]]
     confusion = metrics.confusion_matrix(predictions.targets, predictions.predicted, len(class_names))
-    summary = metrics_summary(predictions, confusion, class_names, source)
+    temperature = calibration.temperature_of(checkpoint)
+    summary = {**metrics_summary(predictions, confusion, class_names, source),
+               **calibration.calibration_metrics(predictions.probabilities, predictions.targets, temperature)}
     if summary["classes_without_images"]:
         print(classes_without_images_note(summary))
     atomic_write_text(report_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
@@ -104,6 +110,7 @@ def write_report_files(
     atomic_write_text(report_dir / "top_confusions.csv", top_confusions_csv(pairs, class_names))
     grouped = plot_report_confusion(confusion, class_names, source, report_dir / "confusion_matrix.png")
     shown = plot_misclassified(predictions, class_names, misclassified, report_dir / "misclassified.png")
+    plot_reliability(predictions, temperature, source, report_dir / "reliability.png")
     history = read_history(history_path)
     curve = relative_curve_path(history_path, report_dir)
     atomic_write_text(report_dir / "report.md", report_markdown(
@@ -174,6 +181,18 @@ def plot_report_confusion(confusion: np.ndarray, class_names: list[str], source:
     # Without an order, plots draws auto_class_order and adds a grouping to the title itself.
     order = plots.plot_confusion_matrix(confusion, class_names, path, title=title)
     return order != list(range(len(class_names)))
+
+
+def plot_reliability(predictions: Predictions, temperature: float, source: str, path: Path) -> None:
+    """The reliability diagram of the predictions as given and divided by ``temperature`` (one curve when 1)."""
+    before = calibration.reliability_bins(predictions.probabilities, predictions.targets)
+    after = None
+    if temperature != calibration.DEFAULT_TEMPERATURE:
+        calibrated = calibration.apply_temperature(predictions.probabilities, temperature)
+        after = calibration.reliability_bins(calibrated, predictions.targets)
+    where = f" on {source}" if source else ""
+    plots.plot_reliability_diagram(before, after, temperature, path,
+                                   title=f"Reliability diagram{where} ({len(predictions.targets)} images)")
 
 
 def relative_curve_path(history_path: str | Path | None, report_dir: Path) -> str | None:
@@ -262,6 +281,7 @@ def report_markdown(
         _confusion_section(grouped, pairs, class_names),
         _class_section(confusion, class_names),
         _mistakes_section(mistakes_shown),
+        _calibration_section(summary, checkpoint),
         _config_section(checkpoint.get("config", {}), checkpoint.get("runtime", {})),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
@@ -361,6 +381,27 @@ def _mistakes_section(mistakes_shown: int) -> list[str]:
     return ["## Most confident mistakes", "",
             "The wrong predictions the model was surest of (often label noise or truly ambiguous images):", "",
             "![most confident mistakes](misclassified.png)"]
+
+
+def _calibration_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list[str]:
+    if "temperature" not in checkpoint:
+        fitted = "The checkpoint has no temperature (written before calibration was stored), so it is 1."
+    elif summary["temperature"] == calibration.DEFAULT_TEMPERATURE:
+        fitted = "The checkpoint's temperature is 1: its run had no validation split to fit one on."
+    else:
+        fitted = (f"The checkpoint's temperature, {summary['temperature']:.3f}, was fitted on its run's validation "
+                  "split: on that split the calibrated figure is optimistic.")
+    return ["## Calibration", "",
+            f"Expected calibration error ({calibration.ECE_BINS} confidence bins): {summary['ece']:.2%} as the model "
+            f"gives its probabilities, {summary['ece_calibrated']:.2%} with its logits divided by the temperature. "
+            + fitted + _noisy_ece_note(summary["images"]), "", "![reliability diagram](reliability.png)"]
+
+
+def _noisy_ece_note(images: int) -> str:
+    if images >= calibration.NOISY_ECE_BELOW:
+        return ""
+    return (f" On {images} images a bin holds only a few, so both figures move by several points with small changes "
+            "of the temperature.")
 
 
 def _config_section(config: dict[str, Any], runtime: dict[str, Any]) -> list[str]:

@@ -5,7 +5,8 @@
     python train.py --trainable all --img-size 320    # a stronger recipe: one flag at a time
 
 Writes into --output-dir: best.pt, last.pt, history.csv, loss_curve.png, accuracy_curve.png,
-confusion_matrix.png, config.yaml and report/.
+confusion_matrix.png, config.yaml, report/ and, for a new run, train_batch.png (its first batch as the model sees it).
+best.pt gets a ``temperature`` at the end, fitted on the validation split (see calibration.py).
 
 The story, top to bottom: ``main`` (options, and whether the folder holds this run to continue), ``set_up`` (data,
 model, optimizer, batches), ``train_epochs`` (the epoch loop with early stopping), ``run_epoch`` (one epoch and its
@@ -19,7 +20,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,12 +28,20 @@ from torch import nn
 import distributed
 import engine
 import options
+import plots
 import run_folder
 from accel import Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler, set_up_accel
-from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from common import DecodeFailure, World
+from calibration import (
+    NOISY_ECE_BELOW,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    log_probabilities,
+)
+from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, store_temperature
+from common import Batch, DecodeFailure, World
 from dataset import TrainValData, describe_data, load_train_val
-from engine import EvalResult, StepOptions, WeightAverage, evaluate, train_one_epoch
+from engine import EvalResult, Predictions, StepOptions, WeightAverage, evaluate, train_one_epoch
 from gpu_augment import BatchMix
 from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw
 from options import get_args_parser  # noqa: F401  train.get_args_parser, as predict.py and evaluate.py have
@@ -177,6 +186,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
               "--class-weights none is the usual choice")
     distributed.describe_batch(args.batch_size, args.accum_steps, world)
     loaders = load_data(data, args, accel, *input_normalization(args.arch), world)
+    if resume is None and world.is_main:  # a new run: train_batch.png shows its first batch
+        loaders.train = FirstBatchPicture(loaders.train, lambda batch: write_batch_picture(batch, args, data))
     if ema is not None:
         engine.warn_short_average(args.ema, engine.optimizer_steps(len(loaders.train), args.accum_steps), args.epochs)
     step_model = distributed.model_for_training(model, world, args.sync_bn, args.compile)
@@ -184,6 +195,36 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
               optimizer, scaler, Path(args.output_dir), runtime, step_options, ema, logger, thaw_schedule, world)
     print(options.describe_config(config, run.output_dir))
     return run, progress
+
+
+class FirstBatchPicture:
+    """The training batches, unchanged, handing the first one with images to ``draw`` as it goes by: no batch of
+    its own is loaded, so the run's random streams and results are the same as without it."""
+
+    def __init__(self, batches: Any, draw: Callable[[Batch], None]) -> None:
+        self.batches, self.draw = batches, draw
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation to produce."""
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.batches:
+            if self.draw is not None and batch.images is not None:
+                draw, self.draw = self.draw, None
+                draw(batch)
+            yield batch
+
+
+def write_batch_picture(batch: Batch, args: argparse.Namespace, data: TrainValData) -> None:
+    """train_batch.png: the batch's images after augmentation, back in plain colours, under their class names."""
+    shown = slice(0, plots.BATCH_PICTURE_LIMIT)
+    pictures = plots.denormalize(batch.images[shown].detach().float().cpu().numpy(), *input_normalization(args.arch))
+    plots.plot_training_batch(pictures, batch.targets[shown].tolist(), data.class_names,
+                              Path(args.output_dir) / "train_batch.png", len(batch.images))
 
 
 def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device, world: World) -> nn.Module:
@@ -409,6 +450,7 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
     save_final_plots(progress, stopped_epoch, run.data.class_names, run.output_dir)
     if run.loaders.val is None:
         print("note: --train-on-all: no validation split, so no confusion matrix or report/")
+        keep_uncalibrated(run)
     elif (run.output_dir / "best.pt").is_file():
         write_best_report(run)
     else:  # resumed from a last.pt kept without its best.pt, and no epoch since did better
@@ -434,8 +476,33 @@ def write_best_report(run: Run) -> None:
     batches = checkpoint_batches([path for path, _ in samples], checkpoint, run.accel, args.batch_size, args.workers,
                                  args.max_image_pixels)
     predictions = engine.predict_samples(model, batches, samples, run.accel, show_progress=not args.no_progress)
+    checkpoint = calibrate_best(run, checkpoint, predictions)
     write_evaluation_report(predictions, checkpoint, run.output_dir / "report", source=run.data.val_source,
-                            history_path=run.output_dir / "history.csv")
+                            history_path=run.output_dir / "history.csv", checkpoint_path=run.output_dir / "best.pt")
+
+
+def calibrate_best(run: Run, checkpoint: dict[str, Any], predictions: Predictions) -> dict[str, Any]:
+    """Fit best.pt's temperature on its validation predictions, store it in best.pt and say what it does to the
+    expected calibration error; returns the checkpoint as stored."""
+    path = run.output_dir / "best.pt"
+    if not predictions.paths:  # no val image could be decoded: the report says so
+        return store_temperature(checkpoint, path, 1.0)
+    temperature = fit_temperature(log_probabilities(predictions.probabilities), predictions.targets)
+    before = expected_calibration_error(predictions.probabilities, predictions.targets)
+    after = expected_calibration_error(apply_temperature(predictions.probabilities, temperature), predictions.targets)
+    images = len(predictions.targets)
+    noisy = f" (noisy on {images} images)" if images < NOISY_ECE_BELOW else ""
+    print(f"calibration: temperature {temperature:.3f} fitted on {images} val images and stored in best.pt; expected "
+          f"calibration error {before:.2%} -> {after:.2%}{noisy}")
+    return store_temperature(checkpoint, path, temperature)
+
+
+def keep_uncalibrated(run: Run) -> None:
+    """No validation split (--train-on-all): best.pt gets temperature 1.0, and a line says why."""
+    path = run.output_dir / "best.pt"
+    if path.is_file():
+        store_temperature(load_checkpoint(path), path, 1.0)
+        print(f"note: no validation split to fit a temperature on, so {path} has temperature 1.0 (uncalibrated)")
 
 
 def report_interruption(run: Run, progress: Progress) -> None:
