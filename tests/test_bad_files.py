@@ -338,11 +338,10 @@ def test_the_device_path_decodes_every_kind_of_file_as_the_cpu_path(bad_run: Bad
     deny_reading(monkeypatch, {bad_run.path("locked.jpg")})
     names = sorted(GOOD_FILES) + sorted(UNREADABLE_FILES) + ["truncated.jpg"]
     paths = [bad_run.path(name) for name in names]
-    files = pipeline.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS, warn=False)
+    files = pipeline.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS)
     batch = pipeline.collate_encoded([files[position] for position in range(len(paths))])
 
-    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS,
-                                             warn=False)(batch.items)
+    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS)(batch.items)
 
     images = {item.path: image for item, image in decoded}
     for name in GOOD_FILES:
