@@ -263,8 +263,13 @@ def check_decode_memory(size: tuple[int, int], mode: str, available_bytes: int) 
     :data:`DECODE_MEMORY_SHARE` of ``available_bytes`` (0: unknown, no check)."""
     needed = size[0] * size[1] * PILLOW_PIXEL_BYTES.get(mode, 4)
     if available_bytes and needed > DECODE_MEMORY_SHARE * available_bytes:
-        raise ImageTooLarge(f"{size[0]}x{size[1]} pixels need {needed / 1e9:.1f} GB of memory to decode, more than "
-                            f"{DECODE_MEMORY_SHARE:.0%} of the {available_bytes / 1e9:.1f} GB available")
+        raise ImageTooLarge(f"{size[0]}x{size[1]} pixels need {memory_text(needed)} of memory to decode, more than "
+                            f"{DECODE_MEMORY_SHARE:.0%} of the {memory_text(available_bytes)} available")
+
+
+def memory_text(size: int) -> str:
+    """``size`` bytes in words: GB, or MB below one GB."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def reduce_factor(size: tuple[int, int], min_side: int | None, min_size: tuple[int, int] | None) -> int:
