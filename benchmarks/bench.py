@@ -540,7 +540,7 @@ def device_path_stages(run: OurRun, worker_ms: float) -> list[StageCost]:
     options, device = run.options, run.accel.device
     side = train_decode_side(options.img_size)
     batches = [batch_items(run, number) for number in range(BREAKDOWN_BATCHES + 1)]
-    decoder = pipeline.DeviceDecoder(device, side, side, options.max_image_pixels, warn=False)
+    decoder = pipeline.DeviceDecoder(device, side, side, options.max_image_pixels)
     decoded = [[image for _, image in decoder(items)[0]] for items in batches]
     augment = gpu_augment.TrainAugment(options.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
     with torch.inference_mode():

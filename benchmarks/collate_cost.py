@@ -14,6 +14,7 @@ batches' wall time (the workers' share). Prints one table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -47,9 +48,10 @@ def collate_separate(items: list[Any]) -> list[Any]:
     return pipeline.split_failures(items)[0]
 
 
-def loader(paths: list[str], batch_size: int, workers: int, packed: bool) -> DataLoader:
-    """The device path's loader, one way or the other."""
-    plain = images.plain_jpeg_sizes(images.check_images(paths).sizes) if packed else None
+def loader(paths: list[str], batch_size: int, workers: int, packed: bool, scanned: bool) -> DataLoader:
+    """The device path's loader: batches ``packed`` or not; the workers told the header scan's plain JPEGs
+    (``scanned``) or opening each file."""
+    plain = images.plain_jpeg_sizes(images.check_images(paths).sizes) if scanned else None
     files = pipeline.FileBytes(paths, [0] * len(paths), 792, images.DEFAULT_MAX_IMAGE_PIXELS, plain)
     sampler = BatchSampler(SequentialSampler(range(len(paths))), batch_size, drop_last=False)
     return DataLoader(files, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
@@ -57,9 +59,9 @@ def loader(paths: list[str], batch_size: int, workers: int, packed: bool) -> Dat
                       collate_fn=pipeline.collate_encoded if packed else collate_separate)
 
 
-def measure(paths: list[str], args: argparse.Namespace, packed: bool) -> tuple[float, float]:
+def measure(paths: list[str], args: argparse.Namespace, packed: bool, scanned: bool) -> tuple[float, float]:
     """Main-thread CPU ms and wall ms per batch, over ``args.batches`` batches after one warm-up pass."""
-    data = loader(paths, args.batch_size, args.workers, packed)
+    data = loader(paths, args.batch_size, args.workers, packed, scanned)
     for batch in data:  # warm-up: workers started, files in the page cache
         pass
     cpu = wall = 0.0
@@ -80,6 +82,20 @@ def measure(paths: list[str], args: argparse.Namespace, packed: bool) -> tuple[f
     return 1000 * cpu / taken, 1000 * wall / taken
 
 
+WAYS = (("before: a tensor per image, workers open each file", False, False),
+        ("one buffer, workers open each file", True, False),
+        ("after: one buffer, workers read the plain JPEGs' bytes only", True, True))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Write the JPEGs, measure both ways, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -95,11 +111,11 @@ def main(argv: list[str] | None = None) -> None:
         with ProcessPoolExecutor() as pool:
             list(pool.map(write_jpeg, paths, [args.width] * len(paths), [args.height] * len(paths),
                           range(len(paths))))
-        rows = {name: measure(paths, args, packed) for name, packed in (("separate", False), ("packed", True))}
-    cpu_name = platform.processor() or platform.machine()
+        rows = {name: measure(paths, args, packed, scanned) for name, packed, scanned in WAYS}
+    cpu_name = cpu_model()
     print(f"## Loader hand-over, {args.batch_size} JPEGs of {args.width}x{args.height} a batch, {args.workers} "
           f"workers, {args.batches} batches ({os.cpu_count()} CPUs, {cpu_name}, torch {torch.__version__})")
-    print("| hand-over | main-thread CPU ms/batch | wall ms/batch |")
+    print("| hand-over | main-thread CPU ms/batch | wall ms/batch (the workers' share) |")
     print("|---|---:|---:|")
     for name, (cpu, wall) in rows.items():
         print(f"| {name} | {cpu:.2f} | {wall:.1f} |")
