@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from utils import available_ram_bytes
@@ -17,14 +18,40 @@ DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image
 PILLOW_PIXEL_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
 # Bytes of memory an image's pixel may take while it is decoded: RGBA (4) and a converted copy, with room to spare.
 BYTES_PER_DECODED_PIXEL = 16
+# Bytes a pixel takes in Pillow's memory once loaded (RGB is stored as 4 bytes a pixel), by mode; others: 4.
+PILLOW_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# The share of the memory available when an image is decoded that its one full-size copy may take.
+DECODE_MEMORY_SHARE = 0.5
 
 
-def machine_pixel_limit(available_bytes: int) -> int:
-    """The default ``--max-image-pixels``: the largest image that decodes comfortably in ``available_bytes`` of
-    memory (a sixteenth of it per pixel's bytes), never below Pillow's own limit; a 600-megapixel clip-art PNG
-    passes on a machine with 10 GB or more available."""
-    return max(PILLOW_PIXEL_LIMIT, available_bytes // BYTES_PER_DECODED_PIXEL)
-DEFAULT_MAX_IMAGE_PIXELS = machine_pixel_limit(available_ram_bytes())
+def total_ram_bytes() -> int:
+    """This machine's physical memory (or the container's limit when lower): the same on every call."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 0
+    limit = cgroup_memory_limit()
+    return min(physical, limit) if physical and limit else physical or limit
+
+
+def cgroup_memory_limit() -> int:
+    """The container's memory limit in bytes (cgroup v2 ``memory.max``, or v1), 0 when there is none."""
+    for name in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit"
+            return int(text)
+    return 0
+
+
+def machine_pixel_limit(memory_bytes: int) -> int:
+    """The default ``--max-image-pixels`` for a machine with ``memory_bytes`` of physical memory: one pixel per
+    :data:`BYTES_PER_DECODED_PIXEL` bytes of it, never below Pillow's own limit; a 600-megapixel clip-art PNG passes
+    on a machine with 10 GB or more."""
+    return max(PILLOW_PIXEL_LIMIT, memory_bytes // BYTES_PER_DECODED_PIXEL)
+DEFAULT_MAX_IMAGE_PIXELS = machine_pixel_limit(total_ram_bytes())
 # EXIF orientations that transpose the image (swap width and height).
 AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Formats Pillow recognizes but cannot decode (besides its stub plugins, which need a handler): MPEG video.
@@ -68,9 +95,37 @@ def is_image_content(path: Path) -> bool:
         return False
 
 
+class ImageSize(tuple):
+    """An image's ``(width, height)`` as stored (before EXIF orientation), which also says whether the file is a
+    ``plain_jpeg``: 8-bit RGB or grey, not EXIF-rotated, so that the device path's workers send its bytes as they
+    are, without opening it again (see :func:`device_decodable`). It is a pair wherever a size is expected."""
+
+    plain_jpeg: bool
+
+    def __new__(cls, width: int, height: int, plain_jpeg: bool = False) -> ImageSize:
+        size = super().__new__(cls, (width, height))
+        size.plain_jpeg = plain_jpeg
+        return size
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, bool]]:
+        return ImageSize, (self[0], self[1], self.plain_jpeg)
+
+
+def device_decodable(image: Image.Image) -> bool:
+    """True for a JPEG the device decoder reads as the CPU path would: 8-bit RGB or grey, not EXIF-rotated."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return False
+    return image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+
+
+def plain_jpeg_sizes(sizes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """The sizes, by path, of the files the header scan (:func:`check_images`) found to be plain JPEGs."""
+    return {path: size for path, size in sizes.items() if getattr(size, "plain_jpeg", False)}
+
+
 class ImageCheck(NamedTuple):
     """What reading the images' headers found: the unreadable files with the reason, and every other file's
-    ``(width, height)`` as stored (before EXIF orientation)."""
+    :class:`ImageSize` (``(width, height)`` as stored, before EXIF orientation)."""
 
     unreadable: list[tuple[str, str]]
     sizes: dict[str, tuple[int, int]]
@@ -86,11 +141,11 @@ def check_images(paths: Sequence[str | Path], full_decode: bool = False, workers
     """
     checker = _ImageCheck([str(path) for path in paths], full_decode, max_pixels)
     unreadable, sizes = [], {}
-    for path, reason, size in iterate_items(checker, workers if full_decode else 0):
+    for path, reason, size, plain_jpeg in iterate_items(checker, workers if full_decode else 0):
         if reason:
             unreadable.append((path, reason))
-        else:
-            sizes[path] = tuple(size)
+        else:  # rebuilt here: a DataLoader turns tuples into lists
+            sizes[path] = ImageSize(*size, plain_jpeg=bool(plain_jpeg))
     return ImageCheck(unreadable, sizes)
 
 
@@ -108,7 +163,8 @@ def iterate_items(items: Dataset, workers: int) -> Iterable[Any]:
 
 
 class _ImageCheck(Dataset):
-    """``(path, reason or '', (width, height))`` for each path: reads the header, or decodes the whole image."""
+    """``(path, reason or '', (width, height), plain JPEG)`` for each path: reads the header, or decodes the
+    whole image."""
 
     def __init__(self, paths: list[str], full_decode: bool, max_pixels: int) -> None:
         self.paths, self.full_decode, self.max_pixels = paths, full_decode, max_pixels
@@ -116,16 +172,16 @@ class _ImageCheck(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str, str, tuple[int, int]]:
+    def __getitem__(self, index: int) -> tuple[str, str, tuple[int, int], bool]:
         path = self.paths[index]
         try:
             with open_image(path, self.max_pixels) as image:  # opening reads the header and checks the size
-                size = image.size
+                size, plain_jpeg = image.size, device_decodable(image)
             if self.full_decode:
                 decode_rgb(path, max_pixels=self.max_pixels)
         except DECODE_ERRORS as error:
-            return path, decode_error_reason(error, path), (0, 0)
-        return path, "", size
+            return path, decode_error_reason(error, path), (0, 0), False
+        return path, "", size, plain_jpeg
 
 
 def decode_error_reason(error: Exception, path: str | Path) -> str:
@@ -181,18 +237,83 @@ def decode_rgb(
 ) -> tuple[Image.Image, tuple[int, int]]:
     """The RGB image (EXIF orientation applied) and its full-resolution ``(width, height)`` as oriented.
 
-    JPEGs are decoded at a reduced DCT scale when that keeps the shorter side at least ``min_side``, or both
-    sides at least ``min_size``; the returned size is that of the whole image, whatever scale was decoded.
-    Images above ``max_pixels`` raise :class:`ImageTooLarge`.
+    An image larger than needed is scaled down as it is decoded, so that its shorter side stays at least
+    ``min_side`` (or both sides at least ``min_size``): JPEGs at a reduced DCT scale, other formats by an integer
+    factor right after loading (``Image.reduce``), before any other copy is made. The returned size is that of the
+    whole image, whatever scale was decoded. Images above ``max_pixels`` raise :class:`ImageTooLarge`, and so does
+    one whose full-size copy would take more than :data:`DECODE_MEMORY_SHARE` of the memory available now.
     """
     with open_image(path, max_pixels) as image:
         width, height = image.size
         if image.format == "JPEG" and (min_side or min_size):
             image.draft(image.mode, min_size or _draft_request(image.size, min_side))
+        check_decode_memory(image.size, image.mode, available_ram_bytes())
         image.load()
-        if image.getexif().get(ExifTags.Base.Orientation, 1) in AXIS_SWAPPING_ORIENTATIONS:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation in AXIS_SWAPPING_ORIENTATIONS:
             width, height = height, width
-        return to_rgb(ImageOps.exif_transpose(image)), (width, height)
+        factor = reduce_factor(image.size, min_side, min_size)
+        if factor > 1:
+            image = reduced(image, factor)
+        return to_rgb(oriented(image, orientation)), (width, height)
+
+
+def check_decode_memory(size: tuple[int, int], mode: str, available_bytes: int) -> None:
+    """Refuse an image whose one full-size copy in Pillow's memory would take more than
+    :data:`DECODE_MEMORY_SHARE` of ``available_bytes`` (0: unknown, no check)."""
+    needed = size[0] * size[1] * PILLOW_PIXEL_BYTES.get(mode, 4)
+    if available_bytes and needed > DECODE_MEMORY_SHARE * available_bytes:
+        raise ImageTooLarge(f"{size[0]}x{size[1]} pixels need {memory_text(needed)} of memory to decode, more than "
+                            f"{DECODE_MEMORY_SHARE:.0%} of the {memory_text(available_bytes)} available")
+
+
+def memory_text(size: int) -> str:
+    """``size`` bytes in words: GB, or MB below one GB."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def reduce_factor(size: tuple[int, int], min_side: int | None, min_size: tuple[int, int] | None) -> int:
+    """The largest integer factor ``size`` can be divided by keeping its shorter side at least ``min_side`` (or
+    each side at least ``min_size``); 1 when neither is given."""
+    if min_size:
+        return max(1, min(size[0] // max(min_size[0], 1), size[1] // max(min_size[1], 1)))
+    if min_side:
+        return max(1, min(size) // min_side)
+    return 1
+
+
+# Modes Image.reduce takes; the others are converted (strip by strip, never as a whole) to the mode in this table.
+REDUCIBLE_AS = {"1": "L", "P": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
+REDUCE_STRIP_PIXELS = 1 << 22  # pixels converted at once for a mode Image.reduce does not take
+
+
+def reduced(image: Image.Image, factor: int) -> Image.Image:
+    """``image`` scaled down by ``factor`` (each output pixel the mean of a ``factor`` square): a mode
+    ``Image.reduce`` does not take is converted strip by strip, so no second full-size copy is made."""
+    if image.mode not in REDUCIBLE_AS:
+        return image.reduce(factor)
+    mode = REDUCIBLE_AS[image.mode]
+    if image.mode == "P" and "transparency" not in image.info:
+        mode = "RGB"
+    width, height = image.size
+    rows = max(factor, REDUCE_STRIP_PIXELS // max(width, 1) // factor * factor)
+    out = Image.new(mode, (-(-width // factor), -(-height // factor)))  # as Image.reduce: a partial block at the end
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        out.paste(strip.convert(mode).reduce(factor), (0, top // factor))
+    return out
+
+
+# The transposition that undoes each EXIF orientation (as ImageOps.exif_transpose applies it).
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def oriented(image: Image.Image, orientation: int) -> Image.Image:
+    """``image`` turned upright for its EXIF ``orientation`` (1 or unknown: as it is, no copy)."""
+    method = ORIENTATION_TRANSPOSE.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 def _draft_request(size: tuple[int, int], min_side: int) -> tuple[int, int]:

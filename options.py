@@ -56,9 +56,10 @@ def add_max_image_pixels_option(parser: argparse.ArgumentParser | argparse._Argu
     """``--max-image-pixels``, shared by train.py, predict.py and evaluate.py."""
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                         help="images with more pixels are skipped and listed as too large (decoding one takes "
-                             "3 bytes a pixel and more); 0 = no limit. The default follows this machine's available "
-                             f"memory (here {DEFAULT_MAX_IMAGE_PIXELS:,}: a sixteenth of it in bytes), and is never "
-                             "below Pillow's own limit")
+                             "3 bytes a pixel and more); 0 = no limit. The default is one pixel per 16 bytes of this "
+                             f"machine's total physical memory (here {DEFAULT_MAX_IMAGE_PIXELS:,} pixels), the same "
+                             "on every run, and never below Pillow's own limit. An image under the limit that would "
+                             "not fit in half the memory available when it is decoded is skipped too")
 
 
 def check_max_image_pixels(value: int) -> None:

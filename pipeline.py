@@ -27,9 +27,12 @@ only the files not yet decoded (:class:`SkipCached`), and the batches are the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import queue
 import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler, default_collate
 
@@ -48,7 +51,16 @@ from cache import CacheChoice, DecodedImages, cache_bytes, choose_cache, gpu_fre
 from checkpoint import eval_size
 from common import IMAGENET_MEAN, IMAGENET_STD, Batch, DecodeFailure, World, processes_per_node
 from dataset import TrainValData
-from images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, decode_error_reason, decode_rgb, load_rgb, open_image
+from images import (
+    DECODE_ERRORS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    decode_error_reason,
+    decode_rgb,
+    device_decodable,
+    load_rgb,
+    open_image,
+    plain_jpeg_sizes,
+)
 from recipe import build_eval_transform, build_train_transform, eval_resize_size, train_decode_side
 from samplers import balanced_sample_weights, epoch_batches, epoch_seed, shard_range, sharded_epoch_batches
 from utils import available_ram_bytes
@@ -100,10 +112,12 @@ def collate_decoded(items: list[Any]) -> Batch:
 
 
 class HostBatches:
-    """The CPU path: batches decoded and transformed by the loader's workers, moved to the device."""
+    """The CPU path: batches decoded and transformed by the loader's workers, moved to the device. ``warn``: say
+    each image left out on the console, once per run."""
 
-    def __init__(self, loader: DataLoader, accel: Accel, labeled: bool) -> None:
+    def __init__(self, loader: DataLoader, accel: Accel, labeled: bool, warn: bool = False) -> None:
         self.loader, self.accel, self.labeled = loader, accel, labeled
+        self.warnings = SkipWarnings(warn)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation to produce (training)."""
@@ -113,6 +127,10 @@ class HostBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.warnings.passing(self.moved())
+
+    def moved(self) -> Iterator[Batch]:
+        """The loader's batches, on the device."""
         device = self.accel.device
         for batch in self.loader:
             if batch.images is None:
@@ -157,39 +175,43 @@ class Cached(NamedTuple):
     position: int
 
 
-def device_decodable(image: Image.Image) -> bool:
-    """True for a JPEG the device decoder reads as the CPU path would: 8-bit RGB or grey, not EXIF-rotated."""
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    return image.format == "JPEG" and image.mode in ("RGB", "L") and orientation == 1
-
-
 def pixels_of(image: Image.Image) -> Tensor:
     """An RGB PIL image as ``uint8 [3, H, W]``."""
     return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def read_for_device(path: str, decode_min_side: int | None,
-                    max_pixels: int) -> tuple[Tensor, bool, tuple[int, int]]:
+def read_for_device(path: str, decode_min_side: int | None, max_pixels: int,
+                    plain_size: tuple[int, int] | None = None) -> tuple[Tensor, bool, tuple[int, int]]:
     """``(bytes, True, (width, height) from the header)`` for a file the device decodes, else
-    ``(uint8 [3, H, W], False, (W, H))`` decoded here with the CPU path's rules (large JPEGs at a reduced scale
-    keeping ``decode_min_side``)."""
+    ``(uint8 [3, H, W], False, (W, H))`` decoded here with the CPU path's rules (large images at a reduced scale
+    keeping ``decode_min_side``). ``plain_size``: the header scan found a plain JPEG of that size (see
+    ``images.ImageSize``), so only its bytes are read."""
+    if plain_size is not None:
+        return file_bytes(path), True, plain_size
     with open_image(path, max_pixels) as image:
         if device_decodable(image):
-            return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), True, image.size
+            return file_bytes(path), True, image.size
     rgb, _ = decode_rgb(path, min_side=decode_min_side, max_pixels=max_pixels)
     return pixels_of(rgb), False, rgb.size
 
 
+def file_bytes(path: str) -> Tensor:
+    """The bytes of the file at ``path`` as a ``uint8`` tensor."""
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
 class FileBytes(Dataset):
     """The device path's worker side: an :class:`Encoded` per key (a position, or ``(position, seed)``), or a
-    :class:`DecodeFailure` for a file that cannot be read (with a warning when ``warn``); a :class:`Cached` key
-    comes back as it is, unread."""
+    :class:`DecodeFailure` for a file that cannot be read; a :class:`Cached` key comes back as it is, unread.
+    ``plain_jpegs``: the sizes of the files the header scan found to be plain JPEGs (``images.plain_jpegs``), whose
+    bytes are sent without opening them again."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int] | None, decode_min_side: int | None,
-                 max_pixels: int, warn: bool = True) -> None:
+                 max_pixels: int, plain_jpegs: dict[str, tuple[int, int]] | None = None) -> None:
         self.paths = [str(path) for path in paths]
         self.labels = [-1] * len(self.paths) if labels is None else [int(label) for label in labels]
-        self.decode_min_side, self.max_pixels, self.warn = decode_min_side, max_pixels, warn
+        self.decode_min_side, self.max_pixels = decode_min_side, max_pixels
+        self.plain_jpegs = plain_jpegs or {}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -200,11 +222,10 @@ class FileBytes(Dataset):
         position = key_position(key)
         path = self.paths[position]
         try:
-            data, encoded, size = read_for_device(path, self.decode_min_side, self.max_pixels)
+            data, encoded, size = read_for_device(path, self.decode_min_side, self.max_pixels,
+                                                  self.plain_jpegs.get(path))
         except DECODE_ERRORS as error:
-            failure = DecodeFailure(path, decode_error_reason(error, path), position)
-            warn_skipping(failure, self.warn)
-            return failure
+            return DecodeFailure(path, decode_error_reason(error, path), position)
         return Encoded(data, encoded, self.labels[position], position, path, size)
 
 
@@ -231,24 +252,56 @@ class SkipCached(Sampler[list]):
             yield [Cached(key_position(key)) if self.cache.has(key_position(key)) else key for key in keys]
 
 
-def warn_skipping(failure: DecodeFailure, warn: bool) -> None:
-    """The console line for an image left out as it is met (when ``warn``)."""
-    if warn:
-        print(f"\nwarning: skipping {failure.path}: cannot decode ({failure.reason})", file=sys.stderr)
+class Packed(NamedTuple):
+    """An :class:`Encoded` item on its way from a worker: its data lies in the batch's buffer from ``start``, with
+    ``shape``."""
+
+    start: int
+    shape: tuple[int, ...]
+    encoded: bool
+    label: int
+    position: int
+    path: str
+    size: tuple[int, int]
+
+    def unpacked(self, buffer: Tensor) -> Encoded:
+        """The item, its data a view of ``buffer``."""
+        count = int(np.prod(self.shape))
+        data = buffer[self.start:self.start + count].view(self.shape)
+        return Encoded(data, self.encoded, self.label, self.position, self.path, self.size)
 
 
 class EncodedBatch(NamedTuple):
-    """What the device path's loader yields: the readable (or cached) items in the batch's order, and the
-    failures."""
+    """What the device path's loader yields: one ``uint8`` buffer holding every item's bytes (or CPU-decoded
+    pixels) end to end, the readable (or cached) items in the batch's order as :class:`Packed` records, and the
+    failures. One tensor crosses from the worker, not one per image (each costs the main process a shared-memory
+    handle to open)."""
 
-    items: list[Encoded | Cached]
+    buffer: Tensor
+    packed: list[Packed | Cached]
     failed: list[DecodeFailure]
+
+    @property
+    def items(self) -> list[Encoded | Cached]:
+        """The items, each :class:`Encoded` one's data a view of the buffer."""
+        return [entry if isinstance(entry, Cached) else entry.unpacked(self.buffer) for entry in self.packed]
 
 
 def collate_encoded(items: list[Any]) -> EncodedBatch:
-    """Keep the items as a list: their bytes and images differ in size."""
+    """Pack the items' bytes and pixels into one buffer (they differ in size), failures set aside."""
     kept, failed = split_failures(items)
-    return EncodedBatch(kept, failed)
+    encoded = [item for item in kept if isinstance(item, Encoded)]
+    starts = np.cumsum([0] + [item.data.numel() for item in encoded]).tolist()
+    buffer = (torch.cat([item.data.reshape(-1) for item in encoded]) if encoded
+              else torch.empty(0, dtype=torch.uint8))
+    placed = iter(zip(starts, encoded))
+    packed: list[Packed | Cached] = [item if isinstance(item, Cached) else pack(*next(placed)) for item in kept]
+    return EncodedBatch(buffer, packed, failed)
+
+
+def pack(start: int, item: Encoded) -> Packed:
+    """``item``'s record once its data lies in the batch's buffer from ``start``."""
+    return Packed(start, tuple(item.data.shape), item.encoded, item.label, item.position, item.path, item.size)
 
 
 # --------------------------------------------------------------------------- the device path: decoding
@@ -351,12 +404,13 @@ class DeviceDecoder:
     """Decodes a batch of :class:`Encoded` items on ``device``: its JPEGs together in chunks of at most ``budget``
     decoded bytes (nvJPEG on CUDA, on a :class:`DecodeStream`), a chunk one by one if its call fails, and by PIL on
     the CPU a file the device rejects; then scales each image down to a shorter side of ``bound`` when it is
-    larger. Running out of GPU memory is raised, not taken for a bad file."""
+    larger. Running out of GPU memory is raised, not taken for a bad file. The failures are returned, not said:
+    the batches say each once (:class:`SkipWarnings`)."""
 
     def __init__(self, device: torch.device, bound: int | None, decode_min_side: int | None,
-                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, warn: bool = True, budget: int = DECODE_BUDGET) -> None:
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, budget: int = DECODE_BUDGET) -> None:
         self.device, self.bound, self.budget = device, bound, budget
-        self.decode_min_side, self.max_pixels, self.warn = decode_min_side, max_pixels, warn
+        self.decode_min_side, self.max_pixels = decode_min_side, max_pixels
         self.stream = DecodeStream(device)
 
     def __call__(self, items: Sequence[Encoded]) -> tuple[list[tuple[Encoded, Tensor]], list[DecodeFailure]]:
@@ -402,9 +456,7 @@ class DeviceDecoder:
         except DEVICE_DECODE_ERRORS:
             image = decode_or_failure(item.path, self.decode_min_side, self.max_pixels)
         if isinstance(image, DecodeFailure):
-            failure = image._replace(position=item.position)
-            warn_skipping(failure, self.warn)
-            return failure
+            return image._replace(position=item.position)
         return pixels_of(image).to(self.device, non_blocking=True)
 
     def bounded(self, image: Tensor) -> Tensor:
@@ -421,22 +473,23 @@ ItemDecoder = Callable[[Sequence[Encoded]], tuple[list[tuple[Encoded, Tensor]], 
 DecodedBatch = tuple[list[Tensor], list[int], list[DecodeFailure]]
 
 
-def decoded_batches(loader: DataLoader, decode: ItemDecoder, cache: DecodedImages | None,
-                    device: torch.device) -> Iterator[DecodedBatch]:
-    """Each of the loader's batches as ``(images on device, their positions, failures)``, images in the batch's
+def decoded_batches(batches: Iterable[EncodedBatch], decode: ItemDecoder, cache: DecodedImages | None,
+                    device: torch.device, paths: Sequence[str]) -> Iterator[DecodedBatch]:
+    """Each of the loader's ``batches`` as ``(images on device, their positions, failures)``, images in the batch's
     order: the items the workers read decoded by ``decode`` (and kept in ``cache``), the :class:`Cached` ones
-    taken from ``cache``."""
-    for batch in loader:
-        decoded, failed = decode([item for item in batch.items if isinstance(item, Encoded)])
+    taken from ``cache``. ``paths``: the dataset's, by position."""
+    for batch in batches:
+        items = batch.items
+        decoded, failed = decode([item for item in items if isinstance(item, Encoded)])
         failed = batch.failed + failed
         if cache is not None:
             keep(cache, decoded, failed)
         images = {item.position: image for item, image in decoded}
-        held = [item.position for item in batch.items if isinstance(item, Cached)]
+        held = [item.position for item in items if isinstance(item, Cached)]
         if held:
             images.update(cached_images(cache, held, device))
-            failed += cached_failures(cache, held, loader.dataset.paths)
-        positions = [item.position for item in batch.items if item.position in images]
+            failed += cached_failures(cache, held, paths)
+        positions = [item.position for item in items if item.position in images]
         yield [images[position] for position in positions], positions, failed
 
 
@@ -460,18 +513,188 @@ def cached_failures(cache: DecodedImages, positions: Sequence[int], paths: Seque
             for position in positions if position in cache.failures]
 
 
+class SkipWarnings:
+    """The console line for each image left out, said once per run (not once per epoch) when ``enabled``: the
+    epoch's failures still come with its batches, for skipped_files.txt and the counts."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.said: set[str] = set()
+
+    def passing(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        """``batches`` as they are, saying each new failure first."""
+        for batch in batches:
+            for failure in batch.failed:
+                self.say(failure)
+            yield batch
+
+    def say(self, failure: DecodeFailure) -> None:
+        """Warn about ``failure`` unless its file was warned about already."""
+        if self.enabled and failure.path not in self.said:
+            self.said.add(failure.path)
+            print(f"\nwarning: skipping {failure.path}: cannot decode ({failure.reason})", file=sys.stderr)
+
+
+def skip_count(failed: Iterable[DecodeFailure]) -> int:
+    """How many files ``failed`` (a pass's failures, as ``engine.EpochResult.failed``) names: the epoch line's
+    count of images left out."""
+    return len({failure.path for failure in failed})
+
+
+# --------------------------------------------------------------------------- the device path: the producer
+
+PREFETCH_BATCHES = 2  # batches the producer prepares ahead of the one the model steps on
+POLL_S = 0.1  # seconds between looks at a stop request while waiting on the other thread
+
+
+class SideStream:
+    """Where the producer thread issues a CUDA ``device``'s work: a stream of its own, and an event after each
+    batch that the consumer's stream waits on before using it. Off CUDA there is none and nothing waits."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream: Any = None
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)  # the thread's current device is not the caller's
+            self.stream = torch.cuda.Stream(self.device)
+
+    def issuing(self) -> contextlib.AbstractContextManager:
+        """The producer's context: its device and stream current (in its thread) while it issues a batch."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
+
+    def ready(self) -> Any:
+        """An event recorded on the stream once a batch's work is queued (None off CUDA)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def received(self, batch: Batch, event: Any) -> Batch:
+        """``batch`` made safe on the consumer's current stream: it waits for ``event``, and the caching allocator
+        is told that stream uses the batch's tensors (they were allocated on the producer's)."""
+        if event is None:
+            return batch
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(event)
+        for tensor in (batch.images, batch.targets):
+            if tensor is not None:
+                record_on(tensor, consumer)
+        return batch
+
+
+class ProducerFailed(NamedTuple):
+    """What the producer hands over when making a batch raised: the exception, raised again by the consumer."""
+
+    error: BaseException
+
+
+PRODUCER_DONE = None  # handed over once every batch has been
+
+
+class BatchProducer:
+    """Makes ``batches`` (decoding, cache writes, augmentation) in a thread of its own while the caller's thread
+    steps on the previous ones, at most ``depth`` batches ahead (plus the one in hand), its CUDA work on a
+    :class:`SideStream`. Iterate it once; an exception in the thread is raised in the caller's; :meth:`stop` (when
+    the caller's iteration ends, finishes early, or is interrupted) ends the thread after its current batch."""
+
+    def __init__(self, batches: Iterator[Batch], device: torch.device, depth: int = PREFETCH_BATCHES,
+                 side: SideStream | None = None) -> None:
+        self.side = side or SideStream(device)
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.produce, args=(batches,), name="batch-producer", daemon=True)
+        self.thread.start()
+
+    def produce(self, batches: Iterator[Batch]) -> None:
+        """The thread: each batch made and handed over with its event, then the end (or the exception)."""
+        try:
+            with self.side.issuing(), torch.no_grad():
+                for batch in batches:
+                    if not self.hand_over((batch, self.side.ready())):
+                        return
+        except BaseException as error:  # noqa: BLE001 - every kind goes to the caller's thread, raised there
+            self.hand_over(ProducerFailed(error))
+            return
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        self.hand_over(PRODUCER_DONE)
+
+    def hand_over(self, item: Any) -> bool:
+        """Put ``item`` in the queue once there is room; False when the caller stopped meanwhile."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self.take()
+            if item is PRODUCER_DONE:
+                return
+            if isinstance(item, ProducerFailed):
+                raise item.error
+            yield self.side.received(*item)
+
+    def take(self) -> Any:
+        """The next item; waits in short slices, so Ctrl-C reaches the caller's thread promptly."""
+        while True:
+            try:
+                return self.queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.queue.empty():
+                    raise RuntimeError("the batch producer thread ended without handing over its batches") from None
+
+    def stop(self) -> None:
+        """End the thread: it finishes the batch in hand, sees the request and returns; waits for it."""
+        self.stopping.set()
+        while True:  # make room, so a thread blocked on a full queue sees the request at once
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.thread.join()
+
+
+def produced(batches: Iterator[Batch], device: torch.device, depth: int) -> Iterator[Batch]:
+    """``batches``, made by a :class:`BatchProducer` ``depth`` batches ahead (0: made here, as they are taken)."""
+    if depth <= 0:
+        yield from batches
+        return
+    producer = BatchProducer(batches, device, depth)
+    try:
+        yield from producer
+    finally:
+        producer.stop()
+
+
 class DeviceTrainBatches:
-    """The device path's training batches: decoded on the device (or read from ``cache``) and augmented there.
+    """The device path's training batches: decoded on the device (or read from ``cache``) and augmented there, by
+    a producer thread ``prefetch`` batches ahead of the model's step (0: in the caller's thread, for debugging).
 
     Batch ``n`` of an epoch draws its augmentation from seed ``epoch_seed(seed, epoch) + n``: the batches are the
-    same whether their images come from the files, from the cache or from both.
+    same whether their images come from the files, from the cache or from both, and with or without the producer.
+    ``warn``: say each image left out on the console, once per run.
     """
 
     def __init__(self, loader: DataLoader, decoder: DeviceDecoder, augment: gpu_augment.TrainAugment,
-                 labels: Sequence[int], cache: DecodedImages | None, seed: int, accel: Accel) -> None:
+                 labels: Sequence[int], cache: DecodedImages | None, seed: int, accel: Accel,
+                 warn: bool = True, prefetch: int = PREFETCH_BATCHES) -> None:
         self.loader, self.decoder, self.augment, self.cache = loader, decoder, augment, cache
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self.seed, self.accel, self.epoch = seed, accel, 0
+        self.warnings, self.prefetch = SkipWarnings(warn), prefetch
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation to produce."""
@@ -482,35 +705,51 @@ class DeviceTrainBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = decoded_batches(self.loader, self.decoder, self.cache, self.accel.device)
+        # The loader's iterator is made here, in the caller's thread: its workers start (fork) from it.
+        batches = self.augmented(iter(self.loader), self.epoch)
+        return self.warnings.passing(produced(batches, self.accel.device, self.prefetch))
+
+    def augmented(self, loaded: Iterator[EncodedBatch], epoch: int) -> Iterator[Batch]:
+        """The epoch's batches, decoded and augmented."""
+        batches = decoded_batches(loaded, self.decoder, self.cache, self.accel.device, self.loader.dataset.paths)
         for number, (images, positions, failed) in enumerate(batches):
             if not images:
                 yield Batch(None, None, [], failed)
                 continue
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) + number)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch) + number)
             targets = self.labels[positions].to(self.accel.device, non_blocking=True)
             yield Batch(self.accel.images_to_device(self.augment(images, generator)), targets, positions, failed)
 
 
 class DeviceEvalBatches:
-    """The device path's evaluation batches, in order: decoded on the device, resized and centre-cropped there;
-    the crops kept in ``cache`` (validation, across epochs) when given."""
+    """The device path's evaluation batches, in order: decoded on the device, resized and centre-cropped there
+    by a producer thread ``prefetch`` batches ahead (0: in the caller's thread); the crops kept in ``cache``
+    (validation, across epochs) when given. ``warn``: say each image left out on the console, once per run."""
 
     def __init__(self, loader: DataLoader, decoder: DeviceDecoder, transform: gpu_augment.EvalTransform,
-                 labels: Sequence[int] | None, cache: DecodedImages | None, accel: Accel) -> None:
+                 labels: Sequence[int] | None, cache: DecodedImages | None, accel: Accel,
+                 warn: bool = False, prefetch: int = PREFETCH_BATCHES) -> None:
         self.loader, self.decoder, self.transform, self.cache, self.accel = loader, decoder, transform, cache, accel
         self.labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+        self.warnings, self.prefetch = SkipWarnings(warn), prefetch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for crops, positions, failed in decoded_batches(self.loader, self.cropped, self.cache, self.accel.device):
+        batches = self.normalized(iter(self.loader))
+        return self.warnings.passing(produced(batches, self.accel.device, self.prefetch))
+
+    def normalized(self, loaded: Iterator[EncodedBatch]) -> Iterator[Batch]:
+        """The batches, decoded, cropped and normalized."""
+        device = self.accel.device
+        for crops, positions, failed in decoded_batches(loaded, self.cropped, self.cache, device,
+                                                        self.loader.dataset.paths):
             if not crops:
                 yield Batch(None, None, [], failed)
                 continue
-            targets = None if self.labels is None else self.labels[positions].to(self.accel.device, non_blocking=True)
-            with torch.autocast(device_type=self.accel.device.type, enabled=False):
+            targets = None if self.labels is None else self.labels[positions].to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, enabled=False):
                 images = self.transform.normalize_crops(crops)
             yield Batch(self.accel.images_to_device(images), targets, positions, failed)
 
@@ -525,11 +764,14 @@ class DeviceEvalBatches:
 
 def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,
                   seed: int, accel: Accel, on_device: bool, cache: DecodedImages | None = None,
-                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                  recipe: TrainRecipe = TrainRecipe(), world: World = World()) -> HostBatches | DeviceTrainBatches:
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, recipe: TrainRecipe = TrainRecipe(),
+                  world: World = World(), plain_jpegs: dict[str, tuple[int, int]] | None = None,
+                  ) -> HostBatches | DeviceTrainBatches:
     """The training batches of an epoch (call ``set_epoch`` first): shuffled (or drawn class-balanced) and augmented
     by the recipe, on the device (``on_device``; not with an auto-augment policy) or in the loader's workers. Under
-    torchrun (``world``) this process's part of each step's global batch (see ``samplers.ShardedBatches``)."""
+    torchrun (``world``) this process's part of each step's global batch (see ``samplers.ShardedBatches``).
+    ``plain_jpegs``: the header scan's plain JPEGs (``images.plain_jpeg_sizes``), whose bytes the device path's
+    workers send without opening them. Each image left out is said once per run."""
     decode_side = train_decode_side(img_size)
     weights = balanced_sample_weights(labels) if recipe.balanced else None
     batch_sampler = (sharded_epoch_batches(len(paths), batch_size, seed, world, weights) if world.distributed
@@ -540,8 +782,8 @@ def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, ba
                                           recipe.random_erase)
         images = ImageFiles(paths, labels, transform, decode_side, max_pixels)
         loader = DataLoader(images, batch_sampler=batch_sampler, collate_fn=collate_decoded, **options)
-        return HostBatches(loader, accel, labeled=True)
-    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels), collate_fn=collate_encoded,
+        return HostBatches(loader, accel, labeled=True, warn=True)
+    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels, plain_jpegs), collate_fn=collate_encoded,
                         batch_sampler=batch_sampler if cache is None else SkipCached(batch_sampler, cache), **options)
     decoder = DeviceDecoder(accel.device, decode_side, decode_side, max_pixels)
     augment = gpu_augment.TrainAugment(img_size, recipe.mean, recipe.std,
@@ -553,22 +795,23 @@ def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, ba
 def eval_batches(paths: Sequence[str], labels: Sequence[int] | None, img_size: int, mean: Sequence[float],
                  std: Sequence[float], batch_size: int, workers: int, accel: Accel, on_device: bool,
                  cache: DecodedImages | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 warn: bool = False) -> HostBatches | DeviceEvalBatches:
+                 warn: bool = False, plain_jpegs: dict[str, tuple[int, int]] | None = None,
+                 ) -> HostBatches | DeviceEvalBatches:
     """Batches of ``paths`` in order through the eval recipe (resize, centre crop, normalize), on the device
     (``on_device``) or in the loader's workers; ``labels`` None for unlabeled images. ``warn``: say on the console
-    which images cannot be decoded, as they are met."""
+    which images cannot be decoded, the first time they are met. ``plain_jpegs``: see :func:`train_batches`."""
     decode_side = eval_resize_size(img_size)
     batch_sampler = BatchSampler(SequentialSampler(range(len(paths))), batch_size, drop_last=False)
     options = loader_options(workers, 0, accel, pin_memory=not on_device)
     if not on_device:
-        images = ImageFiles(paths, labels, build_eval_transform(img_size, mean, std), decode_side, max_pixels, warn)
+        images = ImageFiles(paths, labels, build_eval_transform(img_size, mean, std), decode_side, max_pixels)
         loader = DataLoader(images, batch_sampler=batch_sampler, collate_fn=collate_decoded, **options)
-        return HostBatches(loader, accel, labeled=labels is not None)
-    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels, warn), collate_fn=collate_encoded,
+        return HostBatches(loader, accel, labeled=labels is not None, warn=warn)
+    loader = DataLoader(FileBytes(paths, labels, decode_side, max_pixels, plain_jpegs), collate_fn=collate_encoded,
                         batch_sampler=batch_sampler if cache is None else SkipCached(batch_sampler, cache), **options)
-    decoder = DeviceDecoder(accel.device, None, decode_side, max_pixels, warn)
+    decoder = DeviceDecoder(accel.device, None, decode_side, max_pixels)
     transform = gpu_augment.EvalTransform(img_size, mean, std).to(accel.device)
-    return DeviceEvalBatches(loader, decoder, transform, labels, cache, accel)
+    return DeviceEvalBatches(loader, decoder, transform, labels, cache, accel, warn)
 
 
 class ImageFiles(Dataset):
@@ -576,8 +819,8 @@ class ImageFiles(Dataset):
 
     Keys are positions, or ``(position, seed)`` from :class:`EpochSampler`: the transform's randomness is then drawn
     from that seed. ``labels`` None gives label -1 (unlabeled images). An image that fails to decode yields a
-    :class:`DecodeFailure` (with a warning when ``warn``). ``decode_min_side`` lets large JPEGs decode at a reduced
-    scale (see :func:`load_rgb`); ``max_pixels`` is the size limit of :func:`check_pixel_count`.
+    :class:`DecodeFailure` (said on the console by :class:`HostBatches`). ``decode_min_side`` lets large images
+    decode at a reduced scale (see :func:`load_rgb`); ``max_pixels`` is the size limit of :func:`check_pixel_count`.
     """
 
     def __init__(
@@ -587,14 +830,12 @@ class ImageFiles(Dataset):
         transform: Callable[[Image.Image], torch.Tensor],
         decode_min_side: int | None = None,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        warn: bool = True,
     ) -> None:
         self.paths = [str(path) for path in paths]
         self.labels = [-1] * len(self.paths) if labels is None else [int(label) for label in labels]
         self.transform = transform
         self.decode_min_side = decode_min_side
         self.max_pixels = max_pixels
-        self.warn = warn
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -604,8 +845,6 @@ class ImageFiles(Dataset):
         path = self.paths[position]
         image = decode_or_failure(path, self.decode_min_side, self.max_pixels)
         if isinstance(image, DecodeFailure):
-            if self.warn:
-                print(f"\nwarning: skipping {path}: cannot decode ({image.reason})", file=sys.stderr)
             return image._replace(position=position)
         return transform_seeded(self.transform, image, seed), self.labels[position], position
 
@@ -707,11 +946,12 @@ def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: 
         val_cache = DecodedImages(len(val_paths), place, capacity=cached_bytes(args, own_val, data, training=False))
         if train_on_device:
             train_cache = DecodedImages(len(train_paths), place, capacity=train_bytes)
+    plain_jpegs = plain_jpeg_sizes(data.sizes)
     train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
-                          train_on_device, train_cache, args.max_image_pixels, recipe, world)
+                          train_on_device, train_cache, args.max_image_pixels, recipe, world, plain_jpegs)
     val = None if not val_paths else eval_batches(
         val_paths, val_labels, args.test_size or args.img_size, mean, std, args.batch_size,
-        args.workers, accel, on_device, val_cache, args.max_image_pixels, warn=True)
+        args.workers, accel, on_device, val_cache, args.max_image_pixels, warn=True, plain_jpegs=plain_jpegs)
     return Loaders(train, val, choice)
 
 

@@ -11,6 +11,8 @@ In one process and on the same generated JPEG dataset it measures, in images per
             applies; engine.train_one_epoch, evaluate, predict_probabilities): the first epoch and, apart from
             it, the steady state of the later ones (after the cache is built);
   ceiling   our model step on tensors already on the device: the speed with free data loading.
+On the GPU path ours' later epochs run again with the producer thread off (``--no-producer-off-row`` skips
+them): the batches then are made in the loop's thread, as before the producer.
 With --cpus the baseline, ours and the ceiling run again with every thread of the process (and the loader
 workers it starts) pinned to the first N cores, to emulate a small machine such as Colab's 2 vCPUs.
 
@@ -65,7 +67,7 @@ from engine import (
     predict_probabilities,
     train_one_epoch,
 )
-from images import DEFAULT_MAX_IMAGE_PIXELS
+from images import DEFAULT_MAX_IMAGE_PIXELS, check_images, plain_jpeg_sizes
 from model import DEFAULT_TRAINABLE, input_normalization, make_model, trainable_parameters
 from options import parse_args as parse_train_args
 from options import spelled_out_trainable
@@ -307,12 +309,13 @@ def worker_ms_per_image(items: Dataset, count: int) -> float:
 
 
 def our_worker_items(samples: list, img_size: int, on_device: bool) -> Dataset:
-    """What our loader's workers do per training image: read the file's bytes (GPU path), or decode and augment
-    it with PIL (CPU path)."""
+    """What our loader's workers do per training image: read the file's bytes (GPU path; the header scan found the
+    plain JPEGs), or decode and augment it with PIL (CPU path)."""
     paths, labels = [path for path, _ in samples], [label for _, label in samples]
     side = train_decode_side(img_size)
     if on_device:
-        return pipeline.FileBytes(paths, labels, side, DEFAULT_MAX_IMAGE_PIXELS)
+        return pipeline.FileBytes(paths, labels, side, DEFAULT_MAX_IMAGE_PIXELS,
+                                  plain_jpeg_sizes(check_images(paths).sizes))
     return ImageFiles(paths, labels, build_train_transform(img_size), side, DEFAULT_MAX_IMAGE_PIXELS)
 
 
@@ -377,8 +380,9 @@ def our_options(args: argparse.Namespace, workers: int, trainable: str) -> argpa
 
 
 def benchmark_data(samples: list, args: argparse.Namespace) -> TrainValData:
-    """The generated images as both training and validation split, with their sizes (for the cache's estimate)."""
-    sizes = {path: (args.width, args.height) for path, _ in samples}
+    """The generated images as both training and validation split, with their header scan as train.py has it
+    (sizes for the cache's estimate, the plain JPEGs the workers need not open)."""
+    sizes = check_images([path for path, _ in samples]).sizes
     return TrainValData([str(label) for label in range(args.classes)], samples, samples, "benchmark", sizes=sizes)
 
 
@@ -536,7 +540,7 @@ def device_path_stages(run: OurRun, worker_ms: float) -> list[StageCost]:
     options, device = run.options, run.accel.device
     side = train_decode_side(options.img_size)
     batches = [batch_items(run, number) for number in range(BREAKDOWN_BATCHES + 1)]
-    decoder = pipeline.DeviceDecoder(device, side, side, options.max_image_pixels, warn=False)
+    decoder = pipeline.DeviceDecoder(device, side, side, options.max_image_pixels)
     decoded = [[image for _, image in decoder(items)[0]] for items in batches]
     augment = gpu_augment.TrainAugment(options.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
     with torch.inference_mode():
@@ -625,6 +629,22 @@ def trainable_all_row(run: OurRun, args: argparse.Namespace, cores: str) -> Row:
     return Row("train --trainable all, steady state", cores, None, ours, ceiling)
 
 
+def producer_off_rows(run: OurRun, args: argparse.Namespace, cores: str, baseline: dict[str, Measure],
+                      ceiling: dict[str, Measure]) -> list[Row]:
+    """Ours' training and validation again, later epochs (the cache built), with the device path's producer thread
+    off (``prefetch = 0``: each batch made in the loop's thread when it is taken), to compare with the steady
+    state above."""
+    loaders = [loader for loader in (run.loaders.train, run.loaders.val) if hasattr(loader, "prefetch")]
+    for loader in loaders:
+        loader.prefetch = 0
+    epochs = range(args.epochs + 2, args.epochs + 2 + max(1, args.epochs - 1))
+    trained, validated = zip(*(our_epoch(run, epoch) for epoch in epochs))
+    for loader in loaders:
+        loader.prefetch = pipeline.PREFETCH_BATCHES
+    return [Row("train, producer off", cores, baseline["train"], sum(trained[1:], trained[0]), ceiling["train"]),
+            Row("val, producer off", cores, baseline["eval"], sum(validated[1:], validated[0]), ceiling["eval"])]
+
+
 def ceiling_batches(args: argparse.Namespace) -> int:
     """Batches the ceiling times: about an epoch's worth."""
     return max(1, args.images // args.batch_size)
@@ -661,6 +681,10 @@ def measure_setting(cores: int | None, samples: list, args: argparse.Namespace, 
         rows = comparison_rows(ours, baseline, ceiling, label)
         print_rows(rows)
         breakdown = [] if worker_ms is None else breakdown_of(run, ours, ceiling, worker_ms)
+        if args.producer_off_row and run.on_device:
+            elapsed_note(started, f"ours with the producer thread off, {label} cores ...")
+            rows += producer_off_rows(run, args, label, baseline, ceiling)
+            print_rows(rows[-2:])
         if args.trainable_all_row and run.options.trainable != "all":
             elapsed_note(started, f"ours with --trainable all, {label} cores ...")
             rows.append(trainable_all_row(run, args, label))
@@ -809,6 +833,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the cores of each setting); the reference loop always uses 2")
     parser.add_argument("--worker-images", type=int, default=32, help="images timed in one loader worker for "
                         "its CPU cost per image; default 32")
+    parser.add_argument("--producer-off-row", action=argparse.BooleanOptionalAction, default=True,
+                        help="on the device path, ours' later epochs again with the producer thread off (default: "
+                             "on)")
     parser.add_argument("--no-save", action="store_true", help="print the tables without appending to results.md")
     return parser
 

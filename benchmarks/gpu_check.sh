@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check, as one command for a session that has a GPU (see ../shared/GPU.md): every figure in one call.
 #
-#     bash benchmarks/gpu_check.sh            # on the GPU machine; 304 s on one H200 (2026-12-04)
-#     SMOKE=1 bash benchmarks/gpu_check.sh    # the same steps on the CPU with tiny sizes (about 40 s)
+#     bash benchmarks/gpu_check.sh            # on the GPU machine; 304 s on one H200 (2026-12-04) before steps 2
+#                                             # and 6 were added (about 7 minutes now, estimated; the limits add up to 650 s)
+#     SMOKE=1 bash benchmarks/gpu_check.sh    # the same steps on the CPU with tiny sizes (about 4 minutes on 2 busy cores)
 #
-# In order: versions; the probes (fused non-finite skip, the nvJPEG stream race, waits per batch); the two data
-# paths' accuracy on the bundled sample (3 seeds each, all at once, in the background while the next two steps
-# run); `pytest -k cuda`; a DDP smoke test on nccl; the throughput benchmark (3 epochs, all cores and 2). Each step
-# runs under its own time limit and never stops the script; everything goes to $OUT/log.txt (OUT defaults to
-# gpu-check/), the tables to $OUT/summary.md, which is printed last. Runs write under /tmp.
+# In order: versions; 1. the probes (fused non-finite skip, the nvJPEG stream race, waits per batch); 2. the data
+# path's probes: host-blocked ms per batch of each JPEG decoder found beside a running step, the augmentation's
+# operations and host-issue vs GPU ms (old per-image and current), main-thread CPU ms per batch and the GPU-busy
+# fraction over 10 profiled steps with the producer thread on and off; 3. the two data paths' accuracy on the
+# bundled sample (3 seeds each, in the background while the next two steps run); 4. `pytest -k cuda`; 5. a DDP
+# smoke test on nccl; 6. the loader hand-over's main-thread CPU ms per batch (collate_cost.py); 7. the throughput
+# benchmark (3 epochs, all cores and 2, each with the producer-off rows). Each step runs under its own time limit
+# and never stops the script; everything goes to $OUT/log.txt (OUT defaults to gpu-check/), the tables to
+# $OUT/summary.md, which is printed last. Runs write under /tmp.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
@@ -50,12 +55,14 @@ if [ -n "${SMOKE:-}" ]; then
            --width 64 --height 48 --cpus all --trainable-all-row --epochs 3 --worker-images 4 --no-save)
     # The step runs; the CUDA-only tests are skipped on the CPU, so one file of them is enough
     cuda_tests=(tests/test_cuda.py)
+    collate=(--batch-size 8 --batches 2)
 else
     device=cuda
     probes=(--device cuda)
     accuracy=(--device cuda --seeds 0 1 2 --jobs 6)
     bench=(--device cuda --epochs 3 --no-save)
     cuda_tests=(tests/)
+    collate=(--workers 8)
 fi
 
 "$py" - <<'PY' 2>&1 | tee -a "$log" "$summary"
@@ -70,25 +77,32 @@ print(f"# GPU check: GPU {gpu} (capability {capability}), {os.cpu_count()} CPUs,
 PY
 
 # 1. The probes: each prints a 'probe NAME: ...' line.
-step 120 "$py" benchmarks/gpu_probes.py "${probes[@]}"
-# 2. Accuracy of the two paths, in the background (it measures no speed).
+step 90 "$py" benchmarks/gpu_probes.py "${probes[@]}" --probes fused-skip,decode-race,syncs
+# 2. The data path's probes (decoders, augmentation, producer on and off).
+step 80 "$py" benchmarks/gpu_probes.py "${probes[@]}" --probes decoders,augment,producer
+# 3. Accuracy of the two paths, in the background (it measures no speed).
 echo "== $(date -u +%H:%M:%S) accuracy of the two paths, in the background" | tee -a "$log"
 timeout 200 "$py" benchmarks/path_accuracy.py "${accuracy[@]}" --no-save > "$scratch/accuracy.txt" 2>&1 &
 accuracy_pid=$!
-# 3. The tests that run only where CUDA is.
+# 4. The tests that run only where CUDA is.
 step 120 "$py" -m pytest -q -p no:cacheprovider -k cuda "${cuda_tests[@]}"
-# 4. DistributedDataParallel on nccl (gloo on the CPU) with one process: wrapping, a thaw and rebuild, SyncBatchNorm.
+# 5. DistributedDataParallel on nccl (gloo on the CPU) with one process: wrapping, a thaw and rebuild, SyncBatchNorm.
 step 90 "$py" benchmarks/ddp_smoke.py --device "$device"
 wait "$accuracy_pid"
 echo "== accuracy exit $?" | tee -a "$log"
 cat "$scratch/accuracy.txt" >> "$log"
-# 5. Throughput: each row is printed as soon as it is measured.
-step 300 "$py" benchmarks/bench.py "${bench[@]}"
+# 6. The loader hand-over: main-thread CPU ms per batch of 128 JPEGs, before and after packing.
+step 30 "$py" benchmarks/collate_cost.py "${collate[@]}"
+# 7. Throughput: each row is printed as soon as it is measured.
+step 240 "$py" benchmarks/bench.py "${bench[@]}"
 
 {
     echo
     echo "## Probes"
     grep -h '^probe ' "$log"
+    echo
+    echo "## Loader hand-over"
+    sed -n '/^## Loader hand-over/,/^| after/p' "$log"
     echo
     echo "## DDP smoke test"
     grep -h '^ddp ' "$log"

@@ -13,13 +13,24 @@
    10 validation batches, counted with torch.profiler (CUDA runtime calls named ``*Synchronize``) and with
    ``torch.cuda.set_sync_debug_mode`` (PyTorch operations that wait for the GPU); the target is 0 per batch
    outside the read-back at the end of each pass. Off CUDA nothing is counted (the code still runs).
+4. decoders: the host ms a batch's decode blocks the calling thread while a training step runs on the GPU, for
+   each JPEG decoder found (torchvision, TorchCodec, nvImageCodec; the optional ones feature-detected), decoding on
+   ``pipeline.DecodeStream`` as the pipeline does. The default decoder is not changed by this: it is measured.
+5. augment: the training augmentation and the eval transform on a batch: PyTorch operations and kernel launches
+   (profiler), host ms to issue them, GPU ms (CUDA events); beside them the old per-image implementation when
+   tests/test_gpu_augment.py has it (``_reference_train_augment(augment, images, generator)``).
+6. producer: main-thread CPU ms per training batch (``time.thread_time``; lines ``probe main-thread``) over a pass
+   of 10 device-path batches, and the GPU-busy fraction over 10 profiled training steps (union of kernel intervals
+   / wall; lines ``probe busy``), each with the producer thread on and off.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -124,7 +135,7 @@ def decode_race(device: torch.device, trials: int, folder: Path) -> None:
     items = [pipeline.FileBytes(paths, [0] * len(paths), None, 10**9)[index] for index in range(len(paths))]
     data = [item.data for item in items]
     reference = [image.clone() for image in pipeline.decode_jpeg(data, device)]
-    decoder = pipeline.DeviceDecoder(device, None, None, warn=False)
+    decoder = pipeline.DeviceDecoder(device, None, None)
     plain = corrupted_trials(lambda: pipeline.decode_jpeg(data, device), reference, device, trials)
     ours = corrupted_trials(lambda: [image for _, image in decoder(items)[0]], reference, device, trials)
     say("decode-race", f"{pipeline.JPEG_DECODER_NAME} on {device.type}: corrupted batches on the compute stream "
@@ -189,7 +200,237 @@ def syncs(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
                      f"read-back included ({time.perf_counter() - started:.1f} s)")
 
 
+# --------------------------------------------------------------------------- 4. decoders
+
+
+def nvimgcodec_decoder(module) -> pipeline.JpegDecoder:
+    """nvImageCodec's batched decoder behind the pipeline's decoder interface (RGB, EXIF ignored, ``[3, H, W]``
+    tensors on the device, on the current stream)."""
+    decoder = module.Decoder()
+    params = module.DecodeParams(apply_exif_orientation=False, color_spec=module.ColorSpec.RGB)
+
+    def decode(data, device: torch.device):
+        many = isinstance(data, list)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        decoded = decoder.decode([bytes(one.numpy()) for one in (data if many else [data])], params=params,
+                                 cuda_stream=stream)
+        if any(image is None for image in decoded):
+            raise RuntimeError("nvImageCodec could not decode an image of the batch")
+        images = [torch.as_tensor(image, device=device).permute(2, 0, 1) for image in decoded]
+        return images if many else images[0]
+
+    return decode
+
+
+def decoders_found() -> dict[str, pipeline.JpegDecoder]:
+    """Every JPEG decoder installed, by name: torchvision's always, TorchCodec's and nvImageCodec's when present."""
+    import torchvision
+
+    found = {"torchvision": pipeline.torchvision_jpeg_decoder(pipeline.takes_jpeg_lists(torchvision.__version__))}
+    try:
+        from torchcodec.decoders import decode_jpeg as torchcodec_decode
+
+        found["torchcodec"] = lambda data, device: torchcodec_decode(data, mode="RGB", device=device)
+    except Exception:  # noqa: BLE001 - absent or built for another torch
+        pass
+    try:
+        found["nvimgcodec"] = nvimgcodec_decoder(importlib.import_module("nvidia.nvimgcodec"))
+    except Exception:  # noqa: BLE001 - absent, or no GPU for it
+        pass
+    return found
+
+
+def queue_training_step(args, model, criterion, optimizer, accel) -> None:
+    """A forward and backward pass on a random batch, queued on the compute stream (not waited for)."""
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=accel.device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=accel.device)
+    with accel.autocast():
+        loss = criterion(model(accel.images_to_device(images)), targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def decoders(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
+    """Host-blocked ms per batch of each decoder, beside a running step and with the GPU idle."""
+    paths, labels, accel, model, criterion, optimizer = training_setup(args, device, folder)
+    files = pipeline.FileBytes(paths[:args.batch_size], labels[:args.batch_size], None, 10**9)
+    data = [files[index].data for index in range(len(files))]
+    stream = pipeline.DecodeStream(device)
+    for name, decode in decoders_found().items():
+        try:
+            stream.run(lambda: list(decode(data, device)))  # warm-up: handles, buffers
+            idle, busy = [], []
+            for _ in range(args.trials):
+                synchronize(device)
+                started = time.perf_counter()
+                stream.run(lambda: list(decode(data, device)))
+                idle.append(time.perf_counter() - started)
+                queue_training_step(args, model, criterion, optimizer, accel)
+                started = time.perf_counter()
+                stream.run(lambda: list(decode(data, device)))
+                busy.append(time.perf_counter() - started)
+                synchronize(device)
+            say("decoders", f"{name} on {device.type}: host blocked {1000 * np.median(busy):.1f} ms per batch of "
+                            f"{len(data)} beside a training step ({1000 * np.median(idle):.1f} ms with the GPU "
+                            f"idle; median of {args.trials})")
+        except Exception as error:  # noqa: BLE001 - one decoder failing leaves the others measured
+            say("decoders", f"{name}: FAILED with {type(error).__name__}: {error}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- 5. augmentation
+
+
+def reference_augment():
+    """The old per-image training augmentation, when tests/test_gpu_augment.py keeps it, else None."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        return getattr(importlib.import_module("test_gpu_augment"), "_reference_train_augment", None)
+    except Exception:  # noqa: BLE001 - the tests need pytest and their conftest; absent is fine
+        return None
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+
+
+def operation_counts(work, device: torch.device) -> tuple[int, int]:
+    """PyTorch operations (CPU-side ``aten::`` events) and kernel launches during ``work()``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        work()
+    events = profiler.key_averages()
+    operations = sum(event.count for event in events if event.key.startswith("aten::"))
+    launches = sum(event.count for event in events if "LaunchKernel" in event.key)
+    return operations, launches
+
+
+def host_and_gpu_ms(work, device: torch.device, trials: int) -> tuple[float, float | None]:
+    """Median host ms to issue ``work()`` and median GPU ms it takes (None off CUDA)."""
+    host, gpu = [], []
+    for _ in range(trials):
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        started = time.perf_counter()
+        work()
+        host.append(1000 * (time.perf_counter() - started))
+        if device.type == "cuda":
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+    return float(np.median(host)), float(np.median(gpu)) if gpu else None
+
+
+def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
+    """Operations, host-issue ms and GPU ms of the augmentation (new, and old when found) and the eval transform."""
+    import gpu_augment
+
+    paths = photo_jpegs(args.batch_size, args.width, args.height, folder)
+    decoder = pipeline.DeviceDecoder(device, pipeline.train_decode_side(args.img_size),
+                                     pipeline.train_decode_side(args.img_size))
+    files = pipeline.FileBytes(paths, [0] * len(paths), None, 10**9)
+    images = [image for _, image in decoder([files[index] for index in range(len(files))])[0]]
+    train = gpu_augment.TrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
+    evaluation = gpu_augment.EvalTransform(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
+    works = {"train (current)": lambda: train(images, torch.Generator().manual_seed(0)),
+             "eval (current)": lambda: evaluation(images)}
+    reference = reference_augment()
+    if reference is not None:
+        works["train (old, per image)"] = lambda: reference(train, images, torch.Generator().manual_seed(0))
+    else:
+        say("augment", "old per-image augmentation: tests/test_gpu_augment.py has no _reference_train_augment")
+    for name, work in works.items():
+        try:
+            work()  # warm-up
+            operations, launches = operation_counts(work, device)
+            host, gpu = host_and_gpu_ms(work, device, args.trials)
+            gpu_text = "-" if gpu is None else f"{gpu:.1f}"
+            say("augment", f"{name}, batch of {len(images)}: {operations} operations, {launches} kernel launches, "
+                           f"host {host:.1f} ms to issue, GPU {gpu_text} ms")
+        except Exception as error:  # noqa: BLE001 - the other rows are still measured
+            say("augment", f"{name}: FAILED with {type(error).__name__}: {error}")
+
+
+# --------------------------------------------------------------------------- 6-7. the producer
+
+
+def producer_settings(args: argparse.Namespace, device: torch.device, folder: Path):
+    """A training setup and its device-path batches, with a function to run one pass with the producer on or off."""
+    paths, labels, accel, model, criterion, optimizer = training_setup(args, device, folder)
+    train = pipeline.train_batches(paths, labels, args.img_size, args.batch_size, args.workers, 0, accel,
+                                   on_device=True)
+
+    def one_pass(prefetch: int, epoch: int):
+        train.prefetch = prefetch
+        train.set_epoch(epoch)
+        return engine.train_one_epoch(model, train, criterion, optimizer, accel, show_progress=False)
+
+    one_pass(pipeline.PREFETCH_BATCHES, 0)  # warm-up: workers, cuDNN autotuning, allocator growth
+    return one_pass
+
+
+def producer(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
+    """The main-thread and busy probes on one set of files and one model."""
+    one_pass = producer_settings(args, device, folder)
+    main_thread(args, device, one_pass)
+    busy(args, device, one_pass)
+
+
+def main_thread(args: argparse.Namespace, device: torch.device, one_pass) -> None:
+    """Main-thread CPU ms per training batch, producer on and off."""
+    for epoch, prefetch in enumerate((pipeline.PREFETCH_BATCHES, 0), start=1):
+        cpu, wall = time.thread_time(), time.perf_counter()
+        one_pass(prefetch, epoch)
+        synchronize(device)
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+        say("main-thread", f"producer {'on' if prefetch else 'off'}: {1000 * cpu / args.batches:.1f} ms of "
+                           f"main-thread CPU per batch, {1000 * wall / args.batches:.1f} ms wall per batch "
+                           f"({threading.active_count()} threads)")
+
+
+def busy_fraction(events, wall_us: float) -> float:
+    """The share of ``wall_us`` during which at least one kernel ran (overlapping kernels counted once)."""
+    intervals = sorted((event.time_range.start, event.time_range.end) for event in events)
+    busy, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return busy / wall_us if wall_us else 0.0
+
+
+def busy(args: argparse.Namespace, device: torch.device, one_pass) -> None:
+    """GPU-busy fraction over a profiled pass of ``args.batches`` (10) training steps, producer on and off."""
+    if device.type != "cuda":
+        say("busy", "off CUDA: no kernels to time (the passes ran)")
+        return
+    from torch.autograd import DeviceType
+
+    for epoch, prefetch in enumerate((pipeline.PREFETCH_BATCHES, 0), start=3):
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as profiler:
+            started = time.perf_counter()
+            one_pass(prefetch, epoch)
+            synchronize(device)
+            wall_us = 1e6 * (time.perf_counter() - started)
+        kernels = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
+        say("busy", f"producer {'on' if prefetch else 'off'}: GPU busy {busy_fraction(kernels, wall_us):.0%} of "
+                    f"{wall_us / 1e6:.2f} s over {args.batches} training steps ({len(kernels)} kernels)")
+
+
 # --------------------------------------------------------------------------- main
+
+
+PROBES = ("fused-skip", "decode-race", "syncs", "decoders", "augment", "producer")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -197,7 +438,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny sizes (for trying the script on a CPU)")
-    parser.add_argument("--probes", default="fused-skip,decode-race,syncs", help="which probes, comma-separated")
+    parser.add_argument("--probes", default=",".join(PROBES), help="which probes, comma-separated")
     return parser
 
 
@@ -211,9 +452,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     configure_backends(device)
     trials = 10 if small else 200
+    args.trials = 3 if small else 20
     probes = {"fused-skip": lambda folder: fused_skip(device),
               "decode-race": lambda folder: decode_race(device, trials, folder),
-              "syncs": lambda folder: syncs(args, device, folder)}
+              "syncs": lambda folder: syncs(args, device, folder),
+              "decoders": lambda folder: decoders(args, device, folder),
+              "augment": lambda folder: augment(args, device, folder),
+              "producer": lambda folder: producer(args, device, folder)}
     for name in args.probes.split(","):
         with tempfile.TemporaryDirectory(prefix=f"probe-{name}-") as folder:
             try:

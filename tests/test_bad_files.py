@@ -14,6 +14,8 @@ import errno
 import io
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +30,7 @@ import images
 import pipeline
 import predict
 import train
+from accel import Accel
 from checkpoint import load_checkpoint
 from conftest import (
     CLASS_COLOURS,
@@ -338,11 +341,10 @@ def test_the_device_path_decodes_every_kind_of_file_as_the_cpu_path(bad_run: Bad
     deny_reading(monkeypatch, {bad_run.path("locked.jpg")})
     names = sorted(GOOD_FILES) + sorted(UNREADABLE_FILES) + ["truncated.jpg"]
     paths = [bad_run.path(name) for name in names]
-    files = pipeline.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS, warn=False)
+    files = pipeline.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS)
     batch = pipeline.collate_encoded([files[position] for position in range(len(paths))])
 
-    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS,
-                                             warn=False)(batch.items)
+    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS)(batch.items)
 
     images = {item.path: image for item, image in decoded}
     for name in GOOD_FILES:
@@ -463,3 +465,120 @@ def test_every_script_takes_max_image_pixels_and_refuses_a_negative_one(script: 
     result = call_main(module.main, "--max-image-pixels", "-1", "--output-dir" if script == "train.py" else
                        "--batch-size", tmp_path if script == "train.py" else "8")
     assert_user_error(result, "--max-image-pixels -1")
+
+
+# --------------------------------------------------------------------------- large images, and warnings once
+
+
+def solid_png(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:
+    """A PNG of one colour: huge in pixels, small on disk (a 2000 x 2000 one takes 12 KB)."""
+    Image.new(mode, size, 90).save(path)
+    return path
+
+
+def test_a_large_png_under_the_pixel_limit_trains_on_both_paths_without_a_warning(tmp_path: Path, monkeypatch,
+                                                                                  recwarn) -> None:
+    """Pillow's own limit (lowered here, so that a 2000 x 2000 PNG plays a 30000 x 30000 one) no longer fails the
+    CPU path's crop, nor warns each epoch: the image is scaled down right after decoding."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)  # a crop above 200,000 pixels raised, above 100,000 warned
+    big = str(solid_png(tmp_path / "poster.png", (2000, 2000)))
+    plain = tmp_path / "plain.jpg"
+    plain_jpeg(plain)
+    paths, labels = [big, str(plain)], [0, 1]
+    cpu = Accel(torch.device("cpu"), channels_last=False)
+    for on_device in (False, True):
+        batches = pipeline.train_batches(paths, labels, 32, 2, 0, 0, cpu, on_device, max_pixels=10**9)
+        for epoch in (1, 2):
+            batches.set_epoch(epoch)
+            [batch] = list(batches)
+            assert batch.failed == [] and batch.images.shape == (2, 3, 32, 32)
+    assert not [warning for warning in recwarn if issubclass(warning.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "P", "I;16"])
+def test_a_large_image_is_decoded_scaled_down_to_what_the_recipe_needs(tmp_path: Path, mode: str) -> None:
+    path = solid_png(tmp_path / "big.png", (1300, 900), mode)
+    image, size = images.decode_rgb(path, min_side=100)
+    assert size == (1300, 900) and image.mode == "RGB"
+    assert image.size == (145, 100)  # divided by 9, the largest factor keeping the shorter side at least 100
+    assert images.decode_rgb(path)[0].size == (1300, 900)  # nothing asked: full size
+
+
+PEAK_SCRIPT = """
+import resource, sys
+import pipeline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+data, encoded, size = pipeline.read_for_device(sys.argv[1], 113, 10**9)
+print(tuple(data.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_the_device_paths_worker_keeps_at_most_one_full_size_copy_of_a_large_png(tmp_path: Path) -> None:
+    """A 6000 x 6000 PNG (one full-size copy in Pillow: 144 MB) grew the worker's peak by 483 MiB (four copies)
+    before it was scaled down right after decoding; a fresh process measures its peak (ru_maxrss)."""
+    path = solid_png(tmp_path / "scan.png", (6000, 6000))
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True,
+                            cwd=Path(pipeline.__file__).parent, check=True)
+    shape, grown = result.stdout.split(")")
+    assert shape == "(3, 114, 114"
+    assert int(grown) < 1.3 * 6000 * 6000 * 4
+
+
+def test_an_image_that_would_not_fit_in_memory_is_skipped_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(images, "available_ram_bytes", lambda: 1_000_000)  # half of it: 500 KB to decode in
+    big = str(solid_png(tmp_path / "big.png", (400, 400)))  # 640 KB as RGB in Pillow's memory
+    plain = tmp_path / "plain.jpg"
+    plain_jpeg(plain)
+    cpu = Accel(torch.device("cpu"), channels_last=False)
+    for on_device in (False, True):
+        batches = pipeline.train_batches([big, str(plain)], [0, 1], 32, 2, 0, 0, cpu, on_device)
+        batches.set_epoch(1)
+        [batch] = list(batches)
+        [failure] = batch.failed
+        assert failure.path == big and batch.positions == [1]
+        assert failure.reason == "400x400 pixels need 0.6 MB of memory to decode, more than 50% of the 1.0 MB available"
+
+
+def test_predict_refuses_an_image_that_would_not_fit_in_memory_by_name(bad_run: BadRun, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    plain_jpeg(test_dir / "a.jpg")
+    solid_png(test_dir / "scan.png", (400, 400))
+    monkeypatch.setattr(images, "available_ram_bytes", lambda: 1_000_000)
+
+    result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,
+                       "--output", tmp_path / "p.csv", *PREDICT_FLAGS)
+
+    assert_user_error(result, "1 test image(s) could not be decoded", f"{test_dir / 'scan.png'} (400x400 pixels need "
+                      "0.6 MB of memory to decode")
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["cpu path", "device path"])
+def test_a_truncated_training_image_is_warned_about_once_per_run_and_counted_each_epoch(tmp_path: Path, capsys,
+                                                                                       on_device: bool) -> None:
+    """It was warned about again every epoch (100 lines over 50 epochs); each epoch's failures still name it, for
+    skipped_files.txt and the epoch line's count (``pipeline.skip_count``)."""
+    truncated, plain = tmp_path / "cut.jpg", tmp_path / "plain.jpg"
+    truncated_jpeg(truncated)
+    plain_jpeg(plain)
+    cpu = Accel(torch.device("cpu"), channels_last=False)
+    batches = pipeline.train_batches([str(truncated), str(plain)], [0, 1], 32, 2, 0, 0, cpu, on_device)
+    failures = []
+    for epoch in (1, 2, 3):
+        batches.set_epoch(epoch)
+        failures.append([failure for batch in batches for failure in batch.failed])
+
+    assert capsys.readouterr().err.count(f"warning: skipping {truncated}: cannot decode (image file is truncated") == 1
+    assert [[failure.path for failure in epoch] for epoch in failures] == [[str(truncated)]] * 3
+    assert pipeline.skip_count(failures[0] + failures[1]) == 1
+
+
+def test_the_default_pixel_limit_follows_the_total_memory_the_same_on_every_call(monkeypatch) -> None:
+    """It followed the memory available at import, so it changed from one run (and --help) to the next."""
+    assert images.total_ram_bytes() == images.total_ram_bytes() > 0
+    assert images.DEFAULT_MAX_IMAGE_PIXELS == images.machine_pixel_limit(images.total_ram_bytes())
+    [option] = [action for action in train.get_args_parser()._actions
+                if "--max-image-pixels" in action.option_strings]
+    assert "total physical memory" in option.help and f"{images.DEFAULT_MAX_IMAGE_PIXELS:,} pixels" in option.help
+    assert "in bytes" not in option.help and "available memory" not in option.help
