@@ -780,7 +780,7 @@ class TrainAugment(_Normalizing):
             pixels = resize_regions(images, chunks, tensors, device)
             with full_float32_matmul(device):
                 if any(self.jitter_enabled):
-                    pixels = self._jitter(pixels, colour, next(tensors).unbind(0),
+                    pixels = self.jitter(pixels, colour, next(tensors).unbind(0),
                                           next(tensors) if colour.hue_shifts is not None else None)
                 pixels = pixels.view(count, 3, size, size)  # column-major: [b, c, x, y]
                 if self.degrees:
@@ -793,8 +793,9 @@ class TrainAugment(_Normalizing):
                 normalized = normalized * torch.addcmul(self.one.to(device), rows, columns, value=-1)
             return normalized
 
-    def _jitter(self, pixels: Tensor, colour: ColourPlan, matrices: Sequence[Tensor], shifts: Tensor | None) -> Tensor:
-        """The colour steps of ``colour`` on ``[B, 3, P]`` pixels in [0, 1]."""
+    def jitter(self, pixels: Tensor, colour: ColourPlan, matrices: Sequence[Tensor], shifts: Tensor | None) -> Tensor:
+        """The colour steps of ``colour`` on ``[B, 3, P]`` pixels in [0, 1]: ``matrices`` its linear steps' matrices
+        then mean matrices (on the device), ``shifts`` its hue shifts."""
         steps = len(colour.matrices)
         means = matrices[steps:] if colour.means is not None else [None] * steps
         for step in range(steps):
