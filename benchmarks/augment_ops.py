@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from test_op_counts import count_operations
+
 import gpu_augment as ga
 from common import IMAGENET_MEAN, IMAGENET_STD
-from test_op_counts import count_operations
 
 SIZE = 224
 
