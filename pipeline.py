@@ -756,7 +756,10 @@ class DeviceEvalBatches:
     def cropped(self, items: Sequence[Encoded]) -> tuple[list[tuple[Encoded, Tensor]], list[DecodeFailure]]:
         """The items decoded and centre-cropped (what the cache keeps), and the failures."""
         decoded, failed = self.decoder(items)
-        return [(item, self.transform.crop(image)) for item, image in decoded], failed
+        if not decoded:
+            return [], failed
+        crops = self.transform.crops([image for _, image in decoded]).unbind(0)  # one batched resize, not one a crop
+        return [(item, crop) for (item, _), crop in zip(decoded, crops)], failed
 
 
 # --------------------------------------------------------------------------- the two splits
