@@ -38,8 +38,11 @@ def sort_class_names(names: Sequence[str]) -> list[str]:
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files in ``folder`` and its sub-folders (as torchvision's ImageFolder reads a class folder), in path
     order, and the entries that were ignored: other files, hidden files and folders (``.DS_Store``,
-    ``.ipynb_checkpoints/``), broken links, a folder met a second time through a symbolic link, and a link to a
-    folder that holds ``folder`` (which would pull in other classes' images).
+    ``.ipynb_checkpoints/``), a folder met a second time through a symbolic link, and a link to a folder that holds
+    ``folder`` (which would pull in other classes' images).
+
+    A broken link named as an image (``img.jpg`` -> a file gone) is listed as an image: reading it fails, so it is
+    skipped and listed like any unreadable image, never dropped unseen as a non-image.
     """
     images: list[Path] = []
     ignored: list[Path] = []
@@ -64,10 +67,15 @@ def _collect_images(folder: Path, images: list[Path], ignored: list[Path], visit
                 continue
             visited.add(real)
             _collect_images(entry, images, ignored, visited)
-        elif entry.is_file() and is_image_name(entry):
+        elif is_image_name(entry) and (entry.is_file() or is_broken_link(entry)):
             images.append(entry)
         else:
             ignored.append(entry)
+
+
+def is_broken_link(path: Path) -> bool:
+    """True for a symbolic link whose target does not exist."""
+    return path.is_symlink() and not path.exists()
 
 
 def visible_entries(folder: Path) -> list[Path]:
