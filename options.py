@@ -48,6 +48,7 @@ from utils import (
     file_in_the_way,
     load_yaml_config,
     pick_device,
+    refuse_unwritable_folder,
     resolve_workers,
 )
 
@@ -403,12 +404,14 @@ def resolve_args(args: argparse.Namespace) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """Refuse an --output-dir that is a file, or lies inside one (it could never be created)."""
+    """Refuse an --output-dir that is a file, lies inside one (it could never be created), or where nothing can be
+    written (a read-only mount): before the data scan and the model, not at the first checkpoint."""
     blocker = file_in_the_way(Path(output_dir), is_folder=True)
     if blocker == Path(output_dir):
         raise UserError(f"--output-dir {output_dir}: is a file; pass a folder (it is created if missing)")
     if blocker is not None:
         raise UserError(f"--output-dir {output_dir}: {blocker} is a file, not a folder; pass another --output-dir")
+    refuse_unwritable_folder("--output-dir", Path(output_dir), "pass an --output-dir you can write to")
 
 
 def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:

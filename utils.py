@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import functools
 import io
 import os
@@ -265,10 +266,42 @@ def refuse_files_in_the_way(flag: str, path: Path, is_folder: bool = False) -> N
         raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; move that file or pick another path")
 
 
+# A write refused for want of permission, not of room: a read-only mount (Kaggle's input, a shared course folder).
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def write_probe(folder: Path) -> None:
+    """Create and remove a temporary file in ``folder``; raises the ``OSError`` of a folder that cannot be written."""
+    handle, name = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+    os.close(handle)
+    os.remove(name)
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (or, when it does not exist yet, in the nearest folder above it
+    that does, where it would be created): 'read-only file system', 'permission denied'; None when they can."""
+    existing = next((folder for folder in [folder, *folder.parents] if folder.is_dir()), None)
+    if existing is None:
+        return None
+    try:
+        write_probe(existing)
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        return reason if existing == folder else f"{reason} in {existing}"
+    return None
+
+
+def refuse_unwritable_folder(flag: str, folder: Path, fix: str) -> None:
+    """Refuse ``folder`` (created later if missing) before any work when nothing can be written there."""
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise UserError(f"{flag} {folder}: cannot write there ({reason}); {fix}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so a crash leaves the old file."""
     path = Path(path)
-    with _write_failures(Path(path)), _temporary_sibling(path) as tmp_path:
+    with _write_failures(Path(path), len(data)), _temporary_sibling(path) as tmp_path:
         Path(tmp_path).write_bytes(data)
 
 
@@ -288,8 +321,19 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
-    with _write_failures(Path(path)), _temporary_sibling(Path(path)) as tmp_path:
+    with _write_failures(Path(path), tensor_bytes(obj)), _temporary_sibling(Path(path)) as tmp_path:
         torch.save(obj, tmp_path)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
 
 
 # How torch.save reports a write that failed (a full disk, say): a RuntimeError, not an OSError.
@@ -297,20 +341,38 @@ TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter")
 
 
 @contextlib.contextmanager
-def _write_failures(path: Path) -> Iterator[None]:
-    """Turn a write that fails for want of room or permission into a one-line :class:`UserError` naming the file
-    and the free space on its disk (the half-written file is already gone)."""
+def _write_failures(path: Path, size: int) -> Iterator[None]:
+    """Turn a write of about ``size`` bytes that fails for want of permission or room into a one-line
+    :class:`UserError` naming the file: read-only storage told apart from a full disk, and for a full disk the room
+    the write needs (the half-written file is already gone)."""
     try:
         yield
     except (OSError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
             raise
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
-        except OSError:
-            free = "its disk cannot be read"
-        raise UserError(f"cannot write {path} ({first_line(error)}); {free}: make room, or use another "
-                        "output folder") from None
+        if isinstance(error, OSError) and error.errno in READ_ONLY_ERRNOS:
+            raise UserError(f"cannot write {path} ({error.strerror.lower()}; not a matter of room); use an output "
+                            "folder you can write to") from None
+        raise UserError(f"cannot write {path} ({first_line(error)}); {_room_needed(path, size)}: make room, or use "
+                        "another output folder") from None
+
+
+def _room_needed(path: Path, size: int) -> str:
+    """'12 MiB free there, and the write needs about 90 MiB' for a file of ``size`` bytes written beside ``path``."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        return "its disk cannot be read"
+    return f"{free}, and the new file needs about {_size_text(size)} (it is written whole before it replaces the old)"
+
+
+def _size_text(size: int) -> str:
+    """``size`` bytes as '3 KiB', '98 MiB' or '1.2 GiB'."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:,.0f} MiB"
+    return f"{max(size / 2**10, 1):,.0f} KiB"
 
 
 def _read_umask() -> int:

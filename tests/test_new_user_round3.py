@@ -9,12 +9,17 @@ import errno
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from test_evaluate import make_tiny_checkpoint
 
+import evaluate
 import train
+import utils
 from conftest import (
     PREDICT_FLAGS,
     REPO_ROOT,
@@ -26,6 +31,7 @@ from conftest import (
     run_script,
 )
 from dataset import list_images, load_train_val
+from utils import UserError
 
 CLASSES = ["0", "1", "2"]
 
@@ -77,3 +83,69 @@ def test_a_broken_link_in_a_class_folder_is_skipped_and_listed(own_data: Path, t
     assert "non-image" not in result.stdout
     listed = dict(line.split("\t") for line in (tmp_path / "out" / "skipped_files.txt").read_text().splitlines())
     assert str(broken) in listed
+
+
+# --------------------------------------------------------------------------- 4, 6: read-only storage, a full disk
+
+
+@pytest.fixture
+def read_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A folder whose writes fail as on a read-only mount (tests run as root, whom chmod does not stop)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real_probe = utils.write_probe
+
+    def probe(where: Path) -> None:
+        if where == folder or folder in where.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(where))
+        real_probe(where)
+
+    monkeypatch.setattr(utils, "write_probe", probe)
+    return folder
+
+
+def test_an_output_dir_on_read_only_storage_is_refused_before_the_data_scan(small_data: ColourData,
+                                                                             read_only: Path) -> None:
+    result = tiny_run(small_data.root, read_only / "run", "--epochs", "1")
+
+    assert_user_error(result, f"--output-dir {read_only / 'run'}: cannot write there (read-only file system in "
+                      f"{read_only})", "pass an --output-dir you can write to")
+    assert "data:" not in result.stdout and "device:" not in result.stdout
+
+
+def test_evaluate_refuses_a_read_only_report_folder_beside_the_checkpoint_before_evaluating(
+        small_data: ColourData, read_only: Path) -> None:
+    checkpoint = make_tiny_checkpoint(read_only / "best.pt", CLASSES)
+
+    result = call_main(evaluate.main, "--checkpoint", checkpoint, "--data-dir", small_data.root, *PREDICT_FLAGS)
+
+    assert_user_error(result, f"the report folder beside the checkpoint, {read_only / 'report'}, cannot be written "
+                      "(read-only file system", "pass --report-dir")
+    assert "device:" not in result.stdout
+
+
+def test_a_write_on_read_only_storage_says_so_not_make_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only_mount(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".last.pt.x.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only_mount)
+
+    with pytest.raises(UserError) as raised:
+        utils.atomic_torch_save({"weights": torch.zeros(10)}, tmp_path / "last.pt")
+
+    assert str(raised.value) == (f"cannot write {tmp_path / 'last.pt'} (read-only file system; not a matter of room); "
+                                 "use an output folder you can write to")
+
+
+def test_a_full_disk_says_how_much_room_the_write_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(obj: Any, path: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 6447232 vs 6447128")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+
+    with pytest.raises(UserError) as raised:
+        utils.atomic_torch_save({"weights": torch.zeros(3 * 2**20 // 4)}, tmp_path / "last.pt")  # 3 MiB of floats
+
+    assert "MiB free there, and the new file needs about 3 MiB (it is written whole before it replaces the old): " \
+           "make room, or use another output folder" in str(raised.value)
+    assert not list(tmp_path.iterdir())
