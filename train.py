@@ -80,16 +80,16 @@ def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) ->
     plots and report; returns the summary."""
     with distributed.joined_world(args.device) as world:
         run, progress = set_up(args, resume, world)
-        with StopRequest() as stop:
+        with StopRequest(lambda: saved_state(run)) as stop:
             try:
                 stopped_epoch = train_epochs(run, progress, stop)
             except distributed.PeerStoppedError as error:  # another process stopped on request and left: so do we
                 print(error, file=sys.stderr)
                 raise SystemExit(130) from None
-        if stop.requested:
-            distributed.announce_stop(world)  # first: a process still in a collective must not take it for a crash
-            report_interruption(run, progress)
-            raise SystemExit(130)
+            if stop.requested:  # still within: a second Ctrl-C while this is said quits in one line, too
+                distributed.announce_stop(world)  # first: a process still in a collective must not take it for a crash
+                report_interruption(run, progress)
+                raise SystemExit(130)
         if progress.epoch < args.epochs and stopped_epoch is None:
             print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
                   f"{run_folder.resume_hint(run.output_dir, run.world)}")
@@ -436,6 +436,16 @@ def write_best_report(run: Run) -> None:
     predictions = engine.predict_samples(model, batches, samples, run.accel, show_progress=not args.no_progress)
     write_evaluation_report(predictions, checkpoint, run.output_dir / "report", source=run.data.val_source,
                             history_path=run.output_dir / "history.csv")
+
+
+def saved_state(run: Run) -> str | None:
+    """What a run that quits at once (a second Ctrl-C) keeps, and how to continue it (rank 0; None elsewhere)."""
+    if not run.world.is_main:
+        return None
+    last = run.output_dir / "last.pt"
+    if not last.is_file():
+        return "no epoch had finished, so nothing was saved"
+    return f"{last} holds the last finished epoch; continue with: {run_folder.resume_hint(run.output_dir, run.world)}"
 
 
 def report_interruption(run: Run, progress: Progress) -> None:

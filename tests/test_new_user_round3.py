@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,10 +17,12 @@ from typing import Any
 import pytest
 import torch
 from test_evaluate import make_tiny_checkpoint
+from test_resume import EPOCH_LINE, TrainingProcess, processes  # noqa: F401  processes: a fixture
 
 import evaluate
 import train
 import utils
+from checkpoint import load_checkpoint
 from conftest import (
     PREDICT_FLAGS,
     REPO_ROOT,
@@ -31,6 +34,8 @@ from conftest import (
     run_script,
 )
 from dataset import list_images, load_train_val
+from model import read_state_dict
+from resume import StopRequest
 from utils import UserError
 
 CLASSES = ["0", "1", "2"]
@@ -149,3 +154,55 @@ def test_a_full_disk_says_how_much_room_the_write_needs(tmp_path: Path, monkeypa
     assert "MiB free there, and the new file needs about 3 MiB (it is written whole before it replaces the old): " \
            "make room, or use another output folder" in str(raised.value)
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- 5, 15: a second Ctrl-C, SIGTERM
+
+
+def test_a_second_ctrl_c_during_a_checkpoint_write_quits_in_one_line_and_keeps_last_pt(
+        small_data: ColourData, tmp_path: Path, processes: list[TrainingProcess]) -> None:
+    output = tmp_path / "out"
+    run = TrainingProcess(["--data-dir", small_data.root, "--output-dir", output, "--epochs", "20", *TINY_TRAIN_FLAGS],
+                          tmp_path / "run.log")
+    processes.append(run)
+    run.wait_for_line(EPOCH_LINE)  # epoch 1 is saved
+    run.wait_for(lambda: bool(list(output.glob(".*.pt.*.tmp"))), "a later checkpoint write")
+
+    run.send(signal.SIGINT)
+    run.wait_for(lambda: "SIGINT: stopping" in run.stderr_path.read_text(), "the first Ctrl-C's line")
+    run.send(signal.SIGINT)  # sent together, the two would arrive as one
+    code = run.wait(60)
+
+    stderr = run.stderr_path.read_text()
+    assert code == 130, run.output()[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"SIGINT again: quitting at once; {output / 'last.pt'} holds the last finished epoch; continue with: "
+        f"python {REPO_ROOT / 'train.py'} --resume {output / 'last.pt'}")
+    assert not list(output.glob(".*.tmp"))  # no half-written file left
+    assert load_checkpoint(output / "last.pt")["epoch"] >= 1
+
+
+def test_sigterm_says_what_a_second_signal_does_without_asking_for_ctrl_c(capsys: pytest.CaptureFixture) -> None:
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGTERM)
+
+    assert stop.requested
+    assert capsys.readouterr().err.strip() == ("SIGTERM: stopping after this batch (a second SIGTERM or a Ctrl-C to "
+                                               "quit at once)")
+
+
+# --------------------------------------------------------------------------- 10: a file that is not weights
+
+
+@pytest.mark.parametrize("content", [b"hello", b"echo", b"fake weights\n"])
+def test_a_fake_weights_file_is_refused_in_words(tmp_path: Path, content: bytes) -> None:
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(content)  # torch.load says '101', 'pop from empty list' or to load it unsafely
+
+    with pytest.raises(UserError) as raised:
+        read_state_dict(fake)
+
+    assert str(raised.value) == (f"--weights {fake}: not a readable PyTorch weights file: truncated or corrupt, or "
+                                 "not saved with torch.save at all; pass a state dict saved with torch.save (.pt, "
+                                 ".pth), or imagenet, or none")
