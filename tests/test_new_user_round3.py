@@ -32,8 +32,9 @@ from conftest import (
     call_main,
     read_csv_rows,
     run_script,
+    write_colour_dataset,
 )
-from dataset import list_images, load_train_val
+from dataset import describe_data, list_images, load_train_val
 from model import read_state_dict
 from resume import StopRequest
 from utils import UserError
@@ -206,3 +207,23 @@ def test_a_fake_weights_file_is_refused_in_words(tmp_path: Path, content: bytes)
     assert str(raised.value) == (f"--weights {fake}: not a readable PyTorch weights file: truncated or corrupt, or "
                                  "not saved with torch.save at all; pass a state dict saved with torch.save (.pt, "
                                  ".pth), or imagenet, or none")
+
+
+# --------------------------------------------------------------------------- 11: the share held out
+
+
+def test_the_val_line_gives_the_real_share_held_out_and_why(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_colour_dataset(tmp_path, num_classes=2, train_per_class=3, val_per_class=0, test_per_class=1)
+
+    describe_data(load_train_val(tmp_path, 0.1, seed=0))
+
+    assert (f"val 2 images from {tmp_path / 'train'}: 33% of its 6, not the 10% of --val-fraction, as each class "
+            "gives its share in whole images and at least one (stratified, seed 0)") in capsys.readouterr().out
+
+
+def test_a_share_held_out_as_asked_is_said_as_before(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_colour_dataset(tmp_path, num_classes=2, train_per_class=10, val_per_class=0, test_per_class=1)
+
+    describe_data(load_train_val(tmp_path, 0.1, seed=0))
+
+    assert f"val 2 images from 10% of {tmp_path / 'train'} (stratified, seed 0)" in capsys.readouterr().out
