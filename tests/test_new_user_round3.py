@@ -6,6 +6,7 @@ a short --help, and DataLoader worker warnings."""
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import signal
 import subprocess
@@ -227,3 +228,17 @@ def test_a_share_held_out_as_asked_is_said_as_before(tmp_path: Path, capsys: pyt
     describe_data(load_train_val(tmp_path, 0.1, seed=0))
 
     assert f"val 2 images from 10% of {tmp_path / 'train'} (stratified, seed 0)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- 12: top-k with k >= the class count
+
+
+def test_top_5_accuracy_of_3_classes_is_left_out_of_metrics_and_report(small_data: ColourData, checkpoint: Path,
+                                                                       tmp_path: Path) -> None:
+    result = call_main(evaluate.main, "--checkpoint", checkpoint, "--data-dir", small_data.root, "--report-dir",
+                       tmp_path / "report", *PREDICT_FLAGS)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top_k" not in json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert "top-" not in (tmp_path / "report" / "report.md").read_text()
+    assert "top-" not in result.stdout
