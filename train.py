@@ -139,8 +139,6 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     process sets up the same way; only rank 0 touches the output folder."""
     config = options.config_of(args)
     accel = set_up_accel(args.device, args.amp, args.channels_last)
-    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}"
-          + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)  # the same on every process: the new head starts the same everywhere
     data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
                           args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
@@ -148,6 +146,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
                           val_fraction_given=args.val_fraction_given)
     if resume is not None:  # a folder emptied since: the early check in main() only saw that it is there
         run_folder.refuse_changed_classes(args, resume["class_names"], data.class_names)
+    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}"  # what runs, once checked
+          + (", channels_last" if accel.channels_last else ""))
     describe_data(data)
     model = make_model(args, len(data.class_names), accel, resume)
     optimizer = engine.make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import difflib
 import errno
 import functools
 import io
@@ -43,6 +44,8 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
+        except HelpShown:
+            return None
         except UserError as error:
             if interactive_session():
                 raise
@@ -59,15 +62,49 @@ def interactive_session() -> bool:
     return (get_ipython is not None and get_ipython() is not None) or hasattr(sys, "ps1")
 
 
+class HelpShown(Exception):
+    """``--help`` was printed in an interactive session: the script's ``main`` returns None rather than exiting."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose refusals in an interactive session are a :class:`UserError`, not argparse's
-    usage text and ``SystemExit(2)``; from a shell it behaves as argparse does."""
+    """``argparse.ArgumentParser`` for an interactive session too: a refusal is a :class:`UserError`, not argparse's
+    usage text and ``SystemExit(2)``, and ``--help`` prints the help and returns (``SystemExit: 0`` would show in a
+    notebook as an exception); from a shell it behaves as argparse does."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        """End after ``--help`` (status 0): from a shell by exiting, in an interactive session by
+        :class:`HelpShown`, which :func:`exit_on_user_error` turns into a plain return."""
+        if status == 0 and interactive_session():
+            if message:
+                print(message, file=sys.stderr, end="")
+            raise HelpShown
+        return super().exit(status, message)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        """Parse ``args`` as argparse does; a mistyped option is refused with the nearest one (``--epochz``: did
+        you mean --epochs?), which Python's argparse suggests only from 3.14 on."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [extra.split("=")[0] for extra in extras if extra.startswith("--")]
+            known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+            self.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(flags, known)}")
+        return parsed
 
     def error(self, message: str) -> Any:
         """Refuse the arguments with ``message``."""
         if interactive_session():
             raise UserError(f"{self.prog}: {message}")
         return super().error(message)
+
+
+def did_you_mean(unknown: Sequence[str], known: Iterable[str]) -> str:
+    """' (did you mean --epochs?)' for the first of ``unknown`` close to one of ``known``; '' when none is."""
+    known = list(known)
+    for name in unknown:
+        match = difflib.get_close_matches(name, known, n=1)
+        if match:
+            return f" (did you mean {match[0]}?)"
+    return ""
 
 
 def progress_bar(iterable: Iterable, description: str, enabled: bool = True) -> tqdm:
@@ -169,10 +206,18 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def usable_cpu_count() -> int:
+    """The CPU cores this process may run on: fewer than the machine's when it is pinned to some (taskset, a job
+    scheduler's allocation, a container's cpuset), as PyTorch's DataLoader counts them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def resolve_workers(value: Any) -> int:
-    """``--workers auto`` -> one per CPU core up to 8; otherwise the given count."""
+    """``--workers auto`` -> one per usable CPU core up to 8; otherwise the given count."""
     if str(value) == "auto":
-        return min(8, os.cpu_count() or 1)
+        return min(8, usable_cpu_count())
     try:
         workers = int(value)
     except ValueError:

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from test_evaluate import make_tiny_checkpoint
-from test_resume import EPOCH_LINE, TrainingProcess, processes  # noqa: F401  processes: a fixture
+from test_resume import EPOCH_LINE, TrainingProcess
 
 import evaluate
 import train
@@ -31,7 +32,6 @@ from conftest import (
     ColourData,
     assert_user_error,
     call_main,
-    read_csv_rows,
     run_script,
     write_colour_dataset,
 )
@@ -161,6 +161,15 @@ def test_a_full_disk_says_how_much_room_the_write_needs(tmp_path: Path, monkeypa
 # --------------------------------------------------------------------------- 5, 15: a second Ctrl-C, SIGTERM
 
 
+@pytest.fixture
+def processes():
+    """Training processes started by a test; any still running at its end are killed."""
+    started: list[TrainingProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
 def test_a_second_ctrl_c_during_a_checkpoint_write_quits_in_one_line_and_keeps_last_pt(
         small_data: ColourData, tmp_path: Path, processes: list[TrainingProcess]) -> None:
     output = tmp_path / "out"
@@ -242,3 +251,79 @@ def test_top_5_accuracy_of_3_classes_is_left_out_of_metrics_and_report(small_dat
     assert "top_k" not in json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert "top-" not in (tmp_path / "report" / "report.md").read_text()
     assert "top-" not in result.stdout
+
+
+# --------------------------------------------------------------------------- 16, 17, 19: help and typos
+
+
+@pytest.fixture
+def notebook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in Jupyter: IPython is loaded and a shell runs."""
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: object()))
+
+
+def test_help_in_a_notebook_prints_the_help_and_returns(notebook: None, capsys: pytest.CaptureFixture) -> None:
+    assert train.main("--help") is None  # not SystemExit: 0, which a notebook shows as an exception
+
+    assert capsys.readouterr().out.startswith("usage: train.py [--config FILE]")
+
+
+def test_help_is_short_and_says_how_to_see_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run_script("train.py", "--help")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 40, result.stdout
+    for flag in ("--data-dir", "--output-dir", "--epochs", "--batch-size", "--lr", "--config", "--device"):
+        assert any(line.lstrip().startswith(flag) for line in lines), flag
+    assert "--auto-augment" not in result.stdout
+    assert "python train.py --help-all lists all" in " ".join(lines)
+    everything = run_script("train.py", "--help-all")
+    assert everything.returncode == 0 and "--auto-augment" in everything.stdout
+
+
+def test_help_with_a_config_lists_what_the_config_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = call_main(train.main, "--config", REPO_ROOT / "configs" / "sample.yaml", "--help")
+
+    text = result.stdout
+    assert "set by the --config file:" in text
+    assert "--img-size" in text.split("set by the --config file:")[1] and "--auto-augment" not in text
+
+
+def test_a_mistyped_flag_is_refused_with_the_nearest_one(small_data: ColourData) -> None:
+    result = run_script("train.py", "--data-dir", small_data.root, "--epochz", "5")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("train.py: error: unrecognized arguments: --epochz 5 (did you "
+                                                      "mean --epochs?)")
+
+
+def test_a_mistyped_config_key_is_refused_with_the_nearest_one(small_data: ColourData, tmp_path: Path) -> None:
+    config = tmp_path / "recipe.yaml"
+    config.write_text("epochz: 5\n")
+
+    result = tiny_run(small_data.root, tmp_path / "out", "--config", config)
+
+    assert_user_error(result, "unknown option(s) epochz (did you mean epochs?)", "--help-all")
+
+
+# --------------------------------------------------------------------------- 18: checks before what will run
+
+
+def test_a_data_folder_error_comes_before_any_device_line(tmp_path: Path) -> None:
+    result = tiny_run(tmp_path / "missing", tmp_path / "out", "--epochs", "1")
+
+    assert_user_error(result, "folder not found")
+    assert "device:" not in result.stdout
+
+
+# --------------------------------------------------------------------------- 20: loader workers
+
+
+def test_workers_auto_counts_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # a big node, of which a job scheduler gave us 3 cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+
+    assert utils.resolve_workers("auto") == 3
