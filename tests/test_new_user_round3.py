@@ -270,7 +270,7 @@ def test_help_in_a_notebook_prints_the_help_and_returns(notebook: None, capsys: 
 
 def test_help_is_short_and_says_how_to_see_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "80")
-    result = run_script("train.py", "--help")
+    result = call_main(train.main, "--help")
 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -279,7 +279,7 @@ def test_help_is_short_and_says_how_to_see_every_option(monkeypatch: pytest.Monk
         assert any(line.lstrip().startswith(flag) for line in lines), flag
     assert "--auto-augment" not in result.stdout
     assert "python train.py --help-all lists all" in " ".join(lines)
-    everything = run_script("train.py", "--help-all")
+    everything = call_main(train.main, "--help-all")
     assert everything.returncode == 0 and "--auto-augment" in everything.stdout
 
 
@@ -293,7 +293,7 @@ def test_help_with_a_config_lists_what_the_config_sets(monkeypatch: pytest.Monke
 
 
 def test_a_mistyped_flag_is_refused_with_the_nearest_one(small_data: ColourData) -> None:
-    result = run_script("train.py", "--data-dir", small_data.root, "--epochz", "5")
+    result = call_main(train.main, "--data-dir", small_data.root, "--epochz", "5")
 
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("train.py: error: unrecognized arguments: --epochz 5 (did you "
