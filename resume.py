@@ -11,7 +11,7 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
-from utils import capture_rng_state, interactive_session, restore_rng_state
+from utils import capture_rng_state, restore_rng_state
 
 
 @dataclass
@@ -61,13 +61,15 @@ class StopRequest:
     once, in one line (``quit_note()``: what was kept and how to continue; None prints nothing), with exit code 130.
 
     Quitting unwinds like ``sys.exit`` (no traceback); a checkpoint being written then is left out whole, as its
-    temporary file is removed and the last complete one stays. Run from a shell, a signal after a stop request was
-    granted (while the process winds down) ends it at once, rather than raising into the interpreter's exit.
+    temporary file is removed and the last complete one stays. With ``exit_after_stop`` (the process is the script,
+    which exits once stopped), a signal after the stop request was granted, while the process winds down, ends it at
+    once rather than raising into the interpreter's exit ("Exception ignored in atexit callback").
     """
 
-    def __init__(self, quit_note: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(self, quit_note: Callable[[], str | None] = lambda: None, exit_after_stop: bool = False) -> None:
         self.requested = False
         self._quit_note = quit_note
+        self._exit_after_stop = exit_after_stop
         self._quitting = False
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()  # forked DataLoader workers inherit the handler and must ignore the signal
@@ -79,7 +81,7 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        winding_down = self.requested and not interactive_session()  # a notebook's kernel lives on: give its handler
+        winding_down = self.requested and self._exit_after_stop
         for signum, handler in self._previous.items():
             signal.signal(signum, self._exit_now if winding_down else handler)
 

@@ -42,7 +42,7 @@ from report import write_evaluation_report
 from resume import Progress, StopRequest, restore_training_state, training_state
 from samplers import epoch_seed
 from tb_logger import TensorBoardLogger
-from utils import UserError, describe_device, exit_on_user_error, format_count, seed_everything
+from utils import UserError, describe_device, exit_on_user_error, format_count, launched_as_script, seed_everything
 
 
 @exit_on_user_error
@@ -80,7 +80,7 @@ def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) ->
     plots and report; returns the summary."""
     with distributed.joined_world(args.device) as world:
         run, progress = set_up(args, resume, world)
-        with StopRequest(lambda: saved_state(run)) as stop:
+        with StopRequest(lambda: saved_state(run), exit_after_stop=launched_as_script("train.py")) as stop:
             try:
                 stopped_epoch = train_epochs(run, progress, stop)
             except distributed.PeerStoppedError as error:  # another process stopped on request and left: so do we
