@@ -38,8 +38,11 @@ def sort_class_names(names: Sequence[str]) -> list[str]:
 def list_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """Image files in ``folder`` and its sub-folders (as torchvision's ImageFolder reads a class folder), in path
     order, and the entries that were ignored: other files, hidden files and folders (``.DS_Store``,
-    ``.ipynb_checkpoints/``), broken links, a folder met a second time through a symbolic link, and a link to a
-    folder that holds ``folder`` (which would pull in other classes' images).
+    ``.ipynb_checkpoints/``), a folder met a second time through a symbolic link, and a link to a folder that holds
+    ``folder`` (which would pull in other classes' images).
+
+    A broken link named as an image (``img.jpg`` -> a file gone) is listed as an image: reading it fails, so it is
+    skipped and listed like any unreadable image, never dropped unseen as a non-image.
     """
     images: list[Path] = []
     ignored: list[Path] = []
@@ -64,10 +67,15 @@ def _collect_images(folder: Path, images: list[Path], ignored: list[Path], visit
                 continue
             visited.add(real)
             _collect_images(entry, images, ignored, visited)
-        elif entry.is_file() and is_image_name(entry):
+        elif is_image_name(entry) and (entry.is_file() or is_broken_link(entry)):
             images.append(entry)
         else:
             ignored.append(entry)
+
+
+def is_broken_link(path: Path) -> bool:
+    """True for a symbolic link whose target does not exist."""
+    return path.is_symlink() and not path.exists()
 
 
 def visible_entries(folder: Path) -> list[Path]:
@@ -375,10 +383,20 @@ def _hold_out_val(data: TrainValData, train_dir: Path, val_fraction: float, seed
             raise UserError(f"--val-fraction {val_fraction}: must be between 0 and 1 (no {train_dir.parent / 'val'} "
                             "folder exists)")
         data.train_samples, data.val_samples = stratified_split(data.train_samples, val_fraction, seed)
-        data.val_source = f"{val_fraction:.0%} of {train_dir} (stratified, seed {seed})"
+        data.val_source = held_out_share(len(data.val_samples), len(data.train_samples) + len(data.val_samples),
+                                         val_fraction, train_dir, seed)
     data.held_out = [relative_name(path, train_dir) for path, _ in data.val_samples]
     if not data.val_samples:
         raise UserError(f"{train_dir}: no image left to validate on; add a val/ folder or more training images")
+
+
+def held_out_share(held_out: int, total: int, val_fraction: float, train_dir: Path, seed: int) -> str:
+    """Where the validation images come from: '10% of data/train (stratified, seed 0)', or, when the share held out
+    is not the --val-fraction (few images a class), the real share and why."""
+    if abs(held_out / total - val_fraction) < 0.01:
+        return f"{val_fraction:.0%} of {train_dir} (stratified, seed {seed})"
+    return (f"{train_dir}: {held_out / total:.0%} of its {total}, not the {val_fraction:.0%} of --val-fraction, as "
+            f"each class gives its share in whole images and at least one (stratified, seed {seed})")
 
 
 def _note_classes_without_val_images(data: TrainValData) -> None:

@@ -35,6 +35,7 @@ from utils import (
     refuse_files_in_the_way,
     resolve_workers,
     some_names,
+    unwritable_reason,
 )
 
 MAX_NAMES_IN_ERROR = 10
@@ -161,6 +162,16 @@ def note_missing_temperature(checkpoint: dict[str, Any], path: str) -> None:
               f"T = {DEFAULT_TEMPERATURE}, the same as ece")
 
 
+def refuse_unwritable_report_dir(report_dir: Path, given: bool) -> None:
+    """Refuse, before any work, a report folder where nothing can be written: by default it lies beside the
+    checkpoint, which may be on read-only storage (Kaggle's input, a shared course folder)."""
+    reason = unwritable_reason(report_dir)
+    if reason is None:
+        return
+    where = f"--report-dir {report_dir}" if given else f"the report folder beside the checkpoint, {report_dir},"
+    raise UserError(f"{where} cannot be written ({reason}); pass --report-dir with a folder you can write to")
+
+
 @exit_on_user_error
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate and write the report; returns the metrics (as in metrics.json) and the report folder."""
@@ -172,6 +183,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     checkpoint_dir = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     report_dir = Path(args.report_dir) if args.report_dir else checkpoint_dir / "report"
     refuse_files_in_the_way("--report-dir", report_dir, is_folder=True)  # before the scan and the inference
+    refuse_unwritable_report_dir(report_dir, given=bool(args.report_dir))
     samples, source = resolve_split(args, checkpoint)
     if not samples:
         raise UserError(f"{source}: no labeled images to evaluate")

@@ -146,19 +146,20 @@ def top_confusions(confusion: np.ndarray, limit: int) -> list[tuple[int, int, in
 def summary_metrics(probabilities: np.ndarray, targets: np.ndarray, top_k: int = 5) -> dict[str, float | int]:
     """The headline figures of an evaluation of at least one image, as plain numbers ready for JSON.
 
-    ``top_k`` is capped at the class count, and the value used is returned as ``top_k``.
+    Top-``top_k`` accuracy (``top_k`` and ``top_k_accuracy``) is there only when ``top_k`` is below the class count:
+    with that many guesses every class is among them, and the figure is always 100%.
     """
     probabilities = np.asarray(probabilities)
     targets = np.asarray(targets)
     num_classes = probabilities.shape[1]
     confusion = confusion_matrix(targets, probabilities.argmax(axis=1), num_classes)
-    k = min(top_k, num_classes)
+    top = {"top_k": top_k, "top_k_accuracy": top_k_accuracy(probabilities, targets, top_k)} if top_k < num_classes \
+        else {}
     return {
         "images": int(len(targets)),
         "accuracy": accuracy(confusion),
         "balanced_accuracy": balanced_accuracy(confusion),
         "macro_f1": macro_f1(confusion),
-        "top_k": k,
-        "top_k_accuracy": top_k_accuracy(probabilities, targets, k),
+        **top,
         "loss": cross_entropy(probabilities, targets),
     }

@@ -261,7 +261,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure here means "not a weights file we can read"
-        raise UserError(f"--weights {path}: not a readable PyTorch weights file ({first_line(error)})") from None
+        raise UserError(f"--weights {path}: not a readable PyTorch weights file: {_why_unreadable(path, error)}"
+                        ) from None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(content, dict) and isinstance(content.get(key), dict):
             content = content[key]
@@ -272,6 +273,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):  # saved from under DistributedDataParallel, or torch.compile
         consume_prefix_in_state_dict_if_present(state, prefix)
     return state
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` refused a --weights file, in words (its own message is an unpickler's: 'Unsupported
+    operand 101', or advice to load unsafely)."""
+    if "GLOBAL" in str(error):  # the weights-only unpickler met an object it refuses to build
+        return "it holds Python objects that are unsafe to load (weights are only tensors); refusing to read it"
+    with path.open("rb") as handle:
+        if handle.read(64).startswith(b"version https://git-lfs"):
+            return "a Git LFS pointer, not the file itself; fetch it with git lfs pull"
+    return ("truncated or corrupt, or not saved with torch.save at all; pass a state dict saved with torch.save "
+            "(.pt, .pth), or imagenet, or none")
 
 
 # --------------------------------------------------------------------------- blocks and freezing

@@ -45,9 +45,11 @@ from utils import (
     UserError,
     argument_list,
     describe_device,
+    did_you_mean,
     file_in_the_way,
     load_yaml_config,
     pick_device,
+    refuse_unwritable_folder,
     resolve_workers,
 )
 
@@ -71,17 +73,62 @@ def check_max_image_pixels(value: int) -> None:
 MONITOR_CHOICES = ("val_acc", "val_balanced_acc", "val_loss")
 
 
+# The options a newcomer changes first: all that --help shows (with those a --config file sets); --help-all has all.
+FIRST_USE_OPTIONS = ("config", "data_dir", "output_dir", "epochs", "batch_size", "lr", "weights", "device", "resume")
+
+
+class ShortHelp(argparse.Action):
+    """``--help``: the options to change first, those the ``--config`` file sets, and how to list them all."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(short_help(parser), end="")
+        parser.exit()
+
+
+def short_help(parser: argparse.ArgumentParser) -> str:
+    """train.py's --help: its first-use options and the options whose defaults a --config file changed."""
+    own_defaults = get_args_parser(add_help=False)
+    options = [action for action in parser._actions if action.dest not in ("help", "help_all")]
+    first = sorted((action for action in options if action.dest in FIRST_USE_OPTIONS),
+                   key=lambda action: FIRST_USE_OPTIONS.index(action.dest))
+    from_config = [action for action in options if action.dest not in FIRST_USE_OPTIONS
+                   and action.default != own_defaults.get_default(action.dest)]
+    formatter = parser._get_formatter()
+    formatter.add_usage(parser.usage, parser._actions, [])
+    formatter.add_text(parser.description)
+    for title, actions in (("the options to change first", first), ("set by the --config file", from_config)):
+        if actions:
+            formatter.start_section(title)
+            formatter.add_arguments(actions)
+            formatter.end_section()
+    formatter.add_text(f"python train.py --help-all lists all {len(options)} options, in groups: "
+                       f"{', '.join(group.title for group in parser._action_groups[2:])}.")
+    return formatter.format_help()
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    """The training options; defaults are the reference recipe."""
+    """The training options; defaults are the reference recipe. ``--help`` lists the first-use options,
+    ``--help-all`` every one."""
     parser = ArgumentParser(
         prog="train.py",
+        usage="%(prog)s [--config FILE] [--data-dir DIR] [--output-dir DIR] [--epochs N] [other options]",
         description="Fine-tune an ImageNet-pretrained ResNet on data/train/<class>/*.jpg.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        add_help=add_help,
+        add_help=False,
     )
-    parser.add_argument("--config", help="YAML file of option: value lines; command-line flags override it")
+    if add_help:
+        parser.add_argument("-h", "--help", action=ShortHelp, help="show the options to change first, and exit")
+        parser.add_argument("--help-all", action="help", help="show every option, and exit")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML file of option: value lines (e.g. configs/sample.yaml); command-line flags override "
+                             "it")
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default="data", help="folder holding train/<class>/ and optionally val/<class>/")
+    data.add_argument("--data-dir", default="data", metavar="DIR",
+                      help="folder holding train/<class>/ and optionally val/<class>/")
     data.add_argument("--val-fraction", type=float, default=0.1,
                       help="stratified share of train/ used as val/ when there is no val/ folder")
     data.add_argument("--fold", metavar="I/K",
@@ -144,8 +191,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                             "and it joins the optimizer at --backbone-lr-mult; unset: nothing thaws")
     model.add_argument("--dropout", type=float, default=0.2, help="dropout before the final Linear layer")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=50, help="maximum epochs; the cosine schedule spans them")
-    optim.add_argument("--batch-size", type=int, default=128,
+    optim.add_argument("--epochs", type=int, default=50, metavar="N",
+                       help="maximum epochs; the cosine schedule spans them")
+    optim.add_argument("--batch-size", type=int, default=128, metavar="N",
                        help="training images per step (lower it if the GPU runs out of memory)")
     optim.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                        help="adamw, or sgd with Nesterov momentum 0.9 (torchvision's references)")
@@ -173,13 +221,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                        help="also keep an exponential moving average of the weights (e.g. 0.999), validated each "
                             "epoch; best.pt holds the better of it and the raw weights. 0: off")
     run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", default="checkpoints", help="where checkpoints, history, plots and config go")
+    run.add_argument("--output-dir", default="checkpoints", metavar="DIR",
+                     help="where checkpoints, history, plots and config go")
     run.add_argument("--overwrite", action="store_true",
                      help="start a new run in an --output-dir that holds another one, deleting its checkpoints, "
                           "history, plots and report")
     run.add_argument("--epochs-this-run", type=int,
                      help="stop after this many epochs now and resume later (e.g. within a Colab session's time)")
-    run.add_argument("--resume",
+    run.add_argument("--resume", metavar="PATH",
                      help="continue a run exactly: a last.pt, its folder, or auto (the output folder's last.pt, if "
                           "any)")
     add_device_options(run)
@@ -296,7 +345,8 @@ def config_file_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}; see python train.py --help")
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}{did_you_mean(unknown, actions)}; see "
+                        "python train.py --help-all")
     return {key: config_value(actions[key], value, path) for key, value in values.items()}
 
 
@@ -404,12 +454,14 @@ def resolve_args(args: argparse.Namespace) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """Refuse an --output-dir that is a file, or lies inside one (it could never be created)."""
+    """Refuse an --output-dir that is a file, lies inside one (it could never be created), or where nothing can be
+    written (a read-only mount): before the data scan and the model, not at the first checkpoint."""
     blocker = file_in_the_way(Path(output_dir), is_folder=True)
     if blocker == Path(output_dir):
         raise UserError(f"--output-dir {output_dir}: is a file; pass a folder (it is created if missing)")
     if blocker is not None:
         raise UserError(f"--output-dir {output_dir}: {blocker} is a file, not a folder; pass another --output-dir")
+    refuse_unwritable_folder("--output-dir", Path(output_dir), "pass an --output-dir you can write to")
 
 
 def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from matplotlib import colormaps, font_manager, rc_context, rcParams
+from matplotlib import colormaps, font_manager, rc_context, rcParams, transforms
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize, PowerNorm
 from matplotlib.figure import Figure
@@ -63,6 +63,8 @@ LABEL_GROWTH_CHARS = 8
 # A loss more than this many times the median loss is drawn clipped at the top edge, so that
 # the huge first-epoch validation loss of a fresh head does not flatten the rest of the curve.
 LOSS_OUTLIER_FACTOR = 5.0
+# With losses drawn clipped on the top edge, the learning-rate line keeps to this lower share of the plot.
+LR_HEIGHT_UNDER_CLIPPED = 0.85
 
 MISSING_FONT_HINT = "install a CJK font such as fonts-noto-cjk"
 EMOJI_FONT_HINT = ("for emoji install an outline emoji font such as fonts-symbola "
@@ -407,6 +409,10 @@ def _draw_learning_rate(ax: Axes, history: Sequence[dict]) -> Axes | None:
     return lr_ax
 
 
+# Past this many characters a legend label needs a wider column: two columns, not three.
+LONG_LEGEND_LABEL = 36
+
+
 def _legend_below(ax: Axes, *extra_axes: Axes | None) -> None:
     """One legend for all axes, under the plot so it never hides a curve."""
     handles, labels = ax.get_legend_handles_labels()
@@ -415,8 +421,9 @@ def _legend_below(ax: Axes, *extra_axes: Axes | None) -> None:
             more_handles, more_labels = other.get_legend_handles_labels()
             handles += more_handles
             labels += more_labels
+    columns = 2 if max(map(len, labels), default=0) > LONG_LEGEND_LABEL else 3
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14),
-              ncol=min(len(labels), 3), frameon=False, fontsize=9)
+              ncol=min(len(labels), columns), frameon=False, fontsize=9)
 
 
 class LossAxisRange(NamedTuple):
@@ -447,25 +454,53 @@ def loss_axis_range(values: Sequence[float]) -> LossAxisRange | None:
     return LossAxisRange(bottom=low - 0.05 * span, top=top, outliers=sorted(finite[finite > top].tolist()))
 
 
-def _mark_clipped(ax: Axes, epochs: list[int], values: list[float], top: float, color: str) -> None:
-    """Draw the losses above ``top`` as triangles on the top edge, each with its value under it."""
-    for epoch, value in zip(epochs, values):
-        if value > top:
-            ax.plot(epoch, top, marker="^", markersize=8, color=color, markeredgecolor="black",
-                    linestyle="none", clip_on=False, zorder=3)
-            ax.annotate(f"{value:.3g}", (epoch, top), xytext=(0, -7), textcoords="offset points",
-                        ha="center", va="top", fontsize=8, color=color, annotation_clip=False, zorder=4,
-                        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+# Values listed in a legend entry for the losses drawn above the axis, before "and N more".
+MAX_OFF_SCALE_VALUES = 4
 
 
-def _clip_loss_outliers(ax: Axes, epochs: list[int], curves: Sequence[Curve]) -> None:
-    """Limit the y axis to the typical losses when a few are far above them (see :func:`loss_axis_range`)."""
+def _mark_clipped(ax: Axes, epochs: list[int], curve: Curve, top: float, shifts: dict[int, float]) -> None:
+    """Draw ``curve``'s losses above ``top`` as triangles on the top edge, moved sideways by ``shifts`` (points, by
+    epoch) where other curves are clipped too; their values go in the legend, where nothing crowds them."""
+    points = [(epoch, value) for epoch, value in zip(epochs, curve.values) if value > top]
+    for index, (epoch, _) in enumerate(points):
+        sideways = transforms.offset_copy(ax.transData, fig=ax.figure, x=shifts.get(epoch, 0.0), y=0, units="points")
+        ax.plot(epoch, top, marker="^", markersize=8, color=curve.color, markeredgecolor="black", linestyle="none",
+                clip_on=False, zorder=3, transform=sideways,
+                label=off_scale_label(curve.label, points) if index == 0 else "_nolegend_")
+
+
+def off_scale_label(name: str, points: Sequence[tuple[int, float]]) -> str:
+    """'val above the axis: 55 (epoch 1), 30 (2)': the losses drawn clipped, with their epochs."""
+    shown = [f"{value:.3g} ({'epoch ' if index == 0 else ''}{epoch})"
+             for index, (epoch, value) in enumerate(points[:MAX_OFF_SCALE_VALUES])]
+    more = f" and {len(points) - MAX_OFF_SCALE_VALUES} more" if len(points) > MAX_OFF_SCALE_VALUES else ""
+    return f"{name} above the axis: {', '.join(shown)}{more}"
+
+
+def _clip_loss_outliers(ax: Axes, epochs: list[int], curves: Sequence[Curve]) -> bool:
+    """Limit the y axis to the typical losses when a few are far above them (see :func:`loss_axis_range`); True
+    when it did."""
     limits = loss_axis_range([value for curve in curves for value in curve.values])
     if limits is None:
-        return
+        return False
     ax.set_ylim(limits.bottom, limits.top)
-    for curve in curves:
-        _mark_clipped(ax, epochs, curve.values, limits.top, curve.color)
+    above = [[epoch for epoch, value in zip(epochs, curve.values) if value > limits.top] for curve in curves]
+    for curve, epochs_above in zip(curves, above):
+        shifts = {}
+        for epoch in epochs_above:  # side by side, 6 points apart, where several curves are clipped at one epoch
+            sharing = [index for index, others in enumerate(above) if epoch in others]
+            shifts[epoch] = (sharing.index(curves.index(curve)) - (len(sharing) - 1) / 2) * 6
+        _mark_clipped(ax, epochs, curve, limits.top, shifts)
+    return True
+
+
+def _keep_under_top_band(ax: Axes, share: float = LR_HEIGHT_UNDER_CLIPPED) -> None:
+    """Raise ``ax``'s top limit so its line stays in the lower ``share`` of the plot, clear of the losses drawn on
+    the top edge."""
+    log = ax.get_yscale() == "log"
+    bottom, top = (np.log10(limit) for limit in ax.get_ylim()) if log else ax.get_ylim()
+    raised = bottom + (top - bottom) / share
+    ax.set_ylim(ax.get_ylim()[0], 10**raised if log else raised)
 
 
 def plot_loss_curve(
@@ -496,8 +531,10 @@ def plot_loss_curve(
         _draw_curves(ax, epochs, curves)
         _mark_epochs(ax, history, val, best_epoch, stopped_epoch)
         _set_epoch_axis(ax, epochs, best_epoch, stopped_epoch)
-        _clip_loss_outliers(ax, epochs, curves)
+        clipped = _clip_loss_outliers(ax, epochs, curves)
         lr_ax = _draw_learning_rate(ax, history)
+        if clipped and lr_ax is not None:
+            _keep_under_top_band(lr_ax)
         ax.set_zorder(2)  # curves above the lr line, but keep the lr axis' background invisible
         ax.patch.set_visible(False)
         ax.set_ylabel("loss")

@@ -7,7 +7,7 @@ One implementation, used by ``evaluate.py`` and by ``train.py`` at the end of tr
 
 writes into ``report_dir``:
 
-- ``metrics.json``: accuracy, balanced accuracy, macro-F1, top-k accuracy (k = min(5, classes)), plain
+- ``metrics.json``: accuracy, balanced accuracy, macro-F1, top-k accuracy (k = 5, when there are more classes), plain
   cross-entropy loss, image count, the classes with no images in the split (balanced accuracy and macro-F1
   average over the others), and the files that could not be decoded, each with the reason;
 - ``per_class.csv``: support, predictions, precision, recall, F1 and the class each is most confused with;
@@ -312,7 +312,7 @@ def _metrics_section(summary: dict[str, Any]) -> list[str]:
         ("accuracy", f"{summary['accuracy']:.2%}"),
         ("balanced accuracy (mean recall)", f"{summary['balanced_accuracy']:.2%}"),
         ("macro-F1", f"{summary['macro_f1']:.4f}"),
-        (f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy']:.2%}"),
+        *([(f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy']:.2%}")] if "top_k" in summary else []),
         ("loss (plain cross-entropy)", f"{summary['loss']:.4f}"),
         ("images", summary["images"]),
     ]

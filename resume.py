@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import torch
 
@@ -57,10 +57,20 @@ def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimiz
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a polite request to stop; a second Ctrl-C quits at once."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a polite request to stop after the batch; a second one quits at
+    once, in one line (``quit_note()``: what was kept and how to continue; None prints nothing), with exit code 130.
 
-    def __init__(self) -> None:
+    Quitting unwinds like ``sys.exit`` (no traceback); a checkpoint being written then is left out whole, as its
+    temporary file is removed and the last complete one stays. With ``exit_after_stop`` (the process is the script,
+    which exits once stopped), a signal after the stop request was granted, while the process winds down, ends it at
+    once rather than raising into the interpreter's exit ("Exception ignored in atexit callback").
+    """
+
+    def __init__(self, quit_note: Callable[[], str | None] = lambda: None, exit_after_stop: bool = False) -> None:
         self.requested = False
+        self._quit_note = quit_note
+        self._exit_after_stop = exit_after_stop
+        self._quitting = False
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()  # forked DataLoader workers inherit the handler and must ignore the signal
 
@@ -71,17 +81,34 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        winding_down = self.requested and self._exit_after_stop
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, self._exit_now if winding_down else handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
             return
+        name = signal.Signals(signum).name
         if self.requested:
-            raise KeyboardInterrupt
+            self._quit(name)
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this batch (press Ctrl-C again to quit at once)",
-              file=sys.stderr, flush=True)
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM or a Ctrl-C"
+        print(f"\n{name}: stopping after this batch ({again} to quit at once)", file=sys.stderr, flush=True)
+
+    def _quit(self, name: str) -> NoReturn:
+        if not self._quitting:  # said once, however many signals follow
+            self._quitting = True
+            note = self._quit_note()
+            if note is not None:
+                print(f"\n{name} again: quitting at once; {note}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    def _exit_now(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
     def __call__(self) -> bool:
         return self.requested

@@ -51,7 +51,7 @@ from report import write_evaluation_report
 from resume import Progress, StopRequest, restore_training_state, training_state
 from samplers import epoch_seed
 from tb_logger import TensorBoardLogger
-from utils import UserError, describe_device, exit_on_user_error, format_count, seed_everything
+from utils import UserError, describe_device, exit_on_user_error, format_count, launched_as_script, seed_everything
 
 
 @exit_on_user_error
@@ -89,16 +89,16 @@ def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) ->
     plots and report; returns the summary."""
     with distributed.joined_world(args.device) as world:
         run, progress = set_up(args, resume, world)
-        with StopRequest() as stop:
+        with StopRequest(lambda: saved_state(run), exit_after_stop=launched_as_script("train.py")) as stop:
             try:
                 stopped_epoch = train_epochs(run, progress, stop)
             except distributed.PeerStoppedError as error:  # another process stopped on request and left: so do we
                 print(error, file=sys.stderr)
                 raise SystemExit(130) from None
-        if stop.requested:
-            distributed.announce_stop(world)  # first: a process still in a collective must not take it for a crash
-            report_interruption(run, progress)
-            raise SystemExit(130)
+            if stop.requested:  # still within: a second Ctrl-C while this is said quits in one line, too
+                distributed.announce_stop(world)  # first: a process still in a collective must not take it for a crash
+                report_interruption(run, progress)
+                raise SystemExit(130)
         if progress.epoch < args.epochs and stopped_epoch is None:
             print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
                   f"{run_folder.resume_hint(run.output_dir, run.world)}")
@@ -148,8 +148,6 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
     process sets up the same way; only rank 0 touches the output folder."""
     config = options.config_of(args)
     accel = set_up_accel(args.device, args.amp, args.channels_last)
-    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}"
-          + (", channels_last" if accel.channels_last else ""))
     seed_everything(args.seed)  # the same on every process: the new head starts the same everywhere
     data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
                           args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
@@ -157,6 +155,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
                           val_fraction_given=args.val_fraction_given)
     if resume is not None:  # a folder emptied since: the early check in main() only saw that it is there
         run_folder.refuse_changed_classes(args, resume["class_names"], data.class_names)
+    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}"  # what runs, once checked
+          + (", channels_last" if accel.channels_last else ""))
     describe_data(data)
     model = make_model(args, len(data.class_names), accel, resume)
     optimizer = engine.make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay,
@@ -503,6 +503,16 @@ def keep_uncalibrated(run: Run) -> None:
     if path.is_file():
         store_temperature(load_checkpoint(path), path, 1.0)
         print(f"note: no validation split to fit a temperature on, so {path} has temperature 1.0 (uncalibrated)")
+
+
+def saved_state(run: Run) -> str | None:
+    """What a run that quits at once (a second Ctrl-C) keeps, and how to continue it (rank 0; None elsewhere)."""
+    if not run.world.is_main:
+        return None
+    last = run.output_dir / "last.pt"
+    if not last.is_file():
+        return "no epoch had finished, so nothing was saved"
+    return f"{last} holds the last finished epoch; continue with: {run_folder.resume_hint(run.output_dir, run.world)}"
 
 
 def report_interruption(run: Run, progress: Progress) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import difflib
+import errno
 import functools
 import io
 import os
@@ -42,6 +44,8 @@ def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
+        except HelpShown:
+            return None
         except UserError as error:
             if interactive_session():
                 raise
@@ -58,15 +62,49 @@ def interactive_session() -> bool:
     return (get_ipython is not None and get_ipython() is not None) or hasattr(sys, "ps1")
 
 
+class HelpShown(Exception):
+    """``--help`` was printed in an interactive session: the script's ``main`` returns None rather than exiting."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose refusals in an interactive session are a :class:`UserError`, not argparse's
-    usage text and ``SystemExit(2)``; from a shell it behaves as argparse does."""
+    """``argparse.ArgumentParser`` for an interactive session too: a refusal is a :class:`UserError`, not argparse's
+    usage text and ``SystemExit(2)``, and ``--help`` prints the help and returns (``SystemExit: 0`` would show in a
+    notebook as an exception); from a shell it behaves as argparse does."""
+
+    def exit(self, status: int = 0, message: str | None = None) -> Any:
+        """End after ``--help`` (status 0): from a shell by exiting, in an interactive session by
+        :class:`HelpShown`, which :func:`exit_on_user_error` turns into a plain return."""
+        if status == 0 and interactive_session():
+            if message:
+                print(message, file=sys.stderr, end="")
+            raise HelpShown
+        return super().exit(status, message)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        """Parse ``args`` as argparse does; a mistyped option is refused with the nearest one (``--epochz``: did
+        you mean --epochs?), which Python's argparse suggests only from 3.14 on."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [extra.split("=")[0] for extra in extras if extra.startswith("--")]
+            known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+            self.error(f"unrecognized arguments: {' '.join(extras)}{did_you_mean(flags, known)}")
+        return parsed
 
     def error(self, message: str) -> Any:
         """Refuse the arguments with ``message``."""
         if interactive_session():
             raise UserError(f"{self.prog}: {message}")
         return super().error(message)
+
+
+def did_you_mean(unknown: Sequence[str], known: Iterable[str]) -> str:
+    """' (did you mean --epochs?)' for the first of ``unknown`` close to one of ``known``; '' when none is."""
+    known = list(known)
+    for name in unknown:
+        match = difflib.get_close_matches(name, known, n=1)
+        if match:
+            return f" (did you mean {match[0]}?)"
+    return ""
 
 
 def progress_bar(iterable: Iterable, description: str, enabled: bool = True) -> tqdm:
@@ -168,10 +206,18 @@ def describe_device(device: torch.device) -> str:
     return device.type
 
 
+def usable_cpu_count() -> int:
+    """The CPU cores this process may run on: fewer than the machine's when it is pinned to some (taskset, a job
+    scheduler's allocation, a container's cpuset), as PyTorch's DataLoader counts them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def resolve_workers(value: Any) -> int:
-    """``--workers auto`` -> one per CPU core up to 8; otherwise the given count."""
+    """``--workers auto`` -> one per usable CPU core up to 8; otherwise the given count."""
     if str(value) == "auto":
-        return min(8, os.cpu_count() or 1)
+        return min(8, usable_cpu_count())
     try:
         workers = int(value)
     except ValueError:
@@ -265,10 +311,42 @@ def refuse_files_in_the_way(flag: str, path: Path, is_folder: bool = False) -> N
         raise UserError(f"{flag} {path}: {blocker} is a file, not a folder; move that file or pick another path")
 
 
+# A write refused for want of permission, not of room: a read-only mount (Kaggle's input, a shared course folder).
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def write_probe(folder: Path) -> None:
+    """Create and remove a temporary file in ``folder``; raises the ``OSError`` of a folder that cannot be written."""
+    handle, name = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+    os.close(handle)
+    os.remove(name)
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (or, when it does not exist yet, in the nearest folder above it
+    that does, where it would be created): 'read-only file system', 'permission denied'; None when they can."""
+    existing = next((folder for folder in [folder, *folder.parents] if folder.is_dir()), None)
+    if existing is None:
+        return None
+    try:
+        write_probe(existing)
+    except OSError as error:
+        reason = (error.strerror or type(error).__name__).lower()
+        return reason if existing == folder else f"{reason} in {existing}"
+    return None
+
+
+def refuse_unwritable_folder(flag: str, folder: Path, fix: str) -> None:
+    """Refuse ``folder`` (created later if missing) before any work when nothing can be written there."""
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise UserError(f"{flag} {folder}: cannot write there ({reason}); {fix}")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so a crash leaves the old file."""
     path = Path(path)
-    with _write_failures(Path(path)), _temporary_sibling(path) as tmp_path:
+    with _write_failures(Path(path), len(data)), _temporary_sibling(path) as tmp_path:
         Path(tmp_path).write_bytes(data)
 
 
@@ -288,8 +366,19 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically; see :func:`atomic_write_bytes`."""
-    with _write_failures(Path(path)), _temporary_sibling(Path(path)) as tmp_path:
+    with _write_failures(Path(path), tensor_bytes(obj)), _temporary_sibling(Path(path)) as tmp_path:
         torch.save(obj, tmp_path)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
 
 
 # How torch.save reports a write that failed (a full disk, say): a RuntimeError, not an OSError.
@@ -297,20 +386,38 @@ TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter")
 
 
 @contextlib.contextmanager
-def _write_failures(path: Path) -> Iterator[None]:
-    """Turn a write that fails for want of room or permission into a one-line :class:`UserError` naming the file
-    and the free space on its disk (the half-written file is already gone)."""
+def _write_failures(path: Path, size: int) -> Iterator[None]:
+    """Turn a write of about ``size`` bytes that fails for want of permission or room into a one-line
+    :class:`UserError` naming the file: read-only storage told apart from a full disk, and for a full disk the room
+    the write needs (the half-written file is already gone)."""
     try:
         yield
     except (OSError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
             raise
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
-        except OSError:
-            free = "its disk cannot be read"
-        raise UserError(f"cannot write {path} ({first_line(error)}); {free}: make room, or use another "
-                        "output folder") from None
+        if isinstance(error, OSError) and error.errno in READ_ONLY_ERRNOS:
+            raise UserError(f"cannot write {path} ({error.strerror.lower()}; not a matter of room); use an output "
+                            "folder you can write to") from None
+        raise UserError(f"cannot write {path} ({first_line(error)}); {_room_needed(path, size)}: make room, or use "
+                        "another output folder") from None
+
+
+def _room_needed(path: Path, size: int) -> str:
+    """'12 MiB free there, and the write needs about 90 MiB' for a file of ``size`` bytes written beside ``path``."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        return "its disk cannot be read"
+    return f"{free}, and the new file needs about {_size_text(size)} (it is written whole before it replaces the old)"
+
+
+def _size_text(size: int) -> str:
+    """``size`` bytes as '3 KiB', '98 MiB' or '1.2 GiB'."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    if size >= 2**20:
+        return f"{size / 2**20:,.0f} MiB"
+    return f"{max(size / 2**10, 1):,.0f} KiB"
 
 
 def _read_umask() -> int:

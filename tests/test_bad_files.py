@@ -5,7 +5,8 @@ then its own test against that run. Odd but valid images (CMYK, palette with tra
 EXIF-rotated, 1x1, 3x2, non-ASCII and space-containing names) must be decoded and trained on; unreadable ones
 (empty, text named .jpg, no permission, above the decompression-bomb limit) skipped with a reason and written to
 skipped_files.txt; a truncated JPEG skipped when training meets it (or up front with --verify-images);
-non-image files, hidden files and a symlink loop ignored and listed once; class folders without images left out.
+non-image files and hidden files ignored and listed once (a symbolic link loop named .jpg is an image that cannot be
+read: skipped and listed); class folders without images left out.
 """
 
 from __future__ import annotations
@@ -155,17 +156,19 @@ UNREADABLE_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "huge.png": (huge_png, "100x100 pixels (10,000) is above the limit of 4,000 (--max-image-pixels"),
     "locked.jpg": (plain_jpeg, "Permission denied"),  # reading is refused (see deny_reading)
 }
-IGNORED_NAMES = (".DS_Store", "Thumbs.db", "notes.txt", ".hidden.jpg", "loop-a.jpg", "loop-b.jpg")
+IGNORED_NAMES = (".DS_Store", "Thumbs.db", "notes.txt", ".hidden.jpg")
+LOOP_NAMES = ("loop-a.jpg", "loop-b.jpg")  # named as images, and unreadable: skipped and listed, not ignored
 
 
-def write_clutter(folder: Path) -> None:
-    """Non-image files, a hidden image and a symlink loop (loop-a.jpg -> loop-b.jpg -> loop-a.jpg)."""
+def write_clutter(folder: Path, loop: bool = True) -> None:
+    """Non-image files, a hidden image and (``loop``) a symlink loop (loop-a.jpg -> loop-b.jpg -> loop-a.jpg)."""
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1\0")
     (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
     (folder / "notes.txt").write_text("labels checked on Monday\n")
     plain_jpeg(folder / ".hidden.jpg")
-    os.symlink("loop-b.jpg", folder / "loop-a.jpg")
-    os.symlink("loop-a.jpg", folder / "loop-b.jpg")
+    if loop:
+        os.symlink("loop-b.jpg", folder / "loop-a.jpg")
+        os.symlink("loop-a.jpg", folder / "loop-b.jpg")
 
 
 def deny_reading(monkeypatch: pytest.MonkeyPatch, denied: set[str]) -> None:
@@ -278,8 +281,15 @@ def test_unreadable_files_are_skipped_up_front_with_the_reason(bad_run: BadRun, 
 
 
 def test_the_up_front_list_counts_the_unreadable_files(bad_run: BadRun) -> None:
-    assert f"warning: skipped {len(UNREADABLE_FILES)} image file(s) that cannot be read or are too large:" in \
-        bad_run.result.stdout
+    assert f"warning: skipped {len(UNREADABLE_FILES) + len(LOOP_NAMES)} image file(s) that cannot be read or are " \
+        "too large:" in bad_run.result.stdout
+
+
+@pytest.mark.parametrize("name", LOOP_NAMES)
+def test_a_symlink_loop_named_as_an_image_is_skipped_and_listed_not_ignored(bad_run: BadRun, name: str) -> None:
+    path = bad_run.path(name)
+    assert "Too many levels of symbolic links" in bad_run.skipped()[path]
+    assert "non-image" not in next(line for line in bad_run.result.stdout.splitlines() if path in line)
 
 
 def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: BadRun) -> None:
@@ -291,7 +301,7 @@ def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: Ba
 
 
 @pytest.mark.parametrize("name", IGNORED_NAMES)
-def test_non_image_hidden_and_looping_entries_are_ignored_and_listed_once(bad_run: BadRun, name: str) -> None:
+def test_non_image_and_hidden_entries_are_ignored_and_listed_once(bad_run: BadRun, name: str) -> None:
     path = bad_run.path(name)
     output = bad_run.result.stdout + bad_run.result.stderr
     assert output.count(path) == 1, output[-3000:]
@@ -370,7 +380,7 @@ def test_predict_names_rows_by_file_name_whatever_the_characters_and_format(bad_
     test_dir.mkdir()
     for name, make in GOOD_FILES.items():
         make(test_dir / name)
-    write_clutter(test_dir)
+    write_clutter(test_dir, loop=False)  # an unreadable image refuses the submission (test_new_user_round3.py)
     output = tmp_path / "prediction.csv"
 
     result = call_main(predict.main, "--checkpoint", bad_run.output / "best.pt", "--test-dir", test_dir,

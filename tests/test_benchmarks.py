@@ -83,6 +83,8 @@ def test_bench_cpu_path_times_each_stage_against_the_reference_and_the_ceiling()
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="--cpus needs os.sched_setaffinity (Linux)")
+# The baseline is the reference notebook's loop, 2 loader workers whatever the cores: on one core PyTorch warns so.
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 2 worker processes:UserWarning")
 def test_bench_runs_the_gpu_path_on_the_cpu_device_restricted_to_one_core() -> None:
     result = call_main(load_benchmark("bench").main, *TINY_BENCH, "--path", "gpu", "--cpus", "1", "--trainable-all-row")
     assert result.returncode == 0, result.stderr

@@ -118,9 +118,9 @@ def test_per_class_precision_recall_f1_match_sklearn() -> None:
                                   skm.confusion_matrix(Y_TRUE, Y_PRED, labels=list(range(5))))
 
 
-def test_top_k_is_capped_at_the_class_count() -> None:
+def test_top_k_is_left_out_when_k_reaches_the_class_count() -> None:
     summary = metrics.summary_metrics(SCORES[:, :3] / SCORES[:, :3].sum(1, keepdims=True), np.minimum(Y_TRUE, 2))
-    assert summary["top_k"] == 3 and summary["top_k_accuracy"] == 1.0
+    assert "top_k" not in summary and "top_k_accuracy" not in summary  # top-3 of 3 classes: always 100%
 
 
 def test_top_k_of_two_classes_and_of_classes_missing_from_the_targets() -> None:
@@ -233,8 +233,8 @@ def test_evaluate_writes_every_report_file(tiny: tuple[Path, Path], tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in (tmp_path / "r").iterdir()) == sorted(REPORT_FILES)
     summary = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert summary["images"] == 9 and summary["classes"] == 3 and summary["top_k"] == 3
-    assert summary["top_k_accuracy"] == 1.0
+    assert summary["images"] == 9 and summary["classes"] == 3
+    assert "top_k_accuracy" not in summary  # top-5 of 3 classes would always be 100%
     assert summary["split"] == str(data_dir / "val")
     assert result.value["accuracy"] == summary["accuracy"]
     rows = read_csv_rows(tmp_path / "r" / "per_class.csv")

@@ -304,6 +304,61 @@ def test_loss_curve_without_outliers_keeps_automatic_limits(tmp_path, drawn):
     assert top >= max(row["val_loss"] for row in history)
 
 
+def history_with_two_curves_clipped() -> list[dict]:
+    """A fresh head: train and val losses far above the rest in epochs 1-2 (val in epoch 3 too), lr falling."""
+    history = make_history(10)
+    for row, train, val in zip(history, (40.0, 25.0), (55.0, 30.0, 12.0)):
+        row["train_loss"], row["val_loss"] = train, val
+    history[2]["val_loss"] = 12.0
+    return history
+
+
+@pytest.fixture
+def loss_figure(monkeypatch) -> list[dict]:
+    """What the loss figure shows, read when it would be written: legend, texts on the plot, where the clipped
+    losses' triangles sit at epoch 1 (display x), and how high the learning-rate line reaches (share of the height)."""
+    figures = []
+
+    def record(fig, path):
+        ax, lr_ax = fig.axes
+        triangles = [line for line in ax.lines if line.get_marker() == "^"]
+        lr_line = lr_ax.lines[0]
+        highest = lr_ax.transData.transform((1, max(lr_line.get_ydata())))[1]
+        bottom, top = lr_ax.transAxes.transform([(0, 0), (0, 1)])[:, 1]
+        figures.append({
+            "legend": [text.get_text() for text in ax.get_legend().get_texts()],
+            "texts_on_plot": [text.get_text() for text in ax.texts],
+            "triangles_at_epoch_1": [line.get_transform().transform((1, 0))[0] for line in triangles
+                                     if list(line.get_xdata()) == [1]],
+            "lr_reaches": (highest - bottom) / (top - bottom),
+        })
+
+    monkeypatch.setattr(plots, "_save_figure", record)
+    return figures
+
+
+def test_clipped_losses_are_listed_in_the_legend_not_crowded_on_the_plot(tmp_path, loss_figure):
+    plots.plot_loss_curve(history_with_two_curves_clipped(), tmp_path / "loss.png")
+
+    drawn = loss_figure[0]
+    assert "train above the axis: 40 (epoch 1), 25 (2)" in drawn["legend"]
+    assert "val above the axis: 55 (epoch 1), 30 (2), 12 (3)" in drawn["legend"]
+    assert drawn["texts_on_plot"] == []  # no value labels in the corner, where the lr line crossed them
+    first, second = drawn["triangles_at_epoch_1"]
+    assert abs(first - second) > 5  # side by side: both curves' triangles show
+
+
+def test_the_learning_rate_line_stays_under_the_clipped_losses(tmp_path, loss_figure):
+    plots.plot_loss_curve(history_with_two_curves_clipped(), tmp_path / "loss.png")
+
+    assert loss_figure[0]["lr_reaches"] < 0.9
+
+
+def test_the_legend_of_clipped_losses_reads_well(tmp_path):
+    plots.plot_loss_curve(history_with_two_curves_clipped(), tmp_path / "loss.png")
+    assert_png(tmp_path / "loss.png")
+
+
 # --------------------------------------------------------------------------- class order
 
 
