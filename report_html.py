@@ -186,11 +186,12 @@ def metric_cards(summary: dict[str, Any]) -> list[dict[str, Any]]:
          "once"),
         ("macro_f1", "macro-F1", f"{summary['macro_f1']:.3f}",
          f"unweighted mean of the per-class F1 over the {classes_with_images} classes with images"),
-        ("top_k_accuracy", f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy']:.1%}",
-         f"share of the {images:,} images whose class is among the {summary['top_k']} most probable"),
         ("loss", "loss", f"{summary['loss']:.4f}",
          "mean cross-entropy per image, without class weights or label smoothing"),
     ]
+    if "top_k" in summary:  # left out where k is not below the class count: it would always be 100%
+        cards.insert(3, ("top_k_accuracy", f"top-{summary['top_k']} accuracy", f"{summary['top_k_accuracy']:.1%}",
+                         f"share of the {images:,} images whose class is among the {summary['top_k']} most probable"))
     if summary.get("ece") is not None:
         cards.append(("ece", "ECE", f"{summary['ece']:.1%}", _ece_note(summary)))
     return [{"key": key, "label": label, "value": summary[key], "text": text, "how": how}

@@ -101,7 +101,8 @@ RUN_FILES = ("last.pt", "best.pt", "history.csv")
 
 
 # The files train.py writes there by these names (config.yaml, report/ and tensorboard/ are checked more closely).
-RUN_OUTPUTS = (*RUN_FILES, "loss_curve.png", "accuracy_curve.png", "confusion_matrix.png", "skipped_files.txt")
+RUN_OUTPUTS = (*RUN_FILES, "loss_curve.png", "accuracy_curve.png", "confusion_matrix.png", "skipped_files.txt",
+               "train_batch.png")
 
 
 def run_to_continue(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -45,7 +45,7 @@ from engine import EvalResult, Predictions, StepOptions, WeightAverage, evaluate
 from gpu_augment import BatchMix
 from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw
 from options import get_args_parser  # noqa: F401  train.get_args_parser, as predict.py and evaluate.py have
-from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data
+from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data, skip_count
 from plots import save_final_plots
 from report import write_evaluation_report
 from resume import Progress, StopRequest, restore_training_state, training_state
@@ -273,7 +273,8 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
         if outcome is None:
             return None
         is_best = record_epoch(run, progress, outcome)
-        print(epoch_line(outcome.row, args.epochs, is_best, outcome.images_per_second, run.accel.device), flush=True)
+        print(epoch_line(outcome.row, args.epochs, is_best, outcome.images_per_second, run.accel.device,
+                         outcome.skipped), flush=True)
         if run.logger is not None:
             run.logger.log_epoch(epoch, outcome.row, outcome.images_per_second)
         if distributed.stop_agreed(stop, run.world):
@@ -294,6 +295,7 @@ class EpochOutcome:
     raw: EvalResult | None  # None with --train-on-all: nothing validates
     ema: EvalResult | None
     images_per_second: float
+    skipped: int = 0  # training images left out this epoch (unreadable), by every process
 
 
 def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
@@ -316,14 +318,14 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
                                   show_progress=not args.no_progress and run.world.is_main,
                                   should_stop=distributed.stop_check(stop, run.world), options=run.step_options)
     trained = distributed.all_reduce_epoch(trained, run.world)
-    record_skipped(run, trained.failed)
+    skipped = record_skipped(run, trained.failed)
     if trained.interrupted:
         return None
     row = {"epoch": epoch, "train_loss": trained.loss, "train_acc": trained.accuracy, "val_loss": None,
            "val_acc": None, "val_balanced_acc": None, "lr": lr}
     images_per_second = trained.images / max(trained.seconds, 1e-9)
     if run.loaders.val is None:  # --train-on-all
-        return EpochOutcome({**row, "seconds": trained.seconds}, None, None, images_per_second)
+        return EpochOutcome({**row, "seconds": trained.seconds}, None, None, images_per_second, skipped)
     raw = validate(run, run.step_model, "val")
     record_skipped(run, raw.failed)  # the EMA's pass meets the same files
     num_classes = len(run.data.class_names)
@@ -334,7 +336,7 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
         row.update(ema_val_loss=averaged.loss, ema_val_acc=averaged.accuracy,
                    ema_val_balanced_acc=engine.balanced_accuracy(averaged, num_classes))
     row["seconds"] = trained.seconds + raw.seconds + (averaged.seconds if averaged else 0.0)
-    return EpochOutcome(row, raw, averaged, images_per_second)
+    return EpochOutcome(row, raw, averaged, images_per_second, skipped)
 
 
 def thaw_at_epoch(run: Run, epoch: int) -> None:
@@ -358,9 +360,9 @@ def validate(run: Run, model: nn.Module, description: str) -> EvalResult:
     return distributed.all_reduce_eval(evaluated, run.world)
 
 
-def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
+def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> int:
     """Add the images that any process failed to decode (``failed``: this process's) to the run's skip list and to
-    skipped_files.txt."""
+    skipped_files.txt; returns how many files the processes failed on in this pass."""
     failed = [failure for part in distributed.gather_objects(list(failed), run.world) for failure in part]
     known = {path for path, _ in run.data.skipped}
     new = list({failure.path: (failure.path, failure.reason) for failure in failed
@@ -369,18 +371,20 @@ def record_skipped(run: Run, failed: Sequence[DecodeFailure]) -> None:
         run.data.skipped.extend(new)
         if run.world.is_main:
             run_folder.write_skipped(run.data.skipped, run.output_dir)
+    return skip_count(failed)
 
 
 def epoch_line(row: dict[str, float], epochs: int, is_best: bool, images_per_second: float,
-               device: torch.device) -> str:
-    """One summary line per epoch: metrics, learning rate, time, training throughput and peak memory."""
+               device: torch.device, skipped: int = 0) -> str:
+    """One summary line per epoch: metrics, learning rate, time, training throughput, peak memory and the training
+    images left out (listed in skipped_files.txt; their warning is printed once a run)."""
     gpu_mb = device_peak_memory_mb(device)
     memory = f"host {host_peak_rss_mb():.0f} MiB" + (f", gpu {gpu_mb:.0f} MiB" if gpu_mb is not None else "")
     averaged = f" (ema {row['ema_val_acc']:.2%})" if "ema_val_acc" in row else ""
     val = "no val" if row["val_acc"] is None else f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}{averaged}"
     return (f"epoch {int(row['epoch']):>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
             f"{val}  lr {row['lr']:.2e}  {row['seconds']:.1f}s  {images_per_second:.0f} img/s  peak {memory}"
-            + ("  * best" if is_best else ""))
+            + (f"  {skipped} skipped" if skipped else "") + ("  * best" if is_best else ""))
 
 
 # --------------------------------------------------------------------------- best model and checkpoints

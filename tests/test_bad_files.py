@@ -300,6 +300,12 @@ def test_truncated_jpeg_is_skipped_when_training_meets_it_and_listed(bad_run: Ba
     assert path not in bad_run.decoded
 
 
+def test_the_epoch_line_counts_the_training_images_skipped(bad_run: BadRun) -> None:
+    """The truncated JPEG is warned about once a run; each epoch's line counts what that epoch left out."""
+    epoch_lines = [line for line in bad_run.result.stdout.splitlines() if line.startswith("epoch ")]
+    assert epoch_lines and all("  1 skipped" in line for line in epoch_lines)
+
+
 @pytest.mark.parametrize("name", IGNORED_NAMES)
 def test_non_image_and_hidden_entries_are_ignored_and_listed_once(bad_run: BadRun, name: str) -> None:
     path = bad_run.path(name)

@@ -234,9 +234,9 @@ def page_parts_of(text: str) -> PageParts:
 
 def test_calibration_is_shown_when_present(tmp_path: Path, tiny_report: TinyReport) -> None:
     summary = json.loads((tiny_report.report_dir / "metrics.json").read_text())
-    cards = {card["key"]: card for card in report_html.metric_cards(summary)}
-    assert "ece" not in cards
-    assert 'id="calibration"' not in tiny_report.html.read_text()
+    assert 'id="calibration"' in tiny_report.html.read_text()  # report.py writes ece and reliability.png
+    uncalibrated = {key: value for key, value in summary.items() if key not in ("ece", "ece_calibrated", "temperature")}
+    assert "ece" not in {card["key"] for card in report_html.metric_cards(uncalibrated)}
 
     calibrated = {**summary, "ece": 0.0812, "ece_calibrated": 0.0234, "temperature": 1.7}
     cards = {card["key"]: card for card in report_html.metric_cards(calibrated)}
@@ -266,4 +266,13 @@ def test_train_and_evaluate_write_report_html(small_data: ColourData, tmp_path: 
     data = json.loads(page_parts_of(page).data_json)
     assert len(data["images"]) == 3 and data["classes"] == ["0", "1", "2"]
     assert all(uri.startswith("data:image/png;base64,") for uri in re.findall(r'<img src="([^"]+)"', page))
-    assert page.count("<figure><img") == 2  # the loss and accuracy curves of the run folder
+    assert page.count("<figure><img") == 3  # the loss and accuracy curves of the run folder, the reliability diagram
+
+
+def test_top_k_gets_a_card_only_when_the_summary_has_it() -> None:
+    """metrics.json leaves top-k out where k is not below the class count (it would always be 100%)."""
+    summary = {"images": 10, "classes": 3, "classes_without_images": [], "accuracy": 0.5, "balanced_accuracy": 0.5,
+               "macro_f1": 0.5, "loss": 1.0}
+    assert "top_k_accuracy" not in {card["key"] for card in report_html.metric_cards(summary)}
+    with_top = {card["key"]: card for card in report_html.metric_cards({**summary, "top_k": 2, "top_k_accuracy": 0.9})}
+    assert with_top["top_k_accuracy"]["label"] == "top-2 accuracy"
