@@ -17,8 +17,8 @@
    each JPEG decoder found (torchvision, TorchCodec, nvImageCodec; the optional ones feature-detected), decoding on
    ``pipeline.DecodeStream`` as the pipeline does. The default decoder is not changed by this: it is measured.
 5. augment: the training augmentation and the eval transform on a batch: PyTorch operations and kernel launches
-   (profiler), host ms to issue them, GPU ms (CUDA events); beside them the old per-image implementation when
-   tests/test_gpu_augment.py has it (``_reference_train_augment(augment, images, generator)``).
+   (profiler), host ms to issue them, GPU ms (CUDA events); beside them the old per-image implementation, kept as
+   the tests' oracle (``gpu_augment._reference_train_augment`` and ``_reference_eval_transform``).
 6. producer: main-thread CPU ms per training batch (``time.thread_time``; lines ``probe main-thread``) over a pass
    of 10 device-path batches, and the GPU-busy fraction over 10 profiled training steps (union of kernel intervals
    / wall; lines ``probe busy``), each with the producer thread on and off.
@@ -287,17 +287,6 @@ def synchronize(device: torch.device) -> None:
 # --------------------------------------------------------------------------- 5. augmentation
 
 
-def reference_augment():
-    """The old per-image training augmentation, when tests/test_gpu_augment.py keeps it, else None."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        return getattr(importlib.import_module("test_gpu_augment"), "_reference_train_augment", None)
-    except Exception:  # noqa: BLE001 - the tests need pytest and their conftest; absent is fine
-        return None
-    finally:
-        sys.path.remove(str(ROOT / "tests"))
-
-
 def operation_counts(work, device: torch.device) -> tuple[int, int]:
     """PyTorch operations (CPU-side ``aten::`` events) and kernel launches during ``work()``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -342,11 +331,9 @@ def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
     evaluation = gpu_augment.EvalTransform(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
     works = {"train (current)": lambda: train(images, torch.Generator().manual_seed(0)),
              "eval (current)": lambda: evaluation(images)}
-    reference = reference_augment()
-    if reference is not None:
-        works["train (old, per image)"] = lambda: reference(train, images, torch.Generator().manual_seed(0))
-    else:
-        say("augment", "old per-image augmentation: tests/test_gpu_augment.py has no _reference_train_augment")
+    works["train (old, per image)"] = lambda: gpu_augment._reference_train_augment(
+        train, images, torch.Generator().manual_seed(0))
+    works["eval (old, per image)"] = lambda: gpu_augment._reference_eval_transform(evaluation, images)
     for name, work in works.items():
         try:
             work()  # warm-up
