@@ -103,9 +103,9 @@ def test_ensemble_of_two_checkpoints_is_the_mean_of_each(ensemble_inputs, tmp_pa
     for name, checkpoints in (("a", [first]), ("b", [second]), ("ab", [first, second])):
         result = run_predict(data, tmp_path / name, "--checkpoint", *checkpoints, "--topk", "3", "--tta", "flip")
         assert result.returncode == 0, result.stderr
-    alone_a = probabilities_by_label(tmp_path / "a" / "probabilities.csv")
-    alone_b = probabilities_by_label(tmp_path / "b" / "probabilities.csv")
-    together = probabilities_by_label(tmp_path / "ab" / "probabilities.csv")
+    alone_a = probabilities_by_label(tmp_path / "a" / "prediction_probabilities.csv")
+    alone_b = probabilities_by_label(tmp_path / "b" / "prediction_probabilities.csv")
+    together = probabilities_by_label(tmp_path / "ab" / "prediction_probabilities.csv")
     assert together.keys() == alone_a.keys() and len(together) == 6
     for image, probabilities in together.items():
         for label, value in probabilities.items():
@@ -117,12 +117,12 @@ def test_topk_file_format(ensemble_inputs, tmp_path: Path) -> None:
     result = run_predict(data, tmp_path, "--checkpoint", first, "--topk", "2", "--tta", "multi",
                          "--labels", data / "test_labels.csv")
     assert result.returncode == 0, result.stderr
-    assert result.value["probabilities"] == str(tmp_path / "probabilities.csv")
+    assert result.value["probabilities"] == str(tmp_path / "prediction_probabilities.csv")
     assert 0 <= result.value["accuracy"] <= 1  # --labels still scores the (averaged) predictions
-    header = (tmp_path / "probabilities.csv").read_text().splitlines()[0]
+    header = (tmp_path / "prediction_probabilities.csv").read_text().splitlines()[0]
     assert header == "image_name,label_1,prob_1,label_2,prob_2"
     submission = {row["image_name"]: row["pred_label"] for row in read_csv_rows(tmp_path / "prediction.csv")}
-    rows = read_csv_rows(tmp_path / "probabilities.csv")
+    rows = read_csv_rows(tmp_path / "prediction_probabilities.csv")
     assert [row["image_name"] for row in rows] == list(submission)
     for row in rows:
         assert row["label_1"] == submission[row["image_name"]] and row["label_1"] != row["label_2"]
@@ -133,14 +133,14 @@ def test_topk_beyond_the_class_count_writes_every_class(ensemble_inputs, tmp_pat
     data, first, _ = ensemble_inputs
     result = run_predict(data, tmp_path, "--checkpoint", first, "--topk", "9")
     assert result.returncode == 0 and "writing all 3" in result.stdout
-    for probabilities in probabilities_by_label(tmp_path / "probabilities.csv").values():
+    for probabilities in probabilities_by_label(tmp_path / "prediction_probabilities.csv").values():
         assert sorted(probabilities) == ["0", "1", "2"] and sum(probabilities.values()) == pytest.approx(1, abs=1e-5)
 
 
 def test_no_probabilities_file_without_topk(ensemble_inputs, tmp_path: Path) -> None:
     data, first, _ = ensemble_inputs
     assert run_predict(data, tmp_path, "--checkpoint", first).returncode == 0
-    assert not (tmp_path / "probabilities.csv").exists()
+    assert not (tmp_path / "prediction_probabilities.csv").exists()
 
 
 def test_checkpoints_with_different_classes_are_refused(ensemble_inputs, tmp_path: Path) -> None:
