@@ -93,20 +93,13 @@ ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 ONNX_PIP = "pip install onnx onnxruntime onnxscript"
 
 
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default, except where the default is None: the help says what that means."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The prediction options."""
     parser = argparse.ArgumentParser(
         prog="predict.py",
         description="Write prediction.csv (image_name,pred_label) for every image in the test folder, or print the "
                     "top labels of a few image files.",
-        formatter_class=HelpWithDefaults,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
     parser.add_argument("files", nargs="*", metavar="FILE",
@@ -116,9 +109,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="a best.pt or last.pt written by train.py, or a .onnx written by export.py (run with "
                              "onnxruntime on the CPU); several: an ensemble averaging probabilities")
     parser.add_argument("--test-dir", default=None,
-                        help=f"folder of unlabeled test images (default: {DEFAULT_TEST_DIR}, unless FILEs are given)")
+                        help=f"folder of unlabeled test images; None: {DEFAULT_TEST_DIR}, unless FILEs are given")
     parser.add_argument("--output", default=None,
-                        help=f"the submission CSV to write (default: {DEFAULT_OUTPUT}; with FILEs: none, the table "
+                        help=f"the submission CSV to write; None: {DEFAULT_OUTPUT}, or with FILEs no file (the table "
                              "only)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="write the submission even if some test images cannot be decoded (their rows are left "
