@@ -816,7 +816,7 @@ def failure_list(failed: dict[int, str], paths: Sequence[Path]) -> str:
 
 
 def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict[int, str], paths: Sequence[Path],
-                     output: Path, allow_missing: bool) -> tuple[list[str], torch.Tensor]:
+                     output: Path | str, allow_missing: bool) -> tuple[list[str], torch.Tensor]:
     """The rows of the images that were decoded; refuses (unless ``allow_missing``) when any was not."""
     if not failed:
         return names, probabilities
@@ -924,7 +924,7 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
 
     probabilities, failed = ensemble_probabilities(ensemble, paths, args.tta, args.batch_size, args.workers,
                                                    args.max_image_pixels, not args.no_progress)
-    names, probabilities = drop_failed_rows(names, probabilities, failed, paths, output or Path("the table"),
+    names, probabilities = drop_failed_rows(names, probabilities, failed, paths, output or "the table",
                                             args.allow_missing)
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
     result: dict[str, Any] = {}

@@ -100,7 +100,7 @@ def ensemble_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 
 
 def probabilities_by_label(path: Path) -> dict[str, dict[str, float]]:
-    """``image_name -> {label: probability}`` from a probabilities.csv."""
+    """``image_name -> {label: probability}`` from a probabilities file."""
     table = {}
     for row in read_csv_rows(path):
         ranks = (len(row) - 1) // 2
