@@ -874,6 +874,14 @@ def check_args(args: argparse.Namespace) -> None:
     check_max_image_pixels(args.max_image_pixels)
 
 
+def describe_run(ensemble: Ensemble, tta: str) -> str:
+    """The line saying where and how the models run."""
+    runtime = " (onnxruntime)" if "onnx_session" in ensemble.checkpoints[0] else ""
+    models = f"; ensemble of {len(ensemble.models)} models" if len(ensemble.models) > 1 else ""
+    return (f"device: {describe_device(ensemble.accel.device)}, precision {ensemble.accel.precision_name}{runtime}; "
+            f"test-time views: {tta}{models}")
+
+
 def resolve_output(args: argparse.Namespace) -> Path | None:
     """The submission to write: ``--output``; without it ``prediction.csv``, or nothing for image files (a table)."""
     if args.output is not None:
@@ -906,10 +914,7 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
     ensemble = load_ensemble(args.checkpoint, args.device, args.amp)
     class_names = ensemble.class_names
     topk = resolve_topk(args.topk, len(class_names), args.min_confidence if output else None)
-    print(f"device: {describe_device(ensemble.accel.device)}, precision {ensemble.accel.precision_name}"
-          + ("" if "onnx_session" not in ensemble.checkpoints[0] else " (onnxruntime)")
-          + f"; test-time views: {args.tta}"
-          + (f"; ensemble of {len(ensemble.models)} models" if len(ensemble.models) > 1 else ""))
+    print(describe_run(ensemble, args.tta))
     if paths is None:
         test_dir = args.test_dir or DEFAULT_TEST_DIR
         paths, ignored = find_test_images(test_dir)
@@ -929,9 +934,8 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
     result: dict[str, Any] = {}
     if args.files:
-        kept = [path for index, path in enumerate(paths) if index not in failed]
-        print(top_labels_table([str(path) for path in kept], probabilities, class_names,
-                               min(args.topk or FILE_MODE_TOPK, len(class_names)),
+        kept = [str(path) for index, path in enumerate(paths) if index not in failed]
+        print(top_labels_table(kept, probabilities, class_names, min(args.topk or FILE_MODE_TOPK, len(class_names)),
                                low_confidence(probabilities, args.min_confidence)))
     if output is not None:
         result.update(write_outputs(args, output, names, predicted, probabilities, class_names, topk))
