@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 import metrics
 from accel import Accel, set_up_accel
@@ -598,20 +598,24 @@ def item_batches(items: Sequence[str | Path | Image.Image], checkpoint: dict[str
     return HostBatches(loader, accel, labeled=False)
 
 
-class PicturesAndFiles(ImageFiles):
-    """The CPU path's items (see ``pipeline.ImageFiles``) where some are PIL images already in memory: those skip
-    the decoding, and get its EXIF orientation and RGB conversion (``images.to_rgb``) before the same transform."""
+class PicturesAndFiles(Dataset):
+    """The CPU path's items (``pipeline.ImageFiles``: image tensor, label -1, position) where some are PIL images
+    already in memory: those skip the decoding, and get its EXIF orientation and RGB conversion (``images.to_rgb``)
+    before the same transform."""
 
     def __init__(self, items: Sequence[str | Path | Image.Image], transform: Callable[[Image.Image], torch.Tensor],
                  decode_min_side: int, max_pixels: int) -> None:
-        super().__init__(["" if isinstance(item, Image.Image) else item for item in items], None, transform,
-                         decode_min_side, max_pixels, warn=False)
+        self.files = ImageFiles(["" if isinstance(item, Image.Image) else item for item in items], None, transform,
+                                decode_min_side, max_pixels)
         self.pictures = {index: item for index, item in enumerate(items) if isinstance(item, Image.Image)}
+
+    def __len__(self) -> int:
+        return len(self.files)
 
     def __getitem__(self, key: int) -> Any:
         if key in self.pictures:
-            return self.transform(to_rgb(ImageOps.exif_transpose(self.pictures[key]))), -1, key
-        return super().__getitem__(key)
+            return self.files.transform(to_rgb(ImageOps.exif_transpose(self.pictures[key]))), -1, key
+        return self.files[key]
 
 
 # --------------------------------------------------------------------------- ONNX models (export.py writes them)
