@@ -2,8 +2,11 @@
 
     python predict.py --checkpoint checkpoints/best.pt --test-dir data/test --output prediction.csv
     python predict.py --checkpoint run1/best.pt run2/best.pt --tta flip --topk 5   # ensemble, test-time flips
+    python predict.py --checkpoint checkpoints/best.pt photo.jpg more/*.png        # a few files: a table
+    python predict.py --checkpoint model.onnx                                       # export.py's model, onnxruntime
 
 Writes ``image_name,pred_label`` with one row per test image, ``pred_label`` being the class folder name.
+From Python, :class:`Classifier` loads a checkpoint once and predicts paths and PIL images into a pandas table.
 
 Every prediction is the class with the highest mean softmax probability, the mean taken over the test-time
 views (``--tta``) and over the checkpoints (one or more, equally weighted; they must share one class list).
@@ -14,43 +17,60 @@ The views are made from the already-transformed batch, so they cost forward pass
 - ``multi``: those two, plus a 1.15x zoom into the centre crop (bilinear upscale of the crop, centre-cropped
   back to the input size) and its mirror (4 views).
 
-``--topk K`` also writes ``probabilities.csv`` beside the submission: ``image_name``, then
-``label_1,prob_1,...,label_K,prob_K``, most probable first.
+Each model's logits are divided by its checkpoint's ``temperature`` (fitted on the validation images at the end of
+training) before the softmax, so the probabilities are calibrated; older checkpoints have none (T = 1, with a note).
+
+``--topk K`` also writes ``<output stem>_probabilities.csv`` beside the submission (``prediction_probabilities.csv``
+for ``prediction.csv``): ``image_name``, then ``label_1,prob_1,...,label_K,prob_K``, most probable first, and with
+``--min-confidence P`` a ``low_confidence`` column (True where the top probability is under P).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
+import importlib
 import io
+import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import zipfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 import metrics
 from accel import Accel, set_up_accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import find_test_images, report_ignored, same_name
 from engine import predict_probabilities
-from images import find_unreadable
+from images import DEFAULT_MAX_IMAGE_PIXELS, find_unreadable, is_image_content, is_image_name, to_rgb
 from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels
-from pipeline import checkpoint_batches
+from pipeline import HostBatches, ImageFiles, checkpoint_batches, collate_decoded, loader_options
+from recipe import build_eval_transform, eval_resize_size
 from utils import (
     UserError,
     argument_list,
     atomic_write_bytes,
-    atomic_write_text,
     csv_text,
     describe_device,
     exit_on_user_error,
     first_line,
     refuse_files_in_the_way,
     resolve_workers,
+    some_names,
 )
 
 if TYPE_CHECKING:
@@ -64,20 +84,35 @@ LABELS_ENCODINGS = ("utf-8-sig", "cp1252")  # Excel's "CSV UTF-8" (with a BOM) a
 # A labels file's separator (Excel writes ";" where "," is the decimal mark); the first wins a tie.
 CSV_SEPARATORS = (",", ";", "\t", "|")
 MULTI_ZOOM = 1.15  # how far "--tta multi" zooms into the centre crop
+DEFAULT_TEST_DIR = "data/test"
+DEFAULT_OUTPUT = "prediction.csv"
+FILE_MODE_TOPK = 3  # the table of a few files shows this many labels unless --topk says otherwise
+GLOB_CHARACTERS = "*?["
+ONNX_FORMAT = "imagefolder-resnet-onnx/1"  # export.py's metadata "format"
+ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
+ONNX_PIP = "pip install onnx onnxruntime onnxscript"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The prediction options."""
     parser = argparse.ArgumentParser(
         prog="predict.py",
-        description="Write prediction.csv (image_name,pred_label) for every image in the test folder.",
+        description="Write prediction.csv (image_name,pred_label) for every image in the test folder, or print the "
+                    "top labels of a few image files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         add_help=add_help,
     )
+    parser.add_argument("files", nargs="*", metavar="FILE",
+                        help="image files or globs (photo.jpg 'shots/*.png') to predict instead of --test-dir: prints "
+                             "each file's top labels; --output writes the CSV too")
     parser.add_argument("--checkpoint", nargs="+", default=["checkpoints/best.pt"],
-                        help="a best.pt or last.pt written by train.py; several: an ensemble averaging probabilities")
-    parser.add_argument("--test-dir", default="data/test", help="folder of unlabeled test images")
-    parser.add_argument("--output", default="prediction.csv", help="the submission CSV to write")
+                        help="a best.pt or last.pt written by train.py, or a .onnx written by export.py (run with "
+                             "onnxruntime on the CPU); several: an ensemble averaging probabilities")
+    parser.add_argument("--test-dir", default=None,
+                        help=f"folder of unlabeled test images; None: {DEFAULT_TEST_DIR}, unless FILEs are given")
+    parser.add_argument("--output", default=None,
+                        help=f"the submission CSV to write; None: {DEFAULT_OUTPUT}, or with FILEs no file (the table "
+                             "only)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="write the submission even if some test images cannot be decoded (their rows are left "
                              "out and listed)")
@@ -91,7 +126,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="test-time views averaged: none; flip = centre crop + mirror; multi = flip plus a 1.15x "
                              "centre zoom and its mirror (4 views)")
     parser.add_argument("--topk", type=int, default=0, metavar="K",
-                        help="also write probabilities.csv beside OUTPUT with the K most probable labels of each image")
+                        help="also write <OUTPUT stem>_probabilities.csv beside OUTPUT (prediction_probabilities.csv) "
+                             "with the K most probable labels of each image and their calibrated probabilities")
+    parser.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                        help="mark the images whose top probability is under P (0..1) in a low_confidence column of "
+                             "the probabilities file (written with --topk 1 if --topk is not given) and count them; "
+                             "the submission keeps every row")
     add_inference_options(parser)
     add_max_image_pixels_option(parser)
     return parser
@@ -115,8 +155,8 @@ def submission_csv(names: Sequence[str], labels: Sequence[str]) -> str:
     return csv_text(["image_name", "pred_label"], zip(names, labels))
 
 
-def write_zip(submission: str, zip_path: Path) -> None:
-    """A zip archive holding ``prediction.csv``, as the course's upload page wants."""
+def write_zip(submission: bytes, zip_path: Path) -> None:
+    """A zip archive holding ``prediction.csv`` (the bytes of the submission), as the course's upload page wants."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("prediction.csv", submission)
@@ -204,6 +244,21 @@ def labels_of(paths: Sequence[Path], truth: dict[str, str]) -> list[str | None]:
     return labels
 
 
+def unmatched_label_rows(paths: Sequence[Path], truth: dict[str, str]) -> list[str]:
+    """The names of the labels file that no test file takes (the rule of :func:`labels_of`), in the file's order."""
+    stems = Counter(path.stem for path in paths)
+    used = {path.name for path in paths} | {stem for stem, count in stems.items() if count == 1}
+    return [name for name in truth if name not in used]
+
+
+def note_unmatched_label_rows(paths: Sequence[Path], truth: dict[str, str], source: str) -> None:
+    """Say how many rows of the labels file name no test image (and so score nothing), naming a few."""
+    unmatched = unmatched_label_rows(paths, truth)
+    if unmatched:
+        print(f"note: --labels {source}: {len(unmatched)} of its {len(truth)} row(s) name no image being predicted and "
+              f"are ignored: {some_names([printable(name) for name in unmatched])}")
+
+
 def score(true_labels: Sequence[str | None], predicted: Sequence[str]) -> tuple[float, float, int]:
     """(accuracy, balanced accuracy, images scored) of predictions against the known labels (None: not scored)."""
     pairs = [(true, label) for true, label in zip(true_labels, predicted) if true is not None]
@@ -222,7 +277,7 @@ def note_label_problems(names: Sequence[str], true_labels: Sequence[str | None],
     unlabeled = [name for name, label in zip(names, true_labels) if label is None]
     if unlabeled:
         print(f"note: --labels {source}: {len(unlabeled)} test image(s) have no label and are not scored "
-              f"({', '.join(unlabeled[:5])}{' ...' if len(unlabeled) > 5 else ''})")
+              f"({some_names([printable(name) for name in unlabeled])})")
     known = set(class_names)
     foreign = sorted({label for label in truth.values() if label not in known})
     if foreign:
@@ -254,6 +309,92 @@ def refuse_labeled_folders(test_dir: Path, paths: Sequence[Path], class_names: S
         raise UserError(f"--test-dir {test_dir}: its sub-folders {', '.join(classes[:5])} are named like the model's "
                         "classes, so it is a labeled split; evaluate it with python evaluate.py --split-dir "
                         f"{test_dir}, or pass the folder of unlabeled test images")
+
+
+# --------------------------------------------------------------------------- file names that are not UTF-8
+
+
+def undecodable(name: str) -> bool:
+    """True for a name holding bytes that are not UTF-8: Python keeps each as a surrogate escape (U+DC80..U+DCFF)."""
+    return any("\udc80" <= char <= "\udcff" for char in name)
+
+
+def printable(name: str) -> str:
+    """``name`` safe to print on any console: bytes that are not UTF-8 shown as ``\\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def csv_bytes(text: str) -> bytes:
+    """CSV text as UTF-8, except that a name read from a file name that is not UTF-8 (``caf\\xe9.jpg`` from a zip made
+    on Windows) gets its original bytes back, so that row still names its file."""
+    return text.encode("utf-8", errors="surrogateescape")
+
+
+def note_undecodable_names(names: Sequence[str], output: Path) -> None:
+    """Say which image names are not UTF-8, and that ``output`` holds them as the files' own bytes."""
+    affected = [name for name in names if undecodable(name)]
+    if affected:
+        print(f"warning: {len(affected)} image name(s) are not UTF-8 (e.g. files unzipped from an archive made on "
+              f"Windows): {some_names([printable(name) for name in affected])}; {output} holds them as the files' own "
+              "bytes so they match the files, and is UTF-8 everywhere else (rename the files for an all-UTF-8 CSV)",
+              file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- files given on the command line
+
+
+def split_images_from_checkpoints(checkpoints: list[str], files: list[str]) -> tuple[list[str], list[str]]:
+    """``--checkpoint best.pt photo.jpg``: argparse gives the image to ``--checkpoint`` (which takes several values);
+    values after the first that name images (by extension, globs too, or by content) are files to predict."""
+    images = [value for value in checkpoints[1:] if names_an_image(value)]
+    return [value for value in checkpoints if value not in images], images + files
+
+
+def names_an_image(value: str) -> bool:
+    """True when a command-line value is an image file, or a name or glob with an image extension."""
+    path = Path(value)
+    return is_image_name(path) or (path.is_file() and is_image_content(path))
+
+
+def expand_files(patterns: Sequence[str]) -> list[Path]:
+    """The image files named on the command line, globs expanded here too (a Windows shell leaves them to us), in
+    the order given, each once; a missing file or a glob matching nothing is refused, all named in one line."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            raise UserError(f"{pattern}: a folder; pass --test-dir {pattern} to predict the images in it")
+        if path.is_file():
+            found.append(path)
+        elif any(char in pattern for char in GLOB_CHARACTERS):
+            matches = sorted(Path(match) for match in glob.glob(pattern) if Path(match).is_file())
+            images = [match for match in matches if names_an_image(str(match))]
+            report_ignored(pattern, [match for match in matches if match not in images])
+            if images:
+                found.extend(images)
+            else:
+                missing.append(f"{pattern} (no image file matches it)")
+        else:
+            missing.append(f"{pattern} (file not found)")
+    if missing:
+        raise UserError(f"cannot predict {some_names(missing)}; check the path{'s' if len(missing) > 1 else ''}")
+    return list(dict.fromkeys(found))
+
+
+def top_labels_table(names: Sequence[str], probabilities: torch.Tensor, class_names: Sequence[str], k: int,
+                     low: Sequence[bool] | None = None) -> str:
+    """Each file's ``k`` most probable labels and their probabilities, as a small text table (``low``: a column
+    marking the low-confidence rows)."""
+    top_probabilities, top_indices = probabilities.topk(k, dim=1)
+    header = ["file"] + [f"top {rank}" for rank in range(1, k + 1)] + (["low confidence"] if low is not None else [])
+    rows = [[printable(name)] + [f"{class_names[index]} {value:.3f}" for index, value in zip(indices, values)]
+            + (["yes" if low[row] else ""] if low is not None else [])
+            for row, (name, indices, values) in enumerate(zip(names, top_indices.tolist(),
+                                                              top_probabilities.tolist()))]
+    widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in [header, *rows])
 
 
 # --------------------------------------------------------------------------- test-time views and ensembles
@@ -301,29 +442,73 @@ def tta_views(mode: str) -> list[View]:
 
 
 class AveragedSoftmax(nn.Module):
-    """Several models over several views of a batch: the log of their mean softmax probabilities.
+    """Several models over several views of a batch: the log of their mean softmax probabilities, each model's
+    logits divided by its temperature first (1: as they are).
 
     It returns log-probabilities so it can stand in for a model in ``engine.predict_probabilities``: the softmax
     that function applies turns them back into exactly the mean probabilities.
     """
 
-    def __init__(self, models: Sequence[nn.Module], views: Sequence[View]) -> None:
+    def __init__(self, models: Sequence[nn.Module], views: Sequence[View],
+                 temperatures: Sequence[float] | None = None) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
         self.views = list(views)
+        self.temperatures = [1.0] * len(models) if temperatures is None else list(temperatures)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         total = None
-        for model in self.models:
+        for model, temperature in zip(self.models, self.temperatures):
             for view in self.views:
-                probabilities = model(view(images)).float().softmax(dim=1)
+                probabilities = (model(view(images)).float() / temperature).softmax(dim=1)
                 total = probabilities if total is None else total + probabilities
         return (total / (len(self.models) * len(self.views))).log()
 
 
+@dataclass
+class Ensemble:
+    """The models of ``--checkpoint`` on their device, each with its checkpoint (classes, preprocessing) and its
+    softmax temperature."""
+
+    checkpoints: list[dict[str, Any]]
+    models: list[nn.Module]
+    temperatures: list[float]
+    accel: Accel
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class list the models share."""
+        return list(self.checkpoints[0]["class_names"])
+
+
+def load_ensemble(paths: Sequence[str | Path], device: str, amp: str) -> Ensemble:
+    """Read every ``--checkpoint`` (PyTorch or ONNX, not both), and put the models on the device ``--device`` and
+    ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32)."""
+    paths = [str(path) for path in paths]
+    checkpoints = load_checkpoints(paths)
+    temperatures = [temperature_of(checkpoint, path) for path, checkpoint in zip(paths, checkpoints)]
+    if "onnx_session" in checkpoints[0]:
+        if device not in ("auto", "cpu") or amp not in ("auto", "off"):
+            print(f"note: --device {device} --amp {amp} do not apply to an ONNX model: onnxruntime runs it on the "
+                  "CPU in fp32")
+        accel = Accel(torch.device("cpu"), None, channels_last=False)
+        return Ensemble(checkpoints, [OnnxModel(checkpoint["onnx_session"]) for checkpoint in checkpoints],
+                        temperatures, accel)
+    accel = set_up_accel(device, amp)
+    models = [accel.prepare_model(model_from_checkpoint(checkpoint)) for checkpoint in checkpoints]
+    return Ensemble(checkpoints, models, temperatures, accel)
+
+
 def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Read every ``--checkpoint``; they must share one class list (same names, same order)."""
-    checkpoints = [load_checkpoint(path) for path in paths]
+    """Read every ``--checkpoint`` (train.py's ``.pt`` or export.py's ``.onnx``, one kind); they must share one
+    class list (same names, same order)."""
+    onnx = [path for path in paths if is_onnx(path)]
+    if onnx and len(onnx) < len(paths):
+        other = next(path for path in paths if not is_onnx(path))
+        raise UserError(f"--checkpoint {onnx[0]} and {other}: an ensemble of ONNX and PyTorch models is not supported "
+                        f"(they run on different devices); pass only .pt files, or export {other} with python "
+                        "export.py and pass only .onnx files")
+    checkpoints = [load_onnx(path) if is_onnx(path) else load_checkpoint(path) for path in paths]
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
         if checkpoint["class_names"] != checkpoints[0]["class_names"]:
             raise UserError(f"--checkpoint {paths[0]} and {path} have different class lists "
@@ -333,6 +518,20 @@ def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
         print(f"checkpoint: {path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
               f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')})")
     return checkpoints
+
+
+def temperature_of(checkpoint: dict[str, Any], path: str) -> float:
+    """The temperature dividing the model's logits before the softmax (fitted on validation at the end of training);
+    1.0, with a note, for a checkpoint without one."""
+    temperature = checkpoint.get("temperature")
+    if temperature is None:
+        print(f"note: no temperature in {path} (older checkpoint or --train-on-all): probabilities uncalibrated, "
+              "T=1.0")
+        return 1.0
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"--checkpoint {path}: its temperature {temperature!r} is not a positive number; the file is "
+                        "damaged, use another copy")
+    return float(temperature)
 
 
 def class_list_difference(first: Sequence[str], second: Sequence[str]) -> str:
@@ -360,64 +559,234 @@ def preprocessing_groups(checkpoints: Sequence[dict[str, Any]]) -> list[list[int
 
 
 def ensemble_probabilities(
-    checkpoints: Sequence[dict[str, Any]],
-    paths: Sequence[Path],
-    accel: Accel,
+    ensemble: Ensemble,
+    items: Sequence[str | Path | Image.Image],
     tta: str,
     batch_size: int,
     workers: int,
     max_pixels: int,
     show_progress: bool,
 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """Mean softmax probabilities over checkpoints and test-time views, in ``paths`` order; and why each position
-    that failed to decode did."""
+    """Mean softmax probabilities (temperature-scaled) over the models and test-time views, in ``items`` order;
+    and why each position that failed to decode did."""
     views = tta_views(tta)
-    total = torch.zeros(len(paths), len(checkpoints[0]["class_names"]))
+    total = torch.zeros(len(items), len(ensemble.class_names))
     failed: dict[int, str] = {}
-    for group in preprocessing_groups(checkpoints):
-        first = checkpoints[group[0]]
-        batches = checkpoint_batches([str(path) for path in paths], first, accel, batch_size, workers, max_pixels)
-        models = [accel.prepare_model(model_from_checkpoint(checkpoints[index])) for index in group]
-        probabilities, group_failed = predict_probabilities(AveragedSoftmax(models, views), batches, len(paths), accel,
-                                                            show_progress)
+    for group in preprocessing_groups(ensemble.checkpoints):
+        batches = item_batches(items, ensemble.checkpoints[group[0]], ensemble.accel, batch_size, workers, max_pixels)
+        model = AveragedSoftmax([ensemble.models[index] for index in group], views,
+                                [ensemble.temperatures[index] for index in group])
+        probabilities, group_failed = predict_probabilities(model, batches, len(items), ensemble.accel, show_progress)
         failed.update(group_failed)
         total += probabilities * len(group)
-    return total / len(checkpoints), dict(sorted(failed.items()))
+    return total / len(ensemble.checkpoints), dict(sorted(failed.items()))
 
 
-# --------------------------------------------------------------------------- top-k file
+def item_batches(items: Sequence[str | Path | Image.Image], checkpoint: dict[str, Any], accel: Accel,
+                 batch_size: int, workers: int, max_pixels: int) -> Any:
+    """Batches of ``items`` through ``checkpoint``'s eval recipe: files on the path ``pipeline.checkpoint_batches``
+    picks for the device (as predict.py's folder), or, when PIL images are among them, all on the CPU path (the GPU
+    path decodes files' bytes, which an image in memory no longer has)."""
+    if all(isinstance(item, (str, Path)) for item in items):
+        return checkpoint_batches([str(item) for item in items], checkpoint, accel, batch_size, workers, max_pixels)
+    size = eval_size(checkpoint)
+    pictures = PicturesAndFiles(items, build_eval_transform(size, checkpoint["mean"], checkpoint["std"]),
+                                eval_resize_size(size), max_pixels)
+    sampler = BatchSampler(SequentialSampler(range(len(items))), batch_size, drop_last=False)
+    loader = DataLoader(pictures, batch_sampler=sampler, collate_fn=collate_decoded,
+                        **loader_options(workers, 0, accel, pin_memory=accel.device.type == "cuda"))
+    return HostBatches(loader, accel, labeled=False)
 
 
-def probabilities_csv(names: Sequence[str], probabilities: torch.Tensor, class_names: Sequence[str], k: int) -> str:
-    """``image_name,label_1,prob_1,...,label_K,prob_K``: each image's K most probable classes, most probable first."""
+class PicturesAndFiles(Dataset):
+    """The CPU path's items (``pipeline.ImageFiles``: image tensor, label -1, position) where some are PIL images
+    already in memory: those skip the decoding, and get its EXIF orientation and RGB conversion (``images.to_rgb``)
+    before the same transform."""
+
+    def __init__(self, items: Sequence[str | Path | Image.Image], transform: Callable[[Image.Image], torch.Tensor],
+                 decode_min_side: int, max_pixels: int) -> None:
+        self.files = ImageFiles(["" if isinstance(item, Image.Image) else item for item in items], None, transform,
+                                decode_min_side, max_pixels)
+        self.pictures = {index: item for index, item in enumerate(items) if isinstance(item, Image.Image)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int) -> Any:
+        if key in self.pictures:
+            return self.files.transform(to_rgb(ImageOps.exif_transpose(self.pictures[key]))), -1, key
+        return self.files[key]
+
+
+# --------------------------------------------------------------------------- ONNX models (export.py writes them)
+
+
+def is_onnx(path: str | Path) -> bool:
+    """True for a ``.onnx`` file name (a model export.py wrote)."""
+    return str(path).lower().endswith(".onnx")
+
+
+def require_module(name: str, purpose: str) -> ModuleType:
+    """Import the optional package ``name``, or refuse in one line naming the ``pip install``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{purpose} needs the {name} package, which is not installed: {ONNX_PIP}") from None
+
+
+def load_onnx(path: str) -> dict[str, Any]:
+    """An ONNX model written by export.py, as a checkpoint-like dict: its class names, eval size, mean, std and
+    temperature (from the model's metadata) and an onnxruntime session (CPU) under ``onnx_session``."""
+    onnxruntime = require_module("onnxruntime", f"--checkpoint {path}")
+    if not Path(path).is_file():
+        raise UserError(f"--checkpoint {path}: file not found; write it with python export.py --checkpoint best.pt "
+                        f"--output {path}")
+    try:
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for every unreadable file
+        raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({first_line(error)}); export it again "
+                        "with python export.py") from None
+    metadata = onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
+    size = int(metadata["img_size"])
+    return {"format": ONNX_FORMAT, "onnx_session": session, "arch": f"{metadata.get('arch', '?')} as ONNX",
+            "class_names": list(metadata["class_names"]), "img_size": size, "test_size": size,
+            "mean": [float(value) for value in metadata["mean"]], "std": [float(value) for value in metadata["std"]],
+            "temperature": metadata.get("temperature"), "epoch": metadata.get("epoch", "?"), "config": {}}
+
+
+ONNX_REQUIRED_METADATA = ("class_names", "img_size", "mean", "std")
+
+
+def onnx_metadata(properties: dict[str, str], path: str) -> dict[str, Any]:
+    """export.py's metadata (JSON values) of an ONNX model; refuses a model without it."""
+    try:
+        metadata = {key: json.loads(value) for key, value in properties.items()}
+    except json.JSONDecodeError:
+        metadata = {}
+    missing = [key for key in ONNX_REQUIRED_METADATA if key not in metadata]
+    if metadata.get("format") != ONNX_FORMAT or missing:
+        raise UserError(f"--checkpoint {path}: an ONNX model without export.py's metadata (class names, image size, "
+                        "mean and std); export it with python export.py --checkpoint best.pt")
+    return metadata
+
+
+class OnnxModel(nn.Module):
+    """An onnxruntime session standing in for the network: float32 images ``[N, 3, H, W]`` in, logits out."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.detach().float().cpu().contiguous().numpy()
+        return torch.from_numpy(self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})[0])
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def probabilities_csv(names: Sequence[str], probabilities: torch.Tensor, class_names: Sequence[str], k: int,
+                      low: Sequence[bool] | None = None) -> str:
+    """``image_name,label_1,prob_1,...,label_K,prob_K``: each image's K most probable classes, most probable first;
+    with ``low``, a ``low_confidence`` column (True where the top probability is under ``--min-confidence``)."""
     top_probabilities, top_indices = probabilities.topk(k, dim=1)
     header = ["image_name"] + [f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "prob")]
-    rows = ([name] + [item for index, value in zip(indices, values) for item in (class_names[index], f"{value:.6f}")]
-            for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()))
+    rows = [[name] + [item for index, value in zip(indices, values) for item in (class_names[index], f"{value:.6f}")]
+            for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist())]
+    if low is not None:
+        header.append("low_confidence")
+        rows = [row + [flag] for row, flag in zip(rows, low)]
     return csv_text(header, rows)
 
 
-def resolve_topk(requested: int, num_classes: int) -> int:
-    """``--topk`` capped at the class count (with a note); 0 means no probabilities file."""
-    if requested < 0:
-        raise UserError(f"--topk {requested}: must be 0 (no probabilities.csv) or more")
+def probabilities_path(output: Path) -> Path:
+    """Where ``--topk`` writes: beside the submission, named after it (``sub.csv`` -> ``sub_probabilities.csv``), so
+    two submissions in one folder keep their own."""
+    return output.with_name(f"{output.stem}_probabilities.csv")
+
+
+def resolve_topk(requested: int, num_classes: int, min_confidence: float | None = None) -> int:
+    """``--topk`` capped at the class count (with a note); 0 means no probabilities file, unless ``--min-confidence``
+    asks for one (then 1, with a note)."""
     if requested > num_classes:
         print(f"note: --topk {requested} is more than the {num_classes} classes; writing all {num_classes}")
+    if requested == 0 and min_confidence is not None:
+        print("note: --min-confidence without --topk: the probabilities file holds each image's top label only "
+              "(--topk 1); pass --topk K for more")
+        return 1
     return min(requested, num_classes)
 
 
-def check_output_paths(output: Path, zip_too: bool, topk: int) -> None:
-    """Refuse, before any work, output paths that cannot be written as files."""
+def low_confidence(probabilities: torch.Tensor, threshold: float | None) -> list[bool] | None:
+    """For each row, whether its top probability is under ``threshold`` (None: no ``--min-confidence``)."""
+    if threshold is None:
+        return None
+    return (probabilities.max(dim=1).values < threshold).tolist() if len(probabilities) else []
+
+
+def output_targets(output: Path | None, zip_too: bool, probabilities: bool) -> list[tuple[str, Path]]:
+    """The files this run writes, each with the flag that asks for it."""
+    if output is None:
+        return []
     targets = [("--output", output)]
     if zip_too:
         targets.append(("--zip", output.with_suffix(".zip")))
-    if topk:
-        targets.append(("--topk", output.parent / "probabilities.csv"))
+    if probabilities:
+        targets.append(("--topk", probabilities_path(output)))
+    return targets
+
+
+def check_output_paths(targets: Sequence[tuple[str, Path]]) -> None:
+    """Refuse, before any work, output paths that cannot be written: a folder in the way, a file where a folder must
+    go, a folder that is read-only or a disk that is full."""
     for flag, path in targets:
         if path.is_dir():
-            suggested = output / "prediction.csv" if flag == "--output" else output.with_name("prediction.csv")
+            output = targets[0][1]
+            suggested = output / DEFAULT_OUTPUT if flag == "--output" else output.with_name(DEFAULT_OUTPUT)
             raise UserError(f"{flag}: {path} is a folder; pass a file name for --output, such as {suggested}")
-    refuse_files_in_the_way("--output", output)
+    for flag, path in targets:
+        refuse_files_in_the_way(flag, path)
+    first_flag_of = {}
+    for flag, path in targets:
+        first_flag_of.setdefault(nearest_folder(path.parent), flag)
+    for folder, flag in first_flag_of.items():
+        probe_writable(folder, flag)
+
+
+def nearest_folder(folder: Path) -> Path:
+    """``folder``, or its nearest parent that exists (where writing creates the rest)."""
+    return next((candidate for candidate in [folder, *folder.parents] if candidate.is_dir()), Path("."))
+
+
+def probe_writable(folder: Path, flag: str) -> None:
+    """Write a small file in ``folder`` and remove it: refuses a read-only folder or a full disk in one line."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as error:
+        raise UserError(unwritable_reason(folder, flag, error)) from None
+    try:
+        os.write(handle, b"\0" * 4096)
+        os.fsync(handle)
+    except OSError as error:
+        raise UserError(unwritable_reason(folder, flag, error)) from None
+    finally:
+        os.close(handle)
+        os.remove(probe)
+
+
+def unwritable_reason(folder: Path, flag: str, error: OSError) -> str:
+    """Why ``folder`` cannot take ``flag``'s file: read-only, no permission, or a full disk."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free"
+        except OSError:
+            free = "no free space"
+        return f"{flag}: the disk of {folder} is full ({free}); make room there or write to another folder"
+    if error.errno == errno.EROFS:
+        return f"{flag}: {folder} is on a read-only file system; write to another folder"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"{flag}: {folder} is read-only for you (no permission to write there); write to another folder"
+    return f"{flag}: cannot write in {folder} ({error.strerror or first_line(error)}); write to another folder"
 
 
 def refuse_unreadable_images(paths: Sequence[Path], workers: int, max_pixels: int) -> None:
@@ -451,7 +820,7 @@ def failure_list(failed: dict[int, str], paths: Sequence[Path]) -> str:
 
 
 def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict[int, str], paths: Sequence[Path],
-                     output: Path, allow_missing: bool) -> tuple[list[str], torch.Tensor]:
+                     output: Path | str, allow_missing: bool) -> tuple[list[str], torch.Tensor]:
     """The rows of the images that were decoded; refuses (unless ``allow_missing``) when any was not."""
     if not failed:
         return names, probabilities
@@ -464,72 +833,194 @@ def drop_failed_rows(names: list[str], probabilities: torch.Tensor, failed: dict
     return [names[index] for index in kept], probabilities[kept]
 
 
-def write_outputs(args: argparse.Namespace, names: list[str], predicted: list[str], probabilities: torch.Tensor,
-                  class_names: list[str], topk: int) -> dict[str, Any]:
+def write_outputs(args: argparse.Namespace, output: Path, names: list[str], predicted: list[str],
+                  probabilities: torch.Tensor, class_names: list[str], topk: int) -> dict[str, Any]:
     """The submission, and as asked its zip and the top-k probabilities file; returns what was written."""
-    submission = submission_csv(names, predicted)
-    output = Path(args.output)
-    atomic_write_text(output, submission)
+    note_undecodable_names(names, output)
+    submission = csv_bytes(submission_csv(names, predicted))
+    atomic_write_bytes(output, submission)
     print(f"wrote {output}: {len(names)} rows")
     result: dict[str, Any] = {"output": str(output), "rows": len(names)}
     if args.zip:
         write_zip(submission, output.with_suffix(".zip"))
         print(f"wrote {output.with_suffix('.zip')}")
     if topk:
-        probabilities_path = output.parent / "probabilities.csv"
-        atomic_write_text(probabilities_path, probabilities_csv(names, probabilities, class_names, topk))
-        print(f"wrote {probabilities_path}: top {topk} labels and probabilities per image")
-        result["probabilities"] = str(probabilities_path)
+        path = probabilities_path(output)
+        low = low_confidence(probabilities, args.min_confidence)
+        atomic_write_bytes(path, csv_bytes(probabilities_csv(names, probabilities, class_names, topk, low)))
+        print(f"wrote {path}: top {topk} label(s) and probabilities per image")
+        result["probabilities"] = str(path)
     return result
+
+
+def report_low_confidence(probabilities: torch.Tensor, threshold: float | None) -> dict[str, int]:
+    """Print how many images have a top probability under ``--min-confidence``; returns the count."""
+    low = low_confidence(probabilities, threshold)
+    if low is None:
+        return {}
+    print(f"{sum(low)} of {len(low)} image(s) have a top probability under --min-confidence {threshold:g}"
+          + ("" if not sum(low) else " (low_confidence True in the probabilities file)"))
+    return {"low_confidence": sum(low)}
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse option values that would only fail later."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.topk < 0:
+        raise UserError(f"--topk {args.topk}: must be 0 (no probabilities file) or more")
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        raise UserError(f"--min-confidence {args.min_confidence:g}: must be a probability, from 0 to 1 (e.g. 0.5)")
+    if args.files and args.test_dir is not None:
+        raise UserError(f"--test-dir {args.test_dir} and image files ({some_names(args.files, 3)}): pass one of them")
+    if args.files and args.zip and args.output is None:
+        raise UserError("--zip with image files: pass --output too (with files alone, predict.py only prints a table)")
     check_max_image_pixels(args.max_image_pixels)
+
+
+def describe_run(ensemble: Ensemble, tta: str) -> str:
+    """The line saying where and how the models run."""
+    runtime = " (onnxruntime)" if "onnx_session" in ensemble.checkpoints[0] else ""
+    models = f"; ensemble of {len(ensemble.models)} models" if len(ensemble.models) > 1 else ""
+    return (f"device: {describe_device(ensemble.accel.device)}, precision {ensemble.accel.precision_name}{runtime}; "
+            f"test-time views: {tta}{models}")
+
+
+def resolve_output(args: argparse.Namespace) -> Path | None:
+    """The submission to write: ``--output``; without it ``prediction.csv``, or nothing for image files (a table)."""
+    if args.output is not None:
+        return Path(args.output)
+    return None if args.files else Path(DEFAULT_OUTPUT)
 
 
 @exit_on_user_error
 def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     """Predict every test image and write the submission; returns the output path and row count (and the score)."""
     args = get_args_parser().parse_args(argument_list(argv, "predict.py"))
+    args.checkpoint, args.files = split_images_from_checkpoints(args.checkpoint, args.files)
     try:
         return predict_and_write(args)
     except KeyboardInterrupt:
-        print(f"interrupted: no submission written ({args.output} is as it was)", file=sys.stderr)
+        output = resolve_output(args)
+        print("interrupted: " + (f"no submission written ({output} is as it was)" if output else "nothing written"),
+              file=sys.stderr)
         raise SystemExit(130) from None
 
 
 def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole prediction: checks, inference, the submission and, with ``--labels``, its score."""
+    """The whole prediction: checks, inference, the submission (or, for image files, a table) and its score."""
     check_args(args)
     args.workers = resolve_workers(args.workers)
+    output = resolve_output(args)
+    check_output_paths(output_targets(output, args.zip, bool(args.topk) or args.min_confidence is not None))
     truth = read_labels(args.labels) if args.labels else None
-    checkpoints = load_checkpoints(args.checkpoint)
-    class_names = checkpoints[0]["class_names"]
-    topk = resolve_topk(args.topk, len(class_names))
-    check_output_paths(Path(args.output), args.zip, topk)
-    accel = set_up_accel(args.device, args.amp)
-    print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}; test-time views: {args.tta}"
-          + (f"; ensemble of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else ""))
-    paths, ignored = find_test_images(args.test_dir)
-    report_ignored(args.test_dir, ignored)
-    refuse_labeled_folders(Path(args.test_dir), paths, class_names)
+    paths = expand_files(args.files) if args.files else None
+    ensemble = load_ensemble(args.checkpoint, args.device, args.amp)
+    class_names = ensemble.class_names
+    topk = resolve_topk(args.topk, len(class_names), args.min_confidence if output else None)
+    print(describe_run(ensemble, args.tta))
+    if paths is None:
+        test_dir = args.test_dir or DEFAULT_TEST_DIR
+        paths, ignored = find_test_images(test_dir)
+        report_ignored(test_dir, ignored)
+        refuse_labeled_folders(Path(test_dir), paths, class_names)
     names = image_names(paths, args.keep_ext)
     true_label_of = dict(zip(names, labels_of(paths, truth))) if truth is not None else {}
+    if truth is not None:
+        note_unmatched_label_rows(paths, truth, args.labels)
     if not args.allow_missing:
         refuse_unreadable_images(paths, args.workers, args.max_image_pixels)
 
-    probabilities, failed = ensemble_probabilities(checkpoints, paths, accel, args.tta, args.batch_size, args.workers,
+    probabilities, failed = ensemble_probabilities(ensemble, paths, args.tta, args.batch_size, args.workers,
                                                    args.max_image_pixels, not args.no_progress)
-    names, probabilities = drop_failed_rows(names, probabilities, failed, paths, Path(args.output), args.allow_missing)
+    names, probabilities = drop_failed_rows(names, probabilities, failed, paths, output or "the table",
+                                            args.allow_missing)
     predicted = [class_names[index] for index in probabilities.argmax(dim=1).tolist()]
-    result = write_outputs(args, names, predicted, probabilities, class_names, topk)
+    result: dict[str, Any] = {}
+    if args.files:
+        kept = [str(path) for index, path in enumerate(paths) if index not in failed]
+        print(top_labels_table(kept, probabilities, class_names, min(args.topk or FILE_MODE_TOPK, len(class_names)),
+                               low_confidence(probabilities, args.min_confidence)))
+    if output is not None:
+        result.update(write_outputs(args, output, names, predicted, probabilities, class_names, topk))
+    result.update(report_low_confidence(probabilities, args.min_confidence))
     if truth is not None:
         result.update(report_score(names, predicted, [true_label_of[name] for name in names], truth, class_names,
                                    args.labels))
     return result
+
+
+# --------------------------------------------------------------------------- from Python
+
+
+class Classifier:
+    """A trained model (a checkpoint, an ensemble of them, or export.py's ``.onnx``) loaded once, to predict images
+    from Python with predict.py's preprocessing, device, precision and temperature::
+
+        from predict import Classifier
+        clf = Classifier("checkpoints/best.pt")            # keyword options as predict.py's flags, same defaults
+        table = clf.predict(["a.jpg", Image.open("b.png")], topk=3)
+
+    Files take predict.py's data path for the device; PIL images the CPU path's eval transform (see
+    :func:`item_batches`).
+    """
+
+    def __init__(self, checkpoint: str | Path | Sequence[str | Path] = "checkpoints/best.pt", *, device: str = "auto",
+                 amp: str = "auto", tta: str = "none", batch_size: int = 128, workers: int | str = "auto",
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, show_progress: bool = False) -> None:
+        paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+        tta_views(tta)  # refuses an unknown mode now, not at the first prediction
+        self.ensemble = load_ensemble(paths, device, amp)
+        self.tta, self.batch_size, self.workers = tta, batch_size, resolve_workers(workers)
+        self.max_image_pixels, self.show_progress = max_image_pixels, show_progress
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes the model predicts, in its order."""
+        return self.ensemble.class_names
+
+    def predict(self, items: str | Path | Image.Image | Sequence[str | Path | Image.Image],
+                topk: int = 1) -> pd.DataFrame:
+        """One row an image, in order: ``name`` (the path as given, or a PIL image's file name or ``image <i>``),
+        ``label``, ``probability`` and, for ``topk`` > 1, ``top{i}_label`` and ``top{i}_probability``."""
+        import pandas as pd  # only the Python interface needs it
+
+        items = [items] if isinstance(items, (str, Path, Image.Image)) else list(items)
+        if topk < 1:
+            raise UserError(f"topk={topk}: must be 1 or more")
+        paths = [Path(item) for item in items if not isinstance(item, Image.Image)]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise UserError(f"cannot predict {some_names(missing)}: file not found")
+        probabilities, failed = ensemble_probabilities(self.ensemble, items, self.tta, self.batch_size, self.workers,
+                                                       self.max_image_pixels, self.show_progress)
+        if failed:
+            raise UserError(f"{len(failed)} image(s) could not be decoded: "
+                            + "; ".join(f"{item_name(items[index], index)} ({reason})"
+                                        for index, reason in failed.items()))
+        return pd.DataFrame(prediction_rows([item_name(item, index) for index, item in enumerate(items)],
+                                            probabilities, self.class_names, min(topk, len(self.class_names))))
+
+
+def item_name(item: str | Path | Image.Image, index: int) -> str:
+    """How :meth:`Classifier.predict` names an item: the path as given, a PIL image's file name, or ``image <i>``."""
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"image {index}"
+    return str(item)
+
+
+def prediction_rows(names: Sequence[str], probabilities: torch.Tensor, class_names: Sequence[str],
+                    k: int) -> list[dict[str, Any]]:
+    """The rows of :meth:`Classifier.predict`'s table."""
+    top_probabilities, top_indices = probabilities.topk(k, dim=1)
+    rows = []
+    for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()):
+        row = {"name": name, "label": class_names[indices[0]], "probability": values[0]}
+        if k > 1:
+            for rank, (index, value) in enumerate(zip(indices, values), start=1):
+                row[f"top{rank}_label"], row[f"top{rank}_probability"] = class_names[index], value
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
