@@ -28,6 +28,7 @@ from options import add_inference_options, add_max_image_pixels_option, check_ma
 from pipeline import checkpoint_batches
 from report import write_evaluation_report
 from utils import (
+    ArgumentParser,
     UserError,
     argument_list,
     describe_device,
@@ -43,7 +44,7 @@ MAX_NAMES_IN_ERROR = 10
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The evaluation options."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="evaluate.py",
         description="Evaluate a checkpoint on a labeled ImageFolder split and write metrics, tables, figures "
                     "and report.md.",

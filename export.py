@@ -55,7 +55,7 @@ from predict import (
     load_onnx,
     require_module,
 )
-from utils import UserError, argument_list, exit_on_user_error, first_line
+from utils import ArgumentParser, UserError, argument_list, exit_on_user_error, first_line
 
 DEFAULT_TOLERANCE = 1e-3  # the largest logit difference allowed, relative to max(1, largest |logit|); see above
 DEFAULT_MAX_IMAGES = 64
@@ -64,7 +64,7 @@ TORCHSCRIPT_OPSET = 17  # the older exporter's opset (torch 2.4); the dynamo exp
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The export options."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="export.py",
         description="Write an ONNX model of a checkpoint (dynamic batch, metadata for predict.py) and check it "
                     "against PyTorch on real images.",

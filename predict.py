@@ -61,6 +61,7 @@ from options import add_inference_options, add_max_image_pixels_option, check_ma
 from pipeline import HostBatches, ImageFiles, checkpoint_batches, collate_decoded, loader_options
 from recipe import build_eval_transform, eval_resize_size
 from utils import (
+    ArgumentParser,
     UserError,
     argument_list,
     atomic_write_bytes,
@@ -95,7 +96,7 @@ ONNX_PIP = "pip install onnx onnxruntime onnxscript"
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The prediction options."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="predict.py",
         description="Write prediction.csv (image_name,pred_label) for every image in the test folder, or print the "
                     "top labels of a few image files.",

@@ -6,6 +6,7 @@ a short --help, and DataLoader worker warnings."""
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import shutil
@@ -266,6 +267,19 @@ def test_help_in_a_notebook_prints_the_help_and_returns(notebook: None, capsys: 
     assert train.main("--help") is None  # not SystemExit: 0, which a notebook shows as an exception
 
     assert capsys.readouterr().out.startswith("usage: train.py [--config FILE]")
+
+
+@pytest.mark.parametrize("script", ["predict", "evaluate", "export"])
+def test_the_other_scripts_print_their_help_in_a_notebook_too(notebook: None, capsys: pytest.CaptureFixture,
+                                                              script: str) -> None:
+    assert importlib.import_module(script).main("--help") is None
+
+    assert capsys.readouterr().out.startswith(f"usage: {script}.py")
+
+
+def test_a_mistyped_predict_flag_in_a_notebook_is_one_line_with_the_nearest(notebook: None) -> None:
+    with pytest.raises(UserError, match=r"unrecognized arguments: --topp \(did you mean --topk\?\)"):
+        importlib.import_module("predict").main("--topp 3")
 
 
 def test_help_is_short_and_says_how_to_see_every_option(monkeypatch: pytest.MonkeyPatch) -> None:
