@@ -915,15 +915,17 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
     output = resolve_output(args)
     check_output_paths(output_targets(output, args.zip, bool(args.topk) or args.min_confidence is not None))
     truth = read_labels(args.labels) if args.labels else None
-    paths = expand_files(args.files) if args.files else None
+    test_dir = None if args.files else args.test_dir or DEFAULT_TEST_DIR
+    if test_dir is None:
+        paths = expand_files(args.files)
+    else:  # the folder's errors come before the model is loaded and the device named
+        paths, ignored = find_test_images(test_dir)
+        report_ignored(test_dir, ignored)
     ensemble = load_ensemble(args.checkpoint, args.device, args.amp)
     class_names = ensemble.class_names
     topk = resolve_topk(args.topk, len(class_names), args.min_confidence if output else None)
     print(describe_run(ensemble, args.tta))
-    if paths is None:
-        test_dir = args.test_dir or DEFAULT_TEST_DIR
-        paths, ignored = find_test_images(test_dir)
-        report_ignored(test_dir, ignored)
+    if test_dir is not None:
         refuse_labeled_folders(Path(test_dir), paths, class_names)
     names = image_names(paths, args.keep_ext)
     true_label_of = dict(zip(names, labels_of(paths, truth))) if truth is not None else {}

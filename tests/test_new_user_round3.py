@@ -333,6 +333,14 @@ def test_a_data_folder_error_comes_before_any_device_line(tmp_path: Path) -> Non
     assert "device:" not in result.stdout
 
 
+def test_a_test_folder_error_in_predict_comes_before_the_model_and_device(checkpoint: Path, tmp_path: Path) -> None:
+    result = call_main(importlib.import_module("predict").main, "--checkpoint", checkpoint, "--test-dir",
+                       tmp_path / "missing", "--output", tmp_path / "p.csv")
+
+    assert_user_error(result, str(tmp_path / "missing"))
+    assert "device:" not in result.stdout
+
+
 # --------------------------------------------------------------------------- 20: loader workers
 
 
