@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_predict_extras import probabilities_by_label
 
 import export
@@ -131,7 +132,10 @@ def test_a_missing_package_is_one_line_naming_the_install(tmp_path: Path, monkey
 
 def test_predict_without_onnxruntime_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    result = call_main(predict.main, "--checkpoint", tmp_path / "model.onnx", "--test-dir", tmp_path, *PREDICT_FLAGS)
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    Image.new("RGB", (32, 32)).save(test_dir / "a.jpg")
+    result = call_main(predict.main, "--checkpoint", tmp_path / "model.onnx", "--test-dir", test_dir, *PREDICT_FLAGS)
     assert_user_error(result, f"--checkpoint {tmp_path / 'model.onnx'} needs the onnxruntime package",
                       "pip install onnx onnxruntime onnxscript")
 
