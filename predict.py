@@ -53,6 +53,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 import metrics
 from accel import Accel, set_up_accel
+from calibration import DEFAULT_TEMPERATURE
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import find_test_images, report_ignored, same_name
 from engine import predict_probabilities
@@ -487,7 +488,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str, amp: str) -> Ensembl
     ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32)."""
     paths = [str(path) for path in paths]
     checkpoints = load_checkpoints(paths)
-    temperatures = [temperature_of(checkpoint, path) for path, checkpoint in zip(paths, checkpoints)]
+    temperatures = [checked_temperature(checkpoint, path) for path, checkpoint in zip(paths, checkpoints)]
     if "onnx_session" in checkpoints[0]:
         if device not in ("auto", "cpu") or amp not in ("auto", "off"):
             print(f"note: --device {device} --amp {amp} do not apply to an ONNX model: onnxruntime runs it on the "
@@ -521,14 +522,15 @@ def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
     return checkpoints
 
 
-def temperature_of(checkpoint: dict[str, Any], path: str) -> float:
+def checked_temperature(checkpoint: dict[str, Any], path: str) -> float:
     """The temperature dividing the model's logits before the softmax (fitted on validation at the end of training);
-    1.0, with a note, for a checkpoint without one."""
+    1.0, with a note, for a checkpoint without one; a damaged value is refused."""
     temperature = checkpoint.get("temperature")
     if temperature is None:
-        print(f"note: no temperature in {path} (older checkpoint or --train-on-all): probabilities uncalibrated, "
-              "T=1.0")
-        return 1.0
+        print(f"note: no temperature in {path} (train.py stores one in best.pt when a run ends; last.pt, the best.pt "
+              "of an unfinished run and older checkpoints have none): probabilities uncalibrated, "
+              f"T={DEFAULT_TEMPERATURE}")
+        return DEFAULT_TEMPERATURE
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--checkpoint {path}: its temperature {temperature!r} is not a positive number; the file is "
                         "damaged, use another copy")

@@ -199,8 +199,8 @@ def test_the_checkpoints_temperature_calibrates_every_probability(ensemble_input
     plain = run_predict(data, tmp_path / "plain", "--checkpoint", first, "--topk", "3")
     scaled = run_predict(data, tmp_path / "scaled", "--checkpoint", calibrated, "--topk", "3")
     assert plain.returncode == 0 and scaled.returncode == 0, plain.stderr + scaled.stderr
-    assert f"note: no temperature in {first} (older checkpoint or --train-on-all): probabilities uncalibrated, " \
-           "T=1.0" in plain.stdout
+    assert f"note: no temperature in {first} (train.py stores one in best.pt when a run ends;" in plain.stdout
+    assert "probabilities uncalibrated, T=1.0" in plain.stdout
     assert "no temperature" not in scaled.stdout
     before = probabilities_by_label(tmp_path / "plain" / "prediction_probabilities.csv")
     after = probabilities_by_label(tmp_path / "scaled" / "prediction_probabilities.csv")
