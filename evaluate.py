@@ -194,7 +194,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
           f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))
     batches = checkpoint_batches([path for path, _ in samples], checkpoint, accel, args.batch_size, args.workers,
-                                 args.max_image_pixels)
+                                 args.max_image_pixels, args.augment_device)
     predictions = predict_samples(model, batches, samples, accel, show_progress=not args.no_progress)
     return write_evaluation_report(predictions, checkpoint, report_dir, source=source,
                                    history_path=checkpoint_dir / "history.csv", top_confusions=args.top_confusions,

@@ -588,6 +588,9 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
                         "runs out of memory)")
     parser.add_argument("--workers", default="auto", help="DataLoader worker processes: a number, or auto (one per "
                         "CPU core, up to 8)")
+    parser.add_argument("--augment-device", default="auto", choices=("auto", "cpu", "gpu"),
+                        help="where images are decoded, resized and cropped: gpu = batched on the CUDA device (auto on "
+                             "CUDA), cpu = PIL in the loader workers")
     add_device_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

@@ -925,14 +925,15 @@ def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on
 
 
 def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: Sequence[float], std: Sequence[float],
-              world: World = World()) -> Loaders:
+              world: World = World(), data_path: str | None = None) -> Loaders:
     """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses).
 
     On the CPU path the loader workers decode and augment each image with PIL; on the GPU path they read the
     files' bytes, and decoding and augmentation run on the device (see pipeline.py). Under torchrun each process
-    gets its share of every step's batch and its contiguous part of the validation images.
+    gets its share of every step's batch and its contiguous part of the validation images. ``data_path``: the path
+    ``choose_data_path`` chose already (train.py chooses once), else chosen here from ``--augment-device``.
     """
-    on_device = choose_data_path(args.augment_device, accel.device) == "gpu"
+    on_device = (data_path or choose_data_path(args.augment_device, accel.device)) == "gpu"
     if on_device and args.auto_augment != "none":
         print(f"note: --auto-augment {args.auto_augment} runs in the loader workers: training images take the CPU "
               "path (PIL), validation stays on the device")
@@ -959,9 +960,11 @@ def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: 
 
 
 def checkpoint_batches(paths: Sequence[str], checkpoint: dict[str, Any], accel: Accel, batch_size: int = 128,
-                       workers: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> HostBatches | DeviceEvalBatches:
+                       workers: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       data_path: str = "auto") -> HostBatches | DeviceEvalBatches:
     """Unlabeled batches of ``paths`` through ``checkpoint``'s eval recipe (its size, mean and std), on the path
-    :func:`choose_data_path` picks for the device: what predict.py and evaluate.py feed a trained model."""
-    on_device = choose_data_path("auto", accel.device) == "gpu"
+    ``data_path`` names (``auto``, ``cpu`` or ``gpu``, as :func:`choose_data_path` takes it; train.py passes the path
+    its validation ran on): what predict.py and evaluate.py feed a trained model."""
+    on_device = (data_path if data_path in ("cpu", "gpu") else choose_data_path(data_path, accel.device)) == "gpu"
     return eval_batches(list(paths), None, eval_size(checkpoint), checkpoint["mean"], checkpoint["std"], batch_size,
                         workers, accel, on_device, max_pixels=max_pixels)

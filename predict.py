@@ -59,7 +59,7 @@ from dataset import find_test_images, report_ignored, same_name
 from engine import predict_probabilities
 from images import DEFAULT_MAX_IMAGE_PIXELS, find_unreadable, is_image_content, is_image_name, to_rgb
 from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels
-from pipeline import HostBatches, ImageFiles, checkpoint_batches, collate_decoded, loader_options
+from pipeline import HostBatches, ImageFiles, checkpoint_batches, choose_data_path, collate_decoded, loader_options
 from recipe import build_eval_transform, eval_resize_size
 from utils import (
     ArgumentParser,
@@ -476,6 +476,7 @@ class Ensemble:
     models: list[nn.Module]
     temperatures: list[float]
     accel: Accel
+    data_path: str = "auto"  # --augment-device: where files are decoded and cropped
 
     @property
     def class_names(self) -> list[str]:
@@ -483,9 +484,9 @@ class Ensemble:
         return list(self.checkpoints[0]["class_names"])
 
 
-def load_ensemble(paths: Sequence[str | Path], device: str, amp: str) -> Ensemble:
+def load_ensemble(paths: Sequence[str | Path], device: str, amp: str, data_path: str = "auto") -> Ensemble:
     """Read every ``--checkpoint`` (PyTorch or ONNX, not both), and put the models on the device ``--device`` and
-    ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32)."""
+    ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32); ``data_path``: ``--augment-device``."""
     paths = [str(path) for path in paths]
     checkpoints = load_checkpoints(paths)
     temperatures = [checked_temperature(checkpoint, path) for path, checkpoint in zip(paths, checkpoints)]
@@ -498,7 +499,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str, amp: str) -> Ensembl
                         temperatures, accel)
     accel = set_up_accel(device, amp)
     models = [accel.prepare_model(model_from_checkpoint(checkpoint)) for checkpoint in checkpoints]
-    return Ensemble(checkpoints, models, temperatures, accel)
+    return Ensemble(checkpoints, models, temperatures, accel, choose_data_path(data_path, accel.device))
 
 
 def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
@@ -576,7 +577,8 @@ def ensemble_probabilities(
     total = torch.zeros(len(items), len(ensemble.class_names))
     failed: dict[int, str] = {}
     for group in preprocessing_groups(ensemble.checkpoints):
-        batches = item_batches(items, ensemble.checkpoints[group[0]], ensemble.accel, batch_size, workers, max_pixels)
+        batches = item_batches(items, ensemble.checkpoints[group[0]], ensemble.accel, batch_size, workers, max_pixels,
+                               ensemble.data_path)
         model = AveragedSoftmax([ensemble.models[index] for index in group], views,
                                 [ensemble.temperatures[index] for index in group])
         probabilities, group_failed = predict_probabilities(model, batches, len(items), ensemble.accel, show_progress)
@@ -586,12 +588,13 @@ def ensemble_probabilities(
 
 
 def item_batches(items: Sequence[str | Path | Image.Image], checkpoint: dict[str, Any], accel: Accel,
-                 batch_size: int, workers: int, max_pixels: int) -> Any:
+                 batch_size: int, workers: int, max_pixels: int, data_path: str = "auto") -> Any:
     """Batches of ``items`` through ``checkpoint``'s eval recipe: files on the path ``pipeline.checkpoint_batches``
     picks for the device (as predict.py's folder), or, when PIL images are among them, all on the CPU path (the GPU
     path decodes files' bytes, which an image in memory no longer has)."""
     if all(isinstance(item, (str, Path)) for item in items):
-        return checkpoint_batches([str(item) for item in items], checkpoint, accel, batch_size, workers, max_pixels)
+        return checkpoint_batches([str(item) for item in items], checkpoint, accel, batch_size, workers, max_pixels,
+                                  data_path)
     size = eval_size(checkpoint)
     pictures = PicturesAndFiles(items, build_eval_transform(size, checkpoint["mean"], checkpoint["std"]),
                                 eval_resize_size(size), max_pixels)
@@ -923,7 +926,7 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
     else:  # the folder's errors come before the model is loaded and the device named
         paths, ignored = find_test_images(test_dir)
         report_ignored(test_dir, ignored)
-    ensemble = load_ensemble(args.checkpoint, args.device, args.amp)
+    ensemble = load_ensemble(args.checkpoint, args.device, args.amp, args.augment_device)
     class_names = ensemble.class_names
     topk = resolve_topk(args.topk, len(class_names), args.min_confidence if output else None)
     print(describe_run(ensemble, args.tta))
@@ -972,10 +975,11 @@ class Classifier:
 
     def __init__(self, checkpoint: str | Path | Sequence[str | Path] = "checkpoints/best.pt", *, device: str = "auto",
                  amp: str = "auto", tta: str = "none", batch_size: int = 128, workers: int | str = "auto",
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, show_progress: bool = False) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, show_progress: bool = False,
+                 augment_device: str = "auto") -> None:
         paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
         tta_views(tta)  # refuses an unknown mode now, not at the first prediction
-        self.ensemble = load_ensemble(paths, device, amp)
+        self.ensemble = load_ensemble(paths, device, amp, augment_device)
         self.tta, self.batch_size, self.workers = tta, batch_size, resolve_workers(workers)
         self.max_image_pixels, self.show_progress = max_image_pixels, show_progress
 

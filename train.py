@@ -172,7 +172,8 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
         distributed.note_process_count_change(processes_before, args.batch_size * args.accum_steps, world)
         best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)
         print(f"resumed after epoch {progress.epoch} ({best})")
-    runtime = options.runtime_record(args, accel, world, choose_data_path(args.augment_device, accel.device))
+    data_path = choose_data_path(args.augment_device, accel.device)  # chosen once: the loaders and the final report
+    runtime = options.runtime_record(args, accel, world, data_path)
     logger = None
     if world.is_main:
         logger = run_folder.prepare_output_dir(args, resume, data.skipped, options.config_yaml(config, runtime))
@@ -185,7 +186,7 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World
         print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
               "--class-weights none is the usual choice")
     distributed.describe_batch(args.batch_size, args.accum_steps, world)
-    loaders = load_data(data, args, accel, *input_normalization(args.arch), world)
+    loaders = load_data(data, args, accel, *input_normalization(args.arch), world, data_path)
     if resume is None and world.is_main:  # a new run: train_batch.png shows its first batch
         loaders.train = FirstBatchPicture(loaders.train, lambda batch: write_batch_picture(batch, args, data))
     if ema is not None:
@@ -478,7 +479,7 @@ def write_best_report(run: Run) -> None:
     model = run.accel.prepare_model(model_from_checkpoint(checkpoint))
     samples, args = run.data.val_samples, run.args
     batches = checkpoint_batches([path for path, _ in samples], checkpoint, run.accel, args.batch_size, args.workers,
-                                 args.max_image_pixels)
+                                 args.max_image_pixels, run.runtime["augment_device"])  # the path validation took
     predictions = engine.predict_samples(model, batches, samples, run.accel, show_progress=not args.no_progress)
     checkpoint = calibrate_best(run, checkpoint, predictions)
     write_evaluation_report(predictions, checkpoint, run.output_dir / "report", source=run.data.val_source,
