@@ -1,46 +1,30 @@
-"""Figures: loss and accuracy curves, the confusion matrix (with a class order for many classes), image grids.
+"""Figures of a run and its evaluation: loss and accuracy curves, the confusion matrix, the reliability diagram.
 
-Figures are built with matplotlib's object API (``Figure``, never pyplot), so
-drawing them works on headless machines and never changes the plotting backend
-of a notebook that imports ``train``. Each figure is rendered in memory and
-written with :func:`utils.atomic_write_bytes`, so a crash mid-write never leaves
-a truncated image behind; the figure is not kept by pyplot, so long training
-runs do not leak memory. Text the default font cannot draw (CJK class names) is
-drawn with installed fonts that have the glyphs, when there are some; a note
-names what no installed font can draw, with a hint that fits it (a CJK font
-for CJK, an outline emoji font for emoji).
+Each figure is a stand-alone matplotlib ``Figure`` drawn with the fonts its
+text needs and saved atomically (see figures.py); the confusion matrix draws
+its classes in :func:`class_order.auto_class_order`. The image grids
+(misclassified examples, the training batch) are drawn by image_grids.py.
 """
 
 from __future__ import annotations
 
-import functools
-import io
-import unicodedata
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from matplotlib import colormaps, font_manager, rc_context, rcParams, transforms
+from matplotlib import colormaps, transforms
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize, PowerNorm
 from matplotlib.figure import Figure
-from matplotlib.font_manager import FontEntry, FontProperties
-from matplotlib.ft2font import FT2Font
 from matplotlib.image import AxesImage
-from matplotlib.textpath import text_to_path
 from matplotlib.ticker import MaxNLocator, PercentFormatter
-from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial.distance import squareform
 
 import calibration
+import class_order
+import figures
 import metrics
-import utils
 
-DPI = 130
 TRAIN_COLOR = "tab:blue"
 VAL_COLOR = "tab:orange"
 EMA_COLOR = "tab:purple"  # the validation curve of the moving average of the weights (--ema)
@@ -51,232 +35,14 @@ CONFUSION_CMAP = "Blues"
 DEFAULT_CONFUSION_TITLE = "Confusion matrix (normalized by true class)"
 GROUPED_BY_CONFUSION = "classes grouped by confusion"
 
-# Per-cell numbers are only legible up to this many classes.
-MAX_CLASSES_WITH_CELL_TEXT = 30
 # Past this many classes the x tick labels are turned fully vertical: at 45°
 # neighbouring labels already touch once the cells get narrow.
 VERTICAL_LABELS_ABOVE = 15
-# Longer class names are shortened so one odd folder name cannot swamp the plot.
-MAX_LABEL_CHARS = 32
-# How many characters a shortened label gains per round while it still collides with another.
-LABEL_GROWTH_CHARS = 8
 # A loss more than this many times the median loss is drawn clipped at the top edge, so that
 # the huge first-epoch validation loss of a fresh head does not flatten the rest of the curve.
 LOSS_OUTLIER_FACTOR = 5.0
 # With losses drawn clipped on the top edge, the learning-rate line keeps to this lower share of the plot.
 LR_HEIGHT_UNDER_CLIPPED = 0.85
-
-MISSING_FONT_HINT = "install a CJK font such as fonts-noto-cjk"
-EMOJI_FONT_HINT = ("for emoji install an outline emoji font such as fonts-symbola "
-                   "(matplotlib cannot draw colour emoji fonts)")
-OTHER_SCRIPT_FONT_HINT = "install a font that has them, such as fonts-noto-core"
-# Code point ranges of emoji, their modifiers and joiners (skin tones, U+200D, variation selectors, tags).
-EMOJI_RANGES = ((0x1F000, 0x1FAFF), (0x2600, 0x27BF), (0x2300, 0x23FF), (0x2B00, 0x2BFF), (0xFE00, 0xFE0F),
-                (0x200D, 0x200D), (0x20E3, 0x20E3), (0xE0000, 0xE007F))
-# FreeType's FT_FACE_FLAG_SCALABLE: the font has outlines. Bitmap-only fonts (colour emoji) cannot be drawn
-# at an arbitrary size: matplotlib fails with "Could not set the fontsize".
-FT_FACE_FLAG_SCALABLE = 1
-# Fonts that map every character to a placeholder box (matplotlib ships "Last Resort High-Efficiency"):
-# choosing one as fallback would hide that the real glyphs are missing.
-PLACEHOLDER_FONT_PREFIXES = ("Last Resort",)
-_GLYPH_WARNING = r"Glyph \d+ .* missing from font"
-# Characters already named in a "no installed font" note: each is reported once per process,
-# not once per figure (training and evaluation draw the same class names several times).
-_REPORTED_MISSING_GLYPHS: set[str] = set()
-
-
-# --------------------------------------------------------------------------
-# Saving
-# --------------------------------------------------------------------------
-
-
-@contextmanager
-def _figure(figsize: tuple[float, float], texts: Iterable[str] = ()) -> Iterator[Figure]:
-    """Yield a new stand-alone figure (not registered with pyplot) and free its artists afterwards.
-
-    ``texts`` are the figure's user-supplied strings (class names, captions,
-    title): the figure is drawn with fonts that have their glyphs, see
-    :func:`_fonts_for`.
-    """
-    with _fonts_for(texts):
-        fig = Figure(figsize=figsize)
-        try:
-            yield fig
-        finally:
-            fig.clear()
-
-
-def _save_figure(fig: Figure, path: str | Path) -> None:
-    """Write ``fig`` to ``path`` atomically, in the format its suffix names (PNG without one)."""
-    image_format = Path(path).suffix.lstrip(".").lower() or "png"
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=image_format, dpi=DPI, bbox_inches="tight", pad_inches=0.15)
-    utils.atomic_write_bytes(path, buffer.getvalue())
-
-
-# --------------------------------------------------------------------------
-# Fonts for text the default font cannot draw (CJK class names)
-# --------------------------------------------------------------------------
-
-
-def _is_scalable(font: FT2Font) -> bool:
-    """True when ``font`` has outlines, so matplotlib can draw it at any size (colour emoji fonts are bitmaps)."""
-    flags = font.face_flags  # an int before matplotlib 3.10, a FaceFlags enum since
-    return bool(int(getattr(flags, "value", flags)) & FT_FACE_FLAG_SCALABLE)
-
-
-def _glyphs_in_font(font_path: str, chars: frozenset[str]) -> frozenset[str]:
-    """The characters of ``chars`` that the font file at ``font_path`` can draw (none if unreadable or bitmap-only)."""
-    try:
-        font = FT2Font(font_path)
-    except (OSError, RuntimeError):
-        return frozenset()
-    if not _is_scalable(font):
-        return frozenset()
-    return frozenset(char for char in chars if font.get_char_index(ord(char)))
-
-
-def _chars_missing_from_default_font(texts: Iterable[str]) -> frozenset[str]:
-    """The characters of ``texts`` the default font has no glyph for; plain ASCII returns at once."""
-    chars = frozenset(char for text in texts for char in text if not char.isascii() and not char.isspace())
-    if not chars:
-        return chars
-    default_font = font_manager.findfont(font_manager.FontProperties())
-    return chars - _glyphs_in_font(default_font, chars)
-
-
-def fallback_font_family(chars: frozenset[str], fonts: Sequence[FontEntry]) -> tuple[str | None, frozenset[str]]:
-    """The family of the font in ``fonts`` with glyphs for most of ``chars``, and the characters it lacks.
-
-    The first font that has them all wins; ``(None, chars)`` when no font has any.
-    Placeholder fonts (``PLACEHOLDER_FONT_PREFIXES``) are never chosen.
-    """
-    best_family, best_covered = None, frozenset()
-    for font in fonts:
-        if font.name.startswith(PLACEHOLDER_FONT_PREFIXES):
-            continue
-        covered = _glyphs_in_font(font.fname, chars)
-        if len(covered) > len(best_covered):
-            best_family, best_covered = font.name, covered
-            if covered == chars:
-                break
-    return best_family, chars - best_covered
-
-
-def fallback_font_families(chars: frozenset[str], fonts: Sequence[FontEntry]) -> tuple[tuple[str, ...], frozenset[str]]:
-    """Families from ``fonts`` that together have glyphs for ``chars``, and the characters none of them has.
-
-    Picked one at a time with :func:`fallback_font_family` (the font with most of
-    the characters still lacking), so CJK and, say, Devanagari names in one
-    figure each get a font that has them.
-    """
-    families: list[str] = []
-    lacking = chars
-    while lacking:
-        family, still_lacking = fallback_font_family(lacking, fonts)
-        if family is None:
-            break
-        families.append(family)
-        lacking = still_lacking
-    return tuple(families), lacking
-
-
-@functools.lru_cache(maxsize=64)
-def _installed_fallback_families(chars: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
-    """:func:`fallback_font_families` over the installed fonts, cached: scanning opens every font file."""
-    return fallback_font_families(chars, font_manager.fontManager.ttflist)
-
-
-def _is_emoji(char: str) -> bool:
-    """True for an emoji or a character that joins or modifies one (see ``EMOJI_RANGES``)."""
-    return any(low <= ord(char) <= high for low, high in EMOJI_RANGES)
-
-
-def _font_hints(missing: frozenset[str]) -> list[str]:
-    """What to install for the characters no font has: a CJK font, an outline emoji font, or a broad one."""
-    emoji = {char for char in missing if _is_emoji(char)}
-    wide = {char for char in missing - emoji if unicodedata.east_asian_width(char) in ("W", "F")}
-    hints = [MISSING_FONT_HINT] if wide else []
-    hints += [EMOJI_FONT_HINT] if emoji else []
-    return hints + ([OTHER_SCRIPT_FONT_HINT] if missing - emoji - wide else [])
-
-
-def missing_glyphs_note(texts: Sequence[str], missing: frozenset[str]) -> str:
-    """The note naming the words of ``texts`` whose ``missing`` characters show as boxes, and what to install."""
-    words = list(dict.fromkeys(word for text in texts for word in text.split() if missing & set(word)))
-    shown = ", ".join(words[:3]) + (", ..." if len(words) > 3 else "")
-    return (f"note: no installed font has the glyphs of {len(words)} label(s) ({shown}); "
-            f"they show as boxes in the figures; {'; '.join(_font_hints(missing))}")
-
-
-def _note_missing_glyphs(texts: list[str], missing: frozenset[str]) -> None:
-    """Print :func:`missing_glyphs_note`, unless all of ``missing`` was reported before (or there is none)."""
-    if missing <= _REPORTED_MISSING_GLYPHS:
-        return
-    _REPORTED_MISSING_GLYPHS.update(missing)
-    print(missing_glyphs_note(texts, missing))
-
-
-@contextmanager
-def _fonts_for(texts: Iterable[str]) -> Iterator[None]:
-    """Draw ``texts`` with installed fallback fonts for the characters the default font lacks.
-
-    Characters that no installed font has are named in one note instead of
-    matplotlib's warning per glyph. Costs nothing when the default font has
-    every character.
-    """
-    texts = [str(text) for text in texts]
-    missing = _chars_missing_from_default_font(texts)
-    if not missing:
-        yield
-        return
-    fallbacks, unavailable = _installed_fallback_families(missing)
-    _note_missing_glyphs(texts, unavailable)
-    families = list(rcParams["font.family"]) + list(fallbacks)
-    with rc_context({"font.family": families}), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_GLYPH_WARNING)
-        yield
-
-
-# --------------------------------------------------------------------------
-# Tick labels
-# --------------------------------------------------------------------------
-
-
-def _shorten_middle(name: str, limit: int) -> str:
-    """``name`` cut to ``limit`` characters by an ellipsis in the middle, keeping its head and tail."""
-    if len(name) <= limit:
-        return name
-    tail = (limit - 1) // 2
-    head = limit - 1 - tail
-    return f"{name[:head]}…{name[-tail:]}"
-
-
-def _colliding_shortened(labels: list[str], names: list[str]) -> list[int]:
-    """Positions of shortened labels that equal the label of a different name."""
-    names_by_label: dict[str, set[str]] = {}
-    for label, name in zip(labels, names):
-        names_by_label.setdefault(label, set()).add(name)
-    return [position for position, (label, name) in enumerate(zip(labels, names))
-            if label != name and len(names_by_label[label]) > 1]
-
-
-def shorten_labels(names: Sequence[str], limit: int = MAX_LABEL_CHARS) -> list[str]:
-    """Class names as tick labels, those over ``limit`` characters shortened in the middle.
-
-    Head and tail are kept (``Quercus_robur_su…orma_fastigiata``) because class
-    folders often share a prefix or a suffix. Labels that would still collide
-    are shortened less, a few characters per round, until they differ, so the
-    labels are pairwise distinct whenever the names are.
-    """
-    names = [str(name) for name in names]
-    limits = [limit] * len(names)
-    labels = [_shorten_middle(name, limit) for name in names]
-    while colliding := _colliding_shortened(labels, names):
-        for position in colliding:
-            limits[position] += LABEL_GROWTH_CHARS
-            labels[position] = _shorten_middle(names[position], limits[position])
-    return labels
 
 
 # --------------------------------------------------------------------------
@@ -526,7 +292,7 @@ def plot_loss_curve(
     curves = _curves(history, "loss")
     val = _val_values(curves)
     best_epoch = best_epoch if val is not None else None
-    with _figure((8, 5)) as fig:
+    with figures.new_figure((8, 5)) as fig:
         ax = fig.add_subplot()
         _draw_curves(ax, epochs, curves)
         _mark_epochs(ax, history, val, best_epoch, stopped_epoch)
@@ -540,7 +306,7 @@ def plot_loss_curve(
         ax.set_ylabel("loss")
         ax.set_title(_curve_title("Loss", curves))
         _legend_below(ax, lr_ax)
-        _save_figure(fig, path)
+        figures.save_figure(fig, path)
 
 
 def plot_accuracy_curve(
@@ -563,7 +329,7 @@ def plot_accuracy_curve(
     curves = _curves(history, "acc", scale=100.0)
     val = _val_values(curves)
     best_epoch = best_epoch if val is not None else None
-    with _figure((8, 5)) as fig:
+    with figures.new_figure((8, 5)) as fig:
         ax = fig.add_subplot()
         _draw_curves(ax, epochs, curves)
         _mark_epochs(ax, history, val, best_epoch, stopped_epoch)
@@ -572,27 +338,12 @@ def plot_accuracy_curve(
         ax.set_ylabel("accuracy")
         ax.set_title(_curve_title("Accuracy", curves))
         _legend_below(ax)
-        _save_figure(fig, path)
+        figures.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
 # Confusion matrix
 # --------------------------------------------------------------------------
-
-
-def normalize_confusion(confusion: np.ndarray) -> np.ndarray:
-    """Divide each row (true class) of a count matrix by its sum.
-
-    Rows with no samples stay all zero instead of becoming NaN. Returns a new
-    float array of the same shape.
-    """
-    counts = np.asarray(confusion, dtype=float)
-    if counts.ndim != 2:
-        raise ValueError(f"confusion must be 2-D, got shape {counts.shape}")
-    row_sums = counts.sum(axis=1, keepdims=True)
-    normalized = np.zeros_like(counts)
-    np.divide(counts, row_sums, out=normalized, where=row_sums > 0)
-    return normalized
 
 
 def _accuracy_text(counts: np.ndarray) -> str:
@@ -647,7 +398,7 @@ def _label_axes(ax: Axes, labels: list[str], row_support: np.ndarray, cell_point
     ax.set_xlabel("Predicted class", fontsize=11)
     ax.set_ylabel("True class", fontsize=11)
     ax.tick_params(length=2)
-    if num_classes > MAX_CLASSES_WITH_CELL_TEXT:
+    if num_classes > class_order.MAX_CLASSES_WITH_CELL_TEXT:
         # On a big grid the bottom labels are far from the top rows: repeat them above.
         ax.tick_params(top=True, labeltop=True)
 
@@ -684,14 +435,14 @@ def _confusion_cmap() -> Colormap:
 
 def _confusion_norm(num_classes: int) -> Normalize:
     """Linear shares while cells carry their numbers; a square-root scale once they do not."""
-    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+    if num_classes <= class_order.MAX_CLASSES_WITH_CELL_TEXT:
         return Normalize(vmin=0.0, vmax=1.0)
     return PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
 
 
 def _colorbar_ticks(num_classes: int) -> list[float]:
     """Colour-bar ticks; denser at the low end on the square-root scale, where it is stretched."""
-    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+    if num_classes <= class_order.MAX_CLASSES_WITH_CELL_TEXT:
         return [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     return [0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]
 
@@ -699,7 +450,7 @@ def _colorbar_ticks(num_classes: int) -> list[float]:
 def _draw_confusion(fig: Figure, counts: np.ndarray, labels: list[str], title: str) -> None:
     """The heat map of ``counts`` (already in display order) with its colour bar, tick labels and title."""
     num_classes = counts.shape[0]
-    normalized = normalize_confusion(counts)
+    normalized = class_order.normalize_confusion(counts)
     side = fig.get_figwidth()
     cell_points = side * 72 / num_classes
     # Fixed axes geometry; labels and title spill outside and are kept by
@@ -712,7 +463,7 @@ def _draw_confusion(fig: Figure, counts: np.ndarray, labels: list[str], title: s
     colorbar.set_ticks(_colorbar_ticks(num_classes))
     colorbar.set_label("share of true class", fontsize=11)
     _label_axes(ax, labels, counts.sum(axis=1), cell_points)
-    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
+    if num_classes <= class_order.MAX_CLASSES_WITH_CELL_TEXT:
         _annotate_cells(ax, normalized, counts, image, cell_points)
     ax.set_title(title, fontsize=13, pad=12)
 
@@ -728,253 +479,30 @@ def plot_confusion_matrix(
 
     ``confusion`` is a (K, K) matrix of raw counts indexed [true, predicted];
     ``class_names`` gives the K class names in index order. The classes are
-    drawn in :func:`auto_class_order` (folder order up to 30 classes, grouped by
-    confusion beyond, which the title then says), so every caller draws the
-    same model the same way; ``order`` (a permutation of 0..K-1) overrides it.
+    drawn in :func:`class_order.auto_class_order` (folder order up to 30
+    classes, grouped by confusion beyond, which the title then says), so every
+    caller draws the same model the same way; ``order`` (a permutation of
+    0..K-1) overrides it.
     The overall accuracy is appended to ``title``. The figure grows with K;
     cell percentages are written only while K <= 30, and past that the colour
     scale is a square root so that 2-10% confusions still show. Zero cells are
     left white, true classes without samples get an "(n=0)" label, and long
-    names are shortened (see :func:`shorten_labels`).
+    names are shortened (see :func:`figures.shorten_labels`).
     """
     counts = _check_confusion(confusion, class_names)
     if order is None:
-        order = auto_class_order(counts)
+        order = class_order.auto_class_order(counts)
         title = _with_grouping_note(title, order)
     else:
         order = _check_order(order, counts.shape[0])
     counts = counts[np.ix_(order, order)]
-    labels = shorten_labels([class_names[index] for index in order])
+    labels = figures.shorten_labels([class_names[index] for index in order])
     title = f"{title} — {_accuracy_text(counts)}"
     side = _matrix_side_inches(counts.shape[0])
-    with _figure((side, side), texts=[title, *labels]) as fig:
+    with figures.new_figure((side, side), texts=[title, *labels]) as fig:
         _draw_confusion(fig, counts, labels, title)
-        _save_figure(fig, path)
+        figures.save_figure(fig, path)
     return order
-
-
-# --------------------------------------------------------------------------
-# Class order for large confusion matrices
-# --------------------------------------------------------------------------
-
-
-def auto_class_order(confusion: np.ndarray) -> list[int]:
-    """The order to draw classes in: folder order up to 30 classes, confusion clusters beyond.
-
-    Up to 30 classes every cell carries its number and the folder order is the
-    one readers know. Beyond that, mistakes scattered over a 100 x 100 grid are
-    hard to pair up by eye, so :func:`confusion_cluster_order` pulls classes
-    that are mistaken for each other next to one another, turning confusions
-    into blocks along the diagonal. (Sorting by recall would rank the weak
-    classes, which ``per_class.csv`` already does, but would scatter their
-    confusions.)
-    """
-    num_classes = np.asarray(confusion).shape[0]
-    if num_classes <= MAX_CLASSES_WITH_CELL_TEXT:
-        return list(range(num_classes))
-    return confusion_cluster_order(confusion)
-
-
-def confusion_cluster_order(confusion: np.ndarray) -> list[int]:
-    """Class indices ordered so that classes mistaken for each other sit side by side.
-
-    Classes are linked when either is ever predicted as the other. Each group
-    of linked classes is ordered by average-linkage clustering of the symmetric
-    confusion shares, with optimal leaf ordering so the most confused
-    neighbours touch. Groups, single classes included, are laid out by their
-    lowest class index, so classes that are never confused keep folder order.
-    """
-    similarity = _confusion_similarity(confusion)
-    num_groups, group_of = connected_components(similarity > 0, directed=False)
-    groups = sorted((np.flatnonzero(group_of == group) for group in range(num_groups)), key=min)
-    return [int(members[position]) for members in groups
-            for position in _leaf_order(similarity[np.ix_(members, members)])]
-
-
-def _confusion_similarity(confusion: np.ndarray) -> np.ndarray:
-    """For each pair of classes, the mean of the share of each mistaken for the other; zero diagonal."""
-    shares = normalize_confusion(confusion)
-    similarity = (shares + shares.T) / 2
-    np.fill_diagonal(similarity, 0.0)
-    return similarity
-
-
-def _leaf_order(similarity: np.ndarray) -> list[int]:
-    """Positions 0..n-1 in the leaf order of the optimally ordered average-linkage tree, lower end first."""
-    if len(similarity) <= 2:
-        return list(range(len(similarity)))
-    distance = 1.0 - similarity  # shares are at most 1, so distances stay in 0..1
-    np.fill_diagonal(distance, 0.0)
-    condensed = squareform(distance)
-    tree = optimal_leaf_ordering(linkage(condensed, method="average"), condensed)
-    leaves = [int(leaf) for leaf in leaves_list(tree)]
-    return leaves if leaves[0] < leaves[-1] else leaves[::-1]
-
-
-# --------------------------------------------------------------------------
-# Image grids (misclassified examples)
-# --------------------------------------------------------------------------
-
-GRID_COLUMNS = 6
-# Inches: each cell is a square image box with its caption lines above it; a band on top holds the title.
-GRID_IMAGE_INCHES = 2.0
-GRID_GAP_INCHES = 0.3
-GRID_TITLE_INCHES = 0.45
-# Below this size a thumbnail is drawn with visible pixels instead of being smoothed into a blur.
-PIXELATED_BELOW = 96
-# A caption may use its image's width and most of the gap before the next column.
-CAPTION_WIDTH_INCHES = GRID_IMAGE_INCHES + GRID_GAP_INCHES - 0.12
-CAPTION_SPACE_INCHES = 0.04  # between a caption and its image
-# Caption font sizes, largest first: a grid uses the largest at which every caption line fits its column.
-CAPTION_POINTS = (8.5, 8.0, 7.5, 7.0)
-CAPTION_LINE_SPACING = 1.3
-# A line too wide even at the smallest size wraps onto at most this many lines (the later ones indented);
-# one that needs more is shortened in the middle as well.
-CAPTION_MAX_WRAPS = 2
-CAPTION_CONTINUATION = "  "
-CAPTION_BREAK_AFTER = " _-/.,…)"  # a wrapped line preferably ends after one of these
-
-
-class CaptionLayout(NamedTuple):
-    """Captions as drawn (wrapped or shortened to fit their column) and their font size in points."""
-
-    captions: list[str]
-    fontsize: float
-
-
-def _text_width(text: str, font: FontProperties) -> float:
-    """The width in points of one line of plain ``text`` (no mathtext) drawn in ``font``."""
-    width, _, _ = text_to_path.get_text_width_height_descent(text, font, ismath=False)
-    return width
-
-
-def _longest_fitting(prefix: str, text: str, width: float, font: FontProperties) -> int:
-    """How many leading characters of ``text`` fit in ``width`` after ``prefix``; at least one."""
-    low, high = 1, len(text)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if _text_width(prefix + text[:middle], font) <= width:
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def _break_point(text: str, fitting: int) -> int:
-    """Where to end a wrapped line of ``text`` that fits ``fitting`` characters: after a separator in its second
-    half (see ``CAPTION_BREAK_AFTER``), else at ``fitting``."""
-    if fitting >= len(text):
-        return fitting
-    for position in range(fitting - 1, fitting // 2 - 1, -1):
-        if text[position] in CAPTION_BREAK_AFTER:
-            return position + 1
-    return fitting
-
-
-def _wrap_to_width(line: str, width: float, font: FontProperties) -> list[str]:
-    """``line`` broken into lines that each fit ``width`` points, the later ones indented."""
-    pieces: list[str] = []
-    rest = line
-    while rest:
-        prefix = CAPTION_CONTINUATION if pieces else ""
-        end = _break_point(rest, _longest_fitting(prefix, rest, width, font))
-        pieces.append(prefix + rest[:end])
-        rest = rest[end:]
-    return pieces
-
-
-def _fit_line(line: str, width: float, font: FontProperties) -> list[str]:
-    """One caption line as lines that fit ``width`` points: itself, wrapped onto ``CAPTION_MAX_WRAPS`` lines, or
-    shortened in the middle (as :func:`shorten_labels` does) as little as needed to wrap onto that many."""
-    if _text_width(line, font) <= width:
-        return [line]
-    pieces = _wrap_to_width(line, width, font)
-    if len(pieces) <= CAPTION_MAX_WRAPS:
-        return pieces
-    # The longest middle-shortened form ("a…z" at least) that wraps onto few enough lines.
-    low, high = 3, len(line) - 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        if len(_wrap_to_width(_shorten_middle(line, middle), width, font)) <= CAPTION_MAX_WRAPS:
-            low = middle
-        else:
-            high = middle - 1
-    return _wrap_to_width(_shorten_middle(line, low), width, font)
-
-
-def fit_captions(captions: Sequence[str], width: float) -> CaptionLayout:
-    """Captions whose every line fits ``width`` points, in the largest of ``CAPTION_POINTS`` where they fit as given.
-
-    When a line is too wide even at the smallest size, that line is wrapped (and,
-    if very long, shortened in the middle), see :func:`_fit_line`. Measured with
-    the current fonts, so call it where the figure's fonts are in effect.
-    """
-    reference = FontProperties(size=CAPTION_POINTS[0])
-    lines = [line for caption in captions for line in caption.split("\n")]
-    widest = max((_text_width(line, reference) for line in lines), default=0.0)
-    for size in CAPTION_POINTS:
-        if widest * size / CAPTION_POINTS[0] <= width:  # text widths scale with the font size
-            return CaptionLayout(list(captions), size)
-    font = FontProperties(size=CAPTION_POINTS[-1])
-    fitted = ["\n".join(piece for line in caption.split("\n") for piece in _fit_line(line, width, font))
-              for caption in captions]
-    return CaptionLayout(fitted, CAPTION_POINTS[-1])
-
-
-def _caption_inches(layout: CaptionLayout) -> float:
-    """Height of the band that holds the tallest caption of ``layout``."""
-    lines = max((caption.count("\n") + 1 for caption in layout.captions), default=1)
-    _, line_height, _ = text_to_path.get_text_width_height_descent("lp", FontProperties(size=layout.fontsize),
-                                                                   ismath=False)
-    return lines * line_height * CAPTION_LINE_SPACING / 72
-
-
-def plot_image_grid(
-    images: Sequence[np.ndarray],
-    captions: Sequence[str],
-    path: str | Path,
-    title: str,
-    empty_message: str = "nothing to show",
-) -> None:
-    """Save images (H x W x 3 uint8 arrays, any sizes) in a grid, each under a caption of a few lines.
-
-    Each caption fits its column: the font shrinks a little, then a line still
-    too wide wraps (see :func:`fit_captions`). With no images the figure shows
-    ``empty_message`` instead, so the file always exists.
-    """
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    if not images:
-        _plot_message(path, title, empty_message)
-        return
-    columns = min(GRID_COLUMNS, len(images))
-    rows = -(-len(images) // columns)
-    with _figure((1.0, 1.0), texts=[title, *captions]) as fig:
-        layout = fit_captions(captions, CAPTION_WIDTH_INCHES * 72)
-        cell_width = GRID_IMAGE_INCHES + GRID_GAP_INCHES
-        cell_height = _caption_inches(layout) + CAPTION_SPACE_INCHES + GRID_IMAGE_INCHES + GRID_GAP_INCHES
-        width, height = columns * cell_width, GRID_TITLE_INCHES + rows * cell_height
-        fig.set_size_inches(width, height)
-        for position, (image, caption) in enumerate(zip(images, layout.captions)):
-            row, column = divmod(position, columns)
-            bottom = height - GRID_TITLE_INCHES - (row + 1) * cell_height + GRID_GAP_INCHES
-            box = (column * cell_width / width, bottom / height, GRID_IMAGE_INCHES / width, GRID_IMAGE_INCHES / height)
-            ax = fig.add_axes(box, anchor="NW")  # a non-square image hangs from its caption, flush left
-            ax.set_axis_off()
-            small = max(image.shape[:2]) < PIXELATED_BELOW
-            ax.imshow(image, interpolation="nearest" if small else "antialiased")
-            fig.text(box[0], (bottom + GRID_IMAGE_INCHES + CAPTION_SPACE_INCHES) / height, caption, ha="left",
-                     va="bottom", fontsize=layout.fontsize, linespacing=CAPTION_LINE_SPACING, parse_math=False)
-        fig.text(0.0, 1.0, title, ha="left", va="top", fontsize=12)
-        _save_figure(fig, path)
-
-
-def _plot_message(path: str | Path, title: str, message: str) -> None:
-    """A small figure holding just a title and a message."""
-    with _figure((6, 1.6), texts=[title, message]) as fig:
-        fig.suptitle(title, fontsize=12)
-        fig.text(0.5, 0.4, message, ha="center", va="center", fontsize=11, color="0.3")
-        _save_figure(fig, path)
 
 
 def save_final_plots(progress: Any, stopped_epoch: int | None, class_names: list[str], output_dir: Path) -> None:
@@ -989,7 +517,7 @@ def save_final_plots(progress: Any, stopped_epoch: int | None, class_names: list
 
 
 # --------------------------------------------------------------------------
-# Calibration and the training batch
+# The reliability diagram (calibration)
 # --------------------------------------------------------------------------
 
 
@@ -998,8 +526,6 @@ CALIBRATED_COLOR = "tab:blue"
 DIAGONAL_COLOR = "0.45"
 COUNT_ALPHA = 0.22  # the bin counts are context, drawn light behind the curves
 COUNT_AXIS_HEADROOM = 3.0  # the tallest count bar reaches a third of the way up
-BATCH_PICTURE_LIMIT = 32
-BATCH_CAPTION_CHARS = 24
 
 
 def _reliability_curve(ax: Axes, bins: calibration.ReliabilityBins, color: str, label: str) -> None:
@@ -1036,7 +562,7 @@ def plot_reliability_diagram(
     if after is not None:
         curves.append((after, CALIBRATED_COLOR,
                        f"calibrated (T = {temperature:.2f}): ECE {calibration.calibration_error(after):.1%}"))
-    with _figure((6.5, 6.0), texts=[title]) as fig:
+    with figures.new_figure((6.5, 6.0), texts=[title]) as fig:
         ax = fig.add_subplot()
         counts_ax = ax.twinx()
         _bin_counts(counts_ax, [(bins, color) for bins, color, _ in curves])
@@ -1054,23 +580,4 @@ def plot_reliability_diagram(
         ax.set_title(title, fontsize=11)
         ax.grid(alpha=0.25)
         _legend_below(ax)
-        _save_figure(fig, path)
-
-
-def denormalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> list[np.ndarray]:
-    """Normalized model inputs ``[images, 3, H, W]`` back to viewable ``H x W x 3`` uint8 pictures."""
-    mean_, std_ = np.asarray(mean).reshape(1, -1, 1, 1), np.asarray(std).reshape(1, -1, 1, 1)
-    pixels = np.clip(np.asarray(images, dtype=np.float64) * std_ + mean_, 0.0, 1.0)
-    return list(np.rint(pixels * 255).astype(np.uint8).transpose(0, 2, 3, 1))
-
-
-def plot_training_batch(pictures: Sequence[np.ndarray], labels: Sequence[int], class_names: Sequence[str],
-                        path: str | Path, batch_images: int) -> None:
-    """Save up to ``BATCH_PICTURE_LIMIT`` augmented training ``pictures`` (see :func:`denormalize`) in a grid, each
-    under its class name; ``batch_images`` is the size of the batch they come from."""
-    shown = min(len(pictures), BATCH_PICTURE_LIMIT)
-    names = shorten_labels(class_names, BATCH_CAPTION_CHARS)
-    captions = [names[int(label)] for label in labels[:shown]]
-    title = (f"The first training batch, as the model sees it (augmented): {shown} of {batch_images} images"
-             if shown < batch_images else f"The first training batch, as the model sees it (augmented): {shown} images")
-    plot_image_grid(list(pictures[:shown]), captions, path, title)
+        figures.save_figure(fig, path)

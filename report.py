@@ -11,7 +11,7 @@ writes into ``report_dir``:
   cross-entropy loss, image count, the classes with no images in the split (balanced accuracy and macro-F1
   average over the others), and the files that could not be decoded, each with the reason;
 - ``per_class.csv``: support, predictions, precision, recall, F1 and the class each is most confused with;
-- ``confusion_matrix.png``: normalized by true class, in :func:`plots.auto_class_order` (folder order up to 30
+- ``confusion_matrix.png``: normalized by true class, in :func:`class_order.auto_class_order` (folder order up to 30
   classes, grouped by confusion beyond);
 - ``top_confusions.csv``: the largest off-diagonal cells;
 - ``misclassified.png``: the most confident mistakes, as the original images;
@@ -33,6 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 
 import calibration
+import figures
+import image_grids
 import metrics
 import plots
 import report_html
@@ -175,7 +177,7 @@ def top_confusions_csv(pairs: Sequence[tuple[int, int, int, float]], class_names
 
 
 def plot_report_confusion(confusion: np.ndarray, class_names: list[str], source: str, path: Path) -> bool:
-    """The confusion matrix figure, in :func:`plots.auto_class_order`; True when that is not folder order."""
+    """The confusion matrix figure, in :func:`class_order.auto_class_order`; True when that is not folder order."""
     where = f" on {source}" if source else ""
     title = f"Confusion matrix{where} (normalized by true class)"
     # Without an order, plots draws auto_class_order and adds a grouping to the title itself.
@@ -219,10 +221,10 @@ def plot_misclassified(predictions: Predictions, class_names: Sequence[str], lim
     positions = worst_mistakes(predictions, limit)
     wrong_total = int((predictions.predicted != predictions.targets).sum())
     images = [thumbnail(predictions.paths[position]) for position in positions]
-    labels = plots.shorten_labels(class_names, MAX_CAPTION_NAME_CHARS)  # distinct, shortened in the middle
+    labels = figures.shorten_labels(class_names, MAX_CAPTION_NAME_CHARS)  # distinct, shortened in the middle
     captions = [mistake_caption(predictions, position, labels) for position in positions]
     title = f"Most confident mistakes: {len(positions)} of {wrong_total} misclassified images"
-    plots.plot_image_grid(images, captions, path, title, empty_message="no misclassified images")
+    image_grids.plot_image_grid(images, captions, path, title, empty_message="no misclassified images")
     return len(positions)
 
 
@@ -236,13 +238,13 @@ def thumbnail(path: str) -> np.ndarray:
 def mistake_caption(predictions: Predictions, position: int, labels: Sequence[str]) -> str:
     """Four lines: true class, predicted class with its confidence, the true class' probability, ``folder/file``.
 
-    ``labels`` are the class names as shown (see :func:`plots.shorten_labels`). The file is named with its class
+    ``labels`` are the class names as shown (see :func:`figures.shorten_labels`). The file is named with its class
     folder (``3/0.jpg``), since file names repeat across classes, shortened in the middle when long.
     """
     true, guess = int(predictions.targets[position]), int(predictions.predicted[position])
     probabilities = predictions.probabilities[position]
     path = Path(predictions.paths[position])
-    [file_label] = plots.shorten_labels([f"{path.parent.name}/{path.name}"], MAX_CAPTION_CHARS)
+    [file_label] = figures.shorten_labels([f"{path.parent.name}/{path.name}"], MAX_CAPTION_CHARS)
     return (f"true: {labels[true]}\n"
             f"pred: {labels[guess]} ({probabilities[guess]:.0%})\n"
             f"p(true) = {probabilities[true]:.1%}\n"

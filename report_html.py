@@ -8,7 +8,7 @@ path can end it). A Content-Security-Policy meta tag allows nothing but that, so
 visibly instead of calling out.
 
 The page: where the predictions came from, metric cards saying how each averages, every class in a sortable and
-filterable table, the confusion matrix in :func:`plots.auto_class_order` (a click on a cell shows that cell's
+filterable table, the confusion matrix in :func:`class_order.auto_class_order` (a click on a cell shows that cell's
 images with their top-3 probabilities), the mistakes with their full paths filterable by true and predicted
 class, the curves, the reliability diagram when calibration wrote one, the configuration and the files that
 could not be decoded. Class names and paths are text everywhere: Jinja2 autoescapes, the JavaScript sets
@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import jinja2
 import numpy as np
 
+import class_order
 import metrics
-import plots
 from engine import Predictions
 from images import DECODE_ERRORS, decode_error_reason, load_rgb
 
@@ -162,7 +162,7 @@ def page_data(predictions: Predictions, confusion: np.ndarray, class_names: Sequ
     return {
         "classes": list(class_names),
         "rows": class_rows(confusion, class_names),
-        "order": plots.auto_class_order(confusion),
+        "order": class_order.auto_class_order(confusion),
         "matrix": confusion.tolist() if len(class_names) <= MAX_MATRIX_CLASSES else None,
         "largest": largest_confusions(confusion),
         "root": root,

@@ -27,8 +27,8 @@ from torch import nn
 
 import distributed
 import engine
+import image_grids
 import options
-import plots
 import run_folder
 from accel import Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler, set_up_accel
 from calibration import (
@@ -222,10 +222,11 @@ class FirstBatchPicture:
 
 def write_batch_picture(batch: Batch, args: argparse.Namespace, data: TrainValData) -> None:
     """train_batch.png: the batch's images after augmentation, back in plain colours, under their class names."""
-    shown = slice(0, plots.BATCH_PICTURE_LIMIT)
-    pictures = plots.denormalize(batch.images[shown].detach().float().cpu().numpy(), *input_normalization(args.arch))
-    plots.plot_training_batch(pictures, batch.targets[shown].tolist(), data.class_names,
-                              Path(args.output_dir) / "train_batch.png", len(batch.images))
+    shown = slice(0, image_grids.BATCH_PICTURE_LIMIT)
+    pictures = image_grids.denormalize(batch.images[shown].detach().float().cpu().numpy(),
+                                       *input_normalization(args.arch))
+    image_grids.plot_training_batch(pictures, batch.targets[shown].tolist(), data.class_names,
+                                    Path(args.output_dir) / "train_batch.png", len(batch.images))
 
 
 def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device, world: World) -> nn.Module:

@@ -16,8 +16,11 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
+import class_order
 import engine
 import evaluate
+import figures
+import image_grids
 import metrics
 import pipeline
 import plots
@@ -167,7 +170,7 @@ def test_report_confusion_figure_leaves_order_and_grouping_title_to_plots(
 
     def draw(confusion: np.ndarray, class_names: list[str], path: Path, **options: object) -> list[int]:
         drawn.append(options)
-        return plots.auto_class_order(confusion)  # the order drawn, as plots.plot_confusion_matrix returns it
+        return class_order.auto_class_order(confusion)  # the order drawn, as plots.plot_confusion_matrix returns it
 
     monkeypatch.setattr(plots, "plot_confusion_matrix", draw)
     clustered = np.eye(40, dtype=int) * 20
@@ -190,7 +193,7 @@ def test_report_confusion_figure_is_drawn(tmp_path: Path) -> None:
 def test_auto_order_keeps_folder_order_for_few_classes() -> None:
     confusion = np.eye(10, dtype=int) * 5
     confusion[0, 9] = 3
-    assert plots.auto_class_order(confusion) == list(range(10))
+    assert class_order.auto_class_order(confusion) == list(range(10))
 
 
 def test_cluster_order_puts_confused_classes_side_by_side() -> None:
@@ -198,7 +201,7 @@ def test_cluster_order_puts_confused_classes_side_by_side() -> None:
     confusion[3, 31] = confusion[31, 3] = 6
     confusion[31, 17] = 4
     confusion[10, 25] = 2
-    order = plots.auto_class_order(confusion)
+    order = class_order.auto_class_order(confusion)
     assert sorted(order) == list(range(40))
     position = {index: rank for rank, index in enumerate(order)}
     assert abs(position[3] - position[31]) == 1
@@ -218,8 +221,9 @@ def test_confusion_matrix_plot_with_order(tmp_path: Path) -> None:
 
 def test_image_grid_and_its_empty_message(tmp_path: Path) -> None:
     images = [np.full((28, 28, 3), 40 * index, dtype=np.uint8) for index in range(7)]
-    plots.plot_image_grid(images, [f"true: a\npred: b ({index}0%)" for index in range(7)], tmp_path / "g.png", "t")
-    plots.plot_image_grid([], [], tmp_path / "empty.png", "t", empty_message="no misclassified images")
+    captions = [f"true: a\npred: b ({index}0%)" for index in range(7)]
+    image_grids.plot_image_grid(images, captions, tmp_path / "g.png", "t")
+    image_grids.plot_image_grid([], [], tmp_path / "empty.png", "t", empty_message="no misclassified images")
     grid, empty = Image.open(tmp_path / "g.png"), Image.open(tmp_path / "empty.png")
     assert grid.height > empty.height and grid.width > empty.width
 
@@ -377,7 +381,7 @@ def test_mistake_captions_name_the_class_folder_and_keep_long_names_distinct() -
     assert len(long_line) == MAX_CAPTION_CHARS
     assert long_line.startswith("a_very_long") and long_line.endswith("img_0001.jpg") and "…" in long_line
     names = [f"very_long_common_prefix_for_class_names_{suffix}" for suffix in ("alpha", "beta", "gamma", "delta")]
-    labels = plots.shorten_labels(names, MAX_CAPTION_NAME_CHARS)
+    labels = figures.shorten_labels(names, MAX_CAPTION_NAME_CHARS)
     caption = mistake_caption(predictions, 1, labels).splitlines()
     assert caption[0] == f"true: {labels[0]}" and caption[1].startswith(f"pred: {labels[3]} (")
     assert len(set(labels)) == 4 and all(len(label) <= MAX_CAPTION_NAME_CHARS for label in labels)

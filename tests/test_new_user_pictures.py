@@ -11,6 +11,9 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.font_manager import FontEntry
 
+import figures
+import fonts
+import image_grids
 import plots
 from conftest import load_script
 
@@ -33,7 +36,7 @@ def warnings_are_errors():
 @pytest.fixture
 def rendered(monkeypatch) -> list[dict]:
     """Each figure drawn with Agg instead of written: pixel boxes of its image axes and texts, and its legend."""
-    figures = []
+    recorded = []
 
     def record(fig, path):
         renderer = FigureCanvasAgg(fig).get_renderer()
@@ -41,7 +44,7 @@ def rendered(monkeypatch) -> list[dict]:
         axes = [ax.get_position(original=True).transformed(fig.transFigure) for ax in fig.axes]
         main = fig.axes[0]
         legend = main.get_legend()
-        figures.append({
+        recorded.append({
             "size": (width, height),
             "image_boxes": axes,
             "texts": [(text.get_text(), text.get_window_extent(renderer)) for text in fig.texts],
@@ -50,13 +53,13 @@ def rendered(monkeypatch) -> list[dict]:
             "title": main.get_title(),
         })
 
-    monkeypatch.setattr(plots, "_save_figure", record)
-    return figures
+    monkeypatch.setattr(figures, "save_figure", record)
+    return recorded
 
 
 def mistake_captions(count: int) -> list[str]:
     """Captions as report.mistake_caption writes them, for the classes with the longest shortened labels."""
-    labels = plots.shorten_labels(OAK_NAMES, CAPTION_NAME_CHARS)
+    labels = figures.shorten_labels(OAK_NAMES, CAPTION_NAME_CHARS)
     order = sorted(range(len(labels)), key=lambda index: -len(labels[index]))
     return [f"true: {labels[order[i]]}\npred: {labels[order[i + 1]]} (97%)\np(true) = 1.2%\n"
             f"{OAK_NAMES[order[i]][:20]}/IMG_20240101_120000.jpg" for i in range(count)]
@@ -68,7 +71,7 @@ def mistake_captions(count: int) -> list[str]:
 def test_misclassified_captions_stay_in_their_column_with_36_long_class_names(tmp_path, rendered):
     captions = mistake_captions(12)
     images = [np.zeros((64, 64, 3), dtype=np.uint8)] * len(captions)
-    plots.plot_image_grid(images, captions, tmp_path / "misclassified.png", "Most confident mistakes")
+    image_grids.plot_image_grid(images, captions, tmp_path / "misclassified.png", "Most confident mistakes")
     (figure,) = rendered
     boxes = figure["image_boxes"]
     column_width = boxes[1].x0 - boxes[0].x0
@@ -76,27 +79,28 @@ def test_misclassified_captions_stay_in_their_column_with_36_long_class_names(tm
     for index, ((text, extent), box) in enumerate(zip(drawn, boxes)):
         assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x0 + column_width, f"caption {index} leaves its column"
         assert extent.y0 >= box.y1 - 1, f"caption {index} overlaps its image"
-        if index >= plots.GRID_COLUMNS:  # below the row above
-            assert extent.y1 <= boxes[index - plots.GRID_COLUMNS].y0, f"caption {index} overlaps the image above"
+        if index >= image_grids.GRID_COLUMNS:  # below the row above
+            assert extent.y1 <= boxes[index - image_grids.GRID_COLUMNS].y0, f"caption {index} overlaps the image above"
     for (text, _), caption in zip(drawn, captions):  # wrapped, not cut: every class name is still there in full
-        unwrapped = text.replace("\n" + plots.CAPTION_CONTINUATION, "")
+        unwrapped = text.replace("\n" + image_grids.CAPTION_CONTINUATION, "")
         assert unwrapped == caption
 
 
 def test_a_caption_line_too_long_to_wrap_is_shortened_in_the_middle():
     name = "_".join(OAK_NAMES)  # far too long for two lines
-    layout = plots.fit_captions([f"true: {name}\np(true) = 1.2%"], plots.CAPTION_WIDTH_INCHES * 72)
+    layout = image_grids.fit_captions([f"true: {name}\np(true) = 1.2%"], image_grids.CAPTION_WIDTH_INCHES * 72)
     lines = layout.captions[0].split("\n")
-    assert layout.fontsize == min(plots.CAPTION_POINTS)
-    assert len(lines) == plots.CAPTION_MAX_WRAPS + 1 and lines[-1] == "p(true) = 1.2%"
-    shown = "".join(lines[:-1]).replace(plots.CAPTION_CONTINUATION, "")
+    assert layout.fontsize == min(image_grids.CAPTION_POINTS)
+    assert len(lines) == image_grids.CAPTION_MAX_WRAPS + 1 and lines[-1] == "p(true) = 1.2%"
+    shown = "".join(lines[:-1]).replace(image_grids.CAPTION_CONTINUATION, "")
     head, _, tail = shown.partition("…")
     assert f"true: {name}".startswith(head) and name.endswith(tail) and tail
 
 
 def test_short_captions_keep_their_size_and_lines():
     captions = ["true: cat\npred: dog (90%)\np(true) = 5.0%\ncat/1.jpg"]
-    assert plots.fit_captions(captions, plots.CAPTION_WIDTH_INCHES * 72) == (captions, max(plots.CAPTION_POINTS))
+    layout = image_grids.fit_captions(captions, image_grids.CAPTION_WIDTH_INCHES * 72)
+    assert layout == (captions, max(image_grids.CAPTION_POINTS))
 
 
 # --------------------------------------------------------------------------- training curves
@@ -141,7 +145,7 @@ def test_an_ema_run_draws_the_ema_val_loss_and_accuracy(tmp_path, rendered):
 
 
 def test_emoji_class_names_get_no_cjk_font_note(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(plots, "_REPORTED_MISSING_GLYPHS", set())
+    monkeypatch.setattr(fonts, "_REPORTED_MISSING_GLYPHS", set())
     plots.plot_confusion_matrix(np.eye(3, dtype=int) * 5, ["🐶 dog", "🦊 fox", "bird"], tmp_path / "cm.png")
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert not any("CJK" in note or "cjk" in note for note in notes)  # no note at all where an emoji font exists
@@ -149,20 +153,20 @@ def test_emoji_class_names_get_no_cjk_font_note(tmp_path, capsys, monkeypatch):
 
 
 def test_the_font_note_names_what_fits_the_missing_characters():
-    emoji = plots.missing_glyphs_note(["🐶 dog"], frozenset("🐶"))
-    cjk = plots.missing_glyphs_note(["猫 cat"], frozenset("猫"))
-    both = plots.missing_glyphs_note(["猫 cat", "🐶 dog"], frozenset("猫🐶"))
+    emoji = fonts.missing_glyphs_note(["🐶 dog"], frozenset("🐶"))
+    cjk = fonts.missing_glyphs_note(["猫 cat"], frozenset("猫"))
+    both = fonts.missing_glyphs_note(["猫 cat", "🐶 dog"], frozenset("猫🐶"))
     assert "emoji" in emoji and "fonts-symbola" in emoji and "CJK" not in emoji and "🐶" in emoji
     assert "fonts-noto-cjk" in cjk and "emoji" not in cjk
     assert "fonts-noto-cjk" in both and "fonts-symbola" in both and "2 label(s)" in both
 
 
 def test_every_script_gets_a_font_that_has_it_and_only_glyphs_no_font_has_are_missing(monkeypatch):
-    fonts = [FontEntry(fname="/fonts/NotoSansCJK.ttc", name="Noto Sans CJK JP"),
-             FontEntry(fname="/fonts/NotoSansDevanagari.ttf", name="Noto Sans Devanagari")]
+    installed = [FontEntry(fname="/fonts/NotoSansCJK.ttc", name="Noto Sans CJK JP"),
+                 FontEntry(fname="/fonts/NotoSansDevanagari.ttf", name="Noto Sans Devanagari")]
     glyphs = {"/fonts/NotoSansCJK.ttc": "猫狗", "/fonts/NotoSansDevanagari.ttf": "बिल्ली"}
-    monkeypatch.setattr(plots, "_glyphs_in_font", lambda path, chars: frozenset(chars & set(glyphs[path])))
-    families, missing = plots.fallback_font_families(frozenset("猫बि🐶"), fonts)
+    monkeypatch.setattr(fonts, "_glyphs_in_font", lambda path, chars: frozenset(chars & set(glyphs[path])))
+    families, missing = fonts.fallback_font_families(frozenset("猫बि🐶"), installed)
     assert sorted(families) == ["Noto Sans CJK JP", "Noto Sans Devanagari"] and missing == frozenset("🐶")
 
 
@@ -178,8 +182,8 @@ def test_a_colour_emoji_font_is_never_a_fallback(monkeypatch):
         def get_char_index(self, code: int) -> int:
             return 1
 
-    monkeypatch.setattr(plots, "FT2Font", BitmapFont)
-    assert plots._glyphs_in_font("/fonts/NotoColorEmoji.ttf", frozenset("🐶")) == frozenset()
+    monkeypatch.setattr(fonts, "FT2Font", BitmapFont)
+    assert fonts._glyphs_in_font("/fonts/NotoColorEmoji.ttf", frozenset("🐶")) == frozenset()
 
 
 # --------------------------------------------------------------------------- scripts/ablate.py

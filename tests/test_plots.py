@@ -1,4 +1,5 @@
-"""Tests for plots.py: every figure is a valid PNG, written atomically, and closed."""
+"""Tests for the figures (plots.py and the modules it draws with): every figure is a valid PNG, written atomically,
+and closed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from PIL import Image
 from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
 from scipy.spatial.distance import squareform
 
+import class_order
+import figures
+import fonts
+import image_grids
 import metrics
 import plots
 import utils
@@ -70,7 +75,7 @@ def warnings_are_errors():
 def test_normalize_confusion_divides_rows_and_keeps_empty_rows_zero():
     confusion = np.array([[3, 1, 0], [0, 0, 0], [1, 1, 2]])
     expected = np.array([[0.75, 0.25, 0.0], [0.0, 0.0, 0.0], [0.25, 0.25, 0.5]])
-    normalized = plots.normalize_confusion(confusion)
+    normalized = class_order.normalize_confusion(confusion)
     np.testing.assert_allclose(normalized, expected)
     assert not np.isnan(normalized).any()
     assert confusion.dtype.kind == "i"  # input untouched
@@ -78,7 +83,7 @@ def test_normalize_confusion_divides_rows_and_keeps_empty_rows_zero():
 
 def test_normalize_confusion_rejects_non_matrix():
     with pytest.raises(ValueError):
-        plots.normalize_confusion(np.zeros(3))
+        class_order.normalize_confusion(np.zeros(3))
 
 
 @pytest.mark.parametrize("plot", [plots.plot_loss_curve, plots.plot_accuracy_curve])
@@ -167,11 +172,11 @@ def test_confusion_matrix_rejects_non_square(tmp_path):
 @pytest.fixture
 def drawn(monkeypatch) -> list[dict]:
     """What each figure shows (title, tick labels, y limits, fonts) instead of writing it: fast and inspectable."""
-    figures = []
+    recorded = []
 
     def record(fig, path):
         ax = fig.axes[0]
-        figures.append({
+        recorded.append({
             "path": Path(path),
             "title": ax.get_title(),
             "title_fonts": ax.title.get_fontfamily(),
@@ -180,8 +185,8 @@ def drawn(monkeypatch) -> list[dict]:
             "ylim": ax.get_ylim(),
         })
 
-    monkeypatch.setattr(plots, "_save_figure", record)
-    return figures
+    monkeypatch.setattr(figures, "save_figure", record)
+    return recorded
 
 
 OAK_NAMES = [
@@ -194,7 +199,7 @@ OAK_NAMES = [
 
 
 def test_shorten_labels_cuts_in_the_middle_and_keeps_labels_distinct():
-    labels = plots.shorten_labels(OAK_NAMES, limit=32)
+    labels = figures.shorten_labels(OAK_NAMES, limit=32)
     assert len(set(labels)) == len(OAK_NAMES)
     assert labels[1] == "Quercus_robur_su…a_forma_pendula"  # unique at 32 characters: head, ellipsis, tail
     assert labels[4] == "Quercus_petraea"  # short names are left alone
@@ -220,11 +225,11 @@ CJK_NAMES = ["猫", "狗", "鸟", "ネコ"]
 def test_cjk_class_names_plot_without_glyph_warnings(tmp_path, capsys, monkeypatch):
     # No per-glyph warnings (the autouse fixture turns any warning into an error), and at most one note,
     # whether or not this machine has a CJK font.
-    monkeypatch.setattr(plots, "_REPORTED_MISSING_GLYPHS", set())
+    monkeypatch.setattr(fonts, "_REPORTED_MISSING_GLYPHS", set())
     plots.plot_confusion_matrix(random_confusion(4), CJK_NAMES, tmp_path / "cm.png")
     images = [np.zeros((8, 8, 3), dtype=np.uint8)] * 2
     captions = ["true: 猫\npred: 狗 (90%)", "true: ネコ\npred: 鸟 (60%)"]
-    plots.plot_image_grid(images, captions, tmp_path / "grid.png", "t")
+    image_grids.plot_image_grid(images, captions, tmp_path / "grid.png", "t")
     assert_png(tmp_path / "cm.png")
     assert_png(tmp_path / "grid.png")
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
@@ -234,7 +239,7 @@ def test_cjk_class_names_plot_without_glyph_warnings(tmp_path, capsys, monkeypat
 
 
 def test_fallback_font_family_picks_the_font_with_the_glyphs(monkeypatch):
-    fonts = [
+    installed = [
         FontEntry(fname="/fonts/LastResortHE-Regular.ttf", name="Last Resort High-Efficiency"),  # boxes only
         FontEntry(fname="/fonts/DejaVuSans.ttf", name="DejaVu Sans"),
         FontEntry(fname="/fonts/NotoSansCJK-Regular.ttc", name="Noto Sans CJK JP"),
@@ -246,14 +251,14 @@ def test_fallback_font_family_picks_the_font_with_the_glyphs(monkeypatch):
         "/fonts/NotoSansCJK-Regular.ttc": "abc猫狗鸟ネコ",
         "/fonts/Unifont.ttf": "猫",
     }
-    monkeypatch.setattr(plots, "_glyphs_in_font", lambda path, chars: frozenset(chars & set(glyphs[path])))
-    assert plots.fallback_font_family(frozenset("猫狗ネ"), fonts) == ("Noto Sans CJK JP", frozenset())
-    assert plots.fallback_font_family(frozenset("猫ü"), fonts) == ("Noto Sans CJK JP", frozenset("ü"))
-    assert plots.fallback_font_family(frozenset("ü"), fonts) == (None, frozenset("ü"))
+    monkeypatch.setattr(fonts, "_glyphs_in_font", lambda path, chars: frozenset(chars & set(glyphs[path])))
+    assert fonts.fallback_font_family(frozenset("猫狗ネ"), installed) == ("Noto Sans CJK JP", frozenset())
+    assert fonts.fallback_font_family(frozenset("猫ü"), installed) == ("Noto Sans CJK JP", frozenset("ü"))
+    assert fonts.fallback_font_family(frozenset("ü"), installed) == (None, frozenset("ü"))
 
 
 def test_cjk_labels_are_drawn_with_the_installed_fallback_font(tmp_path, drawn, monkeypatch):
-    monkeypatch.setattr(plots, "_installed_fallback_families", lambda chars: (("Noto Sans CJK JP",), frozenset()))
+    monkeypatch.setattr(fonts, "_installed_fallback_families", lambda chars: (("Noto Sans CJK JP",), frozenset()))
     plots.plot_confusion_matrix(random_confusion(4), CJK_NAMES, tmp_path / "cm.png")
     assert drawn[0]["title_fonts"][-1] == "Noto Sans CJK JP"
 
@@ -262,7 +267,7 @@ def test_plain_names_never_look_for_a_fallback_font(tmp_path, drawn, monkeypatch
     def no_font_search(chars):
         raise AssertionError(f"looked for a fallback font for {chars}")
 
-    monkeypatch.setattr(plots, "_installed_fallback_families", no_font_search)
+    monkeypatch.setattr(fonts, "_installed_fallback_families", no_font_search)
     plots.plot_confusion_matrix(random_confusion(3), ["cat", "dog", "café"], tmp_path / "cm.png")
     assert "Noto Sans CJK JP" not in drawn[0]["title_fonts"]
 
@@ -317,7 +322,7 @@ def history_with_two_curves_clipped() -> list[dict]:
 def loss_figure(monkeypatch) -> list[dict]:
     """What the loss figure shows, read when it would be written: legend, texts on the plot, where the clipped
     losses' triangles sit at epoch 1 (display x), and how high the learning-rate line reaches (share of the height)."""
-    figures = []
+    recorded = []
 
     def record(fig, path):
         ax, lr_ax = fig.axes
@@ -325,7 +330,7 @@ def loss_figure(monkeypatch) -> list[dict]:
         lr_line = lr_ax.lines[0]
         highest = lr_ax.transData.transform((1, max(lr_line.get_ydata())))[1]
         bottom, top = lr_ax.transAxes.transform([(0, 0), (0, 1)])[:, 1]
-        figures.append({
+        recorded.append({
             "legend": [text.get_text() for text in ax.get_legend().get_texts()],
             "texts_on_plot": [text.get_text() for text in ax.texts],
             "triangles_at_epoch_1": [line.get_transform().transform((1, 0))[0] for line in triangles
@@ -333,8 +338,8 @@ def loss_figure(monkeypatch) -> list[dict]:
             "lr_reaches": (highest - bottom) / (top - bottom),
         })
 
-    monkeypatch.setattr(plots, "_save_figure", record)
-    return figures
+    monkeypatch.setattr(figures, "save_figure", record)
+    return recorded
 
 
 def test_clipped_losses_are_listed_in_the_legend_not_crowded_on_the_plot(tmp_path, loss_figure):
@@ -367,7 +372,7 @@ def test_confusion_matrix_default_order_is_the_automatic_one(tmp_path, drawn):
     confusion[np.arange(40), np.arange(40)] = 20
     confusion[3, 31] = confusion[31, 17] = confusion[10, 25] = 5
     names = [f"class_{index:02d}" for index in range(40)]
-    auto = plots.auto_class_order(confusion)
+    auto = class_order.auto_class_order(confusion)
     assert auto != list(range(40))
     assert plots.plot_confusion_matrix(confusion, names, tmp_path / "default.png") == auto
     assert plots.plot_confusion_matrix(confusion, names, tmp_path / "explicit.png", order=auto) == auto
@@ -384,13 +389,13 @@ def test_cluster_order_within_a_group_is_scipys_optimal_leaf_order():
     confusion = np.eye(40, dtype=int) * 20
     for true, predicted, count in confused:
         confusion[members[true], members[predicted]] = count
-    shares = plots.normalize_confusion(confusion)[np.ix_(members, members)]
+    shares = class_order.normalize_confusion(confusion)[np.ix_(members, members)]
     distance = 1.0 - (shares + shares.T) / 2  # one minus the mean share of each mistaken for the other
     np.fill_diagonal(distance, 0.0)
     condensed = squareform(distance)
     leaves = leaves_list(optimal_leaf_ordering(linkage(condensed, method="average"), condensed))
     expected = [int(members[leaf]) for leaf in leaves]
-    order = plots.auto_class_order(confusion)
+    order = class_order.auto_class_order(confusion)
     start = order.index(members.min())
     assert order[start:start + 7] in (expected, expected[::-1])
 
@@ -402,7 +407,7 @@ def test_figures_are_written_with_the_shared_atomic_writer(tmp_path, monkeypatch
     written = {}
     monkeypatch.setattr(utils, "atomic_write_bytes", lambda path, data: written.update({Path(path).name: data}))
     plots.plot_accuracy_curve(make_history(2), tmp_path / "acc.png")
-    plots.plot_image_grid([], [], tmp_path / "grid.png", "t")
+    image_grids.plot_image_grid([], [], tmp_path / "grid.png", "t")
     assert sorted(written) == ["acc.png", "grid.png"]
     assert all(data.startswith(b"\x89PNG") for data in written.values())
 

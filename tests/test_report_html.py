@@ -145,7 +145,7 @@ def test_class_names_and_config_are_escaped_in_the_html(tiny_report: TinyReport)
 
 def test_the_page_data_matches_the_predictions(tiny_report: TinyReport) -> None:
     data = json.loads(page_parts(tiny_report.html).data_json)
-    assert data["order"] == [0, 1, 2, 3]  # plots.auto_class_order: folder order for few classes
+    assert data["order"] == [0, 1, 2, 3]  # class_order.auto_class_order: folder order for few classes
     matrix = np.zeros((4, 4), dtype=int)
     np.add.at(matrix, (TINY_TRUE, TINY_PRED), 1)
     assert data["matrix"] == matrix.tolist()

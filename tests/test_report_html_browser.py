@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from test_report_html import NASTY, TINY_PRED, TINY_TRUE, TinyReport, write_tiny_report
 
-import plots
+import class_order
 from conftest import read_csv_rows
 
 CHROMIUM_NAMES = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
@@ -200,7 +200,7 @@ def test_every_confusion_cell_shows_exactly_its_images(page: Any, tiny_report: T
     paths = np.array(tiny_report.predictions.paths)
     matrix = np.zeros((4, 4), dtype=int)
     np.add.at(matrix, (TINY_TRUE, TINY_PRED), 1)
-    order = plots.auto_class_order(matrix)
+    order = class_order.auto_class_order(matrix)
     assert texts(page, "#matrix th.col") == [tiny_report.class_names[index] for index in order]
     cells = page.query_selector_all("#matrix td.cell")
     assert len(cells) == 16

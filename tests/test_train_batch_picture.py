@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import plots
+import figures
+import image_grids
 import train
 from common import IMAGENET_MEAN, IMAGENET_STD
 from conftest import CLASS_COLOURS, ColourData, assert_same_training, history_without_seconds, tiny_train
@@ -16,15 +17,15 @@ from conftest import CLASS_COLOURS, ColourData, assert_same_training, history_wi
 
 @pytest.fixture
 def drawn(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[np.ndarray], list[int]]]:
-    """The pictures and labels train.py hands plots.plot_training_batch, which still draws them."""
+    """The pictures and labels train.py hands image_grids.plot_training_batch, which still draws them."""
     calls: list[tuple[list[np.ndarray], list[int]]] = []
-    original = plots.plot_training_batch
+    original = image_grids.plot_training_batch
 
     def record(pictures: list[np.ndarray], labels: list[int], *args: object, **kwargs: object) -> None:
         calls.append((list(pictures), list(labels)))
         original(pictures, labels, *args, **kwargs)
 
-    monkeypatch.setattr(plots, "plot_training_batch", record)
+    monkeypatch.setattr(image_grids, "plot_training_batch", record)
     return calls
 
 
@@ -76,7 +77,7 @@ def test_a_continued_run_does_not_draw_it_again(small_data: ColourData, tmp_path
 def test_denormalize_undoes_the_normalization() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 5, 4), dtype=np.uint8)
     normalized = (pixels / 255 - np.reshape(IMAGENET_MEAN, (1, 3, 1, 1))) / np.reshape(IMAGENET_STD, (1, 3, 1, 1))
-    pictures = plots.denormalize(normalized.astype(np.float32), IMAGENET_MEAN, IMAGENET_STD)
+    pictures = image_grids.denormalize(normalized.astype(np.float32), IMAGENET_MEAN, IMAGENET_STD)
     assert [picture.shape for picture in pictures] == [(5, 4, 3)] * 2
     assert np.array_equal(np.stack(pictures), pixels.transpose(0, 2, 3, 1))
 
@@ -84,11 +85,11 @@ def test_denormalize_undoes_the_normalization() -> None:
 def test_at_most_32_pictures_each_under_its_shortened_class_name(monkeypatch: pytest.MonkeyPatch,
                                                                  tmp_path: Path) -> None:
     grids: list[tuple] = []
-    monkeypatch.setattr(plots, "plot_image_grid", lambda *args: grids.append(args))
+    monkeypatch.setattr(image_grids, "plot_image_grid", lambda *args: grids.append(args))
     names = ["山茶花", "Quercus_robur_subspecies_pedunculiflora_forma_fastigiata"]
     pictures = [np.zeros((8, 8, 3), dtype=np.uint8)] * 40
-    plots.plot_training_batch(pictures, [0, 1] * 20, names, tmp_path / "b.png", batch_images=40)
+    image_grids.plot_training_batch(pictures, [0, 1] * 20, names, tmp_path / "b.png", batch_images=40)
     [(shown, captions, _, title)] = grids
-    assert len(shown) == len(captions) == plots.BATCH_PICTURE_LIMIT
-    assert captions[:2] == ["山茶花", plots.shorten_labels(names, plots.BATCH_CAPTION_CHARS)[1]]
-    assert len(captions[1]) == plots.BATCH_CAPTION_CHARS and "32 of 40 images" in title
+    assert len(shown) == len(captions) == image_grids.BATCH_PICTURE_LIMIT
+    assert captions[:2] == ["山茶花", figures.shorten_labels(names, image_grids.BATCH_CAPTION_CHARS)[1]]
+    assert len(captions[1]) == image_grids.BATCH_CAPTION_CHARS and "32 of 40 images" in title
