@@ -44,17 +44,9 @@ from torch import nn
 from accel import Accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import list_images
+from onnx_model import ONNX_INPUT, ONNX_OUTPUT, OnnxModel, is_onnx, load_onnx, model_metadata, require_module
 from pipeline import checkpoint_batches
-from predict import (
-    ONNX_FORMAT,
-    ONNX_INPUT,
-    ONNX_OUTPUT,
-    OnnxModel,
-    check_output_paths,
-    is_onnx,
-    load_onnx,
-    require_module,
-)
+from submission import check_output_paths
 from utils import ArgumentParser, UserError, argument_list, exit_on_user_error, first_line
 
 DEFAULT_TOLERANCE = 1e-3  # the largest logit difference allowed, relative to max(1, largest |logit|); see above
@@ -199,12 +191,6 @@ def export_onnx(model: nn.Module, img_size: int, path: Path, exporter: str) -> N
                                if held.getvalue().strip() else "")) from None
 
 
-def model_metadata(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
-    """What predict.py reads back from an exported model (see the module's docstring)."""
-    return {"format": ONNX_FORMAT, "class_names": list(checkpoint["class_names"]), "img_size": eval_size(checkpoint),
-            "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
-            "temperature": checkpoint.get("temperature"), "arch": checkpoint["arch"],
-            "epoch": checkpoint.get("epoch"), "checkpoint": source}
 
 
 def write_metadata(onnx: Any, path: Path, metadata: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 from test_predict_extras import probabilities_by_label
 
 import export
+import onnx_model
 import predict
 from checkpoint import make_checkpoint, save_checkpoint
 from common import IMAGENET_MEAN, IMAGENET_STD
@@ -59,7 +60,7 @@ def test_export_writes_the_model_with_its_metadata_after_checking_parity(exporte
 
     model = onnx.load(str(model_path))
     metadata = {prop.key: json.loads(prop.value) for prop in model.metadata_props}
-    assert metadata == {"format": predict.ONNX_FORMAT, "class_names": CLASSES, "img_size": 32,
+    assert metadata == {"format": onnx_model.ONNX_FORMAT, "class_names": CLASSES, "img_size": 32,
                         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "temperature": 1.5,
                         "arch": "resnet18", "epoch": 2, "checkpoint": str(checkpoint)}
     [images] = model.graph.input

@@ -15,6 +15,7 @@ from test_evaluate import make_tiny_checkpoint
 import evaluate
 import images
 import predict
+import submission
 from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
 from dataset import list_images, load_train_val, scan_labeled_split, unknown_class_folders
 from utils import UserError
@@ -122,8 +123,8 @@ def test_a_name_without_extension_matches_only_when_one_test_file_has_it() -> No
     paths = [Path("t/a.jpg"), Path("t/a.png"), Path("t/b.jpg"), Path("t/scan.001.jpg"), Path("t/c.jpg")]
     truth = {"a": "cat", "b": "dog", "scan.001": "cat", "scan": "dog", "c.png": "dog"}
 
-    assert predict.labels_of(paths, truth) == [None, None, "dog", "cat", None]
-    assert predict.labels_of(paths, {"a.png": "dog"}) == [None, "dog", None, None, None]
+    assert submission.labels_of(paths, truth) == [None, None, "dog", "cat", None]
+    assert submission.labels_of(paths, {"a.png": "dog"}) == [None, "dog", None, None, None]
 
 
 # --------------------------------------------------------------------------- 5-7. labels CSVs as people save them
@@ -133,24 +134,24 @@ def test_labels_saved_by_excel_as_csv_utf8_with_a_bom_are_read(tmp_path: Path) -
     path = tmp_path / "labels.csv"
     path.write_bytes("image_name,label\r\nx1,café\r\nx2,dog\r\n".encode("utf-8-sig"))
 
-    assert predict.read_labels(path) == {"x1": "café", "x2": "dog"}
+    assert submission.read_labels(path) == {"x1": "café", "x2": "dog"}
 
 
 def test_labels_saved_in_windows_cp1252_are_read(tmp_path: Path) -> None:
     path = tmp_path / "labels.csv"
     path.write_bytes("image_name,label\r\nphoto_é,crème brûlée\r\nx2,dog\r\n".encode("cp1252"))
 
-    assert predict.read_labels(path) == {"photo_é": "crème brûlée", "x2": "dog"}
+    assert submission.read_labels(path) == {"photo_é": "crème brûlée", "x2": "dog"}
 
 
 def test_semicolons_tabs_and_common_header_names_are_read(tmp_path: Path) -> None:
     path = tmp_path / "labels.csv"
     path.write_text("image_name;label\n001;07\nb.jpg;NA\n")
-    assert predict.read_labels(path) == {"001": "07", "b.jpg": "NA"}  # read as text: no 1, 7 or missing value
+    assert submission.read_labels(path) == {"001": "07", "b.jpg": "NA"}  # read as text: no 1, 7 or missing value
     path.write_text("id,label\nx1,cat\n")
-    assert predict.read_labels(path) == {"x1": "cat"}
+    assert submission.read_labels(path) == {"x1": "cat"}
     path.write_text("Filename\tClass\nx1\tcat\n")
-    assert predict.read_labels(path) == {"x1": "cat"}
+    assert submission.read_labels(path) == {"x1": "cat"}
 
 
 def test_an_unknown_header_is_named_with_the_columns_accepted(tmp_path: Path) -> None:
@@ -158,7 +159,7 @@ def test_an_unknown_header_is_named_with_the_columns_accepted(tmp_path: Path) ->
     path.write_text("picture;answer\nx1;cat\n")
 
     with pytest.raises(UserError) as error:
-        predict.read_labels(path)
+        submission.read_labels(path)
 
     message = str(error.value)
     assert message.startswith(f"--labels {path}: its header has the column(s) 'picture', 'answer'; ")
@@ -171,7 +172,7 @@ def test_the_same_image_with_two_labels_is_refused(tmp_path: Path) -> None:
     path.write_text("image_name,label\nx1,cat\nx1,dog\nx2,cat\nx2,cat\n")
 
     with pytest.raises(UserError, match=r"'x1' is listed twice, as 'cat' and 'dog'; keep one row per image"):
-        predict.read_labels(path)
+        submission.read_labels(path)
 
 
 def test_a_row_with_more_fields_than_the_header_is_named_by_its_line(tmp_path: Path) -> None:
@@ -179,7 +180,7 @@ def test_a_row_with_more_fields_than_the_header_is_named_by_its_line(tmp_path: P
     path.write_text("image_name,label\nx1,cat\nx2,dog,young\n")
 
     with pytest.raises(UserError, match=r"cannot be read as CSV \(.*Expected 2 fields in line 3, saw 3\); fix that"):
-        predict.read_labels(path)
+        submission.read_labels(path)
 
 
 # --------------------------------------------------------------------------- 8. --report-dir under a file

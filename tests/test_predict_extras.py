@@ -16,6 +16,7 @@ from test_evaluate import make_tiny_checkpoint
 from torch import nn
 
 import predict
+import submission
 from accel import Accel
 from checkpoint import load_checkpoint, save_checkpoint
 from common import Batch
@@ -391,7 +392,7 @@ def test_read_only_and_full_disks_are_told_apart(ensemble_inputs, tmp_path: Path
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(predict.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(submission.tempfile, "mkstemp", refuse)
     result = run_predict(data, tmp_path / "new" / "folder", "--checkpoint", first, "--zip", "--topk", "1")
     # the nearest folder that exists is where the files would be created
     assert_refused_before_loading(result, f"--output: the disk of {tmp_path}" if code == errno.ENOSPC else
@@ -405,6 +406,6 @@ def test_a_disk_that_fills_up_on_writing_is_said_to_be_full(ensemble_inputs, tmp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(predict.os, "write", full)
+    monkeypatch.setattr(submission.os, "write", full)
     assert_refused_before_loading(run_predict(data, tmp_path, "--checkpoint", first), "is full", "MiB free")
     assert [path.name for path in tmp_path.iterdir()] == []  # the probe file is gone
