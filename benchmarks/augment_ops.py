@@ -5,7 +5,7 @@ kernel launches the host issues), CPU wall time, largest difference, and the res
     python benchmarks/augment_ops.py --repeats 9
 
 Each call is TrainAugment(224)(images, generator) or EvalTransform(224)(images) on 128 uint8 images; old is
-``gpu_augment._reference_*`` (one resize per image, one jitter group per step and operation). Times are medians of
+``tests/augment_reference.py`` (one resize per image, one jitter group per step and operation). Times are medians of
 ``--repeats`` calls on this CPU; the machine may be shared, so compare ratios. Nothing here runs on a GPU.
 """
 
@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_op_counts import count_operations
 
+import augment_reference
+import batch_resize
 import gpu_augment as ga
 from common import IMAGENET_MEAN, IMAGENET_STD
 
@@ -64,11 +66,11 @@ def resize_buffer_bytes(augment: ga.TrainAugment, images: list[torch.Tensor]) ->
     the first product."""
     params = augment.sample_params(ga.host_sizes(images), torch.Generator().manual_seed(0))
     count = len(images)
-    chunks = ga.plan_resize(ga.host_sizes(images), params.boxes[:, :2], params.boxes[:, 2:],
-                            np.full((count, 2), SIZE), np.zeros((count, 2), np.int64), params.flips, SIZE, 1 / 255,
-                            augment.max_resize_elements)
+    chunks = batch_resize.plan_resize(ga.host_sizes(images), params.boxes[:, :2], params.boxes[:, 2:],
+                                      np.full((count, 2), SIZE), np.zeros((count, 2), np.int64), params.flips, SIZE,
+                                      1 / 255, augment.max_resize_elements)
 
-    def chunk_bytes(chunk: ga.ResizeChunk) -> int:
+    def chunk_bytes(chunk: batch_resize.ResizeChunk) -> int:
         windows = len(chunk.images) * 3 * chunk.side * chunk.side
         return windows * (1 + 4) + 2 * len(chunk.images) * chunk.side * SIZE * 4 + windows // chunk.side * SIZE * 4
 
@@ -81,8 +83,8 @@ def compare(name: str, images: list[torch.Tensor], repeats: int) -> list[str]:
     transform = ga.EvalTransform(SIZE, IMAGENET_MEAN, IMAGENET_STD)
     calls = {
         "train": (lambda: augment(images, torch.Generator().manual_seed(0)),
-                  lambda: ga._reference_train_augment(augment, images, torch.Generator().manual_seed(0))),
-        "eval": (lambda: transform(images), lambda: ga._reference_eval_transform(transform, images)),
+                  lambda: augment_reference.train_augment(augment, images, torch.Generator().manual_seed(0))),
+        "eval": (lambda: transform(images), lambda: augment_reference.eval_transform(transform, images)),
     }
     rows = []
     for kind, (new, old) in calls.items():

@@ -18,7 +18,7 @@
    ``pipeline.DecodeStream`` as the pipeline does. The default decoder is not changed by this: it is measured.
 5. augment: the training augmentation and the eval transform on a batch: PyTorch operations and kernel launches
    (profiler), host ms to issue them, GPU ms (CUDA events); beside them the old per-image implementation, kept as
-   the tests' oracle (``gpu_augment._reference_train_augment`` and ``_reference_eval_transform``).
+   the tests' oracle (``tests/augment_reference.py``: ``train_augment`` and ``eval_transform``).
 6. producer: main-thread CPU ms per training batch (``time.thread_time``; lines ``probe main-thread``) over a pass
    of 10 device-path batches, and the GPU-busy fraction over 10 profiled training steps (union of kernel intervals
    / wall; lines ``probe busy``), each with the producer thread on and off.
@@ -321,6 +321,8 @@ def host_and_gpu_ms(work, device: torch.device, trials: int) -> tuple[float, flo
 def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
     """Operations, host-issue ms and GPU ms of the augmentation (new, and old when found) and the eval transform."""
     import gpu_augment
+    sys.path.insert(0, str(ROOT / "tests"))
+    import augment_reference
 
     paths = photo_jpegs(args.batch_size, args.width, args.height, folder)
     decoder = pipeline.DeviceDecoder(device, pipeline.train_decode_side(args.img_size),
@@ -331,9 +333,9 @@ def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
     evaluation = gpu_augment.EvalTransform(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
     works = {"train (current)": lambda: train(images, torch.Generator().manual_seed(0)),
              "eval (current)": lambda: evaluation(images)}
-    works["train (old, per image)"] = lambda: gpu_augment._reference_train_augment(
+    works["train (old, per image)"] = lambda: augment_reference.train_augment(
         train, images, torch.Generator().manual_seed(0))
-    works["eval (old, per image)"] = lambda: gpu_augment._reference_eval_transform(evaluation, images)
+    works["eval (old, per image)"] = lambda: augment_reference.eval_transform(evaluation, images)
     for name, work in works.items():
         try:
             work()  # warm-up

@@ -1,6 +1,7 @@
 """Tests for gpu_augment.py: parameter distributions vs torchvision's, each operation and whole outputs vs the
-CPU recipe (torchvision on PIL images) and vs the per-image implementation it replaced (``ga._reference_*``: the
-same parameter draws, the same pixels), determinism.
+CPU recipe (torchvision on PIL images) and vs the per-image implementation it replaced (``augment_reference.py``:
+the same parameter draws, the same pixels), determinism; the batched resize of ``batch_resize.py`` and the parameter
+draws of ``augment_params.py`` with them.
 
 Images are small (originals 96 to 200 pixels, output 56) so the file runs in seconds on two CPU cores. Every
 test is seeded, so the statistical checks are deterministic; their tolerances are still set at several
@@ -22,6 +23,9 @@ from PIL import Image, ImageDraw
 # Let `pytest` find the repo-root modules however it is invoked.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import augment_params
+import augment_reference
+import batch_resize
 import common
 import gpu_augment as ga  # noqa: E402
 import recipe
@@ -94,7 +98,8 @@ def torchvision_boxes(width: int, height: int, count: int, seed: int, **kwargs) 
 
 def our_boxes(width: int, height: int, count: int, seed: int, **kwargs) -> np.ndarray:
     sizes = torch.tensor([[width, height]]).repeat(count, 1)
-    return ga.sample_crop_boxes(sizes, generator=torch.Generator().manual_seed(seed), **kwargs).double().numpy()
+    boxes = augment_params.sample_crop_boxes(sizes, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return boxes.double().numpy()
 
 
 def pixel_mae(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ def test_crop_fallback_matches_torchvision():
 
 def test_mixed_sizes_in_one_batch_get_their_own_boxes():
     sizes = torch.tensor([[500, 375], [64, 300]]).repeat(2000, 1)
-    boxes = ga.sample_crop_boxes(sizes, generator=torch.Generator().manual_seed(3))
+    boxes = augment_params.sample_crop_boxes(sizes, generator=torch.Generator().manual_seed(3))
     assert (boxes[:, 0] + boxes[:, 2] <= sizes[:, 1]).all() and (boxes[:, 1] + boxes[:, 3] <= sizes[:, 0]).all()
     narrow = boxes[1::2]
     theirs = torchvision_boxes(64, 300, 2000, seed=3)
@@ -202,13 +207,14 @@ def test_jitter_ranges_follow_colorjitter_rules():
 def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, **plan) -> torch.Tensor:
     """The batched crop-and-resize alone: ``[B, 3, IMG, IMG]`` in [0, 1], normal layout."""
     count = len(images)
-    chunks = ga.plan_resize(ga.host_sizes(images), boxes[:, :2], boxes[:, 2:], np.full((count, 2), IMG),
-                            np.zeros((count, 2), np.int64), flips, IMG, 1 / 255, **plan)
-    tensors = iter(ga.to_device(ga.resize_arrays(chunks), torch.device("cpu")))
-    return ga.resize_regions(images, chunks, tensors, torch.device("cpu")).view(count, 3, IMG, IMG).transpose(2, 3)
+    chunks = batch_resize.plan_resize(ga.host_sizes(images), boxes[:, :2], boxes[:, 2:], np.full((count, 2), IMG),
+                                      np.zeros((count, 2), np.int64), flips, IMG, 1 / 255, **plan)
+    tensors = iter(batch_resize.to_device(batch_resize.resize_arrays(chunks), torch.device("cpu")))
+    resized = batch_resize.resize_regions(images, chunks, tensors, torch.device("cpu"))
+    return resized.view(count, 3, IMG, IMG).transpose(2, 3)
 
 
-def jittered(augment: ga.TrainAugment, pixels: torch.Tensor, params: ga.AugmentParams) -> torch.Tensor:
+def jittered(augment: ga.TrainAugment, pixels: torch.Tensor, params: augment_params.AugmentParams) -> torch.Tensor:
     """The batched colour jitter alone on ``[B, 3, H, W]`` pixels in [0, 1]."""
     colour = ga.plan_colour(params, augment.jitter_enabled)
     matrices = colour.matrices if colour.means is None else np.concatenate([colour.matrices, colour.means])
@@ -269,7 +275,7 @@ def test_jitter_applies_each_samples_own_order():
 
 def test_crop_and_resize_is_torchvisions_antialiased_resized_crop(images):
     tensors = decoded(images[:8]) + [torch.randint(0, 256, (3, 30, 41), dtype=torch.uint8)]  # upscaled too
-    boxes = ga.sample_crop_boxes(ga.image_sizes(tensors), generator=torch.Generator().manual_seed(15))
+    boxes = augment_params.sample_crop_boxes(ga.image_sizes(tensors), generator=torch.Generator().manual_seed(15))
     boxes = boxes.numpy().astype(np.int64)
     flips = np.arange(len(tensors)) % 2 == 1
     ours = resized_crops(tensors, boxes, flips)
@@ -301,10 +307,10 @@ def test_tf32_rounding_of_the_first_pass_moves_a_pixel_by_at_most_an_eighth_of_a
     # On CUDA the first resize product may run in TF32 (accel.py enables it): its integer pixels are exact, its
     # weights keep 10 bits of mantissa. Emulated here by rounding the column weights so.
     tensors = decoded(images[:8])
-    boxes = ga.sample_crop_boxes(ga.image_sizes(tensors), generator=torch.Generator().manual_seed(16))
+    boxes = augment_params.sample_crop_boxes(ga.image_sizes(tensors), generator=torch.Generator().manual_seed(16))
     boxes, flips = boxes.numpy().astype(np.int64), np.zeros(8, bool)
     exact = resized_crops(tensors, boxes, flips)
-    original = ga.antialias_taps
+    original = batch_resize.antialias_taps
 
     def tf32_taps(*args):
         first, weights = original(*args)
@@ -313,7 +319,7 @@ def test_tf32_rounding_of_the_first_pass_moves_a_pixel_by_at_most_an_eighth_of_a
         return first, rounded
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ga, "antialias_taps", tf32_taps)
+        patch.setattr(batch_resize, "antialias_taps", tf32_taps)
         rounded = resized_crops(tensors, boxes, flips)
     error = (rounded - exact).abs().max().item() * 255
     # Bound 255 * 2**-11 = 0.125 level per rounded axis (both are rounded here, so up to twice that); measured 0.128.
@@ -322,7 +328,7 @@ def test_tf32_rounding_of_the_first_pass_moves_a_pixel_by_at_most_an_eighth_of_a
 
 def test_resize_in_chunks_or_without_chunk_cat_gives_the_same_pixels(images):
     tensors = decoded(images[:8])
-    boxes = ga.sample_crop_boxes(ga.image_sizes(tensors), generator=torch.Generator().manual_seed(17))
+    boxes = augment_params.sample_crop_boxes(ga.image_sizes(tensors), generator=torch.Generator().manual_seed(17))
     boxes, flips = boxes.numpy().astype(np.int64), np.arange(8) % 3 == 0
     whole = resized_crops(tensors, boxes, flips)
     chunked = resized_crops(tensors, boxes, flips, max_elements=3 * 160 * 160 * 2)
@@ -335,7 +341,7 @@ def test_resize_in_chunks_or_without_chunk_cat_gives_the_same_pixels(images):
 def test_packed_host_to_device_copy_views_every_array_back():
     arrays = [np.arange(6, dtype=np.int64).reshape(2, 3), np.linspace(0, 1, 7, dtype=np.float32),
               np.eye(3, dtype=np.float32)[None].repeat(2, 0), np.array([[5]], dtype=np.int64)]
-    packed = ga.to_device(arrays, torch.device("cpu"), pack=True)
+    packed = batch_resize.to_device(arrays, torch.device("cpu"), pack=True)
     for array, tensor in zip(arrays, packed):
         assert tensor.dtype == torch.from_numpy(array).dtype and np.array_equal(tensor.numpy(), array)
 
@@ -350,7 +356,7 @@ def mixed_images(count: int, seed: int, low: int = 20, high: int = 120) -> list[
             for _ in range(count)]
 
 
-def assert_same_params(ours: ga.AugmentParams, theirs: ga.AugmentParams) -> None:
+def assert_same_params(ours: augment_params.AugmentParams, theirs: augment_params.AugmentParams) -> None:
     for name in ("boxes", "flips", "angles", "brightness", "contrast", "saturation", "hue", "order"):
         assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name
     assert ours.erase_boxes == theirs.erase_boxes
@@ -371,12 +377,13 @@ def test_parameters_are_the_per_image_codes_draws_for_thousands_of_samples():
     sizes = np.concatenate([rng.integers(8, 900, (19000, 2)), rng.integers(1, 12, (500, 2)),
                             np.array([[1000, 20], [20, 1000]]).repeat(250, 0)])
     assert_same_params(augment.sample_params(sizes, torch.Generator().manual_seed(1)),
-                       ga._reference_sample_params(augment, torch.from_numpy(sizes), torch.Generator().manual_seed(1)))
+                       augment_reference.sample_params(augment, torch.from_numpy(sizes),
+                                                       torch.Generator().manual_seed(1)))
     for seed in range(200):
         sizes = rng.integers(40, 800, (64, 2))
         assert_same_params(augment.sample_params(sizes, torch.Generator().manual_seed(seed)),
-                           ga._reference_sample_params(augment, torch.from_numpy(sizes),
-                                                       torch.Generator().manual_seed(seed)))
+                           augment_reference.sample_params(augment, torch.from_numpy(sizes),
+                                                           torch.Generator().manual_seed(seed)))
 
 
 def test_erasing_draws_and_the_generator_end_where_the_per_image_code_left_them():
@@ -384,7 +391,7 @@ def test_erasing_draws_and_the_generator_end_where_the_per_image_code_left_them(
     sizes = np.random.default_rng(2).integers(40, 300, (300, 2))
     ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     ours_params = augment.sample_params(sizes, ours)
-    assert_same_params(ours_params, ga._reference_sample_params(augment, torch.from_numpy(sizes), theirs))
+    assert_same_params(ours_params, augment_reference.sample_params(augment, torch.from_numpy(sizes), theirs))
     assert 100 < len(ours_params.erase_boxes) < 200
     assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
 
@@ -401,7 +408,7 @@ def test_training_output_is_the_per_image_implementations(recipe):
     tensors = mixed_images(96, seed=3)
     params = augment.sample_params(ga.host_sizes(tensors), torch.Generator().manual_seed(18))
     ours = augment.apply(tensors, params) * augment.std + augment.mean
-    theirs = ga._reference_train_pixels(augment, tensors, params)
+    theirs = augment_reference.train_pixels(augment, tensors, params)
     assert len({tuple(row) for row in params.order.tolist()}) == 24 and params.flips.any()
     assert (params.boxes[:, 2:] < IMG).any(axis=1).any()  # some crops are upscaled
     # Within 8-bit rounding by far: measured 3.4e-6 (float summation order, the hue's tiny chroma bias).
@@ -412,7 +419,7 @@ def test_whole_call_with_erasing_is_the_per_image_implementations():
     augment = ga.TrainAugment(IMG, MEAN, STD, random_erase=0.7)
     tensors = mixed_images(32, seed=4)
     ours = augment(tensors, torch.Generator().manual_seed(19))
-    theirs = ga._reference_train_augment(augment, tensors, torch.Generator().manual_seed(19))
+    theirs = augment_reference.train_augment(augment, tensors, torch.Generator().manual_seed(19))
     assert (ours == 0).all(dim=1).float().mean() > 0.05  # erased boxes (0 in every channel) are there
     assert ((ours - theirs) * augment.std).abs().max().item() < 1e-4
 
@@ -421,14 +428,14 @@ def test_eval_output_is_the_per_image_implementations():
     transform = ga.EvalTransform(IMG, MEAN, STD)
     tensors = mixed_images(64, seed=5, high=400)
     crops = transform.crops(tensors)
-    expected = torch.stack([ga._reference_eval_crop(image, IMG) for image in tensors])
+    expected = torch.stack([augment_reference.eval_crop(image, IMG) for image in tensors])
     difference = (crops.int() - expected.int()).abs()
     assert crops.dtype == torch.uint8 and crops.is_contiguous()
     assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-3  # a value at .5 may round either way
     assert torch.equal(transform.crop(tensors[3]), crops[3])
     normalized = transform(tensors)
     assert normalized.is_contiguous()
-    torch.testing.assert_close(normalized, ga._reference_eval_transform(transform, tensors), atol=1 / 255 / 0.224
+    torch.testing.assert_close(normalized, augment_reference.eval_transform(transform, tensors), atol=1 / 255 / 0.224
                                + 1e-5, rtol=0)
     torch.testing.assert_close(transform.normalize_crops(crops), transform.normalize_crops(list(crops.unbind(0))))
 
@@ -540,8 +547,8 @@ def test_cuda_matches_cpu(images):
     # that sits at .5 (the CPU alone flips 15 of 75,264 in fp32 against fp64).
     side = recipe.eval_resize_size(IMG)
     for image in tensors:
-        on_cpu = ga.centre_crop(ga.resize_shorter_side(image, side), IMG)
-        on_cuda = ga.centre_crop(ga.resize_shorter_side(image.cuda(), side), IMG)
+        on_cpu = batch_resize.centre_crop(batch_resize.resize_shorter_side(image, side), IMG)
+        on_cuda = batch_resize.centre_crop(batch_resize.resize_shorter_side(image.cuda(), side), IMG)
         torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-3, rtol=0)
     evaluated = ga.EvalTransform(IMG, MEAN, STD).cuda()([image.cuda() for image in tensors]).cpu()
     one_level = 1 / 255 / min(STD)  # one uint8 step, normalized

@@ -3,7 +3,7 @@ must issue, so the count is a proxy for the host's work): bounded, and the same 
 
 Counted with a TorchDispatchMode that sees every ``__torch_dispatch__`` call (views included) for the whole call,
 parameter drawing included, on a CPU generator and CPU tensors. The per-image implementation it replaced
-(``gpu_augment._reference_*``) issued 1,130 (train) and 1,157 (eval) for the same 128 images.
+(``tests/augment_reference.py``) issued 1,130 (train) and 1,157 (eval) for the same 128 images.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import augment_reference  # noqa: E402
 import gpu_augment as ga  # noqa: E402
 from common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -84,7 +85,7 @@ def test_the_counter_sees_the_per_image_implementations_operations(batches):
     # The same counter on the code this replaced: it grows with the batch (one resize per image).
     augment = ga.TrainAugment(224, IMAGENET_MEAN, IMAGENET_STD)
     transform = ga.EvalTransform(224, IMAGENET_MEAN, IMAGENET_STD)
-    old_train = count_operations(lambda: ga._reference_train_augment(augment, batches[128],
-                                                                     torch.Generator().manual_seed(0)))
-    old_eval = count_operations(lambda: ga._reference_eval_transform(transform, batches[128]))
+    old_train = count_operations(lambda: augment_reference.train_augment(augment, batches[128],
+                                                                            torch.Generator().manual_seed(0)))
+    old_eval = count_operations(lambda: augment_reference.eval_transform(transform, batches[128]))
     assert old_train > 1000 and old_eval > 1000
