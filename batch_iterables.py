@@ -157,7 +157,6 @@ class DeviceEvalBatches:
         return [(item, crop) for (item, _), crop in zip(decoded, crops)]
 
 
-
 def to_decode(items: Sequence[Encoded | Cached]) -> list[Encoded]:
     """The items of a loader batch that the workers read, for the device to decode (not those the cache holds)."""
     return [item for item in items if isinstance(item, Encoded)]

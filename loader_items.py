@@ -198,7 +198,7 @@ class SkipCached(Sampler[list]):
     """``batches`` (a batch sampler) with each key whose position ``cache`` holds replaced by :class:`Cached`, so
     the workers read only the files still to decode. The loader iterates it in the main process, where the cache
     lives (a few batches ahead: a key cached meanwhile is just read and decoded again). ``sampler`` is the wrapped
-    one's, for :func:`set_epoch`."""
+    one's, for ``batch_iterables.set_epoch``."""
 
     def __init__(self, batches: Iterable[list], cache: DecodedImages) -> None:
         self.batches, self.cache = batches, cache

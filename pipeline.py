@@ -70,7 +70,6 @@ class TrainRecipe:
     std: tuple[float, ...] = IMAGENET_STD
 
 
-
 @dataclass
 class Loaders:
     """The training and validation batches (``common.Batch`` es on the device), and where the cache is."""
@@ -78,7 +77,6 @@ class Loaders:
     train: HostBatches | DeviceTrainBatches
     val: HostBatches | DeviceEvalBatches | None  # None with --train-on-all
     cache: CacheChoice
-
 
 
 def choose_data_path(request: str, device: torch.device) -> str:
@@ -92,7 +90,6 @@ def choose_data_path(request: str, device: torch.device) -> str:
         print(f"note: --augment-device gpu on a {device.type} run: images are decoded and augmented batched on the "
               f"{device.type} by the GPU path's code (slower than --augment-device cpu here)")
     return request
-
 
 
 def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: Sequence[float], std: Sequence[float],
@@ -130,7 +127,6 @@ def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: 
     return Loaders(train, val, choice)
 
 
-
 def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool,
                   train_bytes: int) -> CacheChoice:
     """Where ``--cache`` keeps the decoded training images (``train_bytes``) and validation crops, said in one
@@ -143,7 +139,6 @@ def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on
     return choice
 
 
-
 def cached_bytes(args: argparse.Namespace, samples: Sequence[tuple[str, int]], data: TrainValData,
                  training: bool) -> int:
     """Bytes the cache needs for ``samples``: decoded training images (sizes from the headers), or eval crops."""
@@ -151,7 +146,6 @@ def cached_bytes(args: argparse.Namespace, samples: Sequence[tuple[str, int]], d
         sizes = [data.sizes.get(path, (0, 0)) for path, _ in samples]
         return cache_bytes(sizes, train_decode_side(args.img_size))
     return len(samples) * 3 * (args.test_size or args.img_size) ** 2
-
 
 
 def checkpoint_batches(paths: Sequence[str], checkpoint: dict[str, Any], accel: Accel, batch_size: int = 128,
@@ -236,4 +230,3 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     the main process terminates it or dies."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
-
