@@ -53,8 +53,11 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import batch_producer
 import common
+import device_decode
 import gpu_augment
+import loader_items
 import pipeline
 from accel import Accel, configure_backends, make_grad_scaler, resolve_amp
 from common import IMAGENET_MEAN, IMAGENET_STD
@@ -314,7 +317,7 @@ def our_worker_items(samples: list, img_size: int, on_device: bool) -> Dataset:
     paths, labels = [path for path, _ in samples], [label for _, label in samples]
     side = train_decode_side(img_size)
     if on_device:
-        return pipeline.FileBytes(paths, labels, side, DEFAULT_MAX_IMAGE_PIXELS,
+        return loader_items.FileBytes(paths, labels, side, DEFAULT_MAX_IMAGE_PIXELS,
                                   plain_jpeg_sizes(check_images(paths).sizes))
     return ImageFiles(paths, labels, build_train_transform(img_size), side, DEFAULT_MAX_IMAGE_PIXELS)
 
@@ -513,7 +516,7 @@ class StageCost:
     ms_per_batch: float | None
 
 
-def batch_items(run: OurRun, number: int) -> list[pipeline.Encoded]:
+def batch_items(run: OurRun, number: int) -> list[loader_items.Encoded]:
     """The GPU path's worker items (file bytes) of training batch ``number`` (in file order), read here."""
     files = our_worker_items(run.data.train_samples, run.options.img_size, on_device=True)
     size = run.options.batch_size
@@ -540,7 +543,7 @@ def device_path_stages(run: OurRun, worker_ms: float) -> list[StageCost]:
     options, device = run.options, run.accel.device
     side = train_decode_side(options.img_size)
     batches = [batch_items(run, number) for number in range(BREAKDOWN_BATCHES + 1)]
-    decoder = pipeline.DeviceDecoder(device, side, side, options.max_image_pixels)
+    decoder = device_decode.DeviceDecoder(device, side, side, options.max_image_pixels)
     decoded = [[image for _, image in decoder(items)[0]] for items in batches]
     augment = gpu_augment.TrainAugment(options.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
     with torch.inference_mode():
@@ -551,8 +554,8 @@ def device_path_stages(run: OurRun, worker_ms: float) -> list[StageCost]:
         StageCost("read", f"one loader worker, one thread, reading the batch's files (the loader runs "
                           f"{options.workers}; first epoch only when there is a cache)",
                   worker_ms * options.batch_size),
-        StageCost("decode", f"DeviceDecoder on the batch ({pipeline.JPEG_DECODER_NAME}; first epoch only when there "
-                            "is a cache)", decode_ms),
+        StageCost("decode", f"DeviceDecoder on the batch ({device_decode.jpeg_decoder_name()}; first epoch only when "
+                            "there is a cache)", decode_ms),
         StageCost("augment", "TrainAugment on the batch's decoded images", augment_ms),
         StageCost("host-to-device", "the batch's file bytes (first epoch)",
                   host_to_device_ms([item.data for item in batches[0]], device)),
@@ -640,7 +643,7 @@ def producer_off_rows(run: OurRun, args: argparse.Namespace, cores: str, baselin
     epochs = range(args.epochs + 2, args.epochs + 2 + max(1, args.epochs - 1))
     trained, validated = zip(*(our_epoch(run, epoch) for epoch in epochs))
     for loader in loaders:
-        loader.prefetch = pipeline.PREFETCH_BATCHES
+        loader.prefetch = batch_producer.PREFETCH_BATCHES
     return [Row("train, producer off", cores, baseline["train"], sum(trained[1:], trained[0]), ceiling["train"]),
             Row("val, producer off", cores, baseline["eval"], sum(validated[1:], validated[0]), ceiling["eval"])]
 

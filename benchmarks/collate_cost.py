@@ -6,7 +6,7 @@
 Before (``separate``): each worker opens every file with PIL to read its header, and hands the batch over as one
 tensor per image, which costs the main process a shared-memory handle to open per image. After (``packed``): the
 header scan at the start found the plain JPEGs (``images.check_images``), so the workers read their bytes only,
-and hand the batch over as one buffer with offsets (``pipeline.collate_encoded``), its items views into it.
+and hand the batch over as one buffer with offsets (``loader_items.collate_encoded``), its items views into it.
 Main-thread CPU time is ``time.thread_time`` around taking each batch and making its items; worker time is the
 batches' wall time (the workers' share). Prints one table.
 """
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import images  # noqa: E402
-import pipeline  # noqa: E402
+import loader_items  # noqa: E402
 
 
 def write_jpeg(path: str, width: int, height: int, seed: int) -> None:
@@ -45,18 +45,18 @@ def write_jpeg(path: str, width: int, height: int, seed: int) -> None:
 
 def collate_separate(items: list[Any]) -> list[Any]:
     """The hand-over before: the items as they are, one tensor each."""
-    return pipeline.split_failures(items)[0]
+    return loader_items.split_failures(items)[0]
 
 
 def loader(paths: list[str], batch_size: int, workers: int, packed: bool, scanned: bool) -> DataLoader:
     """The device path's loader: batches ``packed`` or not; the workers told the header scan's plain JPEGs
     (``scanned``) or opening each file."""
     plain = images.plain_jpeg_sizes(images.check_images(paths).sizes) if scanned else None
-    files = pipeline.FileBytes(paths, [0] * len(paths), 792, images.DEFAULT_MAX_IMAGE_PIXELS, plain)
+    files = loader_items.FileBytes(paths, [0] * len(paths), 792, images.DEFAULT_MAX_IMAGE_PIXELS, plain)
     sampler = BatchSampler(SequentialSampler(range(len(paths))), batch_size, drop_last=False)
     return DataLoader(files, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                       prefetch_factor=4 if workers else None,
-                      collate_fn=pipeline.collate_encoded if packed else collate_separate)
+                      collate_fn=loader_items.collate_encoded if packed else collate_separate)
 
 
 def measure(paths: list[str], args: argparse.Namespace, packed: bool, scanned: bool) -> tuple[float, float]:

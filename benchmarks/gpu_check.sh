@@ -69,11 +69,11 @@ fi
 import os, sys
 sys.path.insert(0, os.getcwd())
 import torch, torchvision
-import pipeline
+import device_decode
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
 capability = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else "-"
 print(f"# GPU check: GPU {gpu} (capability {capability}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
-      f"torchvision {torchvision.__version__}, JPEG decoder {pipeline.JPEG_DECODER_NAME}")
+      f"torchvision {torchvision.__version__}, JPEG decoder {device_decode.jpeg_decoder_name()}")
 PY
 
 # 1. The probes: each prints a 'probe NAME: ...' line.

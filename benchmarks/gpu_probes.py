@@ -8,14 +8,14 @@
 2. decode-race: torchvision's batched nvJPEG decode writes from its own stream into memory allocated on the
    caller's stream (torchvision PR 9606). Memory freed while a kernel still writes it is handed to the decode;
    the probe counts corrupted batches over many trials, for a decode on the compute stream and for
-   ``pipeline.DeviceDecoder`` (a private stream): ours must be 0.
+   ``device_decode.DeviceDecoder`` (a private stream): ours must be 0.
 3. syncs: waits for the GPU per batch over 10 uncached training batches (the GPU path), 10 with ``--ema``, and
    10 validation batches, counted with torch.profiler (CUDA runtime calls named ``*Synchronize``) and with
    ``torch.cuda.set_sync_debug_mode`` (PyTorch operations that wait for the GPU); the target is 0 per batch
    outside the read-back at the end of each pass. Off CUDA nothing is counted (the code still runs).
 4. decoders: the host ms a batch's decode blocks the calling thread while a training step runs on the GPU, for
    each JPEG decoder found (torchvision, TorchCodec, nvImageCodec; the optional ones feature-detected), decoding on
-   ``pipeline.DecodeStream`` as the pipeline does. The default decoder is not changed by this: it is measured.
+   ``device_decode.DecodeStream`` as the pipeline does. The default decoder is not changed by this: it is measured.
 5. augment: the training augmentation and the eval transform on a batch: PyTorch operations and kernel launches
    (profiler), host ms to issue them, GPU ms (CUDA events); beside them the old per-image implementation, kept as
    the tests' oracle (``tests/augment_reference.py``: ``train_augment`` and ``eval_transform``).
@@ -44,7 +44,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import batch_producer  # noqa: E402
+import device_decode  # noqa: E402
 import engine  # noqa: E402
+import loader_items  # noqa: E402
 import pipeline  # noqa: E402
 from accel import Accel, configure_backends, flagged_waits  # noqa: E402
 from common import IMAGENET_MEAN, IMAGENET_STD
@@ -130,15 +133,15 @@ def corrupted_trials(decode: Callable[[], list[torch.Tensor]], reference: list[t
 
 
 def decode_race(device: torch.device, trials: int, folder: Path) -> None:
-    """Corrupted batches out of ``trials``: decoding on the compute stream, and with ``pipeline.DeviceDecoder``."""
+    """Corrupted batches out of ``trials``: decoding on the compute stream, and with ``device_decode.DeviceDecoder``."""
     paths = photo_jpegs(8, 496, 368, folder)
-    items = [pipeline.FileBytes(paths, [0] * len(paths), None, 10**9)[index] for index in range(len(paths))]
+    items = [loader_items.FileBytes(paths, [0] * len(paths), None, 10**9)[index] for index in range(len(paths))]
     data = [item.data for item in items]
-    reference = [image.clone() for image in pipeline.decode_jpeg(data, device)]
-    decoder = pipeline.DeviceDecoder(device, None, None)
-    plain = corrupted_trials(lambda: pipeline.decode_jpeg(data, device), reference, device, trials)
+    reference = [image.clone() for image in device_decode.decode_jpeg(data, device)]
+    decoder = device_decode.DeviceDecoder(device, None, None)
+    plain = corrupted_trials(lambda: device_decode.decode_jpeg(data, device), reference, device, trials)
     ours = corrupted_trials(lambda: [image for _, image in decoder(items)[0]], reference, device, trials)
-    say("decode-race", f"{pipeline.JPEG_DECODER_NAME} on {device.type}: corrupted batches on the compute stream "
+    say("decode-race", f"{device_decode.jpeg_decoder_name()} on {device.type}: corrupted batches on the compute stream "
                        f"{plain}/{trials}; with DeviceDecoder {ours}/{trials} -> {'OK' if ours == 0 else 'FAIL'}")
 
 
@@ -203,7 +206,7 @@ def syncs(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
 # --------------------------------------------------------------------------- 4. decoders
 
 
-def nvimgcodec_decoder(module) -> pipeline.JpegDecoder:
+def nvimgcodec_decoder(module) -> device_decode.JpegDecoder:
     """nvImageCodec's batched decoder behind the pipeline's decoder interface (RGB, EXIF ignored, ``[3, H, W]``
     tensors on the device, on the current stream)."""
     decoder = module.Decoder()
@@ -222,11 +225,12 @@ def nvimgcodec_decoder(module) -> pipeline.JpegDecoder:
     return decode
 
 
-def decoders_found() -> dict[str, pipeline.JpegDecoder]:
+def decoders_found() -> dict[str, device_decode.JpegDecoder]:
     """Every JPEG decoder installed, by name: torchvision's always, TorchCodec's and nvImageCodec's when present."""
     import torchvision
 
-    found = {"torchvision": pipeline.torchvision_jpeg_decoder(pipeline.takes_jpeg_lists(torchvision.__version__))}
+    takes_lists = device_decode.takes_jpeg_lists(torchvision.__version__)
+    found = {"torchvision": device_decode.torchvision_jpeg_decoder(takes_lists)}
     try:
         from torchcodec.decoders import decode_jpeg as torchcodec_decode
 
@@ -254,9 +258,9 @@ def queue_training_step(args, model, criterion, optimizer, accel) -> None:
 def decoders(args: argparse.Namespace, device: torch.device, folder: Path) -> None:
     """Host-blocked ms per batch of each decoder, beside a running step and with the GPU idle."""
     paths, labels, accel, model, criterion, optimizer = training_setup(args, device, folder)
-    files = pipeline.FileBytes(paths[:args.batch_size], labels[:args.batch_size], None, 10**9)
+    files = loader_items.FileBytes(paths[:args.batch_size], labels[:args.batch_size], None, 10**9)
     data = [files[index].data for index in range(len(files))]
-    stream = pipeline.DecodeStream(device)
+    stream = device_decode.DecodeStream(device)
     for name, decode in decoders_found().items():
         try:
             stream.run(lambda: list(decode(data, device)))  # warm-up: handles, buffers
@@ -325,9 +329,9 @@ def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
     import augment_reference
 
     paths = photo_jpegs(args.batch_size, args.width, args.height, folder)
-    decoder = pipeline.DeviceDecoder(device, pipeline.train_decode_side(args.img_size),
+    decoder = device_decode.DeviceDecoder(device, pipeline.train_decode_side(args.img_size),
                                      pipeline.train_decode_side(args.img_size))
-    files = pipeline.FileBytes(paths, [0] * len(paths), None, 10**9)
+    files = loader_items.FileBytes(paths, [0] * len(paths), None, 10**9)
     images = [image for _, image in decoder([files[index] for index in range(len(files))])[0]]
     train = gpu_augment.TrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
     evaluation = gpu_augment.EvalTransform(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
@@ -362,7 +366,7 @@ def producer_settings(args: argparse.Namespace, device: torch.device, folder: Pa
         train.set_epoch(epoch)
         return engine.train_one_epoch(model, train, criterion, optimizer, accel, show_progress=False)
 
-    one_pass(pipeline.PREFETCH_BATCHES, 0)  # warm-up: workers, cuDNN autotuning, allocator growth
+    one_pass(batch_producer.PREFETCH_BATCHES, 0)  # warm-up: workers, cuDNN autotuning, allocator growth
     return one_pass
 
 
@@ -375,7 +379,7 @@ def producer(args: argparse.Namespace, device: torch.device, folder: Path) -> No
 
 def main_thread(args: argparse.Namespace, device: torch.device, one_pass) -> None:
     """Main-thread CPU ms per training batch, producer on and off."""
-    for epoch, prefetch in enumerate((pipeline.PREFETCH_BATCHES, 0), start=1):
+    for epoch, prefetch in enumerate((batch_producer.PREFETCH_BATCHES, 0), start=1):
         cpu, wall = time.thread_time(), time.perf_counter()
         one_pass(prefetch, epoch)
         synchronize(device)
@@ -403,7 +407,7 @@ def busy(args: argparse.Namespace, device: torch.device, one_pass) -> None:
         return
     from torch.autograd import DeviceType
 
-    for epoch, prefetch in enumerate((pipeline.PREFETCH_BATCHES, 0), start=3):
+    for epoch, prefetch in enumerate((batch_producer.PREFETCH_BATCHES, 0), start=3):
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         synchronize(device)
         with torch.profiler.profile(activities=activities) as profiler:

@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 import accel
+import device_decode
 import pipeline
 import train
 from accel import Accel, make_grad_scaler, maybe_compile, resolve_amp
@@ -261,14 +262,14 @@ def test_device_path_trains_on_the_cpu_and_decodes_only_in_the_first_epoch(
     """The GPU path (bytes read by the workers, decoded and augmented on the device) trains end to end on a CPU;
     with the decoded images cached (in RAM here: no GPU), the second epoch decodes nothing."""
     decoded: list[int] = []
-    decode = pipeline.DeviceDecoder.__call__
+    decode = device_decode.DeviceDecoder.__call__
 
     def counting_decode(self, items):
         result = decode(self, items)
         decoded.append(len(result[0]))
         return result
 
-    monkeypatch.setattr(pipeline.DeviceDecoder, "__call__", counting_decode)
+    monkeypatch.setattr(device_decode.DeviceDecoder, "__call__", counting_decode)
     output = tmp_path / "out"
 
     result = call_main(train.main, "--data-dir", small_data.root, "--output-dir", output, "--epochs", "2",

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import REPO_ROOT
 
-DATA_PART = {"dataset", "images", "recipe", "gpu_augment", "samplers", "cache", "pipeline"}
+DATA_PART = {"dataset", "images", "recipe", "gpu_augment", "samplers", "cache", "pipeline", "loader_items",
+             "device_decode", "batch_iterables", "batch_producer"}
 OURS = {path.stem for path in REPO_ROOT.glob("*.py")}
 
 

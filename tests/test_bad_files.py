@@ -26,8 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
+import device_decode
 import evaluate
 import images
+import loader_items
 import pipeline
 import predict
 import train
@@ -242,7 +244,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> BadRun:
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         deny_reading(monkeypatch, {str(odd / "locked.jpg")})
-        monkeypatch.setattr(pipeline, "load_rgb", recording_load_rgb)
+        monkeypatch.setattr(loader_items, "load_rgb", recording_load_rgb)
         # 3 x 3 plain + 14 in class 3 = 23 training images: batches of 8 leave no lone image to drop
         result = call_main(train.main, "--data-dir", root, "--output-dir", output, "--epochs", "1",
                            *TINY_TRAIN_FLAGS, "--batch-size", "8", *LIMIT_FLAGS)
@@ -357,14 +359,14 @@ def test_the_device_path_decodes_every_kind_of_file_as_the_cpu_path(bad_run: Bad
     deny_reading(monkeypatch, {bad_run.path("locked.jpg")})
     names = sorted(GOOD_FILES) + sorted(UNREADABLE_FILES) + ["truncated.jpg"]
     paths = [bad_run.path(name) for name in names]
-    files = pipeline.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS)
-    batch = pipeline.collate_encoded([files[position] for position in range(len(paths))])
+    files = loader_items.FileBytes(paths, [3] * len(paths), None, TEST_MAX_IMAGE_PIXELS)
+    batch = loader_items.collate_encoded([files[position] for position in range(len(paths))])
 
-    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS)(batch.items)
+    decoded, failed = device_decode.DeviceDecoder(torch.device("cpu"), None, None, TEST_MAX_IMAGE_PIXELS)(batch.items)
 
     images = {item.path: image for item, image in decoded}
     for name in GOOD_FILES:
-        expected = pipeline.pixels_of(load_rgb(bad_run.path(name)))
+        expected = loader_items.pixels_of(load_rgb(bad_run.path(name)))
         got = images[bad_run.path(name)]
         assert got.dtype == torch.uint8 and got.shape == expected.shape, name
         assert (got.float() - expected.float()).abs().mean() < 1.0, name  # decoders may differ in the last bit
@@ -460,8 +462,8 @@ def test_max_image_pixels_0_lifts_the_limit_and_the_default_is_at_least_pillows(
     test_dir, _ = test_dir_with_broken_images
     huge = test_dir / "huge.png"
     assert images.DEFAULT_MAX_IMAGE_PIXELS >= 2 * Image.MAX_IMAGE_PIXELS  # never below where Pillow refuses
-    assert pipeline.decode_or_failure(str(huge), max_pixels=0).size == (HUGE_SIDE, HUGE_SIDE)
-    assert pipeline.decode_or_failure(str(huge)).size == (HUGE_SIDE, HUGE_SIDE)
+    assert loader_items.decode_or_failure(str(huge), max_pixels=0).size == (HUGE_SIDE, HUGE_SIDE)
+    assert loader_items.decode_or_failure(str(huge)).size == (HUGE_SIDE, HUGE_SIDE)
     assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # Pillow's own setting is left as it was
     for broken in ("cut.jpg", "empty.jpg", "text.jpg"):
         (test_dir / broken).unlink()
@@ -522,9 +524,9 @@ def test_a_large_image_is_decoded_scaled_down_to_what_the_recipe_needs(tmp_path:
 
 PEAK_SCRIPT = """
 import resource, sys
-import pipeline
+import loader_items
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-data, encoded, size = pipeline.read_for_device(sys.argv[1], 113, 10**9)
+data, encoded, size = loader_items.read_for_device(sys.argv[1], 113, 10**9)
 print(tuple(data.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 

@@ -13,7 +13,9 @@ from PIL import Image
 from torch import nn
 
 import common
+import device_decode
 import engine
+import loader_items
 import pipeline
 from accel import Accel, flagged_waits, make_grad_scaler, resolve_amp
 from model import build_model
@@ -48,10 +50,10 @@ def flagged_syncs(work) -> list[str]:
 
 
 def test_cuda_decoder_matches_the_cpu_decode(jpegs: list[str]) -> None:
-    files = pipeline.FileBytes(jpegs, [0] * len(jpegs), None, 10**9)
+    files = loader_items.FileBytes(jpegs, [0] * len(jpegs), None, 10**9)
     items = [files[index] for index in range(len(jpegs))]
-    on_cuda, failed = pipeline.DeviceDecoder(CUDA, None, None)(items)
-    on_cpu, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(items)
+    on_cuda, failed = device_decode.DeviceDecoder(CUDA, None, None)(items)
+    on_cpu, _ = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(items)
     assert not failed and len(on_cuda) == len(jpegs)
     for (_, gpu_image), (_, cpu_image) in zip(on_cuda, on_cpu):
         assert gpu_image.device.type == "cuda" and gpu_image.shape == cpu_image.shape

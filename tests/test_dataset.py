@@ -16,7 +16,7 @@ from conftest import ColourData
 from dataset import find_test_images, list_images, load_train_val, sort_class_names, stratified_split
 from engine import balanced_class_weights
 from images import find_unreadable, load_rgb, to_rgb
-from pipeline import transform_seeded
+from loader_items import transform_seeded
 from recipe import build_train_transform
 from utils import UserError
 

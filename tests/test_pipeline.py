@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,12 @@ from PIL import Image
 
 import cache
 import common
+import device_decode
 import engine
+import loader_items
 import pipeline
 from accel import Accel
+from conftest import REPO_ROOT
 from images import decode_rgb, load_rgb
 from model import build_model
 from recipe import train_decode_side
@@ -59,9 +64,9 @@ def files(tmp_path: Path) -> dict[str, str]:
     return paths
 
 
-def read_all(paths: list[str], decode_min_side: int | None = None) -> pipeline.EncodedBatch:
-    files = pipeline.FileBytes(paths, list(range(len(paths))), decode_min_side, 10**9)
-    return pipeline.collate_encoded([files[position] for position in range(len(paths))])
+def read_all(paths: list[str], decode_min_side: int | None = None) -> loader_items.EncodedBatch:
+    files = loader_items.FileBytes(paths, list(range(len(paths))), decode_min_side, 10**9)
+    return loader_items.collate_encoded([files[position] for position in range(len(paths))])
 
 
 # --------------------------------------------------------------------------- workers: bytes, or pixels
@@ -94,11 +99,11 @@ def test_the_device_decodes_a_batch_as_pil_does(files):
     kinds = ["jpeg", "grey jpeg", "png", "cmyk jpeg", "rotated jpeg"]
     batch = read_all([files[kind] for kind in kinds])
 
-    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(batch.items)
+    decoded, failed = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(batch.items)
 
     assert failed == [] and [item.position for item, _ in decoded] == list(range(len(kinds)))
     for kind, (_, image) in zip(kinds, decoded):
-        expected = pipeline.pixels_of(load_rgb(files[kind]))
+        expected = loader_items.pixels_of(load_rgb(files[kind]))
         assert image.dtype == torch.uint8 and image.shape == expected.shape, kind
         assert (image.float() - expected.float()).abs().mean() < 1.0, kind  # same libjpeg: equal or nearly
 
@@ -106,7 +111,7 @@ def test_the_device_decodes_a_batch_as_pil_does(files):
 def test_a_bad_file_in_a_batch_fails_alone_with_its_reason(files, capsys):
     batch = read_all([files["jpeg"], files["truncated"], files["big jpeg"]])
 
-    decoded, failed = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(batch.items)
+    decoded, failed = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(batch.items)
 
     assert [item.position for item, _ in decoded] == [0, 2]
     [failure] = failed
@@ -116,7 +121,7 @@ def test_a_bad_file_in_a_batch_fails_alone_with_its_reason(files, capsys):
 
 def test_training_images_are_scaled_down_once_to_the_decode_side(files):
     batch = read_all([files["big jpeg"], files["jpeg"]])
-    decoded, _ = pipeline.DeviceDecoder(torch.device("cpu"), 100, 100)(batch.items)
+    decoded, _ = device_decode.DeviceDecoder(torch.device("cpu"), 100, 100)(batch.items)
     (_, big), (_, small) = decoded
     assert big.shape == (3, 100, 200) and big.dtype == torch.uint8  # 400x200 -> shorter side 100
     assert small.shape == (3, 60, 80)  # already below the bound: untouched
@@ -165,21 +170,21 @@ def test_on_cuda_jpegs_decode_on_a_stream_of_their_own_between_the_compute_strea
         log.append(f"decode {len(data)} on {current[-1].name if current else 'compute'}")
         return cpu_decode(data, torch.device("cpu"))
 
-    cpu_decode = pipeline.decode_jpeg
+    cpu_decode = device_decode.decode_jpeg
     monkeypatch.setattr(torch.cuda, "Stream", new_stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
     monkeypatch.setattr(torch.cuda, "stream", use)
-    monkeypatch.setattr(pipeline, "decode_jpeg", decode)
-    monkeypatch.setattr(pipeline, "record_on",
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
+    monkeypatch.setattr(device_decode, "record_on",
                         lambda image, stream: log.append(f"{stream.name} uses {image.shape[1:]}"))
-    decoder = pipeline.DeviceDecoder(torch.device("cuda"), None, None)
+    decoder = device_decode.DeviceDecoder(torch.device("cuda"), None, None)
     items = read_all([files["jpeg"], files["grey jpeg"]]).items
 
     for _ in range(2):
         decoded, _ = decoder(items)
 
     assert len(created) == 1 and [image.shape[1:] for _, image in decoded] == [(60, 80), (80, 60)]
-    # The decode stream never waits for the compute stream (see pipeline.DecodeStream): nvJPEG's own waits would
+    # The decode stream never waits for the compute stream (see device_decode.DecodeStream): nvJPEG's own waits would
     # then wait for the training step queued before it (measured on an H200: first epoch 1,181 img/s).
     assert log == ["decode 2 on decode", "compute waits for decode",
                    "compute uses torch.Size([60, 80])", "compute uses torch.Size([80, 60])"] * 2
@@ -187,7 +192,7 @@ def test_on_cuda_jpegs_decode_on_a_stream_of_their_own_between_the_compute_strea
 
 def test_off_cuda_decoding_uses_no_streams(files, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: pytest.fail("asked for a CUDA stream"))
-    decoded, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(read_all([files["jpeg"]]).items)
+    decoded, _ = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(read_all([files["jpeg"]]).items)
     assert len(decoded) == 1
 
 
@@ -198,9 +203,9 @@ def test_running_out_of_gpu_memory_is_raised_not_taken_for_a_bad_file(files, mon
             raise RuntimeError("nvjpeg: bad huffman table")  # a bad file: then each alone
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pipeline, "decode_jpeg", decode)
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
-        pipeline.DeviceDecoder(torch.device("cpu"), None, None)(read_all([files["jpeg"]]).items)
+        device_decode.DeviceDecoder(torch.device("cpu"), None, None)(read_all([files["jpeg"]]).items)
 
 
 def test_a_batch_is_decoded_in_calls_within_the_memory_budget(files, monkeypatch):
@@ -211,14 +216,14 @@ def test_a_batch_is_decoded_in_calls_within_the_memory_budget(files, monkeypatch
         calls.append(sum(image.numel() for image in images))  # decoded bytes of this call
         return images
 
-    real = pipeline.decode_jpeg
-    monkeypatch.setattr(pipeline, "decode_jpeg", counting)
+    real = device_decode.decode_jpeg
+    monkeypatch.setattr(device_decode, "decode_jpeg", counting)
     items = read_all([files["jpeg"], files["grey jpeg"], files["big jpeg"], files["jpeg"]]).items
     assert [item.size for item in items] == [(80, 60), (60, 80), (400, 200), (80, 60)]  # from the headers
 
-    chunked, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None, budget=30_000)(items)
+    chunked, _ = device_decode.DeviceDecoder(torch.device("cpu"), None, None, budget=30_000)(items)
     assert calls == [2 * 14_400, 240_000, 14_400]  # 80x60x3 bytes each; the big one (over the budget) alone
-    whole, _ = pipeline.DeviceDecoder(torch.device("cpu"), None, None)(items)
+    whole, _ = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(items)
     assert calls[3:] == [2 * 14_400 + 240_000 + 14_400]  # the default budget takes them in one call
     assert all(torch.equal(one, two) for (_, one), (_, two) in zip(chunked, whole))
 
@@ -227,9 +232,17 @@ def test_the_jpeg_decoder_is_torchcodecs_when_it_is_installed():
     try:
         import torchcodec.decoders  # noqa: F401
     except Exception:  # noqa: BLE001
-        assert pipeline.JPEG_DECODER_NAME == "torchvision"
+        assert device_decode.jpeg_decoder_name() == "torchvision"
     else:
-        assert pipeline.JPEG_DECODER_NAME == "torchcodec"
+        assert device_decode.jpeg_decoder_name() == "torchcodec"
+
+
+def test_importing_the_pipeline_chooses_no_jpeg_decoder_until_a_device_decoder_is_built():
+    script = ("import device_decode, pipeline; chosen = device_decode.jpeg_decoder.cache_info().currsize; "
+              "device_decode.DeviceDecoder(__import__('torch').device('cpu'), None, None); "
+              "print(chosen, device_decode.jpeg_decoder.cache_info().currsize)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert result.stdout.split() == ["0", "1"]
 
 
 # --------------------------------------------------------------------------- the cache
@@ -342,8 +355,8 @@ def test_an_epoch_with_half_the_images_cached_reads_the_others_and_equals_one_fr
         read.append(path)
         return read_for_device(path, *args)
 
-    read_for_device = pipeline.read_for_device
-    monkeypatch.setattr(pipeline, "read_for_device", reading)
+    read_for_device = loader_items.read_for_device
+    monkeypatch.setattr(loader_items, "read_for_device", reading)
     partly = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True, cache=half)
     partly.set_epoch(2)
     from_both = list(partly)
@@ -419,7 +432,7 @@ def test_a_non_finite_loss_between_readbacks_names_the_batches(monkeypatch):
 @pytest.mark.parametrize("version, takes", [("0.19.1+cu121", False), ("0.20.0", True), ("0.26.0+cu130", True),
                                             ("0.29.1", True), ("1.0.0a0", True)])
 def test_torchvision_takes_lists_of_jpegs_from_0_20(version, takes):
-    assert pipeline.takes_jpeg_lists(version) is takes
+    assert device_decode.takes_jpeg_lists(version) is takes
 
 
 def test_before_torchvision_0_20_a_batch_is_decoded_one_jpeg_at_a_time(files, monkeypatch):
@@ -437,5 +450,5 @@ def test_before_torchvision_0_20_a_batch_is_decoded_one_jpeg_at_a_time(files, mo
 
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_0_19)
     data = [item.data for item in read_all([files["jpeg"], files["grey jpeg"]]).items]
-    images = pipeline.torchvision_jpeg_decoder(takes_lists=False)(data, torch.device("cpu"))
+    images = device_decode.torchvision_jpeg_decoder(takes_lists=False)(data, torch.device("cpu"))
     assert len(calls) == 2 and [image.shape for image in images] == [(3, 60, 80), (3, 80, 60)]

@@ -1,4 +1,4 @@
-"""pipeline.BatchProducer: the device path decodes and augments batch N+1 in a thread of its own while the model
+"""batch_producer.BatchProducer: the device path decodes and augments batch N+1 in a thread of its own while the model
 steps on batch N. On the CPU it runs the same thread (no streams); its CUDA side is checked with fake streams."""
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import batch_producer
 import cache
+import device_decode
 import pipeline
 from accel import Accel
 from common import Batch
@@ -75,7 +77,7 @@ def test_batches_are_bitwise_the_same_with_and_without_the_producer(training_fil
         batches.prefetch = prefetch
         return batches
 
-    produced, inline = train(pipeline.PREFETCH_BATCHES), train(0)
+    produced, inline = train(batch_producer.PREFETCH_BATCHES), train(0)
     assert_same_batches(epochs(produced, [1, 2]), epochs(inline, [1, 2]))
     assert_same_batches(epochs(evaluation(2), [0]), epochs(evaluation(0), [0]))
     assert producer_threads() == []
@@ -84,13 +86,13 @@ def test_batches_are_bitwise_the_same_with_and_without_the_producer(training_fil
 def test_the_producer_decodes_in_its_own_thread_and_prefetch_0_in_the_callers(training_files, monkeypatch) -> None:
     paths, labels = training_files
     threads = []
-    decode = pipeline.DeviceDecoder.__call__
+    decode = device_decode.DeviceDecoder.__call__
 
     def recording(self, items):
         threads.append(threading.current_thread().name)
         return decode(self, items)
 
-    monkeypatch.setattr(pipeline.DeviceDecoder, "__call__", recording)
+    monkeypatch.setattr(device_decode.DeviceDecoder, "__call__", recording)
     batches = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True)
     list(batches)
     batches.prefetch = 0
@@ -117,14 +119,14 @@ def test_an_exception_in_the_producer_is_raised_in_the_caller_with_its_message()
     batches = SlowBatches(5, fail_at=2)
     taken = []
     with pytest.raises(UserError, match=r"^data/train/cat/2.jpg: something the user can fix$"):
-        for batch in pipeline.produced(iter(batches), torch.device("cpu"), depth=2):
+        for batch in batch_producer.produced(iter(batches), torch.device("cpu"), depth=2):
             taken.append(batch.positions)
     assert taken == [[0], [1]] and producer_threads() == []
 
 
 def test_ctrl_c_while_waiting_for_a_batch_stops_the_producer() -> None:
     """The caller waits in short slices: the KeyboardInterrupt reaches it, and the thread is gone when it does."""
-    batches = pipeline.produced(iter(SlowBatches(100, seconds=0.05)), torch.device("cpu"), depth=2)
+    batches = batch_producer.produced(iter(SlowBatches(100, seconds=0.05)), torch.device("cpu"), depth=2)
     next(batches)
     timer = threading.Timer(0.2, _thread.interrupt_main)  # what Ctrl-C does to the main thread
     timer.start()
@@ -138,7 +140,7 @@ def test_ctrl_c_while_waiting_for_a_batch_stops_the_producer() -> None:
 
 def test_ctrl_c_in_the_training_step_stops_the_producer_when_the_batches_are_let_go() -> None:
     slow = SlowBatches(100, seconds=0.01)
-    batches = pipeline.produced(iter(slow), torch.device("cpu"), depth=2)
+    batches = batch_producer.produced(iter(slow), torch.device("cpu"), depth=2)
     with pytest.raises(KeyboardInterrupt):
         for _ in batches:
             raise KeyboardInterrupt  # in the caller's loop body: the generator is closed when let go
@@ -148,7 +150,7 @@ def test_ctrl_c_in_the_training_step_stops_the_producer_when_the_batches_are_let
 
 def test_the_producer_is_at_most_depth_batches_ahead() -> None:
     slow = SlowBatches(20)
-    batches = pipeline.produced(iter(slow), torch.device("cpu"), depth=2)
+    batches = batch_producer.produced(iter(slow), torch.device("cpu"), depth=2)
     next(batches)
     time.sleep(0.5)  # the producer had the time to make every batch
     assert slow.made <= 1 + 2 + 1  # the one taken, the queue's two, the one in hand
@@ -210,7 +212,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, log: list) -> FakeStream:
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: compute)
-    monkeypatch.setattr(pipeline, "record_on", lambda tensor, stream: log.append(
+    monkeypatch.setattr(batch_producer, "record_on", lambda tensor, stream: log.append(
         (f"record_on {tuple(tensor.shape)}", stream.name, threading.current_thread().name)))
     return compute
 
@@ -219,7 +221,7 @@ def test_on_cuda_the_producer_issues_on_its_stream_and_the_consumer_waits_for_ea
     log: list = []
     fake_cuda(monkeypatch, log)
     seen = []
-    for batch in pipeline.produced(iter(SlowBatches(2)), torch.device("cuda"), depth=2):
+    for batch in batch_producer.produced(iter(SlowBatches(2)), torch.device("cuda"), depth=2):
         seen.append(len(log))
     side = "side on cuda:1"  # "cuda" is resolved in the caller's thread, whose current device is 1
     producer = [entry for entry in log if entry[2] == "batch-producer"]
@@ -237,5 +239,5 @@ def test_on_cuda_the_producer_issues_on_its_stream_and_the_consumer_waits_for_ea
 def test_off_cuda_the_producer_uses_no_stream(monkeypatch) -> None:
     log: list = []
     fake_cuda(monkeypatch, log)
-    assert len(list(pipeline.produced(iter(SlowBatches(3)), torch.device("cpu"), depth=2))) == 3
+    assert len(list(batch_producer.produced(iter(SlowBatches(3)), torch.device("cpu"), depth=2))) == 3
     assert log == []
