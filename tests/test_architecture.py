@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 DATA_PART = {"dataset", "images", "recipe", "gpu_augment", "samplers", "cache", "pipeline", "loader_items",
-             "device_decode", "batch_iterables", "batch_producer"}
+             "device_decode", "batch_iterables", "batch_producer", "augment_params", "batch_resize"}
 OURS = {path.stem for path in REPO_ROOT.glob("*.py")}
 
 
