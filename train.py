@@ -469,7 +469,8 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
         run.logger.close()
     best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, run.args.monitor, progress.best_score)
     written = "confusion_matrix.png, config.yaml, report/" if run.loaders.val is not None else "config.yaml"
-    print(f"{best}; wrote {run.output_dir}/best.pt, last.pt, history.csv, loss_curve.png, accuracy_curve.png, "
+    picture = "train_batch.png, " if (run.output_dir / "train_batch.png").is_file() else ""
+    print(f"{best}; wrote {run.output_dir}/best.pt, last.pt, history.csv, {picture}loss_curve.png, accuracy_curve.png, "
           + written)
     return run_folder.run_summary(progress, run.output_dir)
 
