@@ -93,7 +93,7 @@ class BatchProducer:
                 for batch in batches:
                     if not self.hand_over((batch, self.side.ready())):
                         return
-        except BaseException as error:  # noqa: BLE001 - every kind goes to the caller's thread, raised there
+        except BaseException as error:  # every kind goes to the caller's thread, raised there
             self.hand_over(ProducerFailed(error))
             return
         finally:

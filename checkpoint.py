@@ -90,7 +90,7 @@ def load_checkpoint(path: str | Path, flag: str = "--checkpoint", file_in_folder
 def _read_safely(path: Path, flag: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - every failure means the file is not a checkpoint we can trust
+    except Exception as error:  # every failure means the file is not a checkpoint we can trust
         raise UserError(f"{flag} {path}: {_why_unreadable(path, error, flag)}") from None
 
 

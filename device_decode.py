@@ -36,7 +36,7 @@ def jpeg_decoder() -> tuple[str, JpegDecoder]:
     process."""
     try:
         from torchcodec.decoders import decode_jpeg as torchcodec_decode
-    except Exception:  # noqa: BLE001 - absent, or built for another torch: torchvision then
+    except Exception:  # absent, or built for another torch: torchvision then
         import torchvision
 
         return "torchvision", torchvision_jpeg_decoder(takes_jpeg_lists(torchvision.__version__))

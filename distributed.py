@@ -143,7 +143,7 @@ def silence_other_ranks() -> None:
     """Send this process's standard output nowhere unless it is rank 0 (or the only process): one copy of the
     progress reaches the user. Errors still go to standard error from every rank."""
     if int(os.environ.get("RANK", "0")) != 0:
-        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the rest of the process
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # for the rest of the process
 
 
 @contextlib.contextmanager
@@ -154,7 +154,7 @@ def errors_on_rank_0() -> Iterator[None]:
     if int(os.environ.get("RANK", "0")) == 0:
         yield
         return
-    saved, sys.stderr = sys.stderr, open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+    saved, sys.stderr = sys.stderr, open(os.devnull, "w", encoding="utf-8")
     try:
         yield
     except UserError:

@@ -185,7 +185,7 @@ def export_onnx(model: nn.Module, img_size: int, path: Path, exporter: str) -> N
     with exporter_output_held() as held:
         try:
             torch.onnx.export(model, (example,), str(path), **options)
-        except Exception as error:  # noqa: BLE001 - the exporter raises many types; each means no model
+        except Exception as error:  # the exporter raises many types; each means no model
             raise UserError(f"torch.onnx.export ({exporter} exporter) failed: {first_line(error)}"
                             + (f" (its last words: {held.getvalue().strip().splitlines()[-1]})"
                                if held.getvalue().strip() else "")) from None

@@ -260,7 +260,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"--weights {path}: file not found; use imagenet, none, or the path of a weights file")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure here means "not a weights file we can read"
+    except Exception as error:  # any failure here means "not a weights file we can read"
         raise UserError(f"--weights {path}: not a readable PyTorch weights file: {_why_unreadable(path, error)}"
                         ) from None
     for key in ("model", "state_dict", "model_state_dict"):

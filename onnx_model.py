@@ -58,7 +58,7 @@ def load_onnx(path: str) -> dict[str, Any]:
                         f"--output {path}")
     try:
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for every unreadable file
+    except Exception as error:  # onnxruntime raises its own types for every unreadable file
         raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({first_line(error)}); export it again "
                         "with python export.py") from None
     metadata = onnx_metadata(session.get_modelmeta().custom_metadata_map, path)

@@ -32,8 +32,8 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import images  # noqa: E402
-import loader_items  # noqa: E402
+import images
+import loader_items
 
 
 def write_jpeg(path: str, width: int, height: int, seed: int) -> None:

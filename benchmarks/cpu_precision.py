@@ -30,10 +30,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import machine_description, publish, reference_model, reference_predict, reference_train_epoch  # noqa: E402
+from bench import machine_description, publish, reference_model, reference_predict, reference_train_epoch
 
-from accel import cpu_has_native_bf16, resolve_amp  # noqa: E402
-from model import build_model, freeze_blocks, trainable_parameters  # noqa: E402
+from accel import cpu_has_native_bf16, resolve_amp
+from model import build_model, freeze_blocks, trainable_parameters
 
 VARIANTS = ("reference", "fp32", "bf16", "fp16", "compile")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

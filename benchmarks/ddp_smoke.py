@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common
-import distributed  # noqa: E402
-import engine  # noqa: E402
-from accel import Accel  # noqa: E402
-from model import build_model, freeze_blocks, parse_trainable, thaw_blocks  # noqa: E402
+import distributed
+import engine
+from accel import Accel
+from model import build_model, freeze_blocks, parse_trainable, thaw_blocks
 
 
 def say(stage: str, ok: bool, detail: str) -> None:

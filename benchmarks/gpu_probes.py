@@ -44,14 +44,14 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import batch_producer  # noqa: E402
-import device_decode  # noqa: E402
-import engine  # noqa: E402
-import loader_items  # noqa: E402
-import pipeline  # noqa: E402
-from accel import Accel, configure_backends, flagged_waits  # noqa: E402
+import batch_producer
+import device_decode
+import engine
+import loader_items
+import pipeline
+from accel import Accel, configure_backends, flagged_waits
 from common import IMAGENET_MEAN, IMAGENET_STD
-from model import build_model, freeze_blocks, parse_trainable  # noqa: E402
+from model import build_model, freeze_blocks, parse_trainable
 
 SYNC_EVENT_MARK = "Synchronize"  # cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize
 
@@ -235,11 +235,11 @@ def decoders_found() -> dict[str, device_decode.JpegDecoder]:
         from torchcodec.decoders import decode_jpeg as torchcodec_decode
 
         found["torchcodec"] = lambda data, device: torchcodec_decode(data, mode="RGB", device=device)
-    except Exception:  # noqa: BLE001 - absent or built for another torch
+    except Exception:  # absent or built for another torch
         pass
     try:
         found["nvimgcodec"] = nvimgcodec_decoder(importlib.import_module("nvidia.nvimgcodec"))
-    except Exception:  # noqa: BLE001 - absent, or no GPU for it
+    except Exception:  # absent, or no GPU for it
         pass
     return found
 
@@ -278,7 +278,7 @@ def decoders(args: argparse.Namespace, device: torch.device, folder: Path) -> No
             say("decoders", f"{name} on {device.type}: host blocked {1000 * np.median(busy):.1f} ms per batch of "
                             f"{len(data)} beside a training step ({1000 * np.median(idle):.1f} ms with the GPU "
                             f"idle; median of {args.trials})")
-        except Exception as error:  # noqa: BLE001 - one decoder failing leaves the others measured
+        except Exception as error:  # one decoder failing leaves the others measured
             say("decoders", f"{name}: FAILED with {type(error).__name__}: {error}")
 
 
@@ -348,7 +348,7 @@ def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
             gpu_text = "-" if gpu is None else f"{gpu:.1f}"
             say("augment", f"{name}, batch of {len(images)}: {operations} operations, {launches} kernel launches, "
                            f"host {host:.1f} ms to issue, GPU {gpu_text} ms")
-        except Exception as error:  # noqa: BLE001 - the other rows are still measured
+        except Exception as error:  # the other rows are still measured
             say("augment", f"{name}: FAILED with {type(error).__name__}: {error}")
 
 
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix=f"probe-{name}-") as folder:
             try:
                 probes[name](Path(folder))
-            except Exception as error:  # noqa: BLE001 - report and go on to the next probe
+            except Exception as error:  # report and go on to the next probe
                 say(name, f"FAILED with {type(error).__name__}: {error}")
 
 

@@ -25,9 +25,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cpu_precision import images_per_second  # noqa: E402
+from cpu_precision import images_per_second
 
-import model as current_model  # noqa: E402
+import model as current_model
 
 
 def model_module_at(ref: str, folder: Path) -> ModuleType:

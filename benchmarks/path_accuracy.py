@@ -30,7 +30,7 @@ from bench import machine_description, publish
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils import load_yaml_config  # noqa: E402
+from utils import load_yaml_config
 
 PATHS = ("cpu", "gpu")
 

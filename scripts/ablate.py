@@ -63,10 +63,10 @@ from matplotlib.ticker import PercentFormatter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from model import parameter_summary  # noqa: E402
-from run_folder import read_history  # noqa: E402
-from utils import (  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint
+from model import parameter_summary
+from run_folder import read_history
+from utils import (
     UserError,
     argument_list,
     atomic_write_bytes,

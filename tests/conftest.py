@@ -28,14 +28,14 @@ from typing import Any, Callable, Sequence
 # the other core make a run many times slower. Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torchvision.models._api  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+import torch
+import torchvision.models._api
+from PIL import Image
 
-import train  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
+import train
+from checkpoint import load_checkpoint
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 

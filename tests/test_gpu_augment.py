@@ -27,7 +27,7 @@ import augment_params
 import augment_reference
 import batch_resize
 import common
-import gpu_augment as ga  # noqa: E402
+import gpu_augment as ga
 import recipe
 from recipe import TrainAugmentation
 

@@ -19,9 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import augment_reference  # noqa: E402
-import gpu_augment as ga  # noqa: E402
-from common import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+import augment_reference
+import gpu_augment as ga
+from common import IMAGENET_MEAN, IMAGENET_STD
 
 TRAIN_LIMIT, EVAL_LIMIT = 64, 32
 ERASE_EXTRA_LIMIT = 6  # RandomErasing: the generator's rewind, two masks, their product and one multiplication

@@ -343,8 +343,8 @@ def _train_in_child(argv: list[str], log_path: str, stderr_path: str) -> None:
     os.setsid()
     for descriptor, path in ((1, log_path), (2, stderr_path)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), descriptor)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # lives as long as the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     train.main(argv)
 
 
