@@ -6,8 +6,9 @@ import contextlib
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ class Accel:
     amp_dtype: torch.dtype | None = None
     channels_last: bool = True
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast to ``amp_dtype`` on this device, or a no-op in full precision."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()

@@ -10,8 +10,8 @@ another device the draws are made one call per parameter, as before, and copied 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ producer thread a few batches ahead (``batch_producer``). Each image left out is
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor

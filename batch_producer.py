@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 

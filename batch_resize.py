@@ -15,8 +15,8 @@ CUDA (:func:`full_float32_matmul`), and the per-image resize and centre crop ``p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -16,8 +16,9 @@ share its host memory: each gets its part of :data:`RAM_SHARE`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -7,9 +7,9 @@ import re
 import unicodedata
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold

@@ -25,7 +25,8 @@ import os
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist

@@ -34,9 +34,10 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -294,7 +295,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     os.replace(exporting, output)
     temperature = checkpoint.get("temperature")
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB; temperature "
-          f"{'%.3f' % temperature if temperature is not None else 'none'}): python predict.py --checkpoint {output}")
+          f"{f'{temperature:.3f}' if temperature is not None else 'none'}): python predict.py --checkpoint {output}")
     return {"output": str(output), "images": parity.images, "max_difference": parity.max_difference,
             "logit_scale": parity.logit_scale, "agreeing": parity.agreeing}
 

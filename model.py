@@ -10,9 +10,10 @@ import importlib
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class FrozenBatchNorm(nn.BatchNorm2d):
 
     thawed_class: type[_BatchNorm] = nn.BatchNorm2d  # the class it had before it was frozen
 
-    def train(self, mode: bool = True) -> "FrozenBatchNorm":
+    def train(self, mode: bool = True) -> FrozenBatchNorm:
         return super().train(False)
 
 

@@ -12,8 +12,9 @@ import argparse
 import platform
 import re
 import shlex
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torchvision

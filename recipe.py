@@ -7,8 +7,8 @@ The CPU path builds them here as torchvision.transforms.v2 pipelines on PIL imag
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image

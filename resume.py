@@ -6,8 +6,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -74,7 +75,7 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()  # forked DataLoader workers inherit the handler and must ignore the signal
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)

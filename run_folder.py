@@ -8,8 +8,9 @@ import contextlib
 import csv
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from checkpoint import load_checkpoint
 from common import REPORT_FILES, World, processes_per_node

@@ -4,7 +4,7 @@ process's share of every step's global batch and of the validation images."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, Sampler

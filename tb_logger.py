@@ -65,7 +65,7 @@ class TensorBoardLogger:
         """Flush and close the event file."""
         self._writer.close()
 
-    def __enter__(self) -> "TensorBoardLogger":
+    def __enter__(self) -> TensorBoardLogger:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

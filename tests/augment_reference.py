@@ -9,7 +9,7 @@ and ``benchmarks/augment_ops.py`` and ``benchmarks/gpu_probes.py`` time it. Noth
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -19,10 +19,11 @@ import subprocess
 import sys
 import urllib.error
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Tiny tensors gain nothing from a second thread, and OpenMP threads that spin while another process holds
 # the other core make a run many times slower. Set before torch is imported; subprocesses inherit it.

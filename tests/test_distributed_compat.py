@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import pytest
 import torch

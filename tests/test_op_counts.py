@@ -9,8 +9,9 @@ parameter drawing included, on a CPU generator and CPU tensors. The per-image im
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
