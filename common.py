@@ -68,6 +68,9 @@ class World:
         return self.world_size > 1
 
 
+SINGLE_PROCESS = World()  # the default world: one process, on the CPU
+
+
 def processes_per_node() -> int:
     """torchrun's processes on this machine (``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -22,7 +22,7 @@ from torch import nn
 
 import metrics
 from accel import Accel
-from common import Batch, DecodeFailure, Mixed, World
+from common import SINGLE_PROCESS, Batch, DecodeFailure, Mixed, World
 from distributed import GlobalCrossEntropy
 from utils import progress_bar
 
@@ -486,7 +486,7 @@ def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Ten
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def cross_entropy(weights: torch.Tensor | None, label_smoothing: float, world: World = World()) -> nn.Module:
+def cross_entropy(weights: torch.Tensor | None, label_smoothing: float, world: World = SINGLE_PROCESS) -> nn.Module:
     """Cross-entropy with label smoothing and class ``weights`` (None: unweighted); under torchrun the weighted mean
     over every process's images, not a mean of each one's mean."""
     if world.distributed:

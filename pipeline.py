@@ -49,7 +49,7 @@ from batch_iterables import (
 )
 from cache import CacheChoice, DecodedImages, cache_bytes, choose_cache, gpu_free_bytes
 from checkpoint import eval_size
-from common import IMAGENET_MEAN, IMAGENET_STD, World, processes_per_node
+from common import IMAGENET_MEAN, IMAGENET_STD, SINGLE_PROCESS, World, processes_per_node
 from dataset import TrainValData
 from device_decode import DeviceDecoder
 from images import DEFAULT_MAX_IMAGE_PIXELS, plain_jpeg_sizes
@@ -94,7 +94,7 @@ def choose_data_path(request: str, device: torch.device) -> str:
 
 
 def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: Sequence[float], std: Sequence[float],
-              world: World = World(), data_path: str | None = None) -> Loaders:
+              world: World = SINGLE_PROCESS, data_path: str | None = None) -> Loaders:
     """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses).
 
     On the CPU path the loader workers decode and augment each image with PIL; on the GPU path they read the
@@ -163,7 +163,7 @@ def checkpoint_batches(paths: Sequence[str], checkpoint: dict[str, Any], accel: 
 def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,
                   seed: int, accel: Accel, on_device: bool, cache: DecodedImages | None = None,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, recipe: TrainRecipe = TrainRecipe(),
-                  world: World = World(), plain_jpegs: dict[str, tuple[int, int]] | None = None,
+                  world: World = SINGLE_PROCESS, plain_jpegs: dict[str, tuple[int, int]] | None = None,
                   ) -> HostBatches | DeviceTrainBatches:
     """The training batches of an epoch (call ``set_epoch`` first): shuffled (or drawn class-balanced) and augmented
     by the recipe, on the device (``on_device``; not with an auto-augment policy) or in the loader's workers. Under

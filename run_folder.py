@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint import load_checkpoint
-from common import REPORT_FILES, World, processes_per_node
+from common import REPORT_FILES, SINGLE_PROCESS, World, processes_per_node
 from dataset import class_folders, has_images
 from distributed import launch_command
 from engine import learning_rate
@@ -88,7 +88,7 @@ def run_summary(progress: Progress, output_dir: Path) -> dict[str, Any]:
             "output_dir": str(output_dir), "epochs_run": len(progress.history)}
 
 
-def resume_hint(output_dir: Path, world: World = World()) -> str:
+def resume_hint(output_dir: Path, world: World = SINGLE_PROCESS) -> str:
     """The command (or, in a notebook, the ``train.main`` call) that continues the run in ``output_dir``; under
     torchrun, the torchrun command (resuming with another process count changes the global batch)."""
     if not world.distributed:

@@ -527,7 +527,7 @@ def batch_items(run: OurRun, number: int) -> list[loader_items.Encoded]:
 def mean_ms(device: torch.device, work: Callable[[int], Any], count: int) -> float:
     """Mean milliseconds of ``work(n)`` for n in 1..count, after an untimed ``work(0)``."""
     work(0)
-    return 1000 * sum(timed_seconds(device, lambda: work(n))[0] for n in range(1, count + 1)) / count
+    return 1000 * sum(timed_seconds(device, lambda n=n: work(n))[0] for n in range(1, count + 1)) / count
 
 
 def host_to_device_ms(tensors: list[Tensor], device: torch.device) -> float | None:

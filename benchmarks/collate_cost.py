@@ -62,7 +62,7 @@ def loader(paths: list[str], batch_size: int, workers: int, packed: bool, scanne
 def measure(paths: list[str], args: argparse.Namespace, packed: bool, scanned: bool) -> tuple[float, float]:
     """Main-thread CPU ms and wall ms per batch, over ``args.batches`` batches after one warm-up pass."""
     data = loader(paths, args.batch_size, args.workers, packed, scanned)
-    for batch in data:  # warm-up: workers started, files in the page cache
+    for _batch in data:  # warm-up: workers started, files in the page cache
         pass
     cpu = wall = 0.0
     taken = 0

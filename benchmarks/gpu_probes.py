@@ -263,16 +263,16 @@ def decoders(args: argparse.Namespace, device: torch.device, folder: Path) -> No
     stream = device_decode.DecodeStream(device)
     for name, decode in decoders_found().items():
         try:
-            stream.run(lambda: list(decode(data, device)))  # warm-up: handles, buffers
+            stream.run(lambda decode=decode: list(decode(data, device)))  # warm-up: handles, buffers
             idle, busy = [], []
             for _ in range(args.trials):
                 synchronize(device)
                 started = time.perf_counter()
-                stream.run(lambda: list(decode(data, device)))
+                stream.run(lambda decode=decode: list(decode(data, device)))
                 idle.append(time.perf_counter() - started)
                 queue_training_step(args, model, criterion, optimizer, accel)
                 started = time.perf_counter()
-                stream.run(lambda: list(decode(data, device)))
+                stream.run(lambda decode=decode: list(decode(data, device)))
                 busy.append(time.perf_counter() - started)
                 synchronize(device)
             say("decoders", f"{name} on {device.type}: host blocked {1000 * np.median(busy):.1f} ms per batch of "

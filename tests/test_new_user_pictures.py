@@ -76,7 +76,7 @@ def test_misclassified_captions_stay_in_their_column_with_36_long_class_names(tm
     boxes = figure["image_boxes"]
     column_width = boxes[1].x0 - boxes[0].x0
     drawn = figure["texts"][:len(captions)]  # the title comes last
-    for index, ((text, extent), box) in enumerate(zip(drawn, boxes)):
+    for index, ((_text, extent), box) in enumerate(zip(drawn, boxes, strict=True)):
         assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x0 + column_width, f"caption {index} leaves its column"
         assert extent.y0 >= box.y1 - 1, f"caption {index} overlaps its image"
         if index >= image_grids.GRID_COLUMNS:  # below the row above

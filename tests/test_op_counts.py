@@ -78,7 +78,7 @@ def test_random_erasing_adds_a_few_operations_whatever_the_batch_size(batches):
 
 def test_eval_transform_issues_at_most_32_operations_whatever_the_batch_size(batches):
     transform = ga.EvalTransform(224, IMAGENET_MEAN, IMAGENET_STD)
-    counts = {size: count_operations(lambda: transform(images)) for size, images in batches.items()}
+    counts = {size: count_operations(lambda images=images: transform(images)) for size, images in batches.items()}
     assert counts[16] == counts[128] <= EVAL_LIMIT  # measured 21
 
 

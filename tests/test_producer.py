@@ -162,7 +162,7 @@ def test_the_producer_stops_after_an_epoch_abandoned_early(training_files) -> No
     paths, labels = training_files
     batches = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True)
     batches.set_epoch(3)
-    for batch in batches:
+    for _batch in batches:
         break
     assert producer_threads() == []
     inline = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True)
@@ -221,7 +221,7 @@ def test_on_cuda_the_producer_issues_on_its_stream_and_the_consumer_waits_for_ea
     log: list = []
     fake_cuda(monkeypatch, log)
     seen = []
-    for batch in batch_producer.produced(iter(SlowBatches(2)), torch.device("cuda"), depth=2):
+    for _batch in batch_producer.produced(iter(SlowBatches(2)), torch.device("cuda"), depth=2):
         seen.append(len(log))
     side = "side on cuda:1"  # "cuda" is resolved in the caller's thread, whose current device is 1
     producer = [entry for entry in log if entry[2] == "batch-producer"]
