@@ -153,7 +153,7 @@ def host_units(generator: torch.Generator | None, shapes: Sequence[tuple[int, ..
     else:  # one device-to-host copy, a synchronisation: the per-image code had one too
         flat = torch.cat([random_uniform((size,), 0.0, 1.0, generator) for size in sizes]).cpu().numpy()
     pieces = np.split(flat, np.cumsum(sizes)[:-1])
-    return [piece.reshape(shape) for piece, shape in zip(pieces, shapes)]
+    return [piece.reshape(shape) for piece, shape in zip(pieces, shapes, strict=True)]
 
 
 def torch_exp(values: np.ndarray) -> np.ndarray:

@@ -154,7 +154,7 @@ class DeviceEvalBatches:
         if not decoded:
             return []
         crops = self.transform.crops([image for _, image in decoded]).unbind(0)  # one batched resize, not one a crop
-        return [(item, crop) for (item, _), crop in zip(decoded, crops)]
+        return [(item, crop) for (item, _), crop in zip(decoded, crops, strict=True)]
 
 
 def to_decode(items: Sequence[Encoded | Cached]) -> list[Encoded]:
@@ -189,7 +189,7 @@ def keep(cache: DecodedImages, decoded: list[tuple[Encoded, Tensor]], failed: li
 def cached_images(cache: DecodedImages, positions: Sequence[int], device: torch.device) -> dict[int, Tensor]:
     """The images ``cache`` holds for ``positions`` (not the failures), on ``device``, in one fetch."""
     kept = [position for position in dict.fromkeys(positions) if position not in cache.failures]
-    return dict(zip(kept, cache.fetch(kept, device)))
+    return dict(zip(kept, cache.fetch(kept, device), strict=True))
 
 
 def cached_failures(cache: DecodedImages, positions: Sequence[int], paths: Sequence[str]) -> list[DecodeFailure]:

@@ -150,12 +150,12 @@ def to_device(arrays: Sequence[np.ndarray], device: torch.device, pack: bool | N
         total += -(-array.nbytes // 8) * 8
     staging = torch.empty(max(total, 8), dtype=torch.uint8, pin_memory=device.type == "cuda")
     host = staging.numpy()
-    for array, offset in zip(arrays, offsets):
+    for array, offset in zip(arrays, offsets, strict=True):
         host[offset : offset + array.nbytes] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
     moved = staging.to(device, non_blocking=True)
     views = {np.dtype(np.float32): moved.view(torch.float32), np.dtype(np.int64): moved.view(torch.int64)}
     tensors = []
-    for array, offset in zip(arrays, offsets):
+    for array, offset in zip(arrays, offsets, strict=True):
         strides = tuple(stride // array.itemsize for stride in np.ascontiguousarray(array).strides)
         tensors.append(views[array.dtype].as_strided(array.shape, strides, offset // array.itemsize))
     return tensors

@@ -176,7 +176,7 @@ class DecodedImages:
             return images
         flat = self.transfer(images, device)
         return [chunk.view(image.shape) for chunk, image in zip(flat.split([image.numel() for image in images]),
-                                                                images)]
+                                                                images, strict=True)]
 
     def transfer(self, images: list[Tensor], device: torch.device) -> Tensor:
         """``images`` flattened and concatenated on ``device``: through a pinned staging buffer on CUDA (one copy

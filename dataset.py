@@ -343,7 +343,7 @@ def _validate_on_fold(data: TrainValData, data_dir: Path, fold: tuple[int, int],
         require_fold_count_possible(data, fold)
         data.train_samples, data.val_samples = fold_split(data.train_samples, index, folds, seed)
         counts = class_counts(data.train_samples + data.val_samples, len(data.class_names))
-        few = [name for name, count in zip(data.class_names, counts) if count < folds]
+        few = [name for name, count in zip(data.class_names, counts, strict=True) if count < folds]
         if few:
             print(f"note: --fold {index}/{folds}: {len(few)} class(es) have fewer images than folds "
                   f"({', '.join(few[:5])}"
@@ -401,7 +401,7 @@ def held_out_share(held_out: int, total: int, val_fraction: float, train_dir: Pa
 
 def _note_classes_without_val_images(data: TrainValData) -> None:
     counts = class_counts(data.val_samples, len(data.class_names))
-    absent = [name for name, count in zip(data.class_names, counts) if count == 0]
+    absent = [name for name, count in zip(data.class_names, counts, strict=True) if count == 0]
     if absent and data.val_samples:
         shown = ", ".join(absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
         print(f"note: {len(absent)} class(es) have no validation images ({shown}); validation accuracy cannot "
@@ -410,7 +410,7 @@ def _note_classes_without_val_images(data: TrainValData) -> None:
 
 def _require_readable_images(train_dir: Path, class_names: list[str], train_samples: list[Sample]) -> None:
     counts = class_counts(train_samples, len(class_names))
-    unlearnable = [str(train_dir / name) for name, count in zip(class_names, counts) if count == 0]
+    unlearnable = [str(train_dir / name) for name, count in zip(class_names, counts, strict=True) if count == 0]
     if unlearnable:
         raise UserError(
             f"no image in {', '.join(unlearnable)} can be decoded; replace the unreadable files or remove the folder"
@@ -449,8 +449,8 @@ def _scan_train(train_dir: Path) -> tuple[list[str], list[Sample]]:
     samples, ignored = scan_labeled_split(train_dir, names)
     report_ignored(str(train_dir), ignored)
     counts = class_counts(samples, len(names))
-    kept = [name for name, count in zip(names, counts) if count]
-    empty = [name for name, count in zip(names, counts) if not count]
+    kept = [name for name, count in zip(names, counts, strict=True) if count]
+    empty = [name for name, count in zip(names, counts, strict=True) if not count]
     if empty:
         print(f"note: left out {len(empty)} class folder(s) of {train_dir} with no images: {', '.join(empty)}")
     if not kept:

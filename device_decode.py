@@ -165,7 +165,7 @@ class DeviceDecoder:
         """One chunk's bounded images by position (or why they failed); the full-size ones freed on return."""
         images = self.stream.run(partial(self.decode_together, items))
         return {item.position: image if isinstance(image, DecodeFailure) else self.bounded(image)
-                for item, image in zip(items, images)}
+                for item, image in zip(items, images, strict=True)}
 
     def decode_together(self, items: Sequence[Encoded]) -> list[Tensor | DecodeFailure]:
         """The items' images in one device call, or one by one when it fails (one bad file fails it all)."""

@@ -408,7 +408,7 @@ def gather_predictions(predictions: torch.Tensor, targets: torch.Tensor,
     padded = local.new_zeros(2, max(counts))
     padded[:, :local.shape[1]] = local
     parts = _all_gather(padded, world)
-    joined = torch.cat([part[:, :count] for part, count in zip(parts, counts)], dim=1).cpu()
+    joined = torch.cat([part[:, :count] for part, count in zip(parts, counts, strict=True)], dim=1).cpu()
     return joined[0], joined[1]
 
 

@@ -294,7 +294,7 @@ class WeightAverage:
         if self.updates == 0:
             torch._foreach_copy_(self.averaged, current)
         else:
-            pairs = list(zip(self.averaged, current, self.is_floating))
+            pairs = list(zip(self.averaged, current, self.is_floating, strict=True))
             torch._foreach_lerp_([kept for kept, _, floating in pairs if floating],
                                  [new for _, new, floating in pairs if floating], 1 - self.current_decay())
             for kept, new, floating in pairs:
@@ -469,7 +469,7 @@ def predict_samples(model: nn.Module, batches: Iterable[Any], samples: Sequence[
     keep = np.ones(len(paths), dtype=bool)
     keep[list(reasons)] = False
     return Predictions(
-        paths=[path for path, kept in zip(paths, keep) if kept],
+        paths=[path for path, kept in zip(paths, keep, strict=True) if kept],
         targets=np.asarray([label for _, label in samples], dtype=np.int64)[keep],
         probabilities=probabilities.numpy()[keep],
         failed=[(paths[position], reasons[position]) for position in sorted(reasons)],

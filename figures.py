@@ -64,9 +64,9 @@ def shorten_middle(name: str, limit: int) -> str:
 def _colliding_shortened(labels: list[str], names: list[str]) -> list[int]:
     """Positions of shortened labels that equal the label of a different name."""
     names_by_label: dict[str, set[str]] = {}
-    for label, name in zip(labels, names):
+    for label, name in zip(labels, names, strict=True):
         names_by_label.setdefault(label, set()).add(name)
-    return [position for position, (label, name) in enumerate(zip(labels, names))
+    return [position for position, (label, name) in enumerate(zip(labels, names, strict=True))
             if label != name and len(names_by_label[label]) > 1]
 
 

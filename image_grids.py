@@ -160,7 +160,7 @@ def plot_image_grid(
         cell_height = _caption_inches(layout) + CAPTION_SPACE_INCHES + GRID_IMAGE_INCHES + GRID_GAP_INCHES
         width, height = columns * cell_width, GRID_TITLE_INCHES + rows * cell_height
         fig.set_size_inches(width, height)
-        for position, (image, caption) in enumerate(zip(images, layout.captions)):
+        for position, (image, caption) in enumerate(zip(images, layout.captions, strict=True)):
             row, column = divmod(position, columns)
             bottom = height - GRID_TITLE_INCHES - (row + 1) * cell_height + GRID_GAP_INCHES
             box = (column * cell_width / width, bottom / height, GRID_IMAGE_INCHES / width, GRID_IMAGE_INCHES / height)

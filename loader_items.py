@@ -255,7 +255,7 @@ def collate_encoded(items: list[Any]) -> EncodedBatch:
     starts = np.cumsum([0] + [item.data.numel() for item in encoded]).tolist()
     buffer = (torch.cat([item.data.reshape(-1) for item in encoded]) if encoded
               else torch.empty(0, dtype=torch.uint8))
-    placed = iter(zip(starts, encoded))
+    placed = iter(zip(starts, encoded, strict=False))  # starts holds one more: the end of the last
     packed: list[Packed | Cached] = [item if isinstance(item, Cached) else pack(*next(placed)) for item in kept]
     return EncodedBatch(buffer, packed, failed)
 

@@ -121,7 +121,7 @@ def most_confused_with(confusion: np.ndarray) -> list[tuple[int, float] | None]:
     off_diagonal = confusion.copy()
     np.fill_diagonal(off_diagonal, 0)
     result: list[tuple[int, float] | None] = []
-    for row, support in zip(off_diagonal, confusion.sum(axis=1)):
+    for row, support in zip(off_diagonal, confusion.sum(axis=1), strict=True):
         other = int(row.argmax())
         result.append((other, float(row[other] / support)) if row[other] > 0 else None)
     return result

@@ -227,7 +227,7 @@ MAX_OFF_SCALE_VALUES = 4
 def _mark_clipped(ax: Axes, epochs: list[int], curve: Curve, top: float, shifts: dict[int, float]) -> None:
     """Draw ``curve``'s losses above ``top`` as triangles on the top edge, moved sideways by ``shifts`` (points, by
     epoch) where other curves are clipped too; their values go in the legend, where nothing crowds them."""
-    points = [(epoch, value) for epoch, value in zip(epochs, curve.values) if value > top]
+    points = [(epoch, value) for epoch, value in zip(epochs, curve.values, strict=True) if value > top]
     for index, (epoch, _) in enumerate(points):
         sideways = transforms.offset_copy(ax.transData, fig=ax.figure, x=shifts.get(epoch, 0.0), y=0, units="points")
         ax.plot(epoch, top, marker="^", markersize=8, color=curve.color, markeredgecolor="black", linestyle="none",
@@ -250,8 +250,9 @@ def _clip_loss_outliers(ax: Axes, epochs: list[int], curves: Sequence[Curve]) ->
     if limits is None:
         return False
     ax.set_ylim(limits.bottom, limits.top)
-    above = [[epoch for epoch, value in zip(epochs, curve.values) if value > limits.top] for curve in curves]
-    for curve, epochs_above in zip(curves, above):
+    above = [[epoch for epoch, value in zip(epochs, curve.values, strict=True) if value > limits.top]
+             for curve in curves]
+    for curve, epochs_above in zip(curves, above, strict=True):
         shifts = {}
         for epoch in epochs_above:  # side by side, 6 points apart, where several curves are clipped at one epoch
             sharing = [index for index, others in enumerate(above) if epoch in others]
@@ -386,7 +387,7 @@ def _label_axes(ax: Axes, labels: list[str], row_support: np.ndarray, cell_point
     num_classes = len(labels)
     fontsize = max(4.0, min(10.0, 0.6 * cell_points))
     # An all-blank row would otherwise look like a plotting bug.
-    row_labels = [f"{label} (n=0)" if n == 0 else label for label, n in zip(labels, row_support)]
+    row_labels = [f"{label} (n=0)" if n == 0 else label for label, n in zip(labels, row_support, strict=True)]
     ticks = np.arange(num_classes)
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)

@@ -201,12 +201,13 @@ def top_labels_table(names: Sequence[str], probabilities: torch.Tensor, class_na
     marking the low-confidence rows)."""
     top_probabilities, top_indices = probabilities.topk(k, dim=1)
     header = ["file"] + [f"top {rank}" for rank in range(1, k + 1)] + (["low confidence"] if low is not None else [])
-    rows = [[printable(name)] + [f"{class_names[index]} {value:.3f}" for index, value in zip(indices, values)]
+    rows = [[printable(name)]
+            + [f"{class_names[index]} {value:.3f}" for index, value in zip(indices, values, strict=True)]
             + (["yes" if low[row] else ""] if low is not None else [])
             for row, (name, indices, values) in enumerate(zip(names, top_indices.tolist(),
-                                                              top_probabilities.tolist()))]
+                                                              top_probabilities.tolist(), strict=True))]
     widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
                      for line in [header, *rows])
 
 
@@ -271,7 +272,7 @@ class AveragedSoftmax(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         total = None
-        for model, temperature in zip(self.models, self.temperatures):
+        for model, temperature in zip(self.models, self.temperatures, strict=True):
             for view in self.views:
                 probabilities = (model(view(images)).float() / temperature).softmax(dim=1)
                 total = probabilities if total is None else total + probabilities
@@ -300,7 +301,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str, amp: str, data_path:
     ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32); ``data_path``: ``--augment-device``."""
     paths = [str(path) for path in paths]
     checkpoints = load_checkpoints(paths)
-    temperatures = [checked_temperature(checkpoint, path) for path, checkpoint in zip(paths, checkpoints)]
+    temperatures = [checked_temperature(checkpoint, path) for path, checkpoint in zip(paths, checkpoints, strict=True)]
     if "onnx_session" in checkpoints[0]:
         if device not in ("auto", "cpu") or amp not in ("auto", "off"):
             print(f"note: --device {device} --amp {amp} do not apply to an ONNX model: onnxruntime runs it on the "
@@ -323,12 +324,12 @@ def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
                         f"(they run on different devices); pass only .pt files, or export {other} with python "
                         "export.py and pass only .onnx files")
     checkpoints = [load_onnx(path) if is_onnx(path) else load_checkpoint(path) for path in paths]
-    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
+    for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
         if checkpoint["class_names"] != checkpoints[0]["class_names"]:
             raise UserError(f"--checkpoint {paths[0]} and {path} have different class lists "
                             f"({class_list_difference(checkpoints[0]['class_names'], checkpoint['class_names'])}); "
                             "an ensemble needs models trained on the same classes")
-    for path, checkpoint in zip(paths, checkpoints):
+    for path, checkpoint in zip(paths, checkpoints, strict=True):
         print(f"checkpoint: {path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
               f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')})")
     return checkpoints
@@ -499,7 +500,7 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
     if test_dir is not None:
         refuse_labeled_folders(Path(test_dir), paths, class_names)
     names = image_names(paths, args.keep_ext)
-    true_label_of = dict(zip(names, labels_of(paths, truth))) if truth is not None else {}
+    true_label_of = dict(zip(names, labels_of(paths, truth), strict=True)) if truth is not None else {}
     if truth is not None:
         note_unmatched_label_rows(paths, truth, args.labels)
     if not args.allow_missing:
@@ -589,10 +590,10 @@ def prediction_rows(names: Sequence[str], probabilities: torch.Tensor, class_nam
     """The rows of :meth:`Classifier.predict`'s table."""
     top_probabilities, top_indices = probabilities.topk(k, dim=1)
     rows = []
-    for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist()):
+    for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist(), strict=True):
         row = {"name": name, "label": class_names[indices[0]], "probability": values[0]}
         if k > 1:
-            for rank, (index, value) in enumerate(zip(indices, values), start=1):
+            for rank, (index, value) in enumerate(zip(indices, values, strict=True), start=1):
                 row[f"top{rank}_label"], row[f"top{rank}_probability"] = class_names[index], value
         rows.append(row)
     return rows

@@ -120,7 +120,7 @@ def image_records(predictions: Predictions, root: str, thumbnail_of: dict[int, i
     ranked = np.argsort(-predictions.probabilities, axis=1, kind="stable")[:, :top]  # ties: the lower class first
     predicted = predictions.predicted
     records = []
-    for position, (path, target) in enumerate(zip(predictions.paths, predictions.targets)):
+    for position, (path, target) in enumerate(zip(predictions.paths, predictions.targets, strict=True)):
         probabilities = predictions.probabilities[position]
         records.append({"path": path[len(root):], "true": int(target), "pred": int(predicted[position]),
                         "top": [[int(label), round(float(probabilities[label]), 4)] for label in ranked[position]],

@@ -41,7 +41,7 @@ class EpochSampler(Sampler):
         else:
             order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
 
 
 def balanced_sample_weights(labels: Sequence[int]) -> list[float]:

@@ -46,7 +46,7 @@ def image_names(paths: Sequence[Path], keep_ext: bool) -> list[str]:
     """The ``image_name`` column: file names without extension (unless ``keep_ext``); must be unique."""
     names = [path.name if keep_ext else path.stem for path in paths]
     first_with: dict[str, Path] = {}
-    for path, name in zip(paths, names):
+    for path, name in zip(paths, names, strict=True):
         if name in first_with:
             other = first_with[name]
             fix = "use --keep-ext" if other.name != path.name else "rename one of them"
@@ -57,7 +57,7 @@ def image_names(paths: Sequence[Path], keep_ext: bool) -> list[str]:
 
 def submission_csv(names: Sequence[str], labels: Sequence[str]) -> str:
     """The CSV text: header ``image_name,pred_label`` and one row per image."""
-    return csv_text(["image_name", "pred_label"], zip(names, labels))
+    return csv_text(["image_name", "pred_label"], zip(names, labels, strict=True))
 
 
 def write_zip(submission: bytes, zip_path: Path) -> None:
@@ -105,7 +105,7 @@ def read_labels(path: str | Path) -> dict[str, str]:
     table = read_user_csv(path, "--labels")
     name_column, label_column = find_columns(table.columns, path)
     truth: dict[str, str] = {}
-    for written, label in zip(table[name_column].str.strip(), table[label_column].str.strip()):
+    for written, label in zip(table[name_column].str.strip(), table[label_column].str.strip(), strict=True):
         name = written.replace("\\", "/").rsplit("/", 1)[-1]
         if name and label and truth.setdefault(name, label) != label:
             raise UserError(f"--labels {path}: {name!r} is listed twice, as {truth[name]!r} and {label!r}; keep one "
@@ -189,7 +189,7 @@ def note_unmatched_label_rows(paths: Sequence[Path], truth: dict[str, str], sour
 
 def score(true_labels: Sequence[str | None], predicted: Sequence[str]) -> tuple[float, float, int]:
     """(accuracy, balanced accuracy, images scored) of predictions against the known labels (None: not scored)."""
-    pairs = [(true, label) for true, label in zip(true_labels, predicted) if true is not None]
+    pairs = [(true, label) for true, label in zip(true_labels, predicted, strict=True) if true is not None]
     if not pairs:
         raise UserError("--labels: none of the test images appear in the labels file")
     labels = sorted({label for pair in pairs for label in pair})
@@ -202,7 +202,7 @@ def score(true_labels: Sequence[str | None], predicted: Sequence[str]) -> tuple[
 def note_label_problems(names: Sequence[str], true_labels: Sequence[str | None], truth: dict[str, str],
                         class_names: Sequence[str], source: str) -> None:
     """Say which test images the labels file leaves unscored, and which of its labels the model cannot predict."""
-    unlabeled = [name for name, label in zip(names, true_labels) if label is None]
+    unlabeled = [name for name, label in zip(names, true_labels, strict=True) if label is None]
     if unlabeled:
         print(f"note: --labels {source}: {len(unlabeled)} test image(s) have no label and are not scored "
               f"({some_names([printable(name) for name in unlabeled])})")
@@ -260,11 +260,12 @@ def probabilities_csv(names: Sequence[str], probabilities: torch.Tensor, class_n
     with ``low``, a ``low_confidence`` column (True where the top probability is under ``--min-confidence``)."""
     top_probabilities, top_indices = probabilities.topk(k, dim=1)
     header = ["image_name"] + [f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "prob")]
-    rows = [[name] + [item for index, value in zip(indices, values) for item in (class_names[index], f"{value:.6f}")]
-            for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist())]
+    rows = [[name] + [item for index, value in zip(indices, values, strict=True)
+                      for item in (class_names[index], f"{value:.6f}")]
+            for name, indices, values in zip(names, top_indices.tolist(), top_probabilities.tolist(), strict=True)]
     if low is not None:
         header.append("low_confidence")
-        rows = [row + [flag] for row, flag in zip(rows, low)]
+        rows = [row + [flag] for row, flag in zip(rows, low, strict=True)]
     return csv_text(header, rows)
 
 

@@ -439,7 +439,7 @@ def our_epoch(run: OurRun, epoch: int) -> tuple[Measure, Measure]:
 def our_epochs(run: OurRun, epochs: int) -> dict[str, Measure]:
     """Training and validation of the first epoch, and of the later ones together (the steady state)."""
     warm_up_model(run, run.model, run.optimizer)
-    trained, validated = zip(*(our_epoch(run, epoch) for epoch in range(1, epochs + 1)))
+    trained, validated = zip(*(our_epoch(run, epoch) for epoch in range(1, epochs + 1)), strict=True)
     return {**first_and_steady("train", trained), **first_and_steady("val", validated)}
 
 
@@ -642,7 +642,7 @@ def producer_off_rows(run: OurRun, args: argparse.Namespace, cores: str, baselin
     for loader in loaders:
         loader.prefetch = 0
     epochs = range(args.epochs + 2, args.epochs + 2 + max(1, args.epochs - 1))
-    trained, validated = zip(*(our_epoch(run, epoch) for epoch in epochs))
+    trained, validated = zip(*(our_epoch(run, epoch) for epoch in epochs), strict=True)
     for loader in loaders:
         loader.prefetch = batch_producer.PREFETCH_BATCHES
     return [Row("train, producer off", cores, baseline["train"], sum(trained[1:], trained[0]), ceiling["train"]),

@@ -76,7 +76,7 @@ def fused_skip(device: torch.device) -> None:
             parameter.grad = torch.full_like(parameter, float("nan"))
         window.add(torch.tensor(float("nan"), device=device))
         engine.optimizer_step(optimizer, None, window, engine.StepOptions())
-        unchanged = all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+        unchanged = all(torch.equal(a, b) for a, b in zip(start, model.parameters(), strict=True))
         state_finite = all(torch.isfinite(value).all().item() for state in optimizer.state.values()
                            for value in state.values() if torch.is_tensor(value) and value.is_floating_point())
         for parameter in model.parameters():
@@ -84,7 +84,7 @@ def fused_skip(device: torch.device) -> None:
         window.add(torch.tensor(1.0, device=device))
         engine.optimizer_step(optimizer, None, window, engine.StepOptions())
         moved = all(not torch.equal(a, b) and torch.isfinite(b).all().item()
-                    for a, b in zip(start, model.parameters()))
+                    for a, b in zip(start, model.parameters(), strict=True))
         ok = unchanged and state_finite and moved
         say("fused-skip", f"{kind} fused={optimizer.defaults.get('fused')}: non-finite step skipped (weights "
                           f"unchanged) {unchanged}, state finite {state_finite}, next step taken {moved} -> "
@@ -128,7 +128,7 @@ def corrupted_trials(decode: Callable[[], list[torch.Tensor]], reference: list[t
         images = decode()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        corrupted += any(not torch.equal(image, expected) for image, expected in zip(images, reference))
+        corrupted += any(not torch.equal(image, expected) for image, expected in zip(images, reference, strict=True))
     return corrupted
 
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="path-accuracy-") as scratch, \
             ThreadPoolExecutor(max(1, args.jobs)) as pool:
         outcomes = pool.map(lambda pair: one_run(args, *pair, Path(scratch)), pairs)
-        results = dict(zip(pairs, outcomes))
+        results = dict(zip(pairs, outcomes, strict=True))
     config = Path(args.config).resolve()
     setup = (f"`train.py --config {config.relative_to(ROOT) if config.is_relative_to(ROOT) else config}"
              + (f" --data-dir {args.data_dir}" if args.data_dir else "")

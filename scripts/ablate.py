@@ -572,11 +572,12 @@ def plot_accuracies(results: Sequence[Result], path: Path) -> None:
               (0.2, "balanced accuracy (best.pt on val)", BALANCED_COLOR,
                [result.report.get("balanced_accuracy") for result in results]))
     for offset, label, color, values in series:
-        drawn = [(position + offset, value) for position, value in zip(positions, values) if value is not None]
+        drawn = [(position + offset, value) for position, value in zip(positions, values, strict=True)
+                 if value is not None]
         ax.barh([y for y, _ in drawn], [value for _, value in drawn], height=0.38, color=color, label=label)
         for y, value in drawn:
             ax.text(value + 0.01, y, f"{value:.1%}", va="center", fontsize=8)
-    for position, result in zip(positions, results):
+    for position, result in zip(positions, results, strict=True):
         if not result.succeeded:
             ax.text(0.01, position, result.status, va="center", color="tab:red", fontsize=9)
     ax.set_yticks(positions, labels, fontsize=9)

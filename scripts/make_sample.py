@@ -223,7 +223,7 @@ def assign_train_sizes(rng: random.Random, n_classes: int, largest: int = TRAIN_
     classes = list(range(n_classes))
     rng.shuffle(classes)
     sizes = geometric_sizes(largest, smallest, n_classes)
-    return dict(sorted(zip(classes, sizes)))
+    return dict(sorted(zip(classes, sizes, strict=True)))
 
 
 def class_indices(labels: np.ndarray, label: int) -> list[int]:

@@ -82,7 +82,7 @@ def sample_params(augment: TrainAugment, sizes: Tensor, generator: torch.Generat
 def crop_and_resize(images: Sequence[Tensor], boxes: np.ndarray, out_size: int) -> Tensor:
     """Each image's box resized to ``out_size`` square, one ``F.interpolate`` per image, in [0, 1]."""
     crops = []
-    for image, (top, left, height, width) in zip(images, boxes.tolist()):
+    for image, (top, left, height, width) in zip(images, boxes.tolist(), strict=True):
         crop = image[None, :, top : top + height, left : left + width].to(torch.float32)
         crops.append(F.interpolate(crop, size=(out_size, out_size), mode="bilinear", antialias=True,
                                    align_corners=False))

@@ -288,7 +288,7 @@ def assert_same(first: Any, second: Any, where: str = "") -> None:
             assert_same(first[key], second[key], f"{where}.{key}")
     elif isinstance(first, (list, tuple)):
         assert isinstance(second, (list, tuple)) and len(first) == len(second), where
-        for index, (left, right) in enumerate(zip(first, second)):
+        for index, (left, right) in enumerate(zip(first, second, strict=True)):
             assert_same(left, right, f"{where}[{index}]")
     else:
         assert first == second, (where, first, second)

@@ -68,7 +68,7 @@ def check_same_steps_as_one_process(world: World) -> None:
           epoch_batches(size, batch_size * world.world_size, seed))
     ddp = wrap_model(network(), world)
     train(ddp, GlobalCrossEntropy(world, class_weights, 0.1), sharded_epoch_batches(size, batch_size, seed, world))
-    for ours, theirs in zip(ddp.module.parameters(), single.parameters()):
+    for ours, theirs in zip(ddp.module.parameters(), single.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs)
 
 

@@ -408,7 +408,7 @@ def test_dir_with_broken_images(tmp_path: Path) -> tuple[Path, list[Path]]:
     for name in ("a.jpg", "b.png", "z.jpg"):
         (plain_jpeg if name.endswith("jpg") else plain_png)(test_dir / name)
     broken = [test_dir / "cut.jpg", test_dir / "empty.jpg", test_dir / "huge.png", test_dir / "text.jpg"]
-    for path, make in zip(broken, (truncated_jpeg, empty_file, huge_png, text_file)):
+    for path, make in zip(broken, (truncated_jpeg, empty_file, huge_png, text_file), strict=True):
         make(path)
     return test_dir, broken
 

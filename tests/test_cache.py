@@ -56,7 +56,7 @@ def test_images_lie_in_one_slab_and_one_that_does_not_fit_gets_its_own_tensor():
     assert all(image.data_ptr() % cache.SLAB_ALIGN == 0 for image in store.images)
     assert store.outside_slab == 1 and store.describe().endswith(", 1 image outside it")
     assert store.describe().startswith("one slab of 0.00 GB")
-    assert all(torch.equal(got, image) for got, image in zip(store.fetch(range(4), CPU), images))
+    assert all(torch.equal(got, image) for got, image in zip(store.fetch(range(4), CPU), images, strict=True))
 
 
 def test_a_position_is_stored_once():
@@ -82,7 +82,7 @@ def test_host_memory_is_pageable_and_gives_back_the_exact_pixels():
     for position, image in enumerate(images):
         store.put(position, image)
     assert not store.slab.is_pinned() and not any(image.is_pinned() for image in store.images)
-    assert all(torch.equal(got, image) for got, image in zip(store.fetch([0, 1], CPU), images))
+    assert all(torch.equal(got, image) for got, image in zip(store.fetch([0, 1], CPU), images, strict=True))
 
 
 class FakeEvent:
@@ -118,7 +118,7 @@ def test_a_batch_goes_to_the_gpu_in_one_copy_through_two_staging_buffers_used_in
 
     flats = [staging.transfer(images) for images in batches]
 
-    for flat, images in zip(flats, batches):
+    for flat, images in zip(flats, batches, strict=True):
         assert torch.equal(flat, torch.cat([image.reshape(-1) for image in images]))
     assert shares_memory(flats[2], flats[0])  # the first buffer again, rewritten ...
     assert log == ["allocate 64", "record 0", "allocate 16", "record 1",  # 45 and 12 bytes: powers of two

@@ -55,7 +55,7 @@ def test_cuda_decoder_matches_the_cpu_decode(jpegs: list[str]) -> None:
     on_cuda, failed = device_decode.DeviceDecoder(CUDA, None, None)(items)
     on_cpu, _ = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(items)
     assert not failed and len(on_cuda) == len(jpegs)
-    for (_, gpu_image), (_, cpu_image) in zip(on_cuda, on_cpu):
+    for (_, gpu_image), (_, cpu_image) in zip(on_cuda, on_cpu, strict=True):
         assert gpu_image.device.type == "cuda" and gpu_image.shape == cpu_image.shape
         # nvJPEG and libjpeg-turbo upsample chroma differently: measured 4.8 levels on average on an H200 for
         # this noise (the paths' accuracy agrees: benchmarks/results.md)
@@ -107,7 +107,7 @@ def test_cuda_epoch_from_the_cache_equals_one_from_the_files(jpegs: list[str]) -
         list(batches)
     store.set_epoch(2)
     plain.set_epoch(2)
-    for cached, fresh in zip(store, plain):
+    for cached, fresh in zip(store, plain, strict=True):
         torch.testing.assert_close(cached.images, fresh.images)
 
 

@@ -45,7 +45,7 @@ def test_fused_sgd_keeps_finite_momentum_after_a_skipped_first_step() -> None:
     window.add(torch.tensor(1.0))
     engine.optimizer_step(optimizer, None, window, engine.StepOptions())
     # Nesterov's first step from a zero buffer: buffer = g, update = lr * (g + 0.9 * g).
-    for parameter, start in zip(model.parameters(), before):
+    for parameter, start in zip(model.parameters(), before, strict=True):
         assert torch.allclose(parameter, start - 0.1 * 1.9, atol=1e-6)
 
 
@@ -58,7 +58,7 @@ def test_fused_sgd_from_zero_buffers_takes_the_steps_plain_sgd_takes() -> None:
         engine.train_one_epoch(model, linear_batches(first_loss_nan=False) * 3, nn.CrossEntropyLoss(), optimizer,
                                CPU, show_progress=False)
         results.append([parameter.detach() for parameter in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results, strict=True))
 
 
 def test_a_process_whose_batch_failed_still_takes_every_step() -> None:

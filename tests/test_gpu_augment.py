@@ -279,7 +279,7 @@ def test_crop_and_resize_is_torchvisions_antialiased_resized_crop(images):
     boxes = boxes.numpy().astype(np.int64)
     flips = np.arange(len(tensors)) % 2 == 1
     ours = resized_crops(tensors, boxes, flips)
-    for image, box, flip, got in zip(tensors, boxes.tolist(), flips, ours):
+    for image, box, flip, got in zip(tensors, boxes.tolist(), flips, ours, strict=True):
         expected = TF.resized_crop(image.float(), *box, [IMG, IMG], antialias=True).clamp(0, 255) / 255
         expected = expected.flip(-1) if flip else expected
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -342,7 +342,7 @@ def test_packed_host_to_device_copy_views_every_array_back():
     arrays = [np.arange(6, dtype=np.int64).reshape(2, 3), np.linspace(0, 1, 7, dtype=np.float32),
               np.eye(3, dtype=np.float32)[None].repeat(2, 0), np.array([[5]], dtype=np.int64)]
     packed = batch_resize.to_device(arrays, torch.device("cpu"), pack=True)
-    for array, tensor in zip(arrays, packed):
+    for array, tensor in zip(arrays, packed, strict=True):
         assert tensor.dtype == torch.from_numpy(array).dtype and np.array_equal(tensor.numpy(), array)
 
 

@@ -247,7 +247,7 @@ def test_resnet_is_plain_torchvision_and_trains_like_it() -> None:
     assert [name for name, parameter in model.named_parameters() if parameter.requires_grad] == list(gradients)
     for name, parameter in model.named_parameters():
         assert parameter.grad is None if name not in gradients else torch.equal(parameter.grad, gradients[name]), name
-    for (name, buffer), expected_buffer in zip(model.named_buffers(), reference.buffers()):
+    for (name, buffer), expected_buffer in zip(model.named_buffers(), reference.buffers(), strict=True):
         assert torch.equal(buffer, expected_buffer), name  # running statistics moved the same way
 
 

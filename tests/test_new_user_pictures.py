@@ -81,7 +81,8 @@ def test_misclassified_captions_stay_in_their_column_with_36_long_class_names(tm
         assert extent.y0 >= box.y1 - 1, f"caption {index} overlaps its image"
         if index >= image_grids.GRID_COLUMNS:  # below the row above
             assert extent.y1 <= boxes[index - image_grids.GRID_COLUMNS].y0, f"caption {index} overlaps the image above"
-    for (text, _), caption in zip(drawn, captions):  # wrapped, not cut: every class name is still there in full
+    # wrapped, not cut: every class name is still there in full
+    for (text, _), caption in zip(drawn, captions, strict=True):
         unwrapped = text.replace("\n" + image_grids.CAPTION_CONTINUATION, "")
         assert unwrapped == caption
 
@@ -204,7 +205,7 @@ LONG_RECIPES = [f"configs/reference.yaml --trainable layer3,layer4,fc --img-size
 def test_long_recipe_folders_say_what_differs_and_stay_the_same() -> None:
     ablate = load_script("scripts/ablate.py")
     recipes = ablate.parse_recipes(LONG_RECIPES)
-    for recipe, size in zip(recipes, (32, 64)):
+    for recipe, size in zip(recipes, (32, 64), strict=True):
         assert len(recipe.slug) <= ablate.MAX_SLUG_CHARS
         assert recipe.slug.startswith("reference-") and f"-batch-size-{size}-" in recipe.slug  # whole flag and value
         assert recipe.slug.endswith(f"-{ablate.name_hash(recipe.name)}")

@@ -76,7 +76,7 @@ def test_workers_send_bytes_for_the_jpegs_the_device_decodes_and_pixels_for_the_
     kinds = ["jpeg", "grey jpeg", "png", "cmyk jpeg", "rotated jpeg"]
     batch = read_all([files[kind] for kind in kinds])
 
-    routed = {kind: item.encoded for kind, item in zip(kinds, batch.items)}
+    routed = {kind: item.encoded for kind, item in zip(kinds, batch.items, strict=True)}
     assert routed == {"jpeg": True, "grey jpeg": True, "png": False, "cmyk jpeg": False, "rotated jpeg": False}
     encoded = batch.items[0].data
     assert encoded.dtype == torch.uint8 and encoded.dim() == 1 and bytes(encoded[:2].tolist()) == b"\xff\xd8"
@@ -102,7 +102,7 @@ def test_the_device_decodes_a_batch_as_pil_does(files):
     decoded, failed = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(batch.items)
 
     assert failed == [] and [item.position for item, _ in decoded] == list(range(len(kinds)))
-    for kind, (_, image) in zip(kinds, decoded):
+    for kind, (_, image) in zip(kinds, decoded, strict=True):
         expected = loader_items.pixels_of(load_rgb(files[kind]))
         assert image.dtype == torch.uint8 and image.shape == expected.shape, kind
         assert (image.float() - expected.float()).abs().mean() < 1.0, kind  # same libjpeg: equal or nearly
@@ -225,7 +225,7 @@ def test_a_batch_is_decoded_in_calls_within_the_memory_budget(files, monkeypatch
     assert calls == [2 * 14_400, 240_000, 14_400]  # 80x60x3 bytes each; the big one (over the budget) alone
     whole, _ = device_decode.DeviceDecoder(torch.device("cpu"), None, None)(items)
     assert calls[3:] == [2 * 14_400 + 240_000 + 14_400]  # the default budget takes them in one call
-    assert all(torch.equal(one, two) for (_, one), (_, two) in zip(chunked, whole))
+    assert all(torch.equal(one, two) for (_, one), (_, two) in zip(chunked, whole, strict=True))
 
 
 def test_the_jpeg_decoder_is_torchcodecs_when_it_is_installed():
@@ -287,7 +287,8 @@ def test_images_kept_in_host_memory_come_back_unchanged():
     assert not store.complete
     store.fail(2, "cannot identify image file")
     assert store.complete
-    assert all(torch.equal(got, image) for got, image in zip(store.fetch([0, 1], torch.device("cpu")), images))
+    fetched = store.fetch([0, 1], torch.device("cpu"))
+    assert all(torch.equal(got, image) for got, image in zip(fetched, images[:2], strict=True))
 
 
 # --------------------------------------------------------------------------- batches
@@ -332,7 +333,7 @@ def test_an_epoch_from_the_cache_equals_one_from_the_files(training_files):
     second_cached, second_files = epoch_images(cached, 2), epoch_images(uncached, 2)
 
     assert sum(len(targets) for _, targets in first) == 10  # the broken file left out
-    for (images, targets), (file_images, file_targets) in zip(second_cached, second_files):
+    for (images, targets), (file_images, file_targets) in zip(second_cached, second_files, strict=True):
         assert torch.equal(images, file_images) and torch.equal(targets, file_targets)
     assert not torch.equal(first[0][0], second_cached[0][0])  # another epoch, another order and augmentation
 
@@ -365,7 +366,7 @@ def test_an_epoch_with_half_the_images_cached_reads_the_others_and_equals_one_fr
     assert half.complete and [failure.position for batch in from_both for failure in batch.failed] == [10]
     from_files = epoch_images(pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True), 2)
     assert len(from_both) == len(from_files) == 3
-    for batch, (file_images, file_targets) in zip(from_both, from_files):
+    for batch, (file_images, file_targets) in zip(from_both, from_files, strict=True):
         assert torch.equal(batch.images, file_images) and torch.equal(batch.targets, file_targets)
 
 
@@ -377,7 +378,7 @@ def test_validation_crops_from_the_cache_equal_fresh_ones(training_files):
     assert kept.cache.complete
     assert [batch.positions for batch in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [failure.position for batch in first for failure in batch.failed] == [10]
-    for one, two in zip(first, second):
+    for one, two in zip(first, second, strict=True):
         assert torch.equal(one.images, two.images) and torch.equal(one.targets, two.targets)
 
 
@@ -385,7 +386,7 @@ def test_both_paths_give_the_eval_recipe_on_the_same_images(training_files):
     paths, labels = training_files
     on_cpu = list(pipeline.eval_batches(paths, labels, IMG, (0.5,) * 3, (0.25,) * 3, 4, 0, CPU, on_device=False))
     on_device = list(pipeline.eval_batches(paths, labels, IMG, (0.5,) * 3, (0.25,) * 3, 4, 0, CPU, on_device=True))
-    for cpu_batch, device_batch in zip(on_cpu, on_device):
+    for cpu_batch, device_batch in zip(on_cpu, on_device, strict=True):
         assert cpu_batch.positions == device_batch.positions and torch.equal(cpu_batch.targets, device_batch.targets)
         # PIL's and torch's antialiased resizes differ in rounding only: measured 0.003 (normalized units).
         assert (cpu_batch.images - device_batch.images).abs().mean() < 0.02
@@ -425,7 +426,8 @@ def test_a_non_finite_loss_between_readbacks_names_the_batches(monkeypatch):
         engine.train_one_epoch(model, batches, torch.nn.CrossEntropyLoss(), optimizer, CPU, show_progress=False)
 
     assert all(torch.isfinite(parameter).all() for parameter in model.parameters())  # the NaN step was skipped
-    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the finite ones were taken
+    # the finite ones were taken
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 

@@ -203,7 +203,7 @@ def test_shorten_labels_cuts_in_the_middle_and_keeps_labels_distinct():
     assert len(set(labels)) == len(OAK_NAMES)
     assert labels[1] == "Quercus_robur_su…a_forma_pendula"  # unique at 32 characters: head, ellipsis, tail
     assert labels[4] == "Quercus_petraea"  # short names are left alone
-    for label, name in zip(labels, OAK_NAMES):
+    for label, name in zip(labels, OAK_NAMES, strict=True):
         head, _, tail = label.partition("…")
         assert name.startswith(head) and name.endswith(tail)
     # The three "..._forma_fastigiata" names clash at 32 characters, so they get longer labels.
@@ -312,7 +312,7 @@ def test_loss_curve_without_outliers_keeps_automatic_limits(tmp_path, drawn):
 def history_with_two_curves_clipped() -> list[dict]:
     """A fresh head: train and val losses far above the rest in epochs 1-2 (val in epoch 3 too), lr falling."""
     history = make_history(10)
-    for row, train, val in zip(history, (40.0, 25.0), (55.0, 30.0, 12.0)):
+    for row, train, val in zip(history, (40.0, 25.0), (55.0, 30.0, 12.0), strict=False):  # epochs 1-2 only
         row["train_loss"], row["val_loss"] = train, val
     history[2]["val_loss"] = 12.0
     return history

@@ -55,7 +55,8 @@ def epochs(batches, numbers) -> list[tuple]:
 
 def assert_same_batches(made, expected) -> None:
     assert len(made) == len(expected)
-    for (images, targets, positions, failed), (images_, targets_, positions_, failed_) in zip(made, expected):
+    pairs = zip(made, expected, strict=True)
+    for (images, targets, positions, failed), (images_, targets_, positions_, failed_) in pairs:
         assert torch.equal(images, images_) and torch.equal(targets, targets_)  # bitwise
         assert positions == positions_ and failed == failed_
 

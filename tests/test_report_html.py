@@ -150,7 +150,8 @@ def test_the_page_data_matches_the_predictions(tiny_report: TinyReport) -> None:
     np.add.at(matrix, (TINY_TRUE, TINY_PRED), 1)
     assert data["matrix"] == matrix.tolist()
     assert [data["root"] + record["path"] for record in data["images"]] == tiny_report.predictions.paths
-    assert [(record["true"], record["pred"]) for record in data["images"]] == list(zip(TINY_TRUE, TINY_PRED))
+    pairs = list(zip(TINY_TRUE, TINY_PRED, strict=True))
+    assert [(record["true"], record["pred"]) for record in data["images"]] == pairs
     probabilities = tiny_report.predictions.probabilities
     first = data["images"][2]  # a T-shirt predicted as NASTY
     assert [label for label, _ in first["top"]] == np.argsort(-probabilities[2])[:3].tolist()

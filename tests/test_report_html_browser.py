@@ -205,7 +205,7 @@ def test_every_confusion_cell_shows_exactly_its_images(page: Any, tiny_report: T
     assert texts(page, "#matrix th.col") == [tiny_report.class_names[index] for index in order]
     cells = page.query_selector_all("#matrix td.cell")
     assert len(cells) == 16
-    for cell, (true, predicted) in zip(cells, [(row, column) for row in order for column in order]):
+    for cell, (true, predicted) in zip(cells, [(row, column) for row in order for column in order], strict=True):
         assert (int(cell.get_attribute("data-true")), int(cell.get_attribute("data-pred"))) == (true, predicted)
         assert int(cell.get_attribute("data-count")) == matrix[true, predicted]
         assert cell.text_content() == (str(matrix[true, predicted]) if matrix[true, predicted] else "")
@@ -241,7 +241,8 @@ def test_a_largest_confusion_opens_its_cell(page: Any, tiny_report: TinyReport) 
 
 def test_the_mistakes_gallery_lists_every_mistake_with_its_full_path(page: Any, tiny_report: TinyReport) -> None:
     paths = tiny_report.predictions.paths
-    wrong = [paths[index] for index, (true, guess) in enumerate(zip(TINY_TRUE, TINY_PRED)) if true != guess]
+    wrong = [paths[index] for index, (true, guess) in enumerate(zip(TINY_TRUE, TINY_PRED, strict=True))
+             if true != guess]
     assert sorted(shown_paths(page, "#mistake-gallery")) == sorted(wrong)
     assert set(texts(page, "#mistake-gallery .path")) == set(wrong)
     confidence = [float(text.rstrip("%")) for text in texts(page, "#mistake-gallery li:first-child .probability")]
