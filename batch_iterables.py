@@ -78,7 +78,7 @@ class DeviceTrainBatches:
     ``warn``: say each image left out on the console, once per run.
     """
 
-    def __init__(self, loader: DataLoader, decoder: DeviceDecoder, augment: gpu_augment.TrainAugment,
+    def __init__(self, loader: DataLoader, decoder: DeviceDecoder, augment: gpu_augment.TrainAugment,  # noqa: PLR0913
                  labels: Sequence[int], cache: DecodedImages | None, seed: int, accel: Accel,
                  warn: bool = True, prefetch: int = PREFETCH_BATCHES) -> None:
         self.loader, self.decoder, self.augment, self.cache = loader, decoder, augment, cache

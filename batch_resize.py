@@ -78,7 +78,7 @@ class ResizeChunk:
     pad: int
 
 
-def plan_resize(
+def plan_resize(  # noqa: PLR0913
     sizes: np.ndarray, origins: np.ndarray, in_sizes: np.ndarray, out_sizes: np.ndarray, first_out: np.ndarray,
     flips: np.ndarray, out_size: int, value_scale: float, max_elements: int = MAX_RESIZE_ELEMENTS,
 ) -> list[ResizeChunk]:

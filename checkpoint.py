@@ -15,7 +15,7 @@ CHECKPOINT_FORMAT = "imagefolder-resnet-checkpoint/1"
 REQUIRED_KEYS = ("format", "model", "arch", "class_names", "img_size", "mean", "std", "config")
 
 
-def make_checkpoint(
+def make_checkpoint(  # noqa: PLR0913
     model: nn.Module,
     class_names: list[str],
     config: dict[str, Any],

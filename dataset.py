@@ -258,7 +258,7 @@ def class_counts(samples: Sequence[Sample], num_classes: int) -> list[int]:
     return [counts.get(index, 0) for index in range(num_classes)]
 
 
-def load_train_val(
+def load_train_val(  # noqa: PLR0913
     data_dir: str | Path, val_fraction: float, seed: int, verify_images: bool = False, workers: int = 0,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, held_out: Sequence[str] | None = None,
     fold: tuple[int, int] | None = None, train_on_all: bool = False, val_fraction_given: bool = False,

@@ -129,7 +129,7 @@ class StepOptions:
     empty_images: Callable[[], torch.Tensor] | None = None
 
 
-def train_one_epoch(
+def train_one_epoch(  # noqa: PLR0913
     model: nn.Module,
     batches: Iterable,
     criterion: nn.Module,
@@ -206,7 +206,7 @@ class AccumulationWindow:
         self.finite = self.finite & torch.isfinite(loss)
 
 
-def train_step(model: nn.Module, batch: Any, batch_index: int, criterion: nn.Module, accel: Accel,
+def train_step(model: nn.Module, batch: Any, batch_index: int, criterion: nn.Module, accel: Accel,  # noqa: PLR0913
                scaler: torch.amp.GradScaler | None, meter: RunningMeter, window: AccumulationWindow,
                options: StepOptions) -> None:
     """Forward and backward of one batch (mixed when ``options.mix``); the gradients add up until the step."""

@@ -160,7 +160,7 @@ def checkpoint_batches(paths: Sequence[str], checkpoint: dict[str, Any], accel: 
                         workers, accel, on_device, max_pixels=max_pixels)
 
 
-def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,
+def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,  # noqa: PLR0913
                   seed: int, accel: Accel, on_device: bool, cache: DecodedImages | None = None,
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, recipe: TrainRecipe = TrainRecipe(),
                   world: World = SINGLE_PROCESS, plain_jpegs: dict[str, tuple[int, int]] | None = None,
@@ -190,7 +190,7 @@ def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, ba
     return DeviceTrainBatches(loader, decoder, augment, labels, cache, augment_seed, accel)
 
 
-def eval_batches(paths: Sequence[str], labels: Sequence[int] | None, img_size: int, mean: Sequence[float],
+def eval_batches(paths: Sequence[str], labels: Sequence[int] | None, img_size: int, mean: Sequence[float],  # noqa: PLR0913
                  std: Sequence[float], batch_size: int, workers: int, accel: Accel, on_device: bool,
                  cache: DecodedImages | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  warn: bool = False, plain_jpegs: dict[str, tuple[int, int]] | None = None,

@@ -540,7 +540,7 @@ class Classifier:
     :func:`item_batches`).
     """
 
-    def __init__(self, checkpoint: str | Path | Sequence[str | Path] = "checkpoints/best.pt", *, device: str = "auto",
+    def __init__(self, checkpoint: str | Path | Sequence[str | Path] = "checkpoints/best.pt", *, device: str = "auto",  # noqa: PLR0913
                  amp: str = "auto", tta: str = "none", batch_size: int = 128, workers: int | str = "auto",
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, show_progress: bool = False,
                  augment_device: str = "auto") -> None:

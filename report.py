@@ -265,7 +265,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
 
 
-def report_markdown(
+def report_markdown(  # noqa: PLR0913
     summary: dict[str, Any],
     confusion: np.ndarray,
     class_names: Sequence[str],
