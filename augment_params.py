@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Column order of crop boxes, the order of torchvision's RandomResizedCrop.get_params.
-BOX_TOP, BOX_LEFT, BOX_HEIGHT, BOX_WIDTH = range(4)
 CROP_ATTEMPTS = 10
 # Uniform draws per sample, in the order the per-image code drew them: crop area fractions and log aspect ratios
 # (CROP_ATTEMPTS each), the crop position (2), flip, angle, brightness, contrast, saturation, hue, jitter order (4).

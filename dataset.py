@@ -189,15 +189,6 @@ def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
     print(f"note: ignored {len(paths)} non-image entr{'y' if len(paths) == 1 else 'ies'} in {label}: {shown}{more}")
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-# --------------------------------------------------------------------------- recipes
-
-
-# --------------------------------------------------------------------------- datasets
-
-
 # --------------------------------------------------------------------------- splits and weights
 
 

@@ -299,9 +299,6 @@ def sync_buffers(model: nn.Module, world: World) -> None:
             dist.broadcast(buffer, src=0)
 
 
-# --------------------------------------------------------------------------- each rank's data
-
-
 # --------------------------------------------------------------------------- the loss of the global batch
 
 
