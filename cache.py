@@ -127,19 +127,6 @@ class DecodedImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    @property
-    def complete(self) -> bool:
-        """True when every position holds an image or a failure."""
-        return all(self.has(position) for position in range(len(self.images)))
-
-    def describe(self) -> str:
-        """Where the images lie, in words: the slab and how many images did not fit in it."""
-        if self.slab.numel() == 0:
-            return f"{len(self.images) - len(self.failures)} separate tensors at most (no slab)"
-        outside = (f", {self.outside_slab} image{'s' if self.outside_slab > 1 else ''} outside it"
-                   if self.outside_slab else "")
-        return f"one slab of {self.slab.numel() / 1e9:.2f} GB, {self.used / 1e9:.2f} GB used{outside}"
-
     def put(self, position: int, image: Tensor) -> None:
         """Keep a copy of ``image`` for ``position`` on the cache's device (a position held already keeps its own).
         Into host memory the copy waits for the device: once per image, in the first epoch only."""

@@ -193,11 +193,10 @@ def _legend_below(ax: Axes, *extra_axes: Axes | None) -> None:
 
 
 class LossAxisRange(NamedTuple):
-    """y limits for a loss plot, and the losses above ``top`` that are drawn clipped at the top edge."""
+    """y limits for a loss plot (the losses above ``top`` are drawn clipped at the top edge)."""
 
     bottom: float
     top: float
-    outliers: list[float]
 
 
 def loss_axis_range(values: Sequence[float]) -> LossAxisRange | None:
@@ -217,7 +216,7 @@ def loss_axis_range(values: Sequence[float]) -> LossAxisRange | None:
     low, high = float(inliers.min()), float(inliers.max())
     span = high - low or abs(high)
     top = high + 0.12 * span  # headroom for the outlier markers and their values
-    return LossAxisRange(bottom=low - 0.05 * span, top=top, outliers=sorted(finite[finite > top].tolist()))
+    return LossAxisRange(bottom=low - 0.05 * span, top=top)
 
 
 # Values listed in a legend entry for the losses drawn above the axis, before "and N more".

@@ -279,14 +279,19 @@ def test_cache_bytes_count_the_bounded_images():
     assert cache.cache_bytes([(500, 375), (4000, 3000)], 792) == 3 * 500 * 375 + 3 * 1056 * 792
 
 
+def holds_every_image(store: cache.DecodedImages) -> bool:
+    """True when every position of ``store`` holds an image or a failure."""
+    return all(store.has(position) for position in range(len(store)))
+
+
 def test_images_kept_in_host_memory_come_back_unchanged():
     store = cache.DecodedImages(3, torch.device("cpu"))
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((5, 7), (6, 6), (9, 4))]
     for position, image in enumerate(images[:2]):
         store.put(position, image)
-    assert not store.complete
+    assert not holds_every_image(store)
     store.fail(2, "cannot identify image file")
-    assert store.complete
+    assert holds_every_image(store)
     fetched = store.fetch([0, 1], torch.device("cpu"))
     assert all(torch.equal(got, image) for got, image in zip(fetched, images[:2], strict=True))
 
@@ -329,7 +334,7 @@ def test_an_epoch_from_the_cache_equals_one_from_the_files(training_files):
     uncached = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True)
 
     first = epoch_images(cached, 1)
-    assert cached.cache.complete and cached.cache.failures == {10: "cannot identify image file"}
+    assert holds_every_image(cached.cache) and cached.cache.failures == {10: "cannot identify image file"}
     second_cached, second_files = epoch_images(cached, 2), epoch_images(uncached, 2)
 
     assert sum(len(targets) for _, targets in first) == 10  # the broken file left out
@@ -363,7 +368,7 @@ def test_an_epoch_with_half_the_images_cached_reads_the_others_and_equals_one_fr
     from_both = list(partly)
 
     assert sorted(read) == sorted(paths[1::2])  # the workers read only the files not cached
-    assert half.complete and [failure.position for batch in from_both for failure in batch.failed] == [10]
+    assert holds_every_image(half) and [failure.position for batch in from_both for failure in batch.failed] == [10]
     from_files = epoch_images(pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True), 2)
     assert len(from_both) == len(from_files) == 3
     for batch, (file_images, file_targets) in zip(from_both, from_files, strict=True):
@@ -375,7 +380,7 @@ def test_validation_crops_from_the_cache_equal_fresh_ones(training_files):
     kept = pipeline.eval_batches(paths, labels, IMG, (0.5,) * 3, (0.25,) * 3, 4, 0, CPU, on_device=True,
                                  cache=cache.DecodedImages(len(paths), torch.device("cpu")))
     first, second = list(kept), list(kept)
-    assert kept.cache.complete
+    assert holds_every_image(kept.cache)
     assert [batch.positions for batch in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [failure.position for batch in first for failure in batch.failed] == [10]
     for one, two in zip(first, second, strict=True):
