@@ -73,28 +73,7 @@ def write_evaluation_report(
     if absent); ``checkpoint_path``, the file the predictions came from, is named in report.html. Returns the
     contents of ``metrics.json`` plus ``report_dir``.
     """
-    if predictions.failed:
-        print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded:"
-              + "".join(f"\n  {path}: {reason}" for path, reason in predictions.failed))
-    if not predictions.paths:
-        raise UserError(f"{source or 'evaluation'}: none of the {len(predictions.failed)} images could be decoded")
-    return write_report_files(predictions, checkpoint, report_dir, source=source, history_path=history_path,
-                              top_confusions=top_confusions, misclassified=misclassified,
-                              checkpoint_path=checkpoint_path)
-
-
-def write_report_files(
-    predictions: Predictions,
-    checkpoint: dict[str, Any],
-    report_dir: str | Path,
-    *,
-    source: str = "",
-    history_path: str | Path | None = None,
-    top_confusions: int = 20,
-    misclassified: int = 24,
-    checkpoint_path: str | Path | None = None,
-) -> dict[str, Any]:
-    """Write every report file from finished predictions (no model needed); returns the metrics."""
+    say_undecodable(predictions, source)
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     class_names = [str(name) for name in checkpoint["class_names"]]
@@ -122,6 +101,15 @@ def write_report_files(
           f"balanced accuracy {summary['balanced_accuracy']:.2%}, macro-F1 {summary['macro_f1']:.3f}; "
           f"wrote {report_dir}/" + "{" + ",".join(REPORT_FILES) + "}")
     return {**summary, "report_dir": str(report_dir)}
+
+
+def say_undecodable(predictions: Predictions, source: str) -> None:
+    """Warn of the files that could not be decoded; refuse a split none of whose images could be."""
+    if predictions.failed:
+        print(f"warning: left out {len(predictions.failed)} image(s) that could not be decoded:"
+              + "".join(f"\n  {path}: {reason}" for path, reason in predictions.failed))
+    if not predictions.paths:
+        raise UserError(f"{source or 'evaluation'}: none of the {len(predictions.failed)} images could be decoded")
 
 
 def metrics_summary(predictions: Predictions, confusion: np.ndarray, class_names: Sequence[str],

@@ -1,6 +1,6 @@
 """``report.html``: the evaluation report as one self-contained page that opens offline from ``file://``.
 
-Written by :func:`report.write_report_files` beside ``report.md``. Everything is inside the one file, so it can be
+Written by :func:`report.write_evaluation_report` beside ``report.md``. Everything is inside the one file, so it can be
 mailed or zipped: inline CSS and a little plain JavaScript, the figures of the report folder and the run folder as
 ``data:`` PNGs, small JPEG thumbnails made with Pillow, and the data as JSON in a
 ``<script type="application/json">`` (``<``, ``>`` and ``&`` escaped, so no ``</script>`` in a class name or a

@@ -32,13 +32,7 @@ from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows,
 from dataset import scan_labeled_split
 from engine import Predictions
 from model import model_from_config
-from report import (
-    MAX_CAPTION_CHARS,
-    MAX_CAPTION_NAME_CHARS,
-    mistake_caption,
-    write_evaluation_report,
-    write_report_files,
-)
+from report import MAX_CAPTION_CHARS, MAX_CAPTION_NAME_CHARS, mistake_caption, write_evaluation_report
 
 CLASSES = ["0", "1", "2"]
 
@@ -321,11 +315,14 @@ def test_library_call_as_train_py_makes_it(tiny: tuple[Path, Path], tmp_path: Pa
 
 
 def test_report_with_no_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    predictions = Predictions(paths=[], targets=np.array([0, 1]), probabilities=np.eye(2), failed=[])
-    summary = write_report_files(predictions, {"class_names": ["a", "b"], "config": {}}, tmp_path)
+    paths = [str(tmp_path / f"{name}.png") for name in ("a", "b")]
+    for path in paths:
+        Image.new("RGB", (8, 8)).save(path)
+    predictions = Predictions(paths=paths, targets=np.array([0, 1]), probabilities=np.eye(2), failed=[])
+    summary = write_evaluation_report(predictions, {"class_names": ["a", "b"], "config": {}}, tmp_path / "report")
     assert summary["accuracy"] == 1.0 and summary["classes_without_images"] == []
-    assert read_csv_rows(tmp_path / "top_confusions.csv") == []
-    text = (tmp_path / "report.md").read_text()
+    assert read_csv_rows(tmp_path / "report" / "top_confusions.csv") == []
+    text = (tmp_path / "report" / "report.md").read_text()
     assert "No misclassified images." in text
     assert "Balanced accuracy and macro-F1 average over the 2 classes with images in this split." in text
     assert "note:" not in capsys.readouterr().out
@@ -338,8 +335,8 @@ def test_classes_without_images_are_named_and_left_out_of_both_averages(
     predictions = Predictions(paths=["a/0.jpg", "c/0.jpg", "c/1.jpg"], targets=np.array([0, 2, 2]),
                               probabilities=probabilities, failed=[])
     monkeypatch.setattr(report, "thumbnail", lambda path: np.zeros((8, 8, 3), np.uint8))  # no image files here
-    summary = write_report_files(predictions, {"class_names": ["a", "b", "c", "d"], "config": {}}, tmp_path,
-                                 source="data/val")
+    summary = write_evaluation_report(predictions, {"class_names": ["a", "b", "c", "d"], "config": {}}, tmp_path,
+                                      source="data/val")
     assert summary["classes_without_images"] == ["b", "d"]
     assert json.loads((tmp_path / "metrics.json").read_text())["classes_without_images"] == ["b", "d"]
     assert summary["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)

@@ -21,7 +21,7 @@ import report_html
 from common import REPORT_FILES
 from conftest import PREDICT_FLAGS, ColourData, colour_image, run_script, tiny_train
 from engine import Predictions
-from report import write_report_files
+from report import write_evaluation_report
 
 NASTY = 'Ankle <boot> & "x"'
 TINY_CLASSES = ["T-shirt", NASTY, "Bag", "Coat"]
@@ -69,7 +69,7 @@ def write_tiny_report(root: Path, **report_options) -> TinyReport:
                               failed=[(str(root / "val" / "Bag" / "broken.jpg"), "cannot identify image file")])
     checkpoint = {"class_names": TINY_CLASSES, "arch": "resnet18", "img_size": 32, "epoch": 3,
                   "config": {"arch": "resnet18", "lr": 0.001, "epochs": 3, "note": "</script><b>x</b>"}}
-    write_report_files(predictions, checkpoint, root / "report", source=str(root / "val"), **report_options)
+    write_evaluation_report(predictions, checkpoint, root / "report", source=str(root / "val"), **report_options)
     return TinyReport(root / "report", predictions, TINY_CLASSES)
 
 
