@@ -41,12 +41,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 import gpu_augment
 from accel import Accel
-from batch_iterables import (
-    DeviceEvalBatches,
-    DeviceTrainBatches,
-    HostBatches,
-    skip_count,  # noqa: F401  pipeline.skip_count, which train.py takes with the rest
-)
+from batch_iterables import DeviceEvalBatches, DeviceTrainBatches, HostBatches
 from cache import CacheChoice, DecodedImages, cache_bytes, choose_cache, gpu_free_bytes
 from checkpoint import eval_size
 from common import IMAGENET_MEAN, IMAGENET_STD, SINGLE_PROCESS, World, processes_per_node

@@ -32,6 +32,7 @@ import image_grids
 import options
 import run_folder
 from accel import Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler, set_up_accel
+from batch_iterables import skip_count
 from calibration import (
     NOISY_ECE_BELOW,
     apply_temperature,
@@ -45,8 +46,7 @@ from dataset import TrainValData, describe_data, load_train_val
 from engine import EvalResult, Predictions, StepOptions, WeightAverage, evaluate, train_one_epoch
 from gpu_augment import BatchMix
 from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw
-from options import get_args_parser  # noqa: F401  train.get_args_parser, as predict.py and evaluate.py have
-from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data, skip_count
+from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data
 from plots import save_final_plots
 from report import write_evaluation_report
 from resume import Progress, StopRequest, restore_training_state, training_state

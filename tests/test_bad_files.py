@@ -26,10 +26,12 @@ import pytest
 import torch
 from PIL import Image
 
+import batch_iterables
 import device_decode
 import evaluate
 import images
 import loader_items
+import options
 import pipeline
 import predict
 import train
@@ -478,7 +480,8 @@ def test_max_image_pixels_0_lifts_the_limit_and_the_default_is_at_least_pillows(
 @pytest.mark.parametrize("script", ["train.py", "predict.py", "evaluate.py"])
 def test_every_script_takes_max_image_pixels_and_refuses_a_negative_one(script: str, tmp_path: Path) -> None:
     module = {"train.py": train, "predict.py": predict, "evaluate.py": evaluate}[script]
-    [option] = [action for action in module.get_args_parser()._actions if "--max-image-pixels" in action.option_strings]
+    parser = options.get_args_parser() if script == "train.py" else module.get_args_parser()
+    [option] = [action for action in parser._actions if "--max-image-pixels" in action.option_strings]
     assert option.default == images.DEFAULT_MAX_IMAGE_PIXELS and "0 = no limit" in option.help
     result = call_main(module.main, "--max-image-pixels", "-1", "--output-dir" if script == "train.py" else
                        "--batch-size", tmp_path if script == "train.py" else "8")
@@ -576,7 +579,7 @@ def test_predict_refuses_an_image_that_would_not_fit_in_memory_by_name(bad_run: 
 def test_a_truncated_training_image_is_warned_about_once_per_run_and_counted_each_epoch(tmp_path: Path, capsys,
                                                                                        on_device: bool) -> None:
     """It was warned about again every epoch (100 lines over 50 epochs); each epoch's failures still name it, for
-    skipped_files.txt and the epoch line's count (``pipeline.skip_count``)."""
+    skipped_files.txt and the epoch line's count (``batch_iterables.skip_count``)."""
     truncated, plain = tmp_path / "cut.jpg", tmp_path / "plain.jpg"
     truncated_jpeg(truncated)
     plain_jpeg(plain)
@@ -589,14 +592,14 @@ def test_a_truncated_training_image_is_warned_about_once_per_run_and_counted_eac
 
     assert capsys.readouterr().err.count(f"warning: skipping {truncated}: cannot decode (image file is truncated") == 1
     assert [[failure.path for failure in epoch] for epoch in failures] == [[str(truncated)]] * 3
-    assert pipeline.skip_count(failures[0] + failures[1]) == 1
+    assert batch_iterables.skip_count(failures[0] + failures[1]) == 1
 
 
 def test_the_default_pixel_limit_follows_the_total_memory_the_same_on_every_call(monkeypatch) -> None:
     """It followed the memory available at import, so it changed from one run (and --help) to the next."""
     assert images.total_ram_bytes() == images.total_ram_bytes() > 0
     assert images.DEFAULT_MAX_IMAGE_PIXELS == images.machine_pixel_limit(images.total_ram_bytes())
-    [option] = [action for action in train.get_args_parser()._actions
+    [option] = [action for action in options.get_args_parser()._actions
                 if "--max-image-pixels" in action.option_strings]
     assert "total physical memory" in option.help and f"{images.DEFAULT_MAX_IMAGE_PIXELS:,} pixels" in option.help
     assert "in bytes" not in option.help and "available memory" not in option.help

@@ -392,10 +392,14 @@ def test_in_a_notebook_the_kernels_own_arguments_are_not_read(monkeypatch: pytes
     assert options.parse_args(None).epochs == 50  # the defaults, not "unrecognized arguments: -f"
 
 
-@pytest.mark.parametrize("module", [train, predict, evaluate], ids=lambda module: module.__name__)
-def test_errors_and_help_name_the_script_and_every_flag_has_help(module: Any) -> None:
-    parser = module.get_args_parser()
-    assert parser.prog == f"{module.__name__}.py"  # not the notebook kernel's name
+PARSERS = {"train.py": options.get_args_parser, "predict.py": predict.get_args_parser,
+           "evaluate.py": evaluate.get_args_parser}
+
+
+@pytest.mark.parametrize("script", PARSERS)
+def test_errors_and_help_name_the_script_and_every_flag_has_help(script: str) -> None:
+    parser = PARSERS[script]()
+    assert parser.prog == script  # not the notebook kernel's name
     assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # it shows each default after the help
     undocumented = [action.option_strings for action in parser._actions if not action.help]
     assert undocumented == []
