@@ -41,8 +41,8 @@ import plots
 import report_html
 from common import REPORT_FILES
 from engine import Predictions
+from history_csv import read_history
 from images import load_rgb
-from run_folder import read_history
 from utils import UserError, atomic_write_text, csv_text
 
 TOP_K = 5

@@ -1,12 +1,11 @@
 """The run's folder (--output-dir): continuing the run there or refusing another, clearing it for a new run, and
-what a run writes there besides checkpoints (history.csv, skipped_files.txt) and says about it (resume hints)."""
+what a run writes there besides checkpoints and history.csv (skipped_files.txt) and says about it (resume
+hints)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,21 +28,6 @@ from options import (
 from resume import Progress
 from tb_logger import TensorBoardLogger, summary_writer_class
 from utils import UserError, atomic_write_bytes, atomic_write_text, command_hint, some_names
-
-HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "seconds")
-
-
-EMA_FIELDS = ("ema_val_loss", "ema_val_acc", "ema_val_balanced_acc")  # in the history when --ema is on
-
-
-def write_history(history: list[dict[str, float]], path: Path) -> None:
-    """Write the per-epoch history as CSV."""
-    buffer = io.StringIO()
-    fields = [*HISTORY_FIELDS, *(field for field in EMA_FIELDS if history and field in history[0])]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
 
 
 def prepare_output_dir(args: argparse.Namespace, resume: dict[str, Any] | None, skipped: Sequence[tuple[str, str]],
@@ -279,15 +263,3 @@ def carry_over_best_checkpoint(resume_path: Path | None, output_dir: Path) -> No
     source, target = resume_path.parent / "best.pt", output_dir / "best.pt"
     if source.is_file() and not target.exists():
         atomic_write_bytes(target, source.read_bytes())
-
-
-def read_history(path: str | Path | None) -> list[dict[str, float]]:
-    """The rows of a ``history.csv`` as numbers; empty when there is none or it cannot be read."""
-    if path is None or not Path(path).is_file():
-        return []
-    try:
-        with Path(path).open(newline="", encoding="utf-8") as handle:
-            return [{key: float(value) for key, value in row.items() if value not in ("", None)}
-                    for row in csv.DictReader(handle)]
-    except (OSError, ValueError):
-        return []

@@ -45,6 +45,7 @@ from common import Batch, DecodeFailure, World
 from dataset import TrainValData, describe_data, load_train_val
 from engine import EvalResult, Predictions, StepOptions, WeightAverage, evaluate, train_one_epoch
 from gpu_augment import BatchMix
+from history_csv import write_history
 from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw
 from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data
 from plots import save_final_plots
@@ -416,7 +417,7 @@ def record_epoch(run: Run, progress: Progress, outcome: EpochOutcome) -> bool:
         checkpoint["ema_model"] = {key: value.detach().cpu() for key, value in run.ema.module.state_dict().items()}
         checkpoint["training_state"]["ema_updates"] = run.ema.updates
     save_checkpoint(checkpoint, run.output_dir / "last.pt")
-    run_folder.write_history(progress.history, run.output_dir / "history.csv")
+    write_history(progress.history, run.output_dir / "history.csv")
     return is_best
 
 

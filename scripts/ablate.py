@@ -65,8 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from history_csv import read_history
 from model import parameter_summary
-from run_folder import read_history
 from utils import (
     UserError,
     argument_list,
