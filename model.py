@@ -320,6 +320,18 @@ def parse_trainable(spec: str, model: nn.Module | None = None) -> list[str]:
     return [name for name in blocks if name in names or name == head]  # the new head always trains
 
 
+def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:
+    """``--trainable`` as the blocks of ``model`` (default: a torchvision ResNet) that will train; the head (``fc``
+    for a ResNet) is added, with a note, when it was left out."""
+    if spec.strip() == "all":
+        return "all"
+    blocks, head = parse_trainable(spec, model), "fc" if model is None else head_block(model)
+    if head not in [name.strip() for name in spec.split(",")]:
+        print(f"note: --trainable {spec}: the new head ({head}) starts from random weights, so it always trains; "
+              f"training {','.join(blocks)}")
+    return ",".join(blocks)
+
+
 def has_trainable_batchnorm(trainable: Iterable[str], model: nn.Module | None = None) -> bool:
     """True when a block in ``trainable`` holds BatchNorm layers that learn (which need 2 or more images a batch).
 

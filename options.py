@@ -34,11 +34,11 @@ from model import (
     block_names,
     fixed_input_size,
     has_trainable_batchnorm,
-    head_block,
     model_skeleton,
     parse_count,
     parse_trainable,
     parse_unfreeze_at,
+    spelled_out_trainable,
 )
 from recipe import AUTO_AUGMENT_CHOICES
 from utils import (
@@ -463,18 +463,6 @@ def check_output_dir(output_dir: str) -> None:
     if blocker is not None:
         raise UserError(f"--output-dir {output_dir}: {blocker} is a file, not a folder; pass another --output-dir")
     refuse_unwritable_folder("--output-dir", Path(output_dir), "pass an --output-dir you can write to")
-
-
-def spelled_out_trainable(spec: str, model: nn.Module | None = None) -> str:
-    """``--trainable`` as the blocks of ``model`` (default: a torchvision ResNet) that will train; the head (``fc``
-    for a ResNet) is added, with a note, when it was left out."""
-    if spec.strip() == "all":
-        return "all"
-    blocks, head = parse_trainable(spec, model), "fc" if model is None else head_block(model)
-    if head not in [name.strip() for name in spec.split(",")]:
-        print(f"note: --trainable {spec}: the new head ({head}) starts from random weights, so it always trains; "
-              f"training {','.join(blocks)}")
-    return ",".join(blocks)
 
 
 def unfreeze_schedule(args: argparse.Namespace, model: nn.Module) -> dict[int, list[str]]:

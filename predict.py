@@ -46,14 +46,16 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from accel import Accel, set_up_accel
+from batch_iterables import HostBatches
 from calibration import DEFAULT_TEMPERATURE
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import find_test_images, report_ignored, same_name
 from engine import predict_probabilities
 from images import DEFAULT_MAX_IMAGE_PIXELS, is_image_content, is_image_name, to_rgb
+from loader_items import ImageFiles, collate_decoded
 from onnx_model import OnnxModel, is_onnx, load_onnx
 from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels
-from pipeline import HostBatches, ImageFiles, checkpoint_batches, choose_data_path, collate_decoded, loader_options
+from pipeline import checkpoint_batches, choose_data_path, loader_options
 from recipe import build_eval_transform, eval_resize_size
 from submission import (
     DEFAULT_OUTPUT,

@@ -72,10 +72,9 @@ from engine import (
     train_one_epoch,
 )
 from images import DEFAULT_MAX_IMAGE_PIXELS, check_images, plain_jpeg_sizes
-from model import DEFAULT_TRAINABLE, input_normalization, make_model, trainable_parameters
+from loader_items import ImageFiles
+from model import DEFAULT_TRAINABLE, input_normalization, make_model, spelled_out_trainable, trainable_parameters
 from options import parse_args as parse_train_args
-from options import spelled_out_trainable
-from pipeline import ImageFiles
 from recipe import build_eval_transform, build_train_transform, train_decode_side
 from utils import cpu_model, resolve_workers
 

@@ -52,6 +52,7 @@ import pipeline
 from accel import Accel, configure_backends, flagged_waits
 from common import IMAGENET_MEAN, IMAGENET_STD
 from model import build_model, freeze_blocks, parse_trainable
+from recipe import train_decode_side
 
 SYNC_EVENT_MARK = "Synchronize"  # cudaStreamSynchronize, cudaDeviceSynchronize, cudaEventSynchronize
 
@@ -329,8 +330,8 @@ def augment(args: argparse.Namespace, device: torch.device, folder: Path) -> Non
     import augment_reference
 
     paths = photo_jpegs(args.batch_size, args.width, args.height, folder)
-    decoder = device_decode.DeviceDecoder(device, pipeline.train_decode_side(args.img_size),
-                                     pipeline.train_decode_side(args.img_size))
+    decoder = device_decode.DeviceDecoder(device, train_decode_side(args.img_size),
+                                     train_decode_side(args.img_size))
     files = loader_items.FileBytes(paths, [0] * len(paths), None, 10**9)
     images = [image for _, image in decoder([files[index] for index in range(len(files))])[0]]
     train = gpu_augment.TrainAugment(args.img_size, IMAGENET_MEAN, IMAGENET_STD).to(device)
