@@ -16,7 +16,6 @@ from torch import nn
 from utils import UserError, cpu_info, pick_device
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torchvision
 import yaml
 from torch import nn
 
-from accel import AMP_CHOICES, DEVICE_CHOICES, Accel
+from accel import AMP_CHOICES, Accel
 from cache import CACHE_CHOICES
 from checkpoint import load_checkpoint
 from common import World, processes_per_node
@@ -42,6 +42,7 @@ from model import (
 )
 from recipe import AUTO_AUGMENT_CHOICES
 from utils import (
+    DEVICE_CHOICES,
     ArgumentParser,
     UserError,
     argument_list,

@@ -155,6 +155,9 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")  # --device
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """Return the device for ``--device``: ``auto`` tries CUDA, then Apple MPS, then the CPU."""
     if name == "auto":
@@ -167,7 +170,7 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device auto or cpu")
     if name == "mps" and not _mps_available():
         raise UserError("--device mps: Apple MPS is not available here; use --device auto or cpu")
-    if name not in ("cuda", "mps", "cpu"):
+    if name not in DEVICE_CHOICES:
         raise UserError(f"--device {name}: expected auto, cuda, mps or cpu")
     return torch.device(name)
 
