@@ -27,8 +27,8 @@ from torch.nn import functional as F
 ECE_BINS = 15
 # Probabilities that underflowed to 0 in float32 are clamped here before the log (as metrics.cross_entropy does).
 _MIN_PROBABILITY = float(torch.finfo(torch.float32).tiny)
-# The fitted temperature is kept within these bounds: when every held-out prediction is right, the likelihood
-# keeps rising as T falls towards 0, and a finite, modest sharpening is all such a split can support.
+# A fit that runs to these bounds found no finite optimum (when every held-out prediction is right, the likelihood
+# keeps rising as T falls towards 0; when every one is wrong, as T grows): such a split supports no temperature.
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 DEFAULT_TEMPERATURE = 1.0
@@ -64,16 +64,24 @@ def apply_temperature(probabilities: np.ndarray | Tensor, temperature: float) ->
 
 
 def fit_temperature(logits: np.ndarray | Tensor, targets: np.ndarray | Tensor) -> float:
-    """The temperature ``T`` that minimizes the mean negative log-likelihood of ``softmax(logits / T)``.
+    """The temperature ``T`` that minimizes the mean negative log-likelihood of ``softmax(logits / T)``, or 1.0
+    where the images support none (no images; a fit that runs to a bound, as when every prediction is right)."""
+    fitted = supported_temperature(logits, targets)
+    return DEFAULT_TEMPERATURE if fitted is None else fitted
+
+
+def supported_temperature(logits: np.ndarray | Tensor, targets: np.ndarray | Tensor) -> float | None:
+    """The NLL-minimizing temperature, or None when there is no finite one inside ``(MIN_TEMPERATURE,
+    MAX_TEMPERATURE)`` (no images, every prediction right or every one wrong, non-finite inputs).
 
     L-BFGS on ``log T`` (so ``T`` stays positive), in float64 on the CPU: the same inputs give the same ``T``.
-    ``logits`` may be log-probabilities (see :func:`log_probabilities`). The result is kept within
-    ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``; no images gives 1.0.
+    ``logits`` may be log-probabilities (see :func:`log_probabilities`).
     """
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-    if len(targets) == 0:
-        return DEFAULT_TEMPERATURE
+    right = (logits.argmax(dim=1) == targets).sum() if len(targets) else 0
+    if right in (0, len(targets)):  # all right (or all wrong): the likelihood keeps rising towards T = 0 (or infinity)
+        return None
     log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=1.0, max_iter=200, tolerance_grad=1e-12,
                                   tolerance_change=1e-14, line_search_fn="strong_wolfe")
@@ -86,9 +94,7 @@ def fit_temperature(logits: np.ndarray | Tensor, targets: np.ndarray | Tensor) -
 
     optimizer.step(closure)
     temperature = float(log_temperature.detach().exp())
-    if not np.isfinite(temperature):
-        return MIN_TEMPERATURE if log_temperature.item() < 0 else MAX_TEMPERATURE
-    return min(max(temperature, MIN_TEMPERATURE), MAX_TEMPERATURE)
+    return temperature if MIN_TEMPERATURE < temperature < MAX_TEMPERATURE else None  # NaN fails too
 
 
 def reliability_bins(probabilities: np.ndarray | Tensor, targets: np.ndarray | Tensor,

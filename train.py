@@ -37,8 +37,8 @@ from calibration import (
     NOISY_ECE_BELOW,
     apply_temperature,
     expected_calibration_error,
-    fit_temperature,
     log_probabilities,
+    supported_temperature,
 )
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, store_temperature
 from common import Batch, DecodeFailure, World
@@ -496,10 +496,14 @@ def calibrate_best(run: Run, checkpoint: dict[str, Any], predictions: Prediction
     path = run.output_dir / "best.pt"
     if not predictions.paths:  # no val image could be decoded: the report says so
         return store_temperature(checkpoint, path, 1.0)
-    temperature = fit_temperature(log_probabilities(predictions.probabilities), predictions.targets)
+    temperature = supported_temperature(log_probabilities(predictions.probabilities), predictions.targets)
+    images = len(predictions.targets)
+    if temperature is None:  # e.g. every val image right: sharpening without end would only look better
+        print(f"note: no temperature fits the {images} val images (every one right, or none): {path} keeps "
+              "temperature 1.0 (uncalibrated)")
+        return store_temperature(checkpoint, path, 1.0)
     before = expected_calibration_error(predictions.probabilities, predictions.targets)
     after = expected_calibration_error(apply_temperature(predictions.probabilities, temperature), predictions.targets)
-    images = len(predictions.targets)
     noisy = f" (noisy on {images} images)" if images < NOISY_ECE_BELOW else ""
     print(f"calibration: temperature {temperature:.3f} fitted on {images} val images and stored in best.pt; expected "
           f"calibration error {before:.2%} -> {after:.2%}{noisy}")

@@ -21,6 +21,7 @@ from calibration import (
     fit_temperature,
     log_probabilities,
     reliability_bins,
+    supported_temperature,
     temperature_of,
 )
 from checkpoint import load_checkpoint, save_checkpoint
@@ -61,11 +62,13 @@ def test_softmax_probabilities_stand_in_for_the_logits() -> None:
 def test_fit_temperature_is_deterministic_and_bounded() -> None:
     logits, targets = true_logits(500) * 2, sampled_targets(true_logits(500))
     assert fit_temperature(logits, targets) == fit_temperature(logits.clone(), targets.clone())
-    # Every prediction right: the likelihood keeps rising as T falls; the fit stays finite and within bounds.
-    right = fit_temperature(torch.eye(3) * 5, torch.arange(3))
-    assert MIN_TEMPERATURE <= right < 1.0
+    # Every prediction right: the likelihood keeps rising as T falls, so no temperature is supported (a fit at the
+    # bound would make every later prediction about 100% confident); likewise every one wrong, or no images.
+    assert supported_temperature(torch.eye(3) * 5, torch.arange(3)) is None
+    assert fit_temperature(torch.eye(3) * 5, torch.arange(3)) == 1.0
     assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)) == 1.0
-    assert fit_temperature(torch.eye(3) * 5, torch.tensor([1, 2, 0])) == MAX_TEMPERATURE  # every one wrong
+    assert fit_temperature(torch.eye(3) * 5, torch.tensor([1, 2, 0])) == 1.0  # every one wrong
+    assert fit_temperature(torch.full((3, 3), float("nan")), torch.arange(3)) == 1.0
 
 
 def test_no_temperature_on_a_fine_grid_has_a_lower_loss() -> None:
@@ -154,9 +157,12 @@ def test_training_stores_a_fitted_temperature_in_best_pt(calibrated_run: tuple[P
     best = load_checkpoint(output / "best.pt")
     assert isinstance(best["temperature"], float) and MIN_TEMPERATURE <= best["temperature"] <= MAX_TEMPERATURE
     assert "temperature" not in load_checkpoint(output / "last.pt")  # the resume state, not the calibrated model
-    [line] = [line for line in stdout.splitlines() if line.startswith("calibration: ")]
-    assert f"temperature {best['temperature']:.3f} fitted on 3 val images" in line
-    assert "expected calibration error" in line and "->" in line and line.endswith("(noisy on 3 images)")
+    [line] = [line for line in stdout.splitlines() if line.startswith(("calibration: ", "note: no temperature fits"))]
+    if line.startswith("note: "):  # the 3 val images all right: no temperature is supported, best.pt keeps 1.0
+        assert best["temperature"] == 1.0 and "fits the 3 val images (every one right, or none)" in line
+    else:
+        assert f"temperature {best['temperature']:.3f} fitted on 3 val images" in line
+        assert "expected calibration error" in line and "->" in line and line.endswith("(noisy on 3 images)")
     summary = json.loads((output / "report" / "metrics.json").read_text())
     assert summary["temperature"] == best["temperature"]
     assert (output / "report" / "reliability.png").is_file()
