@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import gpu_augment
 from accel import Accel
-from batch_producer import PREFETCH_BATCHES, produced
+from batch_producer import PREFETCH_BATCHES, SideStream, produced
 from cache import DecodedImages
 from common import Batch, DecodeFailure
 from device_decode import DeviceDecoder
@@ -69,7 +69,21 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 # --------------------------------------------------------------------------- the device path
 
 
-class DeviceTrainBatches:
+class ProducedOnOneStream:
+    """For the device path's batch iterables: the producer thread's :class:`SideStream`, made once and used every
+    epoch (a new stream each epoch would leave the caching allocator's freed blocks on the old ones)."""
+
+    accel: Accel
+    _side: SideStream | None = None
+
+    def side_stream(self) -> SideStream:
+        """The producer's stream for this iterable."""
+        if self._side is None:
+            self._side = SideStream(self.accel.device)
+        return self._side
+
+
+class DeviceTrainBatches(ProducedOnOneStream):
     """The device path's training batches: decoded on the device (or read from ``cache``) and augmented there, by
     a producer thread ``prefetch`` batches ahead of the model's step (0: in the caller's thread, for debugging).
 
@@ -97,7 +111,7 @@ class DeviceTrainBatches:
     def __iter__(self) -> Iterator[Batch]:
         # The loader's iterator is made here, in the caller's thread: its workers start (fork) from it.
         batches = self.augmented(iter(self.loader), self.epoch)
-        return self.warnings.passing(produced(batches, self.accel.device, self.prefetch))
+        return self.warnings.passing(produced(batches, self.accel.device, self.prefetch, self.side_stream()))
 
     def augmented(self, loaded: Iterator[EncodedBatch], epoch: int) -> Iterator[Batch]:
         """The epoch's batches, decoded (or taken from the cache) and augmented."""
@@ -114,7 +128,7 @@ class DeviceTrainBatches:
             yield Batch(self.accel.images_to_device(self.augment(images, generator)), targets, positions, failed)
 
 
-class DeviceEvalBatches:
+class DeviceEvalBatches(ProducedOnOneStream):
     """The device path's evaluation batches, in order: decoded on the device, resized and centre-cropped there
     by a producer thread ``prefetch`` batches ahead (0: in the caller's thread); the crops kept in ``cache``
     (validation, across epochs) when given. ``warn``: say each image left out on the console, once per run."""
@@ -131,7 +145,7 @@ class DeviceEvalBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self.normalized(iter(self.loader))
-        return self.warnings.passing(produced(batches, self.accel.device, self.prefetch))
+        return self.warnings.passing(produced(batches, self.accel.device, self.prefetch, self.side_stream()))
 
     def normalized(self, loaded: Iterator[EncodedBatch]) -> Iterator[Batch]:
         """The batches, decoded and cropped (or taken from the cache), and normalized."""

@@ -108,7 +108,7 @@ class BatchProducer:
         while not self.stopping.is_set():
             try:
                 self.queue.put(item, timeout=POLL_S)
-                return True
+                return not self.stopping.is_set()  # a stop that made room for this put: make no further batch
             except queue.Full:
                 continue
         return False
@@ -142,12 +142,14 @@ class BatchProducer:
         self.thread.join()
 
 
-def produced(batches: Iterator[Batch], device: torch.device, depth: int) -> Iterator[Batch]:
-    """``batches``, made by a :class:`BatchProducer` ``depth`` batches ahead (0: made here, as they are taken)."""
+def produced(batches: Iterator[Batch], device: torch.device, depth: int,
+             side: SideStream | None = None) -> Iterator[Batch]:
+    """``batches``, made by a :class:`BatchProducer` ``depth`` batches ahead (0: made here, as they are taken), on
+    ``side`` (pass the same one every epoch: the caching allocator reuses a block only on the stream it came from)."""
     if depth <= 0:
         yield from batches
         return
-    producer = BatchProducer(batches, device, depth)
+    producer = BatchProducer(batches, device, depth, side)
     try:
         yield from producer
     finally:

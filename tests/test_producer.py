@@ -242,3 +242,32 @@ def test_off_cuda_the_producer_uses_no_stream(monkeypatch) -> None:
     fake_cuda(monkeypatch, log)
     assert len(list(batch_producer.produced(iter(SlowBatches(3)), torch.device("cpu"), depth=2))) == 3
     assert log == []
+
+
+def test_a_stop_makes_no_batch_after_the_one_in_hand() -> None:
+    """Stopping empties the queue; the thread's pending put then succeeds, and it must not go on to make another."""
+    slow = SlowBatches(100, seconds=0.02)
+    batches = batch_producer.produced(iter(slow), torch.device("cpu"), depth=2)
+    next(batches)
+    time.sleep(0.3)  # the queue is full and the thread waits to put its next batch
+    made_before_stop = slow.made
+    batches.close()
+    assert producer_threads() == [] and slow.made == made_before_stop
+
+
+def test_every_epoch_of_a_device_iterable_uses_one_producer_stream(monkeypatch, training_files) -> None:
+    """The caching allocator reuses a freed block only on the stream that allocated it: one stream, every epoch."""
+    made: list = []
+    original = batch_producer.SideStream.__init__
+
+    def counting(self, device):
+        made.append(device)
+        original(self, device)
+
+    monkeypatch.setattr(batch_producer.SideStream, "__init__", counting)
+    paths, labels = training_files
+    batches = pipeline.train_batches(paths, labels, IMG, 4, 0, 0, CPU, on_device=True)
+    for epoch in (1, 2, 3):
+        batches.set_epoch(epoch)
+        list(batches)
+    assert len(made) == 1
