@@ -23,7 +23,7 @@ from images import (
     is_image_content,
     is_image_name,
 )
-from utils import UserError, some_names
+from utils import UserError, printable, some_names
 
 # --------------------------------------------------------------------------- finding files
 
@@ -184,7 +184,7 @@ def report_ignored(label: str, paths: Sequence[Path], limit: int = 20) -> None:
     """Print once which files of ``label`` were ignored as not being images."""
     if not paths:
         return
-    shown = ", ".join(str(path) for path in paths[:limit])
+    shown = ", ".join(printable(str(path)) for path in paths[:limit])  # a name may not be UTF-8
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     print(f"note: ignored {len(paths)} non-image entr{'y' if len(paths) == 1 else 'ies'} in {label}: {shown}{more}")
 

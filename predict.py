@@ -66,7 +66,6 @@ from submission import (
     low_confidence,
     note_unmatched_label_rows,
     output_targets,
-    printable,
     read_labels,
     refuse_unreadable_images,
     report_low_confidence,
@@ -80,6 +79,7 @@ from utils import (
     argument_list,
     describe_device,
     exit_on_user_error,
+    printable,
     resolve_workers,
     some_names,
 )

@@ -27,7 +27,7 @@ import torch
 
 import metrics
 from images import find_unreadable
-from utils import UserError, atomic_write_bytes, csv_text, first_line, refuse_files_in_the_way, some_names
+from utils import UserError, atomic_write_bytes, csv_text, first_line, printable, refuse_files_in_the_way, some_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -228,11 +228,6 @@ def report_score(names: Sequence[str], predicted: Sequence[str], true_labels: Se
 def undecodable(name: str) -> bool:
     """True for a name holding bytes that are not UTF-8: Python keeps each as a surrogate escape (U+DC80..U+DCFF)."""
     return any("\udc80" <= char <= "\udcff" for char in name)
-
-
-def printable(name: str) -> str:
-    """``name`` safe to print on any console: bytes that are not UTF-8 shown as ``\\xe9``."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def csv_bytes(text: str) -> bytes:

@@ -460,3 +460,8 @@ def format_count(number: int) -> str:
         if number >= size:
             return f"{number / size:.1f}{unit}"
     return str(number)
+
+
+def printable(name: str) -> str:
+    """``name`` safe to print on any console: bytes that are not UTF-8 shown as ``\\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -22,6 +22,7 @@ import torch
 from test_evaluate import make_tiny_checkpoint
 from test_resume import EPOCH_LINE, TrainingProcess
 
+import dataset
 import evaluate
 import train
 import utils
@@ -349,3 +350,14 @@ def test_workers_auto_counts_the_cores_this_process_may_use(monkeypatch: pytest.
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
 
     assert utils.resolve_workers("auto") == 3
+
+
+def test_a_non_image_file_whose_name_is_not_utf8_is_listed_without_a_crash(capsys: pytest.CaptureFixture,
+                                                                            tmp_path: Path) -> None:
+    """A strict UTF-8 console cannot print ``notes\\xe9.txt`` as it is: the note shows the byte as \\xe9."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/notes\xe9.txt"))
+    dataset.report_ignored("data/test", [odd])
+
+    out = capsys.readouterr().out
+    out.encode("utf-8")  # strict: no lone surrogate left to crash a console
+    assert "notes\\xe9.txt" in out
