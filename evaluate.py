@@ -25,11 +25,16 @@ from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from common import Sample
 from dataset import load_train_val, report_ignored, require_not_nested, scan_labeled_split, unknown_class_folders
 from engine import predict_samples
-from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels, parse_fold
+from options import (
+    add_inference_options,
+    add_max_image_pixels_option,
+    check_max_image_pixels,
+    parse_fold,
+    script_parser,
+)
 from pipeline import checkpoint_batches
 from report import write_evaluation_report
 from utils import (
-    ArgumentParser,
     UserError,
     argument_list,
     describe_device,
@@ -45,12 +50,11 @@ MAX_NAMES_IN_ERROR = 10
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The evaluation options."""
-    parser = ArgumentParser(
-        prog="evaluate.py",
-        description="Evaluate a checkpoint on a labeled ImageFolder split and write metrics, tables, figures "
-                    "and report.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        add_help=add_help,
+    parser = script_parser(
+        "evaluate.py",
+        "Evaluate a checkpoint on a labeled ImageFolder split and write metrics, tables, figures and "
+        "report.md.",
+        add_help,
     )
     parser.add_argument("--checkpoint", default="checkpoints/best.pt", help="a best.pt or last.pt written by "
                         "train.py, or a run's output folder (its best.pt)")

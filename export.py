@@ -46,9 +46,10 @@ from accel import Accel
 from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
 from dataset import list_images
 from onnx_model import ONNX_INPUT, ONNX_OUTPUT, OnnxModel, is_onnx, load_onnx, model_metadata, require_module
+from options import script_parser
 from pipeline import checkpoint_batches
 from submission import check_output_paths
-from utils import ArgumentParser, UserError, argument_list, exit_on_user_error, first_line
+from utils import UserError, argument_list, exit_on_user_error, first_line
 
 DEFAULT_TOLERANCE = 1e-3  # the largest logit difference allowed, relative to max(1, largest |logit|); see above
 DEFAULT_MAX_IMAGES = 64
@@ -57,12 +58,11 @@ TORCHSCRIPT_OPSET = 17  # the older exporter's opset (torch 2.4); the dynamo exp
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The export options."""
-    parser = ArgumentParser(
-        prog="export.py",
-        description="Write an ONNX model of a checkpoint (dynamic batch, metadata for predict.py) and check it "
-                    "against PyTorch on real images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        add_help=add_help,
+    parser = script_parser(
+        "export.py",
+        "Write an ONNX model of a checkpoint (dynamic batch, metadata for predict.py) and check it "
+        "against PyTorch on real images.",
+        add_help,
     )
     parser.add_argument("--checkpoint", default="checkpoints/best.pt", help="a best.pt or last.pt written by "
                         "train.py, or a run's output folder (its best.pt)")

@@ -564,6 +564,13 @@ def resolve_resume_path(resume: str, output_dir: str) -> Path | None:
     return path
 
 
+def script_parser(prog: str, description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    """The parser predict.py, evaluate.py and export.py start from: their name and job, every default in --help, and
+    utils.ArgumentParser's one-line refusals (a notebook's ``--help`` returns)."""
+    return ArgumentParser(prog=prog, description=description, add_help=add_help,
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def add_device_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--device`` and ``--amp``, shared by train.py, predict.py and evaluate.py."""
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,

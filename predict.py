@@ -54,7 +54,7 @@ from engine import predict_probabilities
 from images import DEFAULT_MAX_IMAGE_PIXELS, is_image_content, is_image_name, to_rgb
 from loader_items import ImageFiles, collate_decoded
 from onnx_model import OnnxModel, is_onnx, load_onnx
-from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels
+from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels, script_parser
 from pipeline import checkpoint_batches, choose_data_path, loader_options
 from recipe import build_eval_transform, eval_resize_size
 from submission import (
@@ -73,16 +73,7 @@ from submission import (
     resolve_topk,
     write_outputs,
 )
-from utils import (
-    ArgumentParser,
-    UserError,
-    argument_list,
-    describe_device,
-    exit_on_user_error,
-    printable,
-    resolve_workers,
-    some_names,
-)
+from utils import UserError, argument_list, describe_device, exit_on_user_error, printable, resolve_workers, some_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -96,12 +87,11 @@ GLOB_CHARACTERS = "*?["
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The prediction options."""
-    parser = ArgumentParser(
-        prog="predict.py",
-        description="Write prediction.csv (image_name,pred_label) for every image in the test folder, or print the "
-                    "top labels of a few image files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        add_help=add_help,
+    parser = script_parser(
+        "predict.py",
+        "Write prediction.csv (image_name,pred_label) for every image in the test folder, or print the "
+        "top labels of a few image files.",
+        add_help,
     )
     parser.add_argument("files", nargs="*", metavar="FILE",
                         help="image files or globs (photo.jpg 'shots/*.png') to predict instead of --test-dir: prints "

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import urllib.error
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -377,3 +377,12 @@ def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """Processes a test starts (test_resume.TrainingProcess and the like); any still running at its end are killed."""
+    started: list[Any] = []
+    yield started
+    for process in started:
+        process.kill()

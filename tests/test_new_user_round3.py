@@ -163,15 +163,6 @@ def test_a_full_disk_says_how_much_room_the_write_needs(tmp_path: Path, monkeypa
 # --------------------------------------------------------------------------- 5, 15: a second Ctrl-C, SIGTERM
 
 
-@pytest.fixture
-def processes():
-    """Training processes started by a test; any still running at its end are killed."""
-    started: list[TrainingProcess] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
 def test_a_second_ctrl_c_during_a_checkpoint_write_quits_in_one_line_and_keeps_last_pt(
         small_data: ColourData, tmp_path: Path, processes: list[TrainingProcess]) -> None:
     output = tmp_path / "out"

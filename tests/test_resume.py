@@ -413,15 +413,6 @@ class TrainingProcess:
             self.wait(30)
 
 
-@pytest.fixture
-def processes():
-    """Processes started by a test; any still running at its end are killed."""
-    started: list[TrainingProcess] = []
-    yield started
-    for process in started:
-        process.kill()
-
-
 EPOCH_LINE = r"^epoch +\d+/\d+ "
 
 
