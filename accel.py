@@ -106,9 +106,26 @@ def _bf16_supported(device: torch.device) -> bool:
 def set_up_accel(device_name: str, amp: str, channels_last: bool = True) -> Accel:
     """The device for ``--device``, its precision for ``--amp``, and that device's backends configured."""
     device = pick_device(device_name)
-    accel = Accel(device, resolve_amp(amp, device), channels_last)
-    configure_backends(device)
+    return configured(Accel(device, resolve_amp(amp, device), channels_last))
+
+
+def configured(accel: Accel) -> Accel:
+    """``accel``, with its device's backends configured (TF32 on CUDA, cuDNN's autotuner); returned."""
+    configure_backends(accel.device)
     return accel
+
+
+def choose_data_path(request: str, device: torch.device) -> str:
+    """Which path decodes and augments (``gpu`` or ``cpu``), for train.py, predict.py and evaluate.py alike:
+    ``auto`` decodes and augments on the GPU when training on CUDA, else on the CPU in the
+    loader workers. ``gpu`` on another device runs that path there (batched in the main process: slower than the
+    workers on a CPU, but the same code as on a GPU), with a note."""
+    if request == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    if request == "gpu" and device.type != "cuda":
+        print(f"note: --augment-device gpu on a {device.type} run: images are decoded and augmented batched on the "
+              f"{device.type} by the GPU path's code (slower than --augment-device cpu here)")
+    return request
 
 
 def make_grad_scaler(accel: Accel) -> torch.amp.GradScaler | None:

@@ -3,7 +3,7 @@
 A network's softmax is usually over-confident. Temperature scaling divides every logit by one scalar ``T > 0``,
 fitted on held-out predictions to minimize their negative log-likelihood; the predicted class never changes, only
 how sure the probabilities are. train.py fits it on the validation split at the end of a run and stores it in
-best.pt as ``checkpoint["temperature"]``; readers divide the logits by ``temperature_of(checkpoint)`` (1.0 for
+best.pt as ``checkpoint.temperature``; readers divide the logits by ``checkpoint.logit_temperature`` (1.0 for
 checkpoints written before) before the softmax.
 
 The expected calibration error (ECE) puts the images in ``bins`` equal-width bins of confidence (the top
@@ -17,7 +17,7 @@ which the softmax cancels at any temperature (``softmax(log p / T) == softmax(z 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,11 +45,6 @@ class ReliabilityBins(NamedTuple):
     counts: np.ndarray
     accuracy: np.ndarray
     confidence: np.ndarray
-
-
-def temperature_of(checkpoint: dict[str, Any]) -> float:
-    """The temperature to divide a checkpoint's logits by: its ``temperature`` key, 1.0 for older checkpoints."""
-    return float(checkpoint.get("temperature", DEFAULT_TEMPERATURE))
 
 
 def log_probabilities(probabilities: np.ndarray | Tensor) -> Tensor:

@@ -17,13 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 import metrics
 from accel import Accel
-from common import SINGLE_PROCESS, Batch, DecodeFailure, Mixed, World
-from distributed import GlobalCrossEntropy
+from common import Batch, DecodeFailure, Mixed
 from utils import progress_bar
 
 CUDA_READBACK_BATCHES = 25  # how often a CUDA run reads its running sums back (a few times a second)
@@ -379,18 +377,6 @@ def predict_probabilities(
     return probabilities, dict(sorted(failed.items()))
 
 
-def learning_rate(base_lr: float, epoch: int, epochs: int, warmup_epochs: int = 0) -> float:
-    """The learning rate of an epoch: a linear warmup over ``warmup_epochs`` (epoch k gets ``base_lr * k / (W+1)``),
-    then cosine annealing from ``base_lr`` towards 0 over the remaining epochs, as CosineAnnealingLR.
-
-    A closed form of the epoch rather than a stateful scheduler, so a resumed run, or one whose --epochs was
-    extended, gets exactly the rate a run started with those epochs would have had.
-    """
-    if epoch <= warmup_epochs:
-        return base_lr * epoch / (warmup_epochs + 1)
-    return base_lr * (1 + math.cos(math.pi * (epoch - warmup_epochs - 1) / (epochs - warmup_epochs))) / 2
-
-
 def optimizer_steps(batches: int, accum_steps: int) -> int:
     """Optimizer steps in an epoch of ``batches`` batches, ``accum_steps`` to a step (a last partial window steps)."""
     return math.ceil(batches / accum_steps)
@@ -417,15 +403,16 @@ def empty_input(img_size: int, accel: Accel) -> torch.Tensor:
     return accel.images_to_device(torch.empty(0, 3, img_size, img_size))
 
 
-def make_ema(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> WeightAverage | None:
+def make_ema(model: nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None,
+             updates: int = 0) -> WeightAverage | None:
     """The exponential moving average of ``model``'s weights and buffers (None when ``decay`` is 0), restored from
-    a resumed run's last.pt."""
+    a resumed run's ``saved`` average after its ``updates``."""
     if not decay:
         return None
     ema = WeightAverage(model, decay)
-    if resume is not None and "ema_model" in resume:
-        ema.module.load_state_dict(resume["ema_model"])
-        ema.updates = int(resume["training_state"].get("ema_updates", 0))
+    if saved is not None:
+        ema.module.load_state_dict(saved)
+        ema.updates = updates
     return ema
 
 
@@ -474,21 +461,3 @@ def predict_samples(model: nn.Module, batches: Iterable[Any], samples: Sequence[
         probabilities=probabilities.numpy()[keep],
         failed=[(paths[position], reasons[position]) for position in sorted(reasons)],
     )
-
-
-def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """scikit-learn's 'balanced' weights, ``n_samples / (n_classes * count)``, for class indices
-    ``0..num_classes-1``; a class with no samples gets 0."""
-    labels = np.asarray(labels)
-    present = np.unique(labels)
-    weights = np.zeros(num_classes)
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-def cross_entropy(weights: torch.Tensor | None, label_smoothing: float, world: World = SINGLE_PROCESS) -> nn.Module:
-    """Cross-entropy with label smoothing and class ``weights`` (None: unweighted); under torchrun the weighted mean
-    over every process's images, not a mean of each one's mean."""
-    if world.distributed:
-        return GlobalCrossEntropy(world, weights, label_smoothing)
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=label_smoothing)

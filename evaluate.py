@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from accel import set_up_accel
+from accel import choose_data_path, set_up_accel
 from calibration import DEFAULT_TEMPERATURE
-from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
+from checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from common import Sample
 from dataset import load_train_val, report_ignored, require_not_nested, scan_labeled_split, unknown_class_folders
 from engine import predict_samples
@@ -32,7 +32,7 @@ from options import (
     parse_fold,
     script_parser,
 )
-from pipeline import checkpoint_batches
+from pipeline import inference_batches
 from report import write_evaluation_report
 from utils import (
     UserError,
@@ -101,15 +101,14 @@ def scan_split(split_dir: Path, class_names: Sequence[str], flag: str) -> list[S
     return samples
 
 
-def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) -> tuple[list[Sample], str]:
+def held_out_split(data_dir: Path, checkpoint: Checkpoint, max_pixels: int) -> tuple[list[Sample], str]:
     """The part of ``data_dir/train`` that training held out as val: the checkpoint's list of those images (older
     checkpoints: the split rebuilt from the run's --val-fraction and --seed)."""
-    config = checkpoint["config"]
-    held_out = checkpoint.get("held_out_val_files")
+    config, held_out = checkpoint.config, checkpoint.held_out_val_files
     if config.get("train_on_all"):
         raise UserError(f"--data-dir {data_dir}: this run trained on all of train/ (--train-on-all), so no part of it "
                         "is held out to evaluate; pass --split-dir with images it has not seen")
-    if held_out is None and "held_out_val_files" in checkpoint:  # the run validated on a val/ folder
+    if held_out is None and checkpoint.split_recorded:  # the run validated on a val/ folder
         raise UserError(f"--data-dir {data_dir}: no val/ folder, but this checkpoint's run validated on a val/ folder, "
                         "not on a share of train/; pass the --data-dir it trained on, or --split-dir DIR")
     if held_out is None:
@@ -120,7 +119,7 @@ def held_out_split(data_dir: Path, checkpoint: dict[str, Any], max_pixels: int) 
               f"and --seed, which matches training only if {data_dir / 'train'} has not changed since")
     data = load_train_val(data_dir, config.get("val_fraction", 0.1), config.get("seed", 0), max_pixels=max_pixels,
                           held_out=held_out, fold=parse_fold(config["fold"]) if config.get("fold") else None)
-    if data.class_names != list(checkpoint["class_names"]):
+    if data.class_names != checkpoint.class_names:
         raise UserError(f"--data-dir {data_dir}: the class folders of train/ differ from the checkpoint's, so the "
                         "held-out split cannot be rebuilt; pass --split-dir")
     return data.val_samples, data.val_source
@@ -139,9 +138,9 @@ def warn_if_trained_on(config: dict[str, Any], folder: Path) -> None:
           "new images")
 
 
-def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple[list[Sample], str]:
+def resolve_split(args: argparse.Namespace, checkpoint: Checkpoint) -> tuple[list[Sample], str]:
     """The samples to evaluate and a description of where they come from."""
-    class_names, config = checkpoint["class_names"], checkpoint["config"]
+    class_names, config = checkpoint.class_names, checkpoint.config
     if args.split_dir:
         warn_if_trained_on(config, Path(args.split_dir))
         return scan_split(Path(args.split_dir), class_names, "--split-dir"), str(args.split_dir)
@@ -161,9 +160,9 @@ def resolve_split(args: argparse.Namespace, checkpoint: dict[str, Any]) -> tuple
                     "another labeled folder")
 
 
-def note_missing_temperature(checkpoint: dict[str, Any], path: str) -> None:
+def note_missing_temperature(checkpoint: Checkpoint, path: str) -> None:
     """Say so when a checkpoint predates stored temperatures: it is evaluated with T = 1.0."""
-    if "temperature" not in checkpoint:
+    if checkpoint.temperature is None:
         print(f"note: {path} has no temperature (written before train.py stored one); ece_calibrated uses "
               f"T = {DEFAULT_TEMPERATURE}, the same as ece")
 
@@ -195,11 +194,12 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"{source}: no labeled images to evaluate")
     accel = set_up_accel(args.device, args.amp)
     print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}")
-    print(f"checkpoint: {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
-          f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')}); {len(samples)} images from {source}")
+    print(f"checkpoint: {args.checkpoint} ({checkpoint.arch}, {len(checkpoint.class_names)} classes, "
+          f"{checkpoint.eval_size} px, epoch {checkpoint.epoch}); {len(samples)} images from {source}")
     model = accel.prepare_model(model_from_checkpoint(checkpoint))
-    batches = checkpoint_batches([path for path, _ in samples], checkpoint, accel, args.batch_size, args.workers,
-                                 args.max_image_pixels, args.augment_device)
+    on_device = choose_data_path(args.augment_device, accel.device) == "gpu"
+    batches = inference_batches([path for path, _ in samples], *checkpoint.preprocessing, accel, on_device,
+                                args.batch_size, args.workers, args.max_image_pixels)
     predictions = predict_samples(model, batches, samples, accel, show_progress=not args.no_progress)
     return write_evaluation_report(predictions, checkpoint, report_dir, source=source,
                                    history_path=checkpoint_dir / "history.csv", top_confusions=args.top_confusions,

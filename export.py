@@ -43,11 +43,11 @@ import torch
 from torch import nn
 
 from accel import Accel
-from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
+from checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from dataset import list_images
 from onnx_model import ONNX_INPUT, ONNX_OUTPUT, OnnxModel, is_onnx, load_onnx, model_metadata, require_module
 from options import script_parser
-from pipeline import checkpoint_batches
+from pipeline import inference_batches
 from submission import check_output_paths
 from utils import UserError, argument_list, exit_on_user_error, first_line
 
@@ -118,7 +118,7 @@ def output_path(args: argparse.Namespace) -> Path:
 # --------------------------------------------------------------------------- the parity images
 
 
-def parity_images(checkpoint: dict[str, Any], images_dir: str | None, limit: int) -> tuple[list[str], str]:
+def parity_images(checkpoint: Checkpoint, images_dir: str | None, limit: int) -> tuple[list[str], str]:
     """Real images for the parity check, at most ``limit`` (0: all) spread over the sorted list, and where they come
     from: ``--images``, else the checkpoint's validation images."""
     paths, source = folder_images(Path(images_dir)) if images_dir else validation_images(checkpoint)
@@ -137,17 +137,17 @@ def folder_images(folder: Path) -> tuple[list[Path], str]:
     return paths, str(folder)
 
 
-def validation_images(checkpoint: dict[str, Any]) -> tuple[list[Path], str]:
+def validation_images(checkpoint: Checkpoint) -> tuple[list[Path], str]:
     """The validation images of the checkpoint's run: ``DATA_DIR/val``, else the images of ``DATA_DIR/train`` it
     held out (its stored list), with ``DATA_DIR`` from its config."""
-    data_dir = checkpoint["config"].get("data_dir")
+    data_dir = checkpoint.config.get("data_dir")
     if data_dir:
         val_dir = Path(data_dir) / "val"
         paths = list_images(val_dir)[0] if val_dir.is_dir() else []
         if paths:
             return paths, str(val_dir)
         train_dir = Path(data_dir) / "train"
-        held_out = [train_dir / name for name in checkpoint.get("held_out_val_files") or []]
+        held_out = [train_dir / name for name in checkpoint.held_out_val_files or []]
         paths = [path for path in held_out if path.is_file()]
         if paths:
             return paths, f"the validation images held out of {train_dir}"
@@ -232,7 +232,7 @@ def pytorch_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def measure_parity(model: nn.Module, session: Any, paths: Sequence[str], checkpoint: dict[str, Any],
+def measure_parity(model: nn.Module, session: Any, paths: Sequence[str], checkpoint: Checkpoint,
                    batch_size: int) -> Parity:
     """Run PyTorch and the ONNX session on the same batches of ``paths`` (predict.py's CPU path: its decoding and
     eval transform) and compare their logits."""
@@ -240,7 +240,8 @@ def measure_parity(model: nn.Module, session: Any, paths: Sequence[str], checkpo
     onnx_model = OnnxModel(session)
     images = agreeing = 0
     max_difference, largest = 0.0, 0.0
-    for batch in checkpoint_batches(paths, checkpoint, accel, batch_size):
+    batches = inference_batches(paths, *checkpoint.preprocessing, accel, on_device=False, batch_size=batch_size)
+    for batch in batches:
         if batch.images is None:
             continue
         expected, exported = pytorch_logits(model, batch.images), onnx_model(batch.images)
@@ -274,14 +275,14 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     checkpoint = load_checkpoint(args.checkpoint)
     paths, source = parity_images(checkpoint, args.images, args.max_images)
     model = model_from_checkpoint(checkpoint)
-    size = eval_size(checkpoint)
-    print(f"exporting {args.checkpoint} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, {size} px) "
+    size = checkpoint.eval_size
+    print(f"exporting {args.checkpoint} ({checkpoint.arch}, {len(checkpoint.class_names)} classes, {size} px) "
           f"with torch {torch.__version__}'s {exporter} exporter")
     exporting = output.with_name(f"{output.stem}.exporting.onnx")
     try:
         export_onnx(model, size, exporting, exporter)
         write_metadata(onnx, exporting, model_metadata(checkpoint, str(args.checkpoint)))
-        parity = measure_parity(model, load_onnx(str(exporting))["onnx_session"], paths, checkpoint, args.batch_size)
+        parity = measure_parity(model, load_onnx(str(exporting)).session, paths, checkpoint, args.batch_size)
     except BaseException:
         exporting.unlink(missing_ok=True)
         raise
@@ -293,7 +294,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
                         f"the limit {parity.limit(args.tolerance):.2e} (--tolerance {args.tolerance:g}); not written "
                         f"to {output} (kept as {failed} to inspect)")
     os.replace(exporting, output)
-    temperature = checkpoint.get("temperature")
+    temperature = checkpoint.temperature
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB; temperature "
           f"{f'{temperature:.3f}' if temperature is not None else 'none'}): python predict.py --checkpoint {output}")
     return {"output": str(output), "images": parity.images, "max_difference": parity.max_difference,

@@ -3,7 +3,6 @@ head; pretrained weights, freezing by block, parameter counts."""
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import functools
 import importlib
@@ -23,6 +22,7 @@ from torchvision import models
 
 from accel import Accel
 from common import IMAGENET_MEAN, IMAGENET_STD
+from run_config import TrainConfig
 from utils import UserError, first_line, format_count
 
 SUPPORTED_ARCHS = (
@@ -464,18 +464,6 @@ def model_from_config(config: dict[str, Any], num_classes: int) -> nn.Module:
     return model
 
 
-def parameter_groups(model: nn.Module, backbone_lr_mult: float) -> list[nn.Parameter] | list[dict[str, Any]]:
-    """The trainable parameters, in two groups when the backbone learns at another rate than the new head (each
-    group's ``lr_mult`` scales the epoch's learning rate)."""
-    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    if backbone_lr_mult == 1.0:
-        return [parameter for _, parameter in trainable]
-    head = classifier_name(model)
-    groups = [{"params": [p for name, p in trainable if name.startswith(head + ".")], "lr_mult": 1.0},
-              {"params": [p for name, p in trainable if not name.startswith(head + ".")], "lr_mult": backbone_lr_mult}]
-    return [group for group in groups if group["params"]]
-
-
 def describe_model(model: nn.Module, arch: str, weights: str, trainable: str, thawed: Sequence[str] = ()) -> str:
     """'model: resnet18, weights imagenet; training layer4,fc: 8.4M of 11.2M parameters (75.0%)', counted as the
     model is now: blocks ``thawed`` by --unfreeze-at (when resuming past their epoch) included."""
@@ -485,34 +473,27 @@ def describe_model(model: nn.Module, arch: str, weights: str, trainable: str, th
             f"{format_count(learning)} of {format_count(total)} parameters ({learning / total:.1%})")
 
 
-def check_parameter_budget(args: argparse.Namespace, num_classes: int) -> None:
+def check_parameter_budget(config: TrainConfig, num_classes: int) -> None:
     """Refuse a model over ``--max-params``, counted without building or downloading it."""
-    if args.max_params is None:
+    if config.max_params is None:
         return
-    count, limit = parameter_count(args.arch, num_classes), parse_count(args.max_params)
+    count, limit = parameter_count(config.arch, num_classes), parse_count(config.max_params)
     if count > limit:
-        raise UserError(f"--max-params {args.max_params}: --arch {args.arch} has {count:,} parameters with "
+        raise UserError(f"--max-params {config.max_params}: --arch {config.arch} has {count:,} parameters with "
                         f"{num_classes} classes ({format_count(count)}), over the budget; choose a smaller model")
 
 
-def make_model(args: argparse.Namespace, num_classes: int, accel: Accel,
-               resume: dict[str, Any] | None = None) -> nn.Module:
-    """The network with its pretrained trunk (or a resumed checkpoint's weights), frozen blocks fixed, on the device."""
-    weights = "none" if resume is not None else args.weights
-    if weights == "none" and resume is None and args.trainable != "all":
-        print(f"warning: --weights none with --trainable {args.trainable}: the frozen blocks keep their random "
+def make_model(config: TrainConfig, num_classes: int, accel: Accel,
+               resumed_weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The network with its pretrained trunk (or a resumed run's weights), frozen blocks fixed, on the device."""
+    weights = "none" if resumed_weights is not None else config.weights
+    if weights == "none" and resumed_weights is None and config.trainable != "all":
+        print(f"warning: --weights none with --trainable {config.trainable}: the frozen blocks keep their random "
               "initial weights, so only the trained blocks learn; use --weights imagenet (or a weights file), or "
               "--trainable all")
-    check_parameter_budget(args, num_classes)
-    model = build_model(args.arch, num_classes, weights=weights, dropout=args.dropout)
-    freeze_blocks(model, parse_trainable(args.trainable, model))
-    if resume is not None:
-        model.load_state_dict(resume["model"])
+    check_parameter_budget(config, num_classes)
+    model = build_model(config.arch, num_classes, weights=weights, dropout=config.dropout)
+    freeze_blocks(model, parse_trainable(config.trainable, model))
+    if resumed_weights is not None:
+        model.load_state_dict(resumed_weights)
     return accel.prepare_model(model)
-
-
-def thaw(model: nn.Module, optimizer: torch.optim.Optimizer, blocks: list[str], lr_mult: float) -> None:
-    """Let ``blocks`` train from now on: their parameters join the optimizer as a new group at ``lr_mult``."""
-    thawed = thaw_blocks(model, blocks)
-    if thawed:
-        optimizer.add_param_group({"params": thawed, "lr_mult": lr_mult})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from checkpoint import eval_size
+from checkpoint import Checkpoint
 from utils import UserError, first_line
 
 ONNX_FORMAT = "imagefolder-resnet-onnx/1"  # export.py's metadata "format"
@@ -40,18 +41,26 @@ def require_module(name: str, purpose: str) -> ModuleType:
         raise UserError(f"{purpose} needs the {name} package, which is not installed: {ONNX_PIP}") from None
 
 
-def model_metadata(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
+def model_metadata(checkpoint: Checkpoint, source: str) -> dict[str, Any]:
     """The metadata export.py writes into the model of ``checkpoint`` (``source``: its path), which predict.py reads
     back (see the module's docstring)."""
-    return {"format": ONNX_FORMAT, "class_names": list(checkpoint["class_names"]), "img_size": eval_size(checkpoint),
-            "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
-            "temperature": checkpoint.get("temperature"), "arch": checkpoint["arch"],
-            "epoch": checkpoint.get("epoch"), "checkpoint": source}
+    return {"format": ONNX_FORMAT, "class_names": list(checkpoint.class_names), "img_size": checkpoint.eval_size,
+            "mean": list(checkpoint.mean), "std": list(checkpoint.std), "temperature": checkpoint.temperature,
+            "arch": checkpoint.arch, "epoch": checkpoint.epoch, "checkpoint": source}
 
 
-def load_onnx(path: str) -> dict[str, Any]:
-    """An ONNX model written by export.py, as a checkpoint-like dict: its class names, eval size, mean, std and
-    temperature (from the model's metadata) and an onnxruntime session (CPU) under ``onnx_session``."""
+@dataclass(frozen=True)
+class OnnxFile:
+    """An ONNX model export.py wrote: what its checkpoint said (classes, preprocessing, temperature, epoch; no
+    weights, no options) and the onnxruntime session (CPU) that runs it."""
+
+    checkpoint: Checkpoint
+    session: Any
+
+
+def load_onnx(path: str) -> OnnxFile:
+    """An ONNX model written by export.py: its checkpoint's class names, eval size, mean, std and temperature (from
+    the model's metadata) and an onnxruntime session (CPU)."""
     onnxruntime = require_module("onnxruntime", f"--checkpoint {path}")
     if not Path(path).is_file():
         raise UserError(f"--checkpoint {path}: file not found; write it with python export.py --checkpoint best.pt "
@@ -63,10 +72,12 @@ def load_onnx(path: str) -> dict[str, Any]:
                         "with python export.py") from None
     metadata = onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
     size = int(metadata["img_size"])
-    return {"format": ONNX_FORMAT, "onnx_session": session, "arch": f"{metadata.get('arch', '?')} as ONNX",
-            "class_names": list(metadata["class_names"]), "img_size": size, "test_size": size,
-            "mean": [float(value) for value in metadata["mean"]], "std": [float(value) for value in metadata["std"]],
-            "temperature": metadata.get("temperature"), "epoch": metadata.get("epoch", "?"), "config": {}}
+    checkpoint = Checkpoint(model={}, arch=f"{metadata.get('arch', '?')} as ONNX",
+                            class_names=list(metadata["class_names"]), img_size=size, test_size=size,
+                            mean=tuple(float(value) for value in metadata["mean"]),
+                            std=tuple(float(value) for value in metadata["std"]), config={},
+                            epoch=metadata.get("epoch") or 0, temperature=metadata.get("temperature"))
+    return OnnxFile(checkpoint, session)
 
 
 def onnx_metadata(properties: dict[str, str], path: str) -> dict[str, Any]:

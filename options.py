@@ -13,6 +13,7 @@ import platform
 import re
 import shlex
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ import torchvision
 import yaml
 from torch import nn
 
-from accel import AMP_CHOICES, Accel
+from accel import AMP_CHOICES, Accel, choose_data_path, resolve_amp
 from cache import CACHE_CHOICES
-from checkpoint import load_checkpoint
+from checkpoint import Checkpoint, load_checkpoint
 from common import World, processes_per_node
 from distributed import launch_command
 from images import DEFAULT_MAX_IMAGE_PIXELS
@@ -41,6 +42,7 @@ from model import (
     spelled_out_trainable,
 )
 from recipe import AUTO_AUGMENT_CHOICES
+from run_config import Chosen, TrainConfig
 from utils import (
     DEVICE_CHOICES,
     ArgumentParser,
@@ -262,17 +264,13 @@ SAME_RUN_MAY_DIFFER = frozenset({"workers", "no_progress", "verify_images", "ten
                                  "output_dir", "max_params"})
 
 
-# Options that are about this invocation only, never saved.
-INVOCATION_OPTIONS = ("config", "resume", "epochs_this_run", "overwrite", "val_fraction_given")
-
-
-def parse_args(argv: str | Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags; a ``--config`` file sets the defaults first, so the command line wins."""
+def parse_args(argv: str | Sequence[str] | None = None) -> TrainConfig:
+    """The run's configuration from flags; a ``--config`` file sets the defaults first, so the command line wins."""
     return parse_args_and_resume(argv)[0]
 
 
-def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any] | None]:
-    """The effective options and, with ``--resume``, the checkpoint to continue from.
+def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[TrainConfig, Checkpoint | None]:
+    """The run's configuration and, with ``--resume``, the checkpoint to continue from.
 
     A resumed run takes its options from the checkpoint; flags may change only :data:`RESUMABLE_OPTIONS`.
     """
@@ -288,25 +286,46 @@ def parse_args_and_resume(argv: str | Sequence[str] | None = None) -> tuple[argp
     if resume_path is None:
         args = parser.parse_args(argv)
         args.val_fraction_given = "val_fraction" in from_file or "val_fraction" in given_options(argv)
-        check_args(args)
-        resolve_args(args)
-        return args, None
+        return build_config(args), None
     checkpoint = load_checkpoint(resume_path, flag="--resume", file_in_folder="last.pt")
-    if "training_state" not in checkpoint:
+    if checkpoint.training_state is None:
         raise UserError(f"--resume {resume_path}: holds no training state (best.pt is for prediction); use last.pt")
-    saved = dict(checkpoint["config"])
+    saved = dict(checkpoint.config)
     # A --config file (the same cell re-run in Colab, say) counts like flags: it must agree with the checkpoint.
     parser.set_defaults(**{**saved, "output_dir": str(resume_path.parent), **from_file})
     args = parser.parse_args(argv)
     args.val_fraction_given = False  # the resumed run keeps the split it had
-    check_args(args)
-    resolve_args(args)
-    changed = differing_options(vars(args), saved, ignore=RESUMABLE_OPTIONS)
+    config = build_config(args)
+    changed = differing_options(config.saved_options(), saved, ignore=RESUMABLE_OPTIONS)
     if changed:
         raise UserError(f"--resume: {flag_names(changed)} {'differs' if len(changed) == 1 else 'differ'} from the "
                         "checkpoint's; only --epochs, --patience, --workers, --device, --amp, --data-dir, --output-dir "
                         "and such may change when resuming")
-    return args, checkpoint
+    return config, checkpoint
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Check the parsed options and decide every ``auto`` once (device, precision, workers, each split's data path,
+    the blocks that train and when): the run's frozen configuration."""
+    check_args(args)
+    skeleton = model_skeleton(args.arch)  # checked already: an unknown --arch or a missing timm is refused there
+    device = pick_device(args.device)
+    thaw_schedule = unfreeze_schedule(args.unfreeze_at, args.trainable, args.epochs, skeleton)
+    amp_dtype = resolve_amp(args.amp, device)
+    train_path, eval_path = choose_data_paths(args.augment_device, args.auto_augment, device)
+    spelled_out = {
+        "cache": ("auto" if args.cache else "none") if isinstance(args.cache, bool) else args.cache,  # an old run's
+        "workers": resolve_workers(args.workers),  # switch --cache, and a YAML number for --max-params, as text
+        "max_params": None if args.max_params is None else str(args.max_params),
+        "trainable": spelled_out_trainable(args.trainable, skeleton),
+    }
+    values = {**vars(args), **spelled_out}
+    chosen = Chosen(device, amp_dtype, train_path, eval_path,
+                    tuple((epoch, tuple(blocks)) for epoch, blocks in thaw_schedule.items()))
+    return TrainConfig(**{name: values[name] for name in CONFIG_FIELDS}, chosen=chosen)
+
+
+CONFIG_FIELDS = tuple(field.name for field in fields(TrainConfig) if field.name != "chosen")
 
 
 def given_options(argv: Sequence[str]) -> set[str]:
@@ -419,6 +438,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--epochs-this-run {args.epochs_this_run}: must be at least 1")
     if args.patience < 0:
         raise UserError(f"--patience {args.patience}: must be 0 (never stop early) or more")
+    check_run_options(args)
+    check_model_options(args)
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """Refuse an --output-dir, --max-image-pixels, --sync-bn or --fold that cannot work."""
     check_output_dir(args.output_dir)
     check_max_image_pixels(args.max_image_pixels)
     if args.sync_bn and pick_device(args.device).type != "cuda":
@@ -429,7 +454,12 @@ def check_args(args: argparse.Namespace) -> None:
         if args.train_on_all:
             raise UserError(f"--fold {args.fold} with --train-on-all: a fold validates, --train-on-all does not; "
                             "pick one")
-    skeleton = model_skeleton(args.arch)  # an unknown --arch, or timm missing, is refused here: nothing downloaded
+
+
+def check_model_options(args: argparse.Namespace) -> None:
+    """Refuse an --arch, input size, --max-params, --unfreeze-at or batch size the model cannot take, from the
+    model's skeleton: nothing is downloaded."""
+    skeleton = model_skeleton(args.arch)  # an unknown --arch, or timm missing, is refused here
     fixed = fixed_input_size(args.arch)
     for flag, size in (("--img-size", args.img_size), ("--test-size", args.test_size)):
         if fixed is not None and size is not None and size != fixed:
@@ -437,22 +467,24 @@ def check_args(args: argparse.Namespace) -> None:
                             f"the input size); use {flag} {fixed}")
     if args.max_params is not None:
         parse_count(str(args.max_params))
-    thawing = [block for blocks in unfreeze_schedule(args, skeleton).values() for block in blocks]
+    schedule = unfreeze_schedule(args.unfreeze_at, args.trainable, args.epochs, skeleton)
+    thawing = [block for blocks in schedule.values() for block in blocks]
     trained = parse_trainable(args.trainable, skeleton) + thawing
     if args.batch_size < 2 and has_trainable_batchnorm(trained, skeleton):
         raise UserError(f"--batch-size {args.batch_size}: the trained blocks ({','.join(trained)}) hold BatchNorm "
                         "layers, which need at least 2 images a batch; use --batch-size 2 or more")
 
 
-def resolve_args(args: argparse.Namespace) -> None:
-    """Spell derived values out: --workers auto as a count, --trainable as the blocks that train (with a note when
-    the head was left out), --max-params as text (a YAML file may give a number), an old run's --cache switch."""
-    if isinstance(args.cache, bool):  # a run started when --cache was a switch
-        args.cache = "auto" if args.cache else "none"
-    args.workers = resolve_workers(args.workers)
-    if args.max_params is not None:
-        args.max_params = str(args.max_params)
-    args.trainable = spelled_out_trainable(args.trainable, model_skeleton(args.arch))
+def choose_data_paths(augment_device: str, auto_augment: str, device: torch.device) -> tuple[str, str]:
+    """Where training images and validation images are decoded and transformed (``gpu`` or ``cpu`` each):
+    ``--augment-device`` for both, except that an ``--auto-augment`` policy runs in the loader workers (torchvision's
+    transforms), so training images then take the CPU path."""
+    eval_path = choose_data_path(augment_device, device)
+    if eval_path == "gpu" and auto_augment != "none":
+        print(f"note: --auto-augment {auto_augment} runs in the loader workers: training images take the CPU path "
+              "(PIL), validation stays on the device")
+        return "cpu", eval_path
+    return eval_path, eval_path
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -466,30 +498,25 @@ def check_output_dir(output_dir: str) -> None:
     refuse_unwritable_folder("--output-dir", Path(output_dir), "pass an --output-dir you can write to")
 
 
-def unfreeze_schedule(args: argparse.Namespace, model: nn.Module) -> dict[int, list[str]]:
+def unfreeze_schedule(unfreeze_at: str | None, trainable: str, epochs: int, model: nn.Module) -> dict[int, list[str]]:
     """``--unfreeze-at`` as {epoch: blocks that start training then}; refused when an epoch is outside 2..--epochs
     or a named block already trains."""
-    if not args.unfreeze_at:
+    if not unfreeze_at:
         return {}
-    schedule, trained = {}, parse_trainable(args.trainable, model)
-    for epoch, named in parse_unfreeze_at(args.unfreeze_at, model).items():
-        if not 2 <= epoch <= args.epochs:
-            raise UserError(f"--unfreeze-at {args.unfreeze_at}: epoch {epoch} is not in 2..{args.epochs} (--epochs); "
+    schedule, trained = {}, parse_trainable(trainable, model)
+    for epoch, named in parse_unfreeze_at(unfreeze_at, model).items():
+        if not 2 <= epoch <= epochs:
+            raise UserError(f"--unfreeze-at {unfreeze_at}: epoch {epoch} is not in 2..{epochs} (--epochs); "
                             "blocks that train from epoch 1 belong in --trainable")
         already = [block for block in named if block in trained]
         if already:
-            raise UserError(f"--unfreeze-at {args.unfreeze_at}: {already[0]} already trains by then (--trainable "
-                            f"{args.trainable}, or an earlier epoch); name only frozen blocks")
+            raise UserError(f"--unfreeze-at {unfreeze_at}: {already[0]} already trains by then (--trainable "
+                            f"{trainable}, or an earlier epoch); name only frozen blocks")
         thawing = [block for block in block_names(model) if block not in trained and ("all" in named or block in named)]
         if thawing:
             schedule[epoch] = thawing
             trained += thawing
     return schedule
-
-
-def config_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The effective configuration as plain values (what is printed, saved and stored in checkpoints)."""
-    return {key: value for key, value in sorted(vars(args).items()) if key not in INVOCATION_OPTIONS}
 
 
 def describe_config(config: dict[str, Any], output_dir: Path) -> str:
@@ -513,13 +540,13 @@ def flag_text(key: str, value: Any) -> str:
     return f"{flag} {shlex.quote(str(value))}"
 
 
-def runtime_record(args: argparse.Namespace, accel: Accel, world: World, augment_device: str) -> dict[str, Any]:
+def runtime_record(config: TrainConfig, accel: Accel, world: World) -> dict[str, Any]:
     """What the run's options resolved to on this machine ("auto" included), the process count, and the software
     versions."""
     return {"device": describe_device(accel.device), "device_type": accel.device.type, "processes": world.world_size,
             "processes_per_node": processes_per_node() if world.distributed else 1,
-            "precision": accel.precision_name, "workers": args.workers,
-            "augment_device": augment_device,
+            "precision": accel.precision_name, "workers": config.workers,
+            "augment_device": config.chosen.eval_path, "train_data_path": config.chosen.train_path,
             "channels_last": accel.channels_last, "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "python": platform.python_version()}
 
@@ -534,7 +561,7 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
     launcher = launch_command(processes, runtime.get("processes_per_node", processes))
     header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, "
               f"{runtime['workers']} loader workers, "
-              f"augmentation on the {runtime['augment_device']}"
+              + data_paths_text(runtime)
               + (f", {processes} processes (torchrun)" if processes > 1 else "") + ";\n"
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "
               "Options given as auto are written as what\n"
@@ -544,6 +571,14 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
 
 
 CONFIG_HEADER_START = "# Ran on "
+
+
+def data_paths_text(runtime: dict[str, Any]) -> str:
+    """Where the run decoded and augmented its images, for config.yaml's header."""
+    train = runtime.get("train_data_path", runtime["augment_device"])
+    if train == runtime["augment_device"]:
+        return f"augmentation on the {train}"
+    return f"training images on the {train} (--auto-augment), validation on the {runtime['augment_device']}"
 
 
 def resolve_resume_path(resume: str, output_dir: str) -> Path | None:

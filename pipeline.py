@@ -1,8 +1,8 @@
 """Files to model-ready batches on the device, for each split: the entry point of the data path.
 
-:func:`load_data` (train.py) and :func:`checkpoint_batches` (predict.py, evaluate.py) build, through
+:func:`load_data` (train.py) and :func:`inference_batches` (predict.py, evaluate.py) build, through
 :func:`train_batches` and :func:`eval_batches`, iterables of :class:`Batch` es whose images are on the device,
-normalized, in the model's memory format. Two paths lead there (``--augment-device``, :func:`choose_data_path`):
+normalized, in the model's memory format. Two paths lead there (``--augment-device``, ``accel.choose_data_path``):
 
 ``cpu``
     DataLoader workers decode each image with PIL (``images.decode_rgb``: EXIF orientation, transparency on
@@ -30,7 +30,6 @@ batches ahead).
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,13 +42,13 @@ import gpu_augment
 from accel import Accel
 from batch_iterables import DeviceEvalBatches, DeviceTrainBatches, HostBatches
 from cache import CacheChoice, DecodedImages, cache_bytes, choose_cache, gpu_free_bytes
-from checkpoint import eval_size
 from common import IMAGENET_MEAN, IMAGENET_STD, SINGLE_PROCESS, World, processes_per_node
 from dataset import TrainValData
 from device_decode import DeviceDecoder
 from images import DEFAULT_MAX_IMAGE_PIXELS, plain_jpeg_sizes
 from loader_items import FileBytes, ImageFiles, SkipCached, collate_decoded, collate_encoded
 from recipe import build_eval_transform, build_train_transform, eval_resize_size, train_decode_side
+from run_config import TrainConfig
 from samplers import balanced_sample_weights, epoch_batches, shard_range, sharded_epoch_batches
 from utils import available_ram_bytes
 
@@ -75,84 +74,67 @@ class Loaders:
     cache: CacheChoice
 
 
-def choose_data_path(request: str, device: torch.device) -> str:
-    """Which path decodes and augments (``gpu`` or ``cpu``), for train.py, predict.py and evaluate.py alike:
-    ``auto`` decodes and augments on the GPU when training on CUDA, else on the CPU in the
-    loader workers. ``gpu`` on another device runs that path there (batched in the main process: slower than the
-    workers on a CPU, but the same code as on a GPU), with a note."""
-    if request == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
-    if request == "gpu" and device.type != "cuda":
-        print(f"note: --augment-device gpu on a {device.type} run: images are decoded and augmented batched on the "
-              f"{device.type} by the GPU path's code (slower than --augment-device cpu here)")
-    return request
-
-
-def load_data(data: TrainValData, args: argparse.Namespace, accel: Accel, mean: Sequence[float], std: Sequence[float],
-              world: World = SINGLE_PROCESS, data_path: str | None = None) -> Loaders:
-    """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses).
+def load_data(data: TrainValData, config: TrainConfig, accel: Accel, mean: Sequence[float], std: Sequence[float],
+              world: World = SINGLE_PROCESS) -> Loaders:
+    """Training batches (shuffled, augmented) and validation batches (the eval transform predict.py uses), each on
+    the path the configuration chose for its split (``config.chosen.train_path``, ``eval_path``).
 
     On the CPU path the loader workers decode and augment each image with PIL; on the GPU path they read the
     files' bytes, and decoding and augmentation run on the device (see pipeline.py). Under torchrun each process
-    gets its share of every step's batch and its contiguous part of the validation images. ``data_path``: the path
-    ``choose_data_path`` chose already (train.py chooses once), else chosen here from ``--augment-device``.
+    gets its share of every step's batch and its contiguous part of the validation images.
     """
-    on_device = (data_path or choose_data_path(args.augment_device, accel.device)) == "gpu"
-    if on_device and args.auto_augment != "none":
-        print(f"note: --auto-augment {args.auto_augment} runs in the loader workers: training images take the CPU "
-              "path (PIL), validation stays on the device")
-    train_bytes = cached_bytes(args, data.train_samples, data, training=True)
-    choice = resolve_cache(args, data, accel, on_device, train_bytes)
-    recipe = TrainRecipe(args.auto_augment, args.random_erase, args.sampler == "balanced", mean, std)
+    train_on_device, eval_on_device = config.chosen.train_path == "gpu", config.chosen.eval_path == "gpu"
+    train_bytes = cached_bytes(config, data.train_samples, data, training=True)
+    choice = resolve_cache(config, data, accel, eval_on_device, train_bytes)
+    recipe = TrainRecipe(config.auto_augment, config.random_erase, config.sampler == "balanced", mean, std)
     place = {"gpu": accel.device, "ram": torch.device("cpu")}.get(choice.place)
     train_paths, train_labels = [path for path, _ in data.train_samples], [label for _, label in data.train_samples]
     own_val = [data.val_samples[index] for index in shard_range(len(data.val_samples), world)]
     val_paths, val_labels = [path for path, _ in own_val], [label for _, label in own_val]
-    train_on_device = on_device and args.auto_augment == "none"
     train_cache = val_cache = None
     if place is not None:
-        val_cache = DecodedImages(len(val_paths), place, capacity=cached_bytes(args, own_val, data, training=False))
+        val_cache = DecodedImages(len(val_paths), place, capacity=cached_bytes(config, own_val, data, training=False))
         if train_on_device:
             train_cache = DecodedImages(len(train_paths), place, capacity=train_bytes)
     plain_jpegs = plain_jpeg_sizes(data.sizes)
-    train = train_batches(train_paths, train_labels, args.img_size, args.batch_size, args.workers, args.seed, accel,
-                          train_on_device, train_cache, args.max_image_pixels, recipe, world, plain_jpegs)
+    train = train_batches(train_paths, train_labels, config.img_size, config.batch_size, config.workers, config.seed,
+                          accel, train_on_device, train_cache, config.max_image_pixels, recipe, world, plain_jpegs)
     val = None if not val_paths else eval_batches(
-        val_paths, val_labels, args.test_size or args.img_size, mean, std, args.batch_size,
-        args.workers, accel, on_device, val_cache, args.max_image_pixels, warn=True, plain_jpegs=plain_jpegs)
+        val_paths, val_labels, config.eval_size, mean, std, config.batch_size, config.workers, accel, eval_on_device,
+        val_cache, config.max_image_pixels, warn=True, plain_jpegs=plain_jpegs)
     return Loaders(train, val, choice)
 
 
-def resolve_cache(args: argparse.Namespace, data: TrainValData, accel: Accel, on_device: bool,
+def resolve_cache(config: TrainConfig, data: TrainValData, accel: Accel, on_device: bool,
                   train_bytes: int) -> CacheChoice:
     """Where ``--cache`` keeps the decoded training images (``train_bytes``) and validation crops, said in one
-    line. Processes on one node (torchrun) share its host memory."""
-    needed = train_bytes + cached_bytes(args, data.val_samples, data, training=False)
-    choice = choose_cache(args.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device,
+    line: decided here, once, as it depends on the images' sizes. Processes on one node (torchrun) share its host
+    memory."""
+    needed = train_bytes + cached_bytes(config, data.val_samples, data, training=False)
+    choice = choose_cache(config.cache, needed, gpu_free_bytes(accel.device), available_ram_bytes(), on_device,
                           processes_on_node=processes_per_node())
-    if on_device or args.cache != "auto":
+    if on_device or config.cache != "auto":
         print(f"cache: {choice.place} ({choice.reason})")
     return choice
 
 
-def cached_bytes(args: argparse.Namespace, samples: Sequence[tuple[str, int]], data: TrainValData,
+def cached_bytes(config: TrainConfig, samples: Sequence[tuple[str, int]], data: TrainValData,
                  training: bool) -> int:
     """Bytes the cache needs for ``samples``: decoded training images (sizes from the headers), or eval crops."""
     if training:
         sizes = [data.sizes.get(path, (0, 0)) for path, _ in samples]
-        return cache_bytes(sizes, train_decode_side(args.img_size))
-    return len(samples) * 3 * (args.test_size or args.img_size) ** 2
+        return cache_bytes(sizes, train_decode_side(config.img_size))
+    return len(samples) * 3 * config.eval_size ** 2
 
 
-def checkpoint_batches(paths: Sequence[str], checkpoint: dict[str, Any], accel: Accel, batch_size: int = 128,
-                       workers: int = 0, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                       data_path: str = "auto") -> HostBatches | DeviceEvalBatches:
-    """Unlabeled batches of ``paths`` through ``checkpoint``'s eval recipe (its size, mean and std), on the path
-    ``data_path`` names (``auto``, ``cpu`` or ``gpu``, as :func:`choose_data_path` takes it; train.py passes the path
-    its validation ran on): what predict.py and evaluate.py feed a trained model."""
-    on_device = (data_path if data_path in ("cpu", "gpu") else choose_data_path(data_path, accel.device)) == "gpu"
-    return eval_batches(list(paths), None, eval_size(checkpoint), checkpoint["mean"], checkpoint["std"], batch_size,
-                        workers, accel, on_device, max_pixels=max_pixels)
+def inference_batches(paths: Sequence[str], size: int, mean: Sequence[float], std: Sequence[float],  # noqa: PLR0913
+                      accel: Accel, on_device: bool, batch_size: int = 128, workers: int = 0,
+                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> HostBatches | DeviceEvalBatches:
+    """Unlabeled batches of ``paths`` through a trained model's eval recipe (resize to ``size``*256/224, centre
+    crop ``size``, normalize by ``mean`` and ``std``), on the device path when ``on_device``: what predict.py,
+    evaluate.py and train.py's final report feed a trained model."""
+    return eval_batches(list(paths), None, size, mean, std, batch_size, workers, accel, on_device,
+                        max_pixels=max_pixels)
 
 
 def train_batches(paths: Sequence[str], labels: Sequence[int], img_size: int, batch_size: int, workers: int,  # noqa: PLR0913

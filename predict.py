@@ -45,17 +45,17 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from accel import Accel, set_up_accel
+from accel import Accel, choose_data_path, set_up_accel
 from batch_iterables import HostBatches
 from calibration import DEFAULT_TEMPERATURE
-from checkpoint import eval_size, load_checkpoint, model_from_checkpoint
+from checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from dataset import find_test_images, report_ignored, same_name
 from engine import predict_probabilities
 from images import DEFAULT_MAX_IMAGE_PIXELS, is_image_content, is_image_name, to_rgb
 from loader_items import ImageFiles, collate_decoded
-from onnx_model import OnnxModel, is_onnx, load_onnx
+from onnx_model import OnnxFile, OnnxModel, is_onnx, load_onnx
 from options import add_inference_options, add_max_image_pixels_option, check_max_image_pixels, script_parser
-from pipeline import checkpoint_batches, choose_data_path, loader_options
+from pipeline import inference_batches, loader_options
 from recipe import build_eval_transform, eval_resize_size
 from submission import (
     DEFAULT_OUTPUT,
@@ -276,37 +276,37 @@ class Ensemble:
     """The models of ``--checkpoint`` on their device, each with its checkpoint (classes, preprocessing) and its
     softmax temperature."""
 
-    checkpoints: list[dict[str, Any]]
+    checkpoints: list[Checkpoint]
     models: list[nn.Module]
     temperatures: list[float]
     accel: Accel
-    data_path: str = "auto"  # --augment-device: where files are decoded and cropped
+    data_path: str = "cpu"  # where files are decoded and cropped: "cpu" or "gpu", as --augment-device chose
 
     @property
     def class_names(self) -> list[str]:
         """The class list the models share."""
-        return list(self.checkpoints[0]["class_names"])
+        return list(self.checkpoints[0].class_names)
 
 
 def load_ensemble(paths: Sequence[str | Path], device: str, amp: str, data_path: str = "auto") -> Ensemble:
     """Read every ``--checkpoint`` (PyTorch or ONNX, not both), and put the models on the device ``--device`` and
     ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32); ``data_path``: ``--augment-device``."""
     paths = [str(path) for path in paths]
-    checkpoints = load_checkpoints(paths)
+    loaded = load_checkpoints(paths)
+    checkpoints = [item.checkpoint if isinstance(item, OnnxFile) else item for item in loaded]
     temperatures = [checked_temperature(checkpoint, path) for path, checkpoint in zip(paths, checkpoints, strict=True)]
-    if "onnx_session" in checkpoints[0]:
+    if isinstance(loaded[0], OnnxFile):
         if device not in ("auto", "cpu") or amp not in ("auto", "off"):
             print(f"note: --device {device} --amp {amp} do not apply to an ONNX model: onnxruntime runs it on the "
                   "CPU in fp32")
         accel = Accel(torch.device("cpu"), None, channels_last=False)
-        return Ensemble(checkpoints, [OnnxModel(checkpoint["onnx_session"]) for checkpoint in checkpoints],
-                        temperatures, accel)
+        return Ensemble(checkpoints, [OnnxModel(item.session) for item in loaded], temperatures, accel, "cpu")
     accel = set_up_accel(device, amp)
     models = [accel.prepare_model(model_from_checkpoint(checkpoint)) for checkpoint in checkpoints]
     return Ensemble(checkpoints, models, temperatures, accel, choose_data_path(data_path, accel.device))
 
 
-def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
+def load_checkpoints(paths: Sequence[str]) -> list[Checkpoint] | list[OnnxFile]:
     """Read every ``--checkpoint`` (train.py's ``.pt`` or export.py's ``.onnx``, one kind); they must share one
     class list (same names, same order)."""
     onnx = [path for path in paths if is_onnx(path)]
@@ -315,22 +315,24 @@ def load_checkpoints(paths: Sequence[str]) -> list[dict[str, Any]]:
         raise UserError(f"--checkpoint {onnx[0]} and {other}: an ensemble of ONNX and PyTorch models is not supported "
                         f"(they run on different devices); pass only .pt files, or export {other} with python "
                         "export.py and pass only .onnx files")
-    checkpoints = [load_onnx(path) if is_onnx(path) else load_checkpoint(path) for path in paths]
+    loaded = [load_onnx(path) if is_onnx(path) else load_checkpoint(path) for path in paths]
+    checkpoints = [item.checkpoint if isinstance(item, OnnxFile) else item for item in loaded]
+    first = checkpoints[0].class_names
     for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
-        if checkpoint["class_names"] != checkpoints[0]["class_names"]:
+        if checkpoint.class_names != first:
             raise UserError(f"--checkpoint {paths[0]} and {path} have different class lists "
-                            f"({class_list_difference(checkpoints[0]['class_names'], checkpoint['class_names'])}); "
+                            f"({class_list_difference(first, checkpoint.class_names)}); "
                             "an ensemble needs models trained on the same classes")
     for path, checkpoint in zip(paths, checkpoints, strict=True):
-        print(f"checkpoint: {path} ({checkpoint['arch']}, {len(checkpoint['class_names'])} classes, "
-              f"{eval_size(checkpoint)} px, epoch {checkpoint.get('epoch', '?')})")
-    return checkpoints
+        print(f"checkpoint: {path} ({checkpoint.arch}, {len(checkpoint.class_names)} classes, "
+              f"{checkpoint.eval_size} px, epoch {checkpoint.epoch})")
+    return loaded
 
 
-def checked_temperature(checkpoint: dict[str, Any], path: str) -> float:
+def checked_temperature(checkpoint: Checkpoint, path: str) -> float:
     """The temperature dividing the model's logits before the softmax (fitted on validation at the end of training);
     1.0, with a note, for a checkpoint without one; a damaged value is refused."""
-    temperature = checkpoint.get("temperature")
+    temperature = checkpoint.temperature
     if temperature is None:
         print(f"note: no temperature in {path} (train.py stores one in best.pt when a run ends; last.pt, the best.pt "
               "of an unfinished run and older checkpoints have none): probabilities uncalibrated, "
@@ -357,11 +359,11 @@ def class_list_difference(first: Sequence[str], second: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-def preprocessing_groups(checkpoints: Sequence[dict[str, Any]]) -> list[list[int]]:
+def preprocessing_groups(checkpoints: Sequence[Checkpoint]) -> list[list[int]]:
     """Indices of the checkpoints grouped by input size and normalization: each group shares one decoding pass."""
     groups: dict[tuple, list[int]] = {}
     for index, checkpoint in enumerate(checkpoints):
-        key = (eval_size(checkpoint), tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+        key = checkpoint.preprocessing
         groups.setdefault(key, []).append(index)
     return list(groups.values())
 
@@ -391,16 +393,16 @@ def ensemble_probabilities(
     return total / len(ensemble.checkpoints), dict(sorted(failed.items()))
 
 
-def item_batches(items: Sequence[str | Path | Image.Image], checkpoint: dict[str, Any], accel: Accel,
-                 batch_size: int, workers: int, max_pixels: int, data_path: str = "auto") -> Any:
-    """Batches of ``items`` through ``checkpoint``'s eval recipe: files on the path ``pipeline.checkpoint_batches``
-    picks for the device (as predict.py's folder), or, when PIL images are among them, all on the CPU path (the GPU
-    path decodes files' bytes, which an image in memory no longer has)."""
+def item_batches(items: Sequence[str | Path | Image.Image], checkpoint: Checkpoint, accel: Accel,
+                 batch_size: int, workers: int, max_pixels: int, data_path: str = "cpu") -> Any:
+    """Batches of ``items`` through ``checkpoint``'s eval recipe: files on the ``data_path`` (``cpu`` or ``gpu``,
+    as ``accel.choose_data_path`` chose), or, when PIL images are among them, all on the CPU path (the GPU path
+    decodes files' bytes, which an image in memory no longer has)."""
     if all(isinstance(item, (str, Path)) for item in items):
-        return checkpoint_batches([str(item) for item in items], checkpoint, accel, batch_size, workers, max_pixels,
-                                  data_path)
-    size = eval_size(checkpoint)
-    pictures = PicturesAndFiles(items, build_eval_transform(size, checkpoint["mean"], checkpoint["std"]),
+        return inference_batches([str(item) for item in items], *checkpoint.preprocessing, accel, data_path == "gpu",
+                                 batch_size, workers, max_pixels)
+    size = checkpoint.eval_size
+    pictures = PicturesAndFiles(items, build_eval_transform(size, checkpoint.mean, checkpoint.std),
                                 eval_resize_size(size), max_pixels)
     sampler = BatchSampler(SequentialSampler(range(len(items))), batch_size, drop_last=False)
     loader = DataLoader(pictures, batch_sampler=sampler, collate_fn=collate_decoded,
@@ -445,7 +447,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def describe_run(ensemble: Ensemble, tta: str) -> str:
     """The line saying where and how the models run."""
-    runtime = " (onnxruntime)" if "onnx_session" in ensemble.checkpoints[0] else ""
+    runtime = " (onnxruntime)" if isinstance(ensemble.models[0], OnnxModel) else ""
     models = f"; ensemble of {len(ensemble.models)} models" if len(ensemble.models) > 1 else ""
     return (f"device: {describe_device(ensemble.accel.device)}, precision {ensemble.accel.precision_name}{runtime}; "
             f"test-time views: {tta}{models}")

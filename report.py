@@ -2,7 +2,8 @@
 
 One implementation, used by ``evaluate.py`` and by ``train.py`` at the end of training (for ``best.pt``):
 
-    predictions = engine.predict_samples(model, pipeline.checkpoint_batches(paths, checkpoint, accel), samples, accel)
+    batches = pipeline.inference_batches(paths, *checkpoint.preprocessing, accel, on_device=False)
+    predictions = engine.predict_samples(model, batches, samples, accel)
     write_evaluation_report(predictions, checkpoint, report_dir, source="data/val", history_path=...)
 
 writes into ``report_dir``:
@@ -39,6 +40,7 @@ import image_grids
 import metrics
 import plots
 import report_html
+from checkpoint import Checkpoint
 from common import REPORT_FILES
 from engine import Predictions
 from history_csv import read_history
@@ -59,7 +61,7 @@ TOP_CONFUSIONS_SHOWN = 10
 
 def write_evaluation_report(
     predictions: Predictions,
-    checkpoint: dict[str, Any],
+    checkpoint: Checkpoint,
     report_dir: str | Path,
     *,
     source: str = "",
@@ -76,9 +78,9 @@ def write_evaluation_report(
     say_undecodable(predictions, source)
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    class_names = [str(name) for name in checkpoint["class_names"]]
+    class_names = [str(name) for name in checkpoint.class_names]
     confusion = metrics.confusion_matrix(predictions.targets, predictions.predicted, len(class_names))
-    temperature = calibration.temperature_of(checkpoint)
+    temperature = checkpoint.logit_temperature
     summary = {**metrics_summary(predictions, confusion, class_names, source),
                **calibration.calibration_metrics(predictions.probabilities, predictions.targets, temperature)}
     if summary["classes_without_images"]:
@@ -255,7 +257,7 @@ def report_markdown(  # noqa: PLR0913
     confusion: np.ndarray,
     class_names: Sequence[str],
     pairs: Sequence[tuple[int, int, int, float]],
-    checkpoint: dict[str, Any],
+    checkpoint: Checkpoint,
     history: list[dict[str, float]],
     curve: str | None,
     grouped: bool,
@@ -270,23 +272,23 @@ def report_markdown(  # noqa: PLR0913
         _class_section(confusion, class_names),
         _mistakes_section(mistakes_shown),
         _calibration_section(summary, checkpoint),
-        _config_section(checkpoint.get("config", {}), checkpoint.get("runtime", {})),
+        _config_section(checkpoint.config, checkpoint.runtime),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
-def _test_size_note(checkpoint: dict[str, Any]) -> str:
-    test_size = checkpoint.get("test_size")
-    return f" (evaluated at {test_size} px)" if test_size and test_size != checkpoint.get("img_size") else ""
+def _test_size_note(checkpoint: Checkpoint) -> str:
+    test_size = checkpoint.test_size
+    return f" (evaluated at {test_size} px)" if test_size != checkpoint.img_size else ""
 
 
-def _header_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list[str]:
+def _header_section(summary: dict[str, Any], checkpoint: Checkpoint) -> list[str]:
     lines = [
         "# Evaluation report",
         "",
-        f"Checkpoint: {checkpoint.get('arch', '?')}, {summary['classes']} classes, "
-        f"{checkpoint.get('img_size', '?')} px{_test_size_note(checkpoint)}, "
-        f"saved at epoch {checkpoint.get('epoch', '?')}. Evaluated on {summary['split'] or 'a labeled split'}: "
+        f"Checkpoint: {checkpoint.arch}, {summary['classes']} classes, "
+        f"{checkpoint.img_size} px{_test_size_note(checkpoint)}, "
+        f"saved at epoch {checkpoint.epoch}. Evaluated on {summary['split'] or 'a labeled split'}: "
         f"{summary['images']} images.",
     ]
     if summary["undecodable"]:
@@ -316,12 +318,12 @@ def _averaging_convention(summary: dict[str, Any]) -> str:
     return f"{averaged}; class(es) {', '.join(absent)} have none and are left out." if absent else f"{averaged}."
 
 
-def _training_section(history: list[dict[str, float]], checkpoint: dict[str, Any], curve: str | None) -> list[str]:
+def _training_section(history: list[dict[str, float]], checkpoint: Checkpoint, curve: str | None) -> list[str]:
     if not history or not all("val_acc" in row and "epoch" in row for row in history):
         return ["## Training", "", "No `history.csv` beside the checkpoint."]
     best = max(history, key=lambda row: row["val_acc"])  # the first of equal maxima, as train.py keeps it
     final = history[-1]
-    configured = checkpoint.get("config", {}).get("epochs")
+    configured = checkpoint.config.get("epochs")
     of = f" of {configured} configured" if configured else ""
     return ["## Training", "",
             f"Best epoch {int(best['epoch'])} (val accuracy {best['val_acc']:.2%}); final epoch {int(final['epoch'])}"
@@ -371,8 +373,8 @@ def _mistakes_section(mistakes_shown: int) -> list[str]:
             "![most confident mistakes](misclassified.png)"]
 
 
-def _calibration_section(summary: dict[str, Any], checkpoint: dict[str, Any]) -> list[str]:
-    if "temperature" not in checkpoint:
+def _calibration_section(summary: dict[str, Any], checkpoint: Checkpoint) -> list[str]:
+    if checkpoint.temperature is None:
         fitted = "The checkpoint has no temperature (written before calibration was stored), so it is 1."
     elif summary["temperature"] == calibration.DEFAULT_TEMPERATURE:
         fitted = "The checkpoint's temperature is 1: its run had no validation split to fit one on."

@@ -31,6 +31,7 @@ import numpy as np
 
 import class_order
 import metrics
+from checkpoint import Checkpoint
 from engine import Predictions
 from images import DECODE_ERRORS, decode_error_reason, load_rgb
 
@@ -216,19 +217,19 @@ def _checkpoint_text(checkpoint_path: str | Path | None, history_path: str | Pat
     return "(not named)"
 
 
-def provenance(summary: dict[str, Any], checkpoint: dict[str, Any], checkpoint_path: str | Path | None,
+def provenance(summary: dict[str, Any], checkpoint: Checkpoint, checkpoint_path: str | Path | None,
                history_path: str | Path | None) -> list[tuple[str, str]]:
     """Where the predictions came from, as (label, text) lines."""
-    size = f"{checkpoint.get('img_size', '?')} px"
-    if checkpoint.get("test_size") and checkpoint.get("test_size") != checkpoint.get("img_size"):
-        size += f", evaluated at {checkpoint['test_size']} px"
-    config = checkpoint.get("config", {})
+    size = f"{checkpoint.img_size} px"
+    if checkpoint.test_size != checkpoint.img_size:
+        size += f", evaluated at {checkpoint.test_size} px"
+    config = checkpoint.config
     recipe = ", ".join(f"{key} {config[key]}" for key in RECIPE_KEYS if config.get(key) not in (None, ""))
-    runtime = checkpoint.get("runtime", {})
+    runtime = checkpoint.runtime
     lines = [
         ("checkpoint", _checkpoint_text(checkpoint_path, history_path)),
-        ("model", f"{checkpoint.get('arch', '?')}, {summary['classes']} classes, {size}, saved at epoch "
-                  f"{checkpoint.get('epoch', '?')}"),
+        ("model", f"{checkpoint.arch}, {summary['classes']} classes, {size}, saved at epoch "
+                  f"{checkpoint.epoch}"),
         ("split", f"{summary['split'] or 'a labeled split'}: {summary['images']:,} images"
                   + (f", {len(summary['undecodable'])} undecodable left out" if summary["undecodable"] else "")),
         ("recipe", recipe or "(not recorded)"),
@@ -279,7 +280,7 @@ def report_html(
     predictions: Predictions,
     confusion: np.ndarray,
     summary: dict[str, Any],
-    checkpoint: dict[str, Any],
+    checkpoint: Checkpoint,
     report_dir: Path,
     *,
     checkpoint_path: str | Path | None = None,
@@ -287,10 +288,10 @@ def report_html(
     history: Sequence[dict[str, float]] = (),
 ) -> str:
     """The text of ``report.html`` for the predictions and ``summary`` (``metrics.json``'s contents)."""
-    class_names = [str(name) for name in checkpoint["class_names"]]
+    class_names = [str(name) for name in checkpoint.class_names]
     data = page_data(predictions, confusion, class_names)
     embedded = sum(uri is not None for uri in data["thumbs"])
-    config, runtime = checkpoint.get("config", {}), checkpoint.get("runtime", {})
+    config, runtime = checkpoint.config, checkpoint.runtime
     return render_report_html({
         "csp": CONTENT_SECURITY_POLICY,
         "title": f"Evaluation report: {summary['split'] or 'labeled split'}",

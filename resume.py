@@ -33,28 +33,38 @@ class Progress:
         return self.epoch - self.best_epoch
 
 
-def training_state(progress: Progress, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainingState:
+    """What last.pt holds beyond the weights for an exact resume, as tensors and plain values."""
+
+    progress: dict[str, Any]  # Progress as plain values
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+    ema_updates: int = 0  # --ema: the moving average's update count
+
+    def run_progress(self) -> Progress:
+        """Where the run stood: its :class:`Progress`."""
+        progress = Progress(**self.progress)
+        if "best_score" not in self.progress:  # a run from before --monitor followed its val accuracy
+            progress.best_score = progress.best_val_acc
+        return progress
+
+
+def training_state(progress: Progress, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   ema_updates: int = 0) -> TrainingState:
     """Everything beyond the weights that an exact resume needs, as tensors and plain values."""
-    return {
-        "progress": asdict(progress),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": capture_rng_state(),
-    }
+    return TrainingState(asdict(progress), optimizer.state_dict(), scaler.state_dict() if scaler is not None else None,
+                         capture_rng_state(), ema_updates)
 
 
-def restore_training_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
-                           scaler: torch.amp.GradScaler | None) -> Progress:
-    """Load optimizer, scaler and RNG states; returns the run's progress."""
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"])
-    progress = Progress(**state["progress"])
-    if "best_score" not in state["progress"]:  # a run from before --monitor followed its val accuracy
-        progress.best_score = progress.best_val_acc
-    return progress
+def restore_training_state(state: TrainingState, optimizer: torch.optim.Optimizer,
+                           scaler: torch.amp.GradScaler | None) -> None:
+    """Load the optimizer, scaler and RNG states into ``optimizer``, ``scaler`` and this process."""
+    optimizer.load_state_dict(state.optimizer)
+    if scaler is not None and state.scaler:
+        scaler.load_state_dict(state.scaler)
+    restore_rng_state(state.rng)
 
 
 class StopRequest:

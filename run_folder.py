@@ -4,49 +4,48 @@ hints)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from checkpoint import load_checkpoint
+from checkpoint import Checkpoint, load_checkpoint
 from common import REPORT_FILES, SINGLE_PROCESS, World, processes_per_node
 from dataset import class_folders, has_images
 from distributed import launch_command
-from engine import learning_rate
+from lr_schedule import learning_rate
 from options import (
     CONFIG_HEADER_START,
     RESUMABLE_OPTIONS,
     SAME_RUN_MAY_DIFFER,
-    config_of,
     differing_options,
     flag_names,
     resolve_resume_path,
 )
 from resume import Progress
+from run_config import TrainConfig
 from tb_logger import TensorBoardLogger, summary_writer_class
 from utils import UserError, atomic_write_bytes, atomic_write_text, command_hint, some_names
 
 
-def prepare_output_dir(args: argparse.Namespace, resume: dict[str, Any] | None, skipped: Sequence[tuple[str, str]],
+def prepare_output_dir(config: TrainConfig, resume: dict[str, Any] | None, skipped: Sequence[tuple[str, str]],
                        config_text: str) -> TensorBoardLogger | None:
     """Clear a fresh run's folder (only now: every check has passed), write config.yaml and the skip list; the
     TensorBoard logger when asked."""
-    output_dir = Path(args.output_dir)
-    if args.tensorboard:
+    output_dir = Path(config.output_dir)
+    if config.tensorboard:
         summary_writer_class()  # a missing package is refused before anything in the folder changes
-    if resume is None or (args.overwrite and args.resume not in (None, "auto")):
+    if resume is None or (config.overwrite and config.resume not in (None, "auto")):
         refuse_foreign_config(output_dir)
-        clear_run_outputs(output_dir, args.config)
+        clear_run_outputs(output_dir, config.config)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if args.resume not in (None, "auto"):
-        carry_over_best_checkpoint(resolve_resume_path(args.resume, args.output_dir), output_dir)
+    if config.resume not in (None, "auto"):
+        carry_over_best_checkpoint(resolve_resume_path(config.resume, config.output_dir), output_dir)
     atomic_write_text(output_dir / "config.yaml", config_text)
     if skipped:
         write_skipped(skipped, output_dir)
-    return TensorBoardLogger(output_dir / "tensorboard") if args.tensorboard else None
+    return TensorBoardLogger(output_dir / "tensorboard") if config.tensorboard else None
 
 
 def write_skipped(skipped: Sequence[tuple[str, str]], output_dir: Path) -> None:
@@ -90,14 +89,14 @@ RUN_OUTPUTS = (*RUN_FILES, "loss_curve.png", "accuracy_curve.png", "confusion_ma
                "train_batch.png")
 
 
-def run_to_continue(args: argparse.Namespace) -> dict[str, Any] | None:
+def run_to_continue(config: TrainConfig) -> dict[str, Any] | None:
     """The last.pt of the run in --output-dir when this command is that run's own (a re-run cell, a re-submitted
     job); None when there is no run there, or --overwrite. Any other run there is refused, never replaced."""
-    output_dir = Path(args.output_dir)
-    if args.overwrite or not holds_a_run(output_dir):
+    output_dir = Path(config.output_dir)
+    if config.overwrite or not holds_a_run(output_dir):
         return None
     checkpoint = run_checkpoint(output_dir)
-    changed = differing_options(config_of(args), checkpoint["config"], ignore=SAME_RUN_MAY_DIFFER)
+    changed = differing_options(config.saved_options(), checkpoint.config, ignore=SAME_RUN_MAY_DIFFER)
     if changed:
         resumable = all(key in RESUMABLE_OPTIONS for key in changed)
         choices = "continue it with --resume auto, start over" if resumable else "start over"
@@ -122,23 +121,23 @@ def run_checkpoint(output_dir: Path) -> dict[str, Any]:
         checkpoint = load_checkpoint(output_dir / "last.pt", flag="--output-dir")
     except UserError as error:
         raise UserError(f"{str(error).split('; ')[0]} (the last.pt of the run there); {choices}") from None
-    if "training_state" not in checkpoint:
+    if checkpoint.training_state is None:
         raise UserError(f"--output-dir {output_dir}: its last.pt holds no training state; {choices}")
     return checkpoint
 
 
-def refuse_resume_into_other_run(args: argparse.Namespace) -> None:
+def refuse_resume_into_other_run(config: TrainConfig) -> None:
     """``--resume`` of a run into an --output-dir that holds a different run would mix the two: refused, unless
     ``--overwrite`` replaces that run; ``--overwrite`` of the very run being resumed is a contradiction."""
-    source = resolve_resume_path(args.resume, args.output_dir) if args.resume not in (None, "auto") else None
-    output_dir = Path(args.output_dir)
-    same_folder = args.resume == "auto" or (source is not None and source.parent.resolve() == output_dir.resolve())
-    if args.overwrite and args.resume and same_folder:
+    source = resolve_resume_path(config.resume, config.output_dir) if config.resume not in (None, "auto") else None
+    output_dir = Path(config.output_dir)
+    same_folder = config.resume == "auto" or (source is not None and source.parent.resolve() == output_dir.resolve())
+    if config.overwrite and config.resume and same_folder:
         raise UserError("--overwrite with --resume of the run in --output-dir: --resume continues that run, "
                         "--overwrite replaces it; pass one of them")
     if source is None or source.parent.resolve() == output_dir.resolve() or not holds_a_run(output_dir):
         return
-    if not args.overwrite:
+    if not config.overwrite:
         raise UserError(f"--output-dir {output_dir}: holds another run than {source}; resume into an empty folder, "
                         "replace that run with --overwrite, or leave --output-dir out to continue in "
                         f"{source.parent}")
@@ -154,33 +153,33 @@ def class_folders_now(data_dir: str, saved: Sequence[str]) -> list[str] | None:
     return [name for name in class_folders(train_dir) if name in saved or has_images(train_dir / name)]
 
 
-def refuse_changed_classes(args: argparse.Namespace, saved: Sequence[str],
+def refuse_changed_classes(config: TrainConfig, saved: Sequence[str],
                            found: Sequence[str] | None = None) -> None:
     """A run keeps the classes it started with: refuse to continue it when --data-dir's train/ has other classes
     (``found``; by default as :func:`class_folders_now` tells) than the run's (``saved``), naming those added and
     missing, before anything says it continues."""
-    found = class_folders_now(args.data_dir, saved) if found is None else found
+    found = class_folders_now(config.data_dir, saved) if found is None else found
     if found is None or list(found) == list(saved):
         return
     added, missing = [name for name in found if name not in saved], [name for name in saved if name not in found]
     changes = "; ".join(f"{label}: {some_names(names)}" for label, names in (("new", added), ("missing", missing))
                         if names) or "in another order"
-    if args.resume:
-        where = f"--resume {args.resume}"
+    if config.resume:
+        where = f"--resume {config.resume}"
         fix = "start a new run with --overwrite in place of --resume, or with another --output-dir"
     else:
-        where = f"--output-dir {args.output_dir}"
+        where = f"--output-dir {config.output_dir}"
         fix = "start a new run there with --overwrite, or pass another --output-dir"
-    raise UserError(f"{where}: {Path(args.data_dir) / 'train'} has other classes than the {len(saved)} the run "
+    raise UserError(f"{where}: {Path(config.data_dir) / 'train'} has other classes than the {len(saved)} the run "
                     f"learned ({changes}); a run keeps its classes: {fix}")
 
 
-def describe_run(checkpoint: dict[str, Any]) -> str:
+def describe_run(checkpoint: Checkpoint) -> str:
     """'epoch 7 of 50, best val accuracy 81.20% at epoch 6' for a last.pt."""
-    progress, config = checkpoint.get("training_state", {}).get("progress", {}), checkpoint["config"]
-    best = describe_best(progress.get("best_val_acc", 0.0), progress.get("best_epoch", "?"),
-                         config.get("monitor", "val_acc"), progress.get("best_score"))
-    return f"epoch {progress.get('epoch', checkpoint.get('epoch', '?'))} of {config.get('epochs', '?')}, {best}"
+    progress, config = checkpoint.training_state.run_progress(), checkpoint.config
+    best = describe_best(progress.best_val_acc, progress.best_epoch, config.get("monitor", "val_acc"),
+                         progress.best_score)
+    return f"epoch {progress.epoch} of {config.get('epochs', '?')}, {best}"
 
 
 def clear_run_outputs(output_dir: Path, config_file: str | None) -> None:
@@ -226,33 +225,34 @@ def _is_written_config(path: Path, config_file: str | None) -> bool:
         return handle.readline().startswith(CONFIG_HEADER_START)
 
 
-def run_is_complete(args: argparse.Namespace, progress: Progress) -> bool:
+def run_is_complete(config: TrainConfig, progress: Progress) -> bool:
     """True when the run has trained all --epochs, or early stopping has ended it."""
-    early_stopped = bool(args.patience) and progress.epochs_without_improvement() >= args.patience
-    return progress.epoch >= args.epochs or early_stopped
+    early_stopped = bool(config.patience) and progress.epochs_without_improvement() >= config.patience
+    return progress.epoch >= config.epochs or early_stopped
 
 
-def say_complete(args: argparse.Namespace, progress: Progress) -> None:
+def say_complete(config: TrainConfig, progress: Progress) -> None:
     """Tell that the run is already complete, and how to train it further."""
-    output_dir = Path(args.output_dir)
-    trained = f"all {args.epochs} epochs trained" if args.epochs > 1 else "its 1 epoch trained"
-    how = trained if progress.epoch >= args.epochs else f"early stopping after epoch {progress.epoch} of {args.epochs}"
-    longer = command_hint("train.py", ["--resume", str(output_dir / "last.pt"), "--epochs", str(args.epochs + 10)])
+    output_dir = Path(config.output_dir)
+    trained = f"all {config.epochs} epochs trained" if config.epochs > 1 else "its 1 epoch trained"
+    how = (trained if progress.epoch >= config.epochs
+           else f"early stopping after epoch {progress.epoch} of {config.epochs}")
+    longer = command_hint("train.py", ["--resume", str(output_dir / "last.pt"), "--epochs", str(config.epochs + 10)])
     print(f"the run in {output_dir} is complete ({how}; "
-          f"{describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)}); "
+          f"{describe_best(progress.best_val_acc, progress.best_epoch, config.monitor, progress.best_score)}); "
           f"to train longer: {longer}"
-          + (" (with a larger --patience)" if progress.epoch < args.epochs else ""))
+          + (" (with a larger --patience)" if progress.epoch < config.epochs else ""))
 
 
-def note_schedule_change(args: argparse.Namespace, checkpoint: dict[str, Any], progress: Progress) -> None:
+def note_schedule_change(config: TrainConfig, checkpoint: Checkpoint, progress: Progress) -> None:
     """Say so when --epochs differs from the run's: the cosine schedule is re-stretched over the new count."""
-    before = int(checkpoint["config"].get("epochs", args.epochs))
-    if before == args.epochs or progress.epoch >= args.epochs:
+    before = int(checkpoint.config.get("epochs", config.epochs))
+    if before == config.epochs or progress.epoch >= config.epochs:
         return
-    last_lr = learning_rate(args.lr, progress.epoch, before, args.warmup_epochs)
-    next_lr = learning_rate(args.lr, progress.epoch + 1, args.epochs, args.warmup_epochs)
-    print(f"note: --epochs {args.epochs} (the run had {before}): the cosine schedule is re-stretched over "
-          f"{args.epochs} epochs, so the learning rate goes from {last_lr:.2e} at epoch {progress.epoch} to "
+    last_lr = learning_rate(config.lr, progress.epoch, before, config.warmup_epochs)
+    next_lr = learning_rate(config.lr, progress.epoch + 1, config.epochs, config.warmup_epochs)
+    print(f"note: --epochs {config.epochs} (the run had {before}): the cosine schedule is re-stretched over "
+          f"{config.epochs} epochs, so the learning rate goes from {last_lr:.2e} at epoch {progress.epoch} to "
           f"{next_lr:.2e} at epoch {progress.epoch + 1}" + (" (it rises)" if next_lr > last_lr else ""))
 
 

@@ -15,11 +15,10 @@ validation), ``record_epoch`` (best.pt, last.pt, history) and ``finish`` (plots 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,10 @@ from torch import nn
 import distributed
 import engine
 import image_grids
+import lr_schedule
 import options
 import run_folder
-from accel import Accel, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler, set_up_accel
+from accel import Accel, configured, device_peak_memory_mb, host_peak_rss_mb, make_grad_scaler
 from batch_iterables import skip_count
 from calibration import (
     NOISY_ECE_BELOW,
@@ -40,17 +40,26 @@ from calibration import (
     log_probabilities,
     supported_temperature,
 )
-from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint, store_temperature
+from checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+    store_temperature,
+)
 from common import Batch, DecodeFailure, World
 from dataset import TrainValData, describe_data, load_train_val
 from engine import EvalResult, Predictions, StepOptions, WeightAverage, evaluate, train_one_epoch
 from gpu_augment import BatchMix
 from history_csv import write_history
-from model import describe_model, input_normalization, make_model, parameter_groups, parameter_summary, thaw
-from pipeline import Loaders, checkpoint_batches, choose_data_path, load_data
+from losses import make_criterion
+from model import describe_model, input_normalization, make_model, parameter_summary, thaw_blocks
+from pipeline import Loaders, inference_batches, load_data
 from plots import save_final_plots
 from report import write_evaluation_report
 from resume import Progress, StopRequest, restore_training_state, training_state
+from run_config import TrainConfig
 from samplers import epoch_seed
 from tb_logger import TensorBoardLogger
 from utils import UserError, describe_device, exit_on_user_error, format_count, launched_as_script, seed_everything
@@ -62,35 +71,35 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     epoch, accuracy, output folder)."""
     distributed.silence_other_ranks()
     with distributed.errors_on_rank_0():
-        args, resume = options.parse_args_and_resume(argv)
+        config, resume = options.parse_args_and_resume(argv)
         if resume is not None:
-            run_folder.refuse_changed_classes(args, resume["class_names"])
-            print(f"resuming from {options.resolve_resume_path(args.resume, args.output_dir)}")
-        run_folder.refuse_resume_into_other_run(args)
+            run_folder.refuse_changed_classes(config, resume.class_names)
+            print(f"resuming from {options.resolve_resume_path(config.resume, config.output_dir)}")
+        run_folder.refuse_resume_into_other_run(config)
     same_command = False
     if resume is None:  # no --resume: the folder may hold this very command's run, to continue
         with distributed.errors_on_rank_0():
-            resume = run_folder.run_to_continue(args)
+            resume = run_folder.run_to_continue(config)
             if resume is not None:
-                run_folder.refuse_changed_classes(args, resume["class_names"])
+                run_folder.refuse_changed_classes(config, resume.class_names)
         same_command = resume is not None
     if resume is None:
-        return train_and_finish(args, None)
-    progress = Progress(**resume["training_state"]["progress"])
-    run_folder.note_schedule_change(args, resume, progress)
-    if run_folder.run_is_complete(args, progress):
-        return finish_complete_run(args, resume, progress)
+        return train_and_finish(config, None)
+    progress = resume.training_state.run_progress()
+    run_folder.note_schedule_change(config, resume, progress)
+    if run_folder.run_is_complete(config, progress):
+        return finish_complete_run(config, resume, progress)
     if same_command:
-        print(f"note: {args.output_dir} holds this run ({run_folder.describe_run(resume)}); continuing it "
+        print(f"note: {config.output_dir} holds this run ({run_folder.describe_run(resume)}); continuing it "
               "(--overwrite starts over)")
-    return train_and_finish(args, resume)
+    return train_and_finish(config, resume)
 
 
-def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) -> dict[str, Any]:
+def train_and_finish(config: TrainConfig, resume: Checkpoint | None) -> dict[str, Any]:
     """Set the run up (as this process's part of the job under torchrun), train the epochs left, and write the final
     plots and report; returns the summary."""
-    with distributed.joined_world(args.device) as world:
-        run, progress = set_up(args, resume, world)
+    with distributed.joined_world(config.chosen.device.type) as world:
+        run, progress = set_up(config, resume, world)
         with StopRequest(lambda: saved_state(run), exit_after_stop=launched_as_script("train.py")) as stop:
             try:
                 stopped_epoch = train_epochs(run, progress, stop)
@@ -101,22 +110,22 @@ def train_and_finish(args: argparse.Namespace, resume: dict[str, Any] | None) ->
                 distributed.announce_stop(world)  # first: a process still in a collective must not take it for a crash
                 report_interruption(run, progress)
                 raise SystemExit(130)
-        if progress.epoch < args.epochs and stopped_epoch is None:
-            print(f"stopped after epoch {progress.epoch} of {args.epochs} (--epochs-this-run); continue with: "
+        if progress.epoch < config.epochs and stopped_epoch is None:
+            print(f"stopped after epoch {progress.epoch} of {config.epochs} (--epochs-this-run); continue with: "
                   f"{run_folder.resume_hint(run.output_dir, run.world)}")
         return finish(run, progress, stopped_epoch)
 
 
-def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progress: Progress) -> dict[str, Any]:
+def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progress) -> dict[str, Any]:
     """A complete run: its summary, after writing the plots and report only if they are missing."""
-    run_folder.say_complete(args, progress)
-    output_dir = Path(args.output_dir)
-    outputs = ["loss_curve.png"] if args.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
+    run_folder.say_complete(config, progress)
+    output_dir = Path(config.output_dir)
+    outputs = ["loss_curve.png"] if config.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
     if all((output_dir / name).is_file() for name in outputs):
         return run_folder.run_summary(progress, output_dir)
-    with distributed.joined_world(args.device) as world:
-        run, progress = set_up(args, resume, world)
-        return finish(run, progress, progress.epoch if progress.epoch < args.epochs else None)
+    with distributed.joined_world(config.chosen.device.type) as world:
+        run, progress = set_up(config, resume, world)
+        return finish(run, progress, progress.epoch if progress.epoch < config.epochs else None)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -126,8 +135,7 @@ def finish_complete_run(args: argparse.Namespace, resume: dict[str, Any], progre
 class Run:
     """The objects one training run works with."""
 
-    args: argparse.Namespace
-    config: dict[str, Any]
+    config: TrainConfig
     accel: Accel
     data: TrainValData
     loaders: Loaders
@@ -145,58 +153,62 @@ class Run:
     world: World = field(default_factory=World)  # this process's place under torchrun (one process: rank 0 of 1)
 
 
-def set_up(args: argparse.Namespace, resume: dict[str, Any] | None, world: World) -> tuple[Run, Progress]:
+def set_up(config: TrainConfig, resume: Checkpoint | None, world: World) -> tuple[Run, Progress]:
     """Device, data, model, loss, optimizer and batches; restored from ``resume`` when given. Under torchrun every
     process sets up the same way; only rank 0 touches the output folder."""
-    config = options.config_of(args)
-    accel = set_up_accel(args.device, args.amp, args.channels_last)
-    seed_everything(args.seed)  # the same on every process: the new head starts the same everywhere
-    data = load_train_val(args.data_dir, args.val_fraction, args.seed, args.verify_images, args.workers,
-                          args.max_image_pixels, held_out=resume.get("held_out_val_files") if resume else None,
-                          fold=options.parse_fold(args.fold) if args.fold else None, train_on_all=args.train_on_all,
-                          val_fraction_given=args.val_fraction_given)
+    accel = configured(Accel(config.chosen.device, config.chosen.amp_dtype, config.channels_last))
+    seed_everything(config.seed)  # the same on every process: the new head starts the same everywhere
+    data = load_train_val(config.data_dir, config.val_fraction, config.seed, config.verify_images, config.workers,
+                          config.max_image_pixels, held_out=resume.held_out_val_files if resume else None,
+                          fold=options.parse_fold(config.fold) if config.fold else None,
+                          train_on_all=config.train_on_all,
+                          val_fraction_given=config.val_fraction_given)
     if resume is not None:  # a folder emptied since: the early check in main() only saw that it is there
-        run_folder.refuse_changed_classes(args, resume["class_names"], data.class_names)
+        run_folder.refuse_changed_classes(config, resume.class_names, data.class_names)
     print(f"device: {describe_device(accel.device)}, precision {accel.precision_name}"  # what runs, once checked
           + (", channels_last" if accel.channels_last else ""))
     describe_data(data)
-    model = make_model(args, len(data.class_names), accel, resume)
-    optimizer = engine.make_optimizer(parameter_groups(model, args.backbone_lr_mult), args.lr, args.weight_decay,
-                                      accel.device, args.optimizer)
+    model = make_model(config, len(data.class_names), accel, resume.model if resume is not None else None)
+    groups = lr_schedule.parameter_groups(model, config.backbone_lr_mult)
+    optimizer = engine.make_optimizer(groups, config.lr, config.weight_decay, accel.device, config.optimizer)
     scaler = make_grad_scaler(accel)
-    thaw_schedule = options.unfreeze_schedule(args, model)
-    thawed = thaw_resumed_blocks(model, optimizer, thaw_schedule, resume, args.backbone_lr_mult)
-    print(describe_model(model, args.arch, args.weights, args.trainable, thawed))
-    progress = Progress()
+    thaw_schedule = config.thaw_schedule
+    progress = resume.training_state.run_progress() if resume is not None else Progress()
+    thawed = thaw_resumed_blocks(model, optimizer, thaw_schedule, progress.epoch, config.backbone_lr_mult)
+    print(describe_model(model, config.arch, config.weights, config.trainable, thawed))
     if resume is not None:
-        progress = restore_training_state(resume["training_state"], optimizer, scaler)
-        processes_before = resume.get("runtime", {}).get("processes", 1)
-        distributed.note_process_count_change(processes_before, args.batch_size * args.accum_steps, world)
-        best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, args.monitor, progress.best_score)
+        restore_training_state(resume.training_state, optimizer, scaler)
+        processes_before = resume.runtime.get("processes", 1)
+        distributed.note_process_count_change(processes_before, config.batch_size * config.accum_steps, world)
+        best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, config.monitor, progress.best_score)
         print(f"resumed after epoch {progress.epoch} ({best})")
-    data_path = choose_data_path(args.augment_device, accel.device)  # chosen once: the loaders and the final report
-    runtime = options.runtime_record(args, accel, world, data_path)
+    runtime = options.runtime_record(config, accel, world)
     logger = None
     if world.is_main:
-        logger = run_folder.prepare_output_dir(args, resume, data.skipped, options.config_yaml(config, runtime))
-    ema = engine.make_ema(model, args.ema, resume)
-    step_options = StepOptions(args.accum_steps, after_step=(lambda: ema.update(model)) if ema else None)
+        config_text = options.config_yaml(config.saved_options(), runtime)
+        logger = run_folder.prepare_output_dir(config, resume, data.skipped, config_text)
+    ema = engine.make_ema(model, config.ema, *((resume.ema_model, resume.training_state.ema_updates) if resume
+                                               else ()))
+    step_options = StepOptions(config.accum_steps, after_step=(lambda: ema.update(model)) if ema else None)
     if world.distributed:  # every process takes part in every step's collectives, whatever its batch held
         step_options.all_finite = lambda finite: distributed.all_ranks_true(finite, world)
-        step_options.empty_images = lambda: engine.empty_input(args.img_size, accel)
-    if args.sampler == "balanced" and args.class_weights == "balanced":
+        step_options.empty_images = lambda: engine.empty_input(config.img_size, accel)
+    if config.sampler == "balanced" and config.class_weights == "balanced":
         print("note: --sampler balanced and --class-weights balanced both correct the imbalance; with the sampler, "
               "--class-weights none is the usual choice")
-    distributed.describe_batch(args.batch_size, args.accum_steps, world)
-    loaders = load_data(data, args, accel, *input_normalization(args.arch), world, data_path)
+    distributed.describe_batch(config.batch_size, config.accum_steps, world)
+    loaders = load_data(data, config, accel, *input_normalization(config.arch), world)
     if resume is None and world.is_main:  # a new run: train_batch.png shows its first batch
-        loaders.train = FirstBatchPicture(loaders.train, lambda batch: write_batch_picture(batch, args, data))
+        loaders.train = FirstBatchPicture(loaders.train, lambda batch: write_batch_picture(batch, config, data))
     if ema is not None:
-        engine.warn_short_average(args.ema, engine.optimizer_steps(len(loaders.train), args.accum_steps), args.epochs)
-    step_model = distributed.model_for_training(model, world, args.sync_bn, args.compile)
-    run = Run(args, config, accel, data, loaders, model, step_model, make_criterion(data, args, accel.device, world),
-              optimizer, scaler, Path(args.output_dir), runtime, step_options, ema, logger, thaw_schedule, world)
-    print(options.describe_config(config, run.output_dir))
+        steps_per_epoch = engine.optimizer_steps(len(loaders.train), config.accum_steps)
+        engine.warn_short_average(config.ema, steps_per_epoch, config.epochs)
+    step_model = distributed.model_for_training(model, world, config.sync_bn, config.compile)
+    run = Run(config, accel, data, loaders, model, step_model, make_criterion(
+        [label for _, label in data.train_samples], len(data.class_names), config.class_weights, config.label_smoothing,
+        accel.device, world),
+              optimizer, scaler, Path(config.output_dir), runtime, step_options, ema, logger, thaw_schedule, world)
+    print(options.describe_config(config.saved_options(), run.output_dir))
     return run, progress
 
 
@@ -222,34 +234,22 @@ class FirstBatchPicture:
             yield batch
 
 
-def write_batch_picture(batch: Batch, args: argparse.Namespace, data: TrainValData) -> None:
+def write_batch_picture(batch: Batch, config: TrainConfig, data: TrainValData) -> None:
     """train_batch.png: the batch's images after augmentation, back in plain colours, under their class names."""
     shown = slice(0, image_grids.BATCH_PICTURE_LIMIT)
     pictures = image_grids.denormalize(batch.images[shown].detach().float().cpu().numpy(),
-                                       *input_normalization(args.arch))
+                                       *input_normalization(config.arch))
     image_grids.plot_training_batch(pictures, batch.targets[shown].tolist(), data.class_names,
-                                    Path(args.output_dir) / "train_batch.png", len(batch.images))
-
-
-def make_criterion(data: TrainValData, args: argparse.Namespace, device: torch.device, world: World) -> nn.Module:
-    """Cross-entropy with --label-smoothing and, by default, 'balanced' class weights from the train counts."""
-    weights = None
-    if args.class_weights == "balanced":
-        labels = [label for _, label in data.train_samples]
-        weights = engine.balanced_class_weights(labels, len(data.class_names)).to(device)
-    return engine.cross_entropy(weights, args.label_smoothing, world)
+                                    Path(config.output_dir) / "train_batch.png", len(batch.images))
 
 
 def thaw_resumed_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, thaw_schedule: dict[int, list[str]],
-                        resume: dict[str, Any] | None, lr_mult: float) -> list[str]:
-    """Thaw the blocks a resumed run had thawed by its last epoch (--unfreeze-at), so the model and the optimizer's
-    groups are as saved; returns those blocks."""
-    if resume is None:
-        return []
-    done = resume["training_state"]["progress"]["epoch"]
+                        done: int, lr_mult: float) -> list[str]:
+    """Thaw the blocks a resumed run had thawed by its last epoch ``done`` (--unfreeze-at), so the model and the
+    optimizer's groups are as saved; returns those blocks (none for a new run: ``done`` 0)."""
     thawed = []
     for epoch in sorted(epoch for epoch in thaw_schedule if epoch <= done):
-        thaw(model, optimizer, thaw_schedule[epoch], lr_mult)
+        lr_schedule.add_group(optimizer, thaw_blocks(model, thaw_schedule[epoch]), lr_mult)
         thawed += thaw_schedule[epoch]
     return thawed
 
@@ -259,9 +259,9 @@ def thaw_resumed_blocks(model: nn.Module, optimizer: torch.optim.Optimizer, thaw
 
 def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
     """The epoch loop, with early stopping; returns the epoch where early stopping fired, if it did."""
-    args = run.args
-    last_epoch = args.epochs if args.epochs_this_run is None else min(args.epochs,
-                                                                      progress.epoch + args.epochs_this_run)
+    config = run.config
+    last_epoch = config.epochs if config.epochs_this_run is None else min(config.epochs,
+                                                                      progress.epoch + config.epochs_this_run)
     for epoch in range(progress.epoch + 1, last_epoch + 1):
         try:
             outcome = run_epoch(run, epoch, stop)
@@ -272,20 +272,20 @@ def train_epochs(run: Run, progress: Progress, stop: StopRequest) -> int | None:
             raise UserError(f"training diverged in epoch {epoch}: {error}; {kept}; try a lower --lr{amp_hint}"
                             ) from None
         except torch.cuda.OutOfMemoryError:
-            raise UserError(f"out of GPU memory at --batch-size {args.batch_size} in epoch {epoch}; try "
-                            f"--batch-size {max(1, args.batch_size // 2)} (or a smaller --img-size)") from None
+            raise UserError(f"out of GPU memory at --batch-size {config.batch_size} in epoch {epoch}; try "
+                            f"--batch-size {max(1, config.batch_size // 2)} (or a smaller --img-size)") from None
         if outcome is None:
             return None
         is_best = record_epoch(run, progress, outcome)
-        print(epoch_line(outcome.row, args.epochs, is_best, outcome.images_per_second, run.accel.device,
+        print(epoch_line(outcome.row, config.epochs, is_best, outcome.images_per_second, run.accel.device,
                          outcome.skipped), flush=True)
         if run.logger is not None:
             run.logger.log_epoch(epoch, outcome.row, outcome.images_per_second)
         if distributed.stop_agreed(stop, run.world):
             return None
-        patience_over = bool(args.patience) and progress.epochs_without_improvement() >= args.patience
-        if distributed.broadcast_flag(patience_over and epoch < args.epochs, run.world):  # rank 0 decides for all
-            print(f"early stop: no better {args.monitor} for {args.patience} epochs")
+        patience_over = bool(config.patience) and progress.epochs_without_improvement() >= config.patience
+        if distributed.broadcast_flag(patience_over and epoch < config.epochs, run.world):  # rank 0 decides for all
+            print(f"early stop: no better {config.monitor} for {config.patience} epochs")
             return epoch
     return None
 
@@ -304,22 +304,21 @@ class EpochOutcome:
 
 def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
     """Train and validate one epoch; None when a stop request cut it short."""
-    args = run.args
+    config = run.config
     if epoch in run.thaw_schedule:
         thaw_at_epoch(run, epoch)
-    lr = engine.learning_rate(args.lr, epoch, args.epochs, args.warmup_epochs)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+    lr = lr_schedule.learning_rate(config.lr, epoch, config.epochs, config.warmup_epochs)
+    lr_schedule.set_learning_rate(run.optimizer, lr)
     run.loaders.train.set_epoch(epoch)
     if run.world.distributed:  # each process its own dropout masks, drawn again the same way after a resume
-        torch.manual_seed((epoch_seed(args.seed, epoch) + run.world.rank) % 2**63)
-    if args.mixup or args.cutmix:
-        run.step_options.mix = BatchMix(args.mixup, args.cutmix, epoch_seed(args.seed, epoch))
+        torch.manual_seed((epoch_seed(config.seed, epoch) + run.world.rank) % 2**63)
+    if config.mixup or config.cutmix:
+        run.step_options.mix = BatchMix(config.mixup, config.cutmix, epoch_seed(config.seed, epoch))
     with distributed.peer_failures(run.world, f"epoch {epoch}"):
         trained = train_one_epoch(run.step_model, run.loaders.train, run.criterion, run.optimizer, run.accel,
                                   run.scaler,
-                                  description=distributed.bar_label(f"epoch {epoch}/{args.epochs}", run.world),
-                                  show_progress=not args.no_progress and run.world.is_main,
+                                  description=distributed.bar_label(f"epoch {epoch}/{config.epochs}", run.world),
+                                  show_progress=not config.no_progress and run.world.is_main,
                                   should_stop=distributed.stop_check(stop, run.world), options=run.step_options)
     trained = distributed.all_reduce_epoch(trained, run.world)
     skipped = record_skipped(run, trained.failed)
@@ -345,10 +344,10 @@ def run_epoch(run: Run, epoch: int, stop: StopRequest) -> EpochOutcome | None:
 
 def thaw_at_epoch(run: Run, epoch: int) -> None:
     """--unfreeze-at: the blocks due at ``epoch`` start training (under torchrun, in a new DDP wrapper)."""
-    thaw(run.model, run.optimizer, run.thaw_schedule[epoch], run.args.backbone_lr_mult)
+    lr_schedule.add_group(run.optimizer, thaw_blocks(run.model, run.thaw_schedule[epoch]), run.config.backbone_lr_mult)
     if run.world.distributed:  # DDP fixes the parameters it reduces when it is built
-        run.step_model = distributed.rewrap_model(run.step_model, run.model, run.world, run.args.sync_bn,
-                                                  run.args.compile)
+        run.step_model = distributed.rewrap_model(run.step_model, run.model, run.world, run.config.sync_bn,
+                                                  run.config.compile)
     trainable, total = parameter_summary(run.model)
     print(f"epoch {epoch}: {','.join(run.thaw_schedule[epoch])} start(s) training (--unfreeze-at); now "
           f"{format_count(trainable)} of {format_count(total)} parameters")
@@ -360,7 +359,7 @@ def validate(run: Run, model: nn.Module, description: str) -> EvalResult:
     with distributed.peer_failures(run.world, description):
         evaluated = evaluate(model, run.loaders.val, run.criterion, run.accel,
                              description=distributed.bar_label(description, run.world),
-                             show_progress=not run.args.no_progress and run.world.is_main)
+                             show_progress=not run.config.no_progress and run.world.is_main)
     return distributed.all_reduce_eval(evaluated, run.world)
 
 
@@ -410,13 +409,12 @@ def record_epoch(run: Run, progress: Progress, outcome: EpochOutcome) -> bool:
     if not run.world.is_main:
         return is_best
     if is_best:
-        save_checkpoint({**epoch_checkpoint(run, model, outcome.row), "weights": weights}, run.output_dir / "best.pt")
-    checkpoint = epoch_checkpoint(run, run.model, outcome.row)
-    checkpoint["training_state"] = training_state(progress, run.optimizer, run.scaler)
-    if run.ema is not None:
-        checkpoint["ema_model"] = {key: value.detach().cpu() for key, value in run.ema.module.state_dict().items()}
-        checkpoint["training_state"]["ema_updates"] = run.ema.updates
-    save_checkpoint(checkpoint, run.output_dir / "last.pt")
+        save_checkpoint(replace(epoch_checkpoint(run, model, outcome.row), weights=weights), run.output_dir / "best.pt")
+    ema_model = None if run.ema is None else {key: value.detach().cpu()
+                                              for key, value in run.ema.module.state_dict().items()}
+    state = training_state(progress, run.optimizer, run.scaler, run.ema.updates if run.ema is not None else 0)
+    last = replace(epoch_checkpoint(run, run.model, outcome.row), training_state=state, ema_model=ema_model)
+    save_checkpoint(last, run.output_dir / "last.pt")
     write_history(progress.history, run.output_dir / "history.csv")
     return is_best
 
@@ -427,7 +425,7 @@ def choose_best(run: Run, progress: Progress, outcome: EpochOutcome) -> tuple[st
     num_classes = len(run.data.class_names)
     candidates = [("raw", run.model, outcome.raw)] + ([("ema", run.ema.module, outcome.ema)] if outcome.ema else [])
     def score_of(evaluated: EvalResult) -> float:
-        return engine.monitored(evaluated, run.args.monitor, num_classes)
+        return engine.monitored(evaluated, run.config.monitor, num_classes)
 
     weights, model, evaluated = max(candidates, key=lambda item: score_of(item[2]))
     score = score_of(evaluated)
@@ -440,11 +438,12 @@ def choose_best(run: Run, progress: Progress, outcome: EpochOutcome) -> tuple[st
     return weights, model, is_best
 
 
-def epoch_checkpoint(run: Run, model: nn.Module, row: dict[str, float]) -> dict[str, Any]:
+def epoch_checkpoint(run: Run, model: nn.Module, row: dict[str, float]) -> Checkpoint:
     """The checkpoint of ``model`` after the epoch of ``row``."""
     epoch_metrics = {key: value for key, value in row.items() if key != "epoch" and value is not None}
-    mean, std = input_normalization(run.args.arch)
-    return make_checkpoint(model, run.data.class_names, run.config, int(row["epoch"]), epoch_metrics, mean, std,
+    mean, std = input_normalization(run.config.arch)
+    return make_checkpoint(model, run.data.class_names, run.config.saved_options(), int(row["epoch"]), epoch_metrics,
+                           mean, std,
                            held_out=run.data.held_out, runtime=run.runtime)
 
 
@@ -469,7 +468,7 @@ def finish(run: Run, progress: Progress, stopped_epoch: int | None) -> dict[str,
             if (run.output_dir / f"{name}.png").is_file():
                 run.logger.log_figure(name, run.output_dir / f"{name}.png")
         run.logger.close()
-    best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, run.args.monitor, progress.best_score)
+    best = run_folder.describe_best(progress.best_val_acc, progress.best_epoch, run.config.monitor, progress.best_score)
     written = "confusion_matrix.png, config.yaml, report/" if run.loaders.val is not None else "config.yaml"
     picture = "train_batch.png, " if (run.output_dir / "train_batch.png").is_file() else ""
     print(f"{best}; wrote {run.output_dir}/best.pt, last.pt, history.csv, {picture}loss_curve.png, accuracy_curve.png, "
@@ -481,16 +480,17 @@ def write_best_report(run: Run) -> None:
     """The evaluation report (metrics, per-class table, pictures) of best.pt on the validation split."""
     checkpoint = load_checkpoint(run.output_dir / "best.pt")
     model = run.accel.prepare_model(model_from_checkpoint(checkpoint))
-    samples, args = run.data.val_samples, run.args
-    batches = checkpoint_batches([path for path, _ in samples], checkpoint, run.accel, args.batch_size, args.workers,
-                                 args.max_image_pixels, run.runtime["augment_device"])  # the path validation took
-    predictions = engine.predict_samples(model, batches, samples, run.accel, show_progress=not args.no_progress)
+    samples, config = run.data.val_samples, run.config
+    batches = inference_batches([path for path, _ in samples], *checkpoint.preprocessing, run.accel,
+                                config.chosen.eval_path == "gpu", config.batch_size, config.workers,
+                                config.max_image_pixels)  # the path validation took
+    predictions = engine.predict_samples(model, batches, samples, run.accel, show_progress=not config.no_progress)
     checkpoint = calibrate_best(run, checkpoint, predictions)
     write_evaluation_report(predictions, checkpoint, run.output_dir / "report", source=run.data.val_source,
                             history_path=run.output_dir / "history.csv", checkpoint_path=run.output_dir / "best.pt")
 
 
-def calibrate_best(run: Run, checkpoint: dict[str, Any], predictions: Predictions) -> dict[str, Any]:
+def calibrate_best(run: Run, checkpoint: Checkpoint, predictions: Predictions) -> Checkpoint:
     """Fit best.pt's temperature on its validation predictions, store it in best.pt and say what it does to the
     expected calibration error; returns the checkpoint as stored."""
     path = run.output_dir / "best.pt"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import multiprocessing
@@ -60,22 +61,17 @@ import device_decode
 import gpu_augment
 import loader_items
 import pipeline
-from accel import Accel, configure_backends, make_grad_scaler, resolve_amp
+from accel import Accel, choose_data_path, configure_backends, make_grad_scaler
 from common import IMAGENET_MEAN, IMAGENET_STD
 from dataset import TrainValData
-from engine import (
-    balanced_class_weights,
-    cross_entropy,
-    evaluate,
-    make_optimizer,
-    predict_probabilities,
-    train_one_epoch,
-)
+from engine import evaluate, make_optimizer, predict_probabilities, train_one_epoch
 from images import DEFAULT_MAX_IMAGE_PIXELS, check_images, plain_jpeg_sizes
 from loader_items import ImageFiles
+from losses import balanced_class_weights, cross_entropy
 from model import DEFAULT_TRAINABLE, input_normalization, make_model, spelled_out_trainable, trainable_parameters
 from options import parse_args as parse_train_args
 from recipe import build_eval_transform, build_train_transform, train_decode_side
+from run_config import TrainConfig
 from utils import cpu_model, resolve_workers
 
 RESULTS = Path(__file__).resolve().parent / "results.md"
@@ -361,7 +357,7 @@ def run_baseline(samples: list, args: argparse.Namespace, device: torch.device) 
 class OurRun:
     """What train.py sets up for a run: options, device settings, data, batches, model, loss, optimizer."""
 
-    options: argparse.Namespace
+    options: TrainConfig
     accel: Accel
     data: TrainValData
     loaders: pipeline.Loaders
@@ -370,9 +366,10 @@ class OurRun:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     on_device: bool  # the GPU path (decode and augment on the device), else the CPU path (PIL in the workers)
+    classes: int
 
 
-def our_options(args: argparse.Namespace, workers: int, trainable: str) -> argparse.Namespace:
+def our_options(args: argparse.Namespace, workers: int, trainable: str) -> TrainConfig:
     """train.py's options at their defaults (--cache auto included), but for this benchmark's arch, size, batch,
     device, path and workers."""
     return parse_train_args([
@@ -389,30 +386,29 @@ def benchmark_data(samples: list, args: argparse.Namespace) -> TrainValData:
     return TrainValData([str(label) for label in range(args.classes)], samples, samples, "benchmark", sizes=sizes)
 
 
-def our_model(options: argparse.Namespace, accel: Accel) -> tuple[nn.Module, torch.optim.Optimizer]:
+def our_model(options: TrainConfig, accel: Accel, classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model train.py builds for ``options`` and its optimizer."""
     torch.manual_seed(0)
-    model = make_model(options, options.classes, accel)
+    model = make_model(options, classes, accel)
     return model, make_optimizer(trainable_parameters(model), options.lr, options.weight_decay, accel.device)
 
 
-def start_our_run(options: argparse.Namespace, data: TrainValData) -> OurRun:
+def start_our_run(options: TrainConfig, data: TrainValData) -> OurRun:
     """Everything train.py's set_up makes that the loop needs (no output folder, no checkpoints)."""
-    accel = Accel(torch.device(options.device), resolve_amp(options.amp, torch.device(options.device)),
-                  options.channels_last)
-    options.classes = len(data.class_names)
-    model, optimizer = our_model(options, accel)
+    accel = Accel(options.chosen.device, options.chosen.amp_dtype, options.channels_last)
+    classes = len(data.class_names)
+    model, optimizer = our_model(options, accel, classes)
     labels = [label for _, label in data.train_samples]
-    weights = balanced_class_weights(labels, options.classes).to(accel.device)
+    weights = balanced_class_weights(labels, classes).to(accel.device)
     criterion = cross_entropy(weights, options.label_smoothing)
     return OurRun(options, accel, data, pipeline.load_data(data, options, accel, *input_normalization(options.arch)),
                   model, criterion, optimizer, make_grad_scaler(accel),
-                  pipeline.choose_data_path(options.augment_device, accel.device) == "gpu")
+                  options.chosen.train_path == "gpu", classes)
 
 
 def synthetic_batches(run: OurRun, count: int) -> list[common.Batch]:
     """``count`` batches of one random batch already on the device, as the pipeline would yield them."""
-    images, targets = random_batch(run.options.batch_size, run.options.img_size, run.options.classes,
+    images, targets = random_batch(run.options.batch_size, run.options.img_size, run.classes,
                                    run.accel.device)
     batch = common.Batch(run.accel.images_to_device(images), targets, list(range(len(targets))), [])
     return [batch] * count
@@ -494,8 +490,8 @@ def ceiling_eval(run: OurRun, count: int) -> Measure:
 def other_trainable(run: OurRun, trainable: str, epoch: int, count: int) -> tuple[Measure, Measure]:
     """A steady-state epoch and the ceiling of a model training ``trainable``, on the run's batches (their cache
     already built)."""
-    options = argparse.Namespace(**{**vars(run.options), "trainable": spelled_out_trainable(trainable)})
-    model, optimizer = our_model(options, run.accel)
+    options = dataclasses.replace(run.options, trainable=spelled_out_trainable(trainable))
+    model, optimizer = our_model(options, run.accel, run.classes)
     warm_up_model(run, model, optimizer)
     run.loaders.train.set_epoch(epoch)
     seconds, trained = timed_seconds(run.accel.device, lambda: train_one_epoch(
@@ -884,7 +880,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU is visible; run with --device cpu")
-    args.on_device = pipeline.choose_data_path(args.path, device) == "gpu"
+    args.on_device = choose_data_path(args.path, device) == "gpu"
     with tempfile.TemporaryDirectory(prefix="bench-data-") as data_dir:
         args.data_dir = data_dir
         elapsed_note(started, f"generating {args.images} JPEGs of {args.width}x{args.height} in {args.classes} "

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import common
 import distributed
 import engine
+import losses
 from accel import Accel
 from model import build_model, freeze_blocks, parse_trainable, thaw_blocks
 
@@ -47,7 +48,7 @@ def train_steps(model: nn.Module, accel: Accel, optimizer: torch.optim.Optimizer
     """``batches`` through engine.train_one_epoch with the step options train.py uses under torchrun."""
     options = engine.StepOptions(all_finite=lambda finite: distributed.all_ranks_true(finite, world),
                                  empty_images=lambda: accel.images_to_device(torch.empty(0, 3, 64, 64)))
-    criterion = distributed.GlobalCrossEntropy(world, label_smoothing=0.05)
+    criterion = losses.GlobalCrossEntropy(world, label_smoothing=0.05)
     return engine.train_one_epoch(model, batches, criterion, optimizer, accel, show_progress=False, options=options)
 
 

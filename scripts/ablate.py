@@ -64,7 +64,7 @@ from matplotlib.ticker import PercentFormatter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
 from history_csv import read_history
 from model import parameter_summary
 from utils import (
@@ -377,15 +377,15 @@ def run_recipe(recipe: Recipe, options: argparse.Namespace, output_dir: Path) ->
 # --------------------------------------------------------------------------- reading a run
 
 
-def best_of_history(rows: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> tuple[float | None, int, int]:
+def best_of_history(rows: Sequence[dict[str, Any]], best: Checkpoint | None) -> tuple[float | None, int, int]:
     """(val accuracy of best.pt's epoch and weights, that epoch, epochs run). best.pt is the epoch --monitor chose
     (with --ema, the averaged weights when they won: their accuracy then); without it, the epoch of the highest val
     accuracy. A run that validated nothing (--train-on-all) has no accuracy."""
     epochs_run = int(rows[-1]["epoch"])
-    if best is not None and "epoch" in best:
-        row = next((row for row in rows if int(row["epoch"]) == int(best["epoch"])), {})
-        accuracy = row.get("ema_val_acc" if best.get("weights") == "ema" else "val_acc")
-        return (None if accuracy in (None, "") else float(accuracy)), int(best["epoch"]), epochs_run
+    if best is not None and best.epoch:
+        row = next((row for row in rows if int(row["epoch"]) == best.epoch), {})
+        accuracy = row.get("ema_val_acc" if best.weights == "ema" else "val_acc")
+        return (None if accuracy in (None, "") else float(accuracy)), best.epoch, epochs_run
     if not any(row.get("val_acc") not in (None, "") for row in rows):
         return None, epochs_run, epochs_run
     accuracies = [float(row["val_acc"]) for row in rows]
@@ -409,7 +409,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
         return {}
 
 
-def read_best_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+def read_best_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The run's best.pt (else last.pt), or None when neither can be read."""
     for name in ("best.pt", "last.pt"):
         if (run_dir / name).is_file():
@@ -420,7 +420,7 @@ def read_best_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def count_parameters(checkpoint: dict[str, Any] | None) -> tuple[int, int] | None:
+def count_parameters(checkpoint: Checkpoint | None) -> tuple[int, int] | None:
     """(trainable, total) ``nn.Parameter`` counts of the checkpoint's model, as train.py prints them.
 
     The model is rebuilt from the checkpoint with its frozen blocks, so frozen weights count in the total and

@@ -36,7 +36,7 @@ import torchvision.models._api
 from PIL import Image
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import Checkpoint, load_checkpoint
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
 
@@ -294,15 +294,30 @@ def assert_same(first: Any, second: Any, where: str = "") -> None:
         assert first == second, (where, first, second)
 
 
+def weightless_checkpoint(class_names: Sequence[str], **fields: Any) -> Checkpoint:
+    """A checkpoint without weights, for code that reads only what a checkpoint says (reports, batches): ResNet-18
+    at 32 px with ImageNet's normalization unless ``fields`` say otherwise."""
+    defaults = {"model": {}, "arch": "resnet18", "img_size": 32, "test_size": 32, "mean": (0.485, 0.456, 0.406),
+                "std": (0.229, 0.224, 0.225), "config": {}}
+    return Checkpoint(class_names=list(class_names), **{**defaults, **fields})
+
+
+def save_as_version_1(checkpoint: Checkpoint, path: Path, leave_out: Sequence[str] = ()) -> Path:
+    """``checkpoint`` stored as format 1 wrote it, without the keys ``leave_out`` (those older files lacked)."""
+    stored = {key: value for key, value in checkpoint.to_dict().items() if key not in leave_out}
+    torch.save({**stored, "format": "imagefolder-resnet-checkpoint/1"}, path)
+    return path
+
+
 def assert_same_training(first: Path, second: Path) -> None:
     """Two last.pt files hold bitwise the same weights, optimizer, random states and progress (but wall times)."""
     a, b = load_checkpoint(first), load_checkpoint(second)
-    assert a["epoch"] == b["epoch"]
-    assert_same(a["model"], b["model"], "model")
-    state_a, state_b = a["training_state"], b["training_state"]
-    assert_same(state_a["optimizer"], state_b["optimizer"], "optimizer")
-    assert_same(state_a["rng"], state_b["rng"], "rng")
-    progress_a, progress_b = dict(state_a["progress"]), dict(state_b["progress"])
+    assert a.epoch == b.epoch
+    assert_same(a.model, b.model, "model")
+    state_a, state_b = a.training_state, b.training_state
+    assert_same(state_a.optimizer, state_b.optimizer, "optimizer")
+    assert_same(state_a.rng, state_b.rng, "rng")
+    progress_a, progress_b = dict(state_a.progress), dict(state_b.progress)
     for progress in (progress_a, progress_b):
         progress["history"] = [{key: value for key, value in row.items() if key != "seconds"}
                                for row in progress["history"]]

@@ -19,7 +19,6 @@ from torch import nn
 
 from common import World
 from distributed import (
-    GlobalCrossEntropy,
     all_reduce_eval,
     all_reduce_sum,
     any_rank,
@@ -30,6 +29,7 @@ from distributed import (
     sync_buffers,
     wrap_model,
 )
+from losses import GlobalCrossEntropy
 from samplers import epoch_batches, shard_range, sharded_epoch_batches
 from utils import exit_on_user_error
 

@@ -10,6 +10,7 @@ import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -204,7 +205,8 @@ def test_a_row_reports_the_epoch_and_weights_best_pt_holds() -> None:
     best_of_history = load_script(SCRIPT).best_of_history
     rows = [{"epoch": "1", "val_acc": "0.5", "ema_val_acc": "0.2"},
             {"epoch": "2", "val_acc": "0.4", "ema_val_acc": "0.6"}]
-    assert best_of_history(rows, {"epoch": 2, "weights": "ema"}) == (0.6, 2, 2)  # --ema: the averaged weights won
-    assert best_of_history(rows, {"epoch": 2, "weights": "raw"}) == (0.4, 2, 2)  # e.g. --monitor val_loss chose 2
+    averaged_won, raw_won = SimpleNamespace(epoch=2, weights="ema"), SimpleNamespace(epoch=2, weights="raw")
+    assert best_of_history(rows, averaged_won) == (0.6, 2, 2)  # --ema: the averaged weights won
+    assert best_of_history(rows, raw_won) == (0.4, 2, 2)  # e.g. --monitor val_loss chose 2
     assert best_of_history(rows, None) == (0.5, 1, 2)  # no checkpoint to read: the best val accuracy
-    assert best_of_history([{"epoch": "1", "val_acc": ""}], {"epoch": 1, "weights": "raw"}) == (None, 1, 1)
+    assert best_of_history([{"epoch": "1", "val_acc": ""}], SimpleNamespace(epoch=1, weights="raw")) == (None, 1, 1)

@@ -18,7 +18,6 @@ from torch import nn
 
 import accel
 import device_decode
-import pipeline
 import train
 from accel import Accel, make_grad_scaler, maybe_compile, resolve_amp
 from checkpoint import load_checkpoint
@@ -251,10 +250,10 @@ def test_supported_archs_are_torchvisions_networks_with_our_head(arch: str) -> N
 
 
 def test_resolve_augment_device() -> None:
-    assert pipeline.choose_data_path("auto", CUDA) == "gpu"
-    assert pipeline.choose_data_path("auto", CPU) == "cpu"
-    assert pipeline.choose_data_path("cpu", CUDA) == "cpu"
-    assert pipeline.choose_data_path("gpu", CUDA) == "gpu"
+    assert accel.choose_data_path("auto", CUDA) == "gpu"
+    assert accel.choose_data_path("auto", CPU) == "cpu"
+    assert accel.choose_data_path("cpu", CUDA) == "cpu"
+    assert accel.choose_data_path("gpu", CUDA) == "gpu"
 
 
 def test_device_path_trains_on_the_cpu_and_decodes_only_in_the_first_epoch(
@@ -282,8 +281,8 @@ def test_device_path_trains_on_the_cpu_and_decodes_only_in_the_first_epoch(
     # validation images once more, on the path its validation took (the cache belongs to the training run)
     assert sum(decoded) == 12 + 3 + 3
     checkpoint = load_checkpoint(output / "best.pt")
-    assert checkpoint["epoch"] in (1, 2) and len(read_csv_rows(output / "history.csv")) == 2
-    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
+    assert checkpoint.epoch in (1, 2) and len(read_csv_rows(output / "history.csv")) == 2
+    assert all(torch.isfinite(value).all() for value in checkpoint.model.values() if value.is_floating_point())
 
 
 # --------------------------------------------------------------------------- --compile

@@ -256,7 +256,7 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory) -> BadRun:
 
 def test_training_over_every_kind_of_file_completes(bad_run: BadRun) -> None:
     checkpoint = load_checkpoint(bad_run.output / "best.pt")
-    assert checkpoint["class_names"] == ["0", "1", "2", "3"]
+    assert checkpoint.class_names == ["0", "1", "2", "3"]
     assert "Traceback" not in bad_run.result.stderr
     assert f"data: 4 classes; train {9 + 1 + len(GOOD_FILES) + 1} images" in bad_run.result.stdout
 

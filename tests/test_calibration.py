@@ -4,6 +4,7 @@ temperature written by train.py, and what evaluate.py reports of it (metrics.jso
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,9 @@ from calibration import (
     log_probabilities,
     reliability_bins,
     supported_temperature,
-    temperature_of,
 )
-from checkpoint import load_checkpoint, save_checkpoint
-from conftest import PREDICT_FLAGS, ColourData, call_main, tiny_train
+from checkpoint import Checkpoint, load_checkpoint
+from conftest import PREDICT_FLAGS, ColourData, call_main, save_as_version_1, tiny_train
 
 # --------------------------------------------------------------------------- the temperature
 
@@ -80,9 +80,11 @@ def test_no_temperature_on_a_fine_grid_has_a_lower_loss() -> None:
 
     assert all(loss(fitted) <= loss(grid) + 1e-12 for grid in np.linspace(0.5, 4.0, 701))
 
+
 def test_a_checkpoint_without_a_temperature_means_one() -> None:
-    assert temperature_of({"temperature": 1.7}) == 1.7
-    assert temperature_of({}) == 1.0
+    checkpoint = Checkpoint({}, "resnet18", ["a", "b"], 32, 32, (0.5,) * 3, (0.25,) * 3, {})
+    assert replace(checkpoint, temperature=1.7).logit_temperature == 1.7
+    assert replace(checkpoint, temperature=None).logit_temperature == 1.0
 
 
 # --------------------------------------------------------------------------- the expected calibration error
@@ -155,23 +157,23 @@ def calibrated_run(small_data: ColourData, tmp_path_factory: pytest.TempPathFact
 def test_training_stores_a_fitted_temperature_in_best_pt(calibrated_run: tuple[Path, str]) -> None:
     output, stdout = calibrated_run
     best = load_checkpoint(output / "best.pt")
-    assert isinstance(best["temperature"], float) and MIN_TEMPERATURE <= best["temperature"] <= MAX_TEMPERATURE
-    assert "temperature" not in load_checkpoint(output / "last.pt")  # the resume state, not the calibrated model
+    assert isinstance(best.temperature, float) and MIN_TEMPERATURE <= best.temperature <= MAX_TEMPERATURE
+    assert load_checkpoint(output / "last.pt").temperature is None  # the resume state, not the calibrated model
     [line] = [line for line in stdout.splitlines() if line.startswith(("calibration: ", "note: no temperature fits"))]
     if line.startswith("note: "):  # the 3 val images all right: no temperature is supported, best.pt keeps 1.0
-        assert best["temperature"] == 1.0 and "fits the 3 val images (every one right, or none)" in line
+        assert best.temperature == 1.0 and "fits the 3 val images (every one right, or none)" in line
     else:
-        assert f"temperature {best['temperature']:.3f} fitted on 3 val images" in line
+        assert f"temperature {best.temperature:.3f} fitted on 3 val images" in line
         assert "expected calibration error" in line and "->" in line and line.endswith("(noisy on 3 images)")
     summary = json.loads((output / "report" / "metrics.json").read_text())
-    assert summary["temperature"] == best["temperature"]
+    assert summary["temperature"] == best.temperature
     assert (output / "report" / "reliability.png").is_file()
     assert "](reliability.png)" in (output / "report" / "report.md").read_text()
 
 
 def test_train_on_all_stores_temperature_one_and_says_so(small_data: ColourData, tmp_path: Path) -> None:
     result = tiny_train(small_data, tmp_path / "run", "--epochs", "1", "--train-on-all")
-    assert load_checkpoint(tmp_path / "run" / "best.pt")["temperature"] == 1.0
+    assert load_checkpoint(tmp_path / "run" / "best.pt").temperature == 1.0
     assert "no validation split to fit a temperature on" in result.stdout
     assert "calibration: " not in result.stdout
 
@@ -188,7 +190,7 @@ def test_evaluate_reports_the_ece_before_and_after_the_checkpoints_temperature(
     output, _ = calibrated_run
     summary, stdout = run_evaluate(output / "best.pt", small_data, tmp_path / "report")
     checkpoint = load_checkpoint(output / "best.pt")
-    assert summary["temperature"] == checkpoint["temperature"]
+    assert summary["temperature"] == checkpoint.temperature
     assert 0.0 <= summary["ece"] <= 1.0 and 0.0 <= summary["ece_calibrated"] <= 1.0
     assert (tmp_path / "report" / "reliability.png").is_file()
     assert "has no temperature" not in stdout
@@ -198,8 +200,7 @@ def test_an_older_checkpoint_is_evaluated_with_temperature_one_and_a_note(
         calibrated_run: tuple[Path, str], small_data: ColourData, tmp_path: Path) -> None:
     output, _ = calibrated_run
     older = load_checkpoint(output / "best.pt")
-    del older["temperature"]  # written before train.py stored one
-    save_checkpoint(older, tmp_path / "older.pt")
+    save_as_version_1(older, tmp_path / "older.pt", leave_out=["temperature"])  # from before train.py stored one
     summary, stdout = run_evaluate(tmp_path / "older.pt", small_data, tmp_path / "report")
     assert summary["temperature"] == 1.0 and summary["ece_calibrated"] == summary["ece"]
     [note] = [line for line in stdout.splitlines() if "has no temperature" in line]

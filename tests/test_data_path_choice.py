@@ -18,14 +18,14 @@ GPU_PATH_NOTE = "note: --augment-device gpu on a cpu run"
 
 
 def record_data_paths(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
-    """The ``data_path`` of every ``checkpoint_batches`` call ``module`` makes (the call still runs)."""
+    """The path (``gpu`` or ``cpu``) of every ``inference_batches`` call ``module`` makes (the call still runs)."""
     seen: list[str] = []
 
     def recording(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs.get("data_path", args[6] if len(args) > 6 else "auto"))
-        return pipeline.checkpoint_batches(*args, **kwargs)
+        seen.append("gpu" if kwargs.get("on_device", args[5] if len(args) > 5 else None) else "cpu")
+        return pipeline.inference_batches(*args, **kwargs)
 
-    monkeypatch.setattr(module, "checkpoint_batches", recording)
+    monkeypatch.setattr(module, "inference_batches", recording)
     return seen
 
 

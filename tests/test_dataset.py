@@ -14,9 +14,9 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from conftest import ColourData
 from dataset import find_test_images, list_images, load_train_val, sort_class_names, stratified_split
-from engine import balanced_class_weights
 from images import find_unreadable, load_rgb, to_rgb
 from loader_items import transform_seeded
+from losses import balanced_class_weights
 from recipe import build_train_transform
 from utils import UserError
 

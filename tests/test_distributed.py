@@ -19,7 +19,6 @@ from torch import nn
 import distributed
 from common import World
 from distributed import (
-    GlobalCrossEntropy,
     PeerLostError,
     all_reduce_eval,
     all_reduce_sum,
@@ -27,7 +26,6 @@ from distributed import (
     broadcast_flag,
     close_world,
     gather_predictions,
-    global_weighted_share,
     init_world,
     peer_failures,
     rank_device,
@@ -35,6 +33,7 @@ from distributed import (
     wrap_model,
 )
 from engine import EvalResult
+from losses import GlobalCrossEntropy, global_weighted_share
 from samplers import EpochSampler, ShardedBatches, epoch_batches, shard_range, shard_slice
 from utils import UserError
 

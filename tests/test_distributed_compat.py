@@ -18,16 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 import distributed
+import losses
 from common import World
-from distributed import (
-    GlobalCrossEntropy,
-    describe_sync_bn,
-    global_weighted_share,
-    release_wrapper,
-    rewrap_model,
-    sync_trainable_batchnorm,
-    wrap_model,
-)
+from distributed import describe_sync_bn, release_wrapper, rewrap_model, sync_trainable_batchnorm, wrap_model
+from losses import GlobalCrossEntropy, global_weighted_share
 from model import freeze_batchnorm, freeze_blocks, thaw_blocks
 
 TWO_RANKS = World(rank=0, local_rank=0, world_size=2)
@@ -112,12 +106,12 @@ def test_training_loss_copies_nothing_from_the_host(monkeypatch: pytest.MonkeyPa
     logits, targets = torch.randn(6, 3, requires_grad=True), torch.tensor([0, 1, 2, 2, 1, 0])
     expected = nn.CrossEntropyLoss(weight=weight)(logits, targets) * 2  # this rank's share, as if alone
     criterion = GlobalCrossEntropy(TWO_RANKS, weight)
-    monkeypatch.setattr(distributed, "all_reduce_sum", lambda tensor, world: tensor)  # as if the other rank had 0
+    monkeypatch.setattr(losses, "all_reduce_sum", lambda tensor, world: tensor)  # as if the other rank had 0
 
     def no_host_tensors(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise AssertionError("torch.tensor in the training loss: a host-to-device copy at every step")
 
-    monkeypatch.setattr(distributed.torch, "tensor", no_host_tensors)
+    monkeypatch.setattr(losses.torch, "tensor", no_host_tensors)
     torch.testing.assert_close(criterion(logits, targets), expected)
 
 
@@ -141,7 +135,7 @@ def test_a_rank_with_an_empty_batch_takes_part_in_the_all_reduce(monkeypatch: py
         reduced.append(tensor.item())
         return tensor + 4.0
 
-    monkeypatch.setattr(distributed, "all_reduce_sum", other_rank_has_four)
+    monkeypatch.setattr(losses, "all_reduce_sum", other_rank_has_four)
     head = nn.Linear(4, 3)
     loss = GlobalCrossEntropy(TWO_RANKS, weight)(head(torch.zeros(0, 4)), torch.zeros(0, dtype=torch.long))
     loss.backward()

@@ -66,7 +66,7 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model(args.arch, num_classes=3, weights="none")
     freeze_blocks(model, parse_trainable(args.trainable))
     path = tmp_path_factory.mktemp("checkpoint") / "best.pt"
-    save_checkpoint(make_checkpoint(model, ["0", "1", "2"], options.config_of(args), 0, {}, IMAGENET_MEAN,
+    save_checkpoint(make_checkpoint(model, ["0", "1", "2"], args.saved_options(), 0, {}, IMAGENET_MEAN,
                                     IMAGENET_STD), path)
     return path
 

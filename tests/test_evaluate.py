@@ -28,7 +28,15 @@ import report
 from accel import Accel
 from checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from common import IMAGENET_MEAN, IMAGENET_STD, REPORT_FILES
-from conftest import PREDICT_FLAGS, assert_user_error, call_main, read_csv_rows, write_colour_dataset
+from conftest import (
+    PREDICT_FLAGS,
+    assert_user_error,
+    call_main,
+    read_csv_rows,
+    save_as_version_1,
+    weightless_checkpoint,
+    write_colour_dataset,
+)
 from dataset import scan_labeled_split
 from engine import Predictions
 from model import model_from_config
@@ -283,8 +291,7 @@ def test_an_older_checkpoints_held_out_split_is_rebuilt(tiny: tuple[Path, Path],
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train").symlink_to(data_dir / "train")
     older = load_checkpoint(checkpoint)
-    del older["held_out_val_files"]  # written before the list was stored
-    save_checkpoint(older, tmp_path / "older.pt")
+    save_as_version_1(older, tmp_path / "older.pt", leave_out=["held_out_val_files"])  # before the list was stored
     result = run_evaluate("--checkpoint", tmp_path / "older.pt", "--data-dir", tmp_path / "data", "--report-dir",
                           tmp_path / "r")
     assert result.returncode == 0, result.stderr
@@ -304,9 +311,10 @@ def test_a_run_that_validated_on_val_is_not_evaluated_on_a_rebuilt_split(tiny: t
 def test_library_call_as_train_py_makes_it(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     data_dir, checkpoint_path = tiny
     checkpoint = load_checkpoint(checkpoint_path)
-    samples, _ = scan_labeled_split(data_dir / "val", checkpoint["class_names"])
+    samples, _ = scan_labeled_split(data_dir / "val", checkpoint.class_names)
     accel = Accel(torch.device("cpu"), None)
-    batches = pipeline.checkpoint_batches([path for path, _ in samples], checkpoint, accel, batch_size=4)
+    batches = pipeline.inference_batches([path for path, _ in samples], *checkpoint.preprocessing, accel,
+                                        on_device=False, batch_size=4)
     predictions = engine.predict_samples(accel.prepare_model(model_from_checkpoint(checkpoint)), batches, samples,
                                          accel, show_progress=False)
     summary = write_evaluation_report(predictions, checkpoint, tmp_path / "report", source="val",
@@ -319,7 +327,7 @@ def test_report_with_no_mistakes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for path in paths:
         Image.new("RGB", (8, 8)).save(path)
     predictions = Predictions(paths=paths, targets=np.array([0, 1]), probabilities=np.eye(2), failed=[])
-    summary = write_evaluation_report(predictions, {"class_names": ["a", "b"], "config": {}}, tmp_path / "report")
+    summary = write_evaluation_report(predictions, weightless_checkpoint(["a", "b"]), tmp_path / "report")
     assert summary["accuracy"] == 1.0 and summary["classes_without_images"] == []
     assert read_csv_rows(tmp_path / "report" / "top_confusions.csv") == []
     text = (tmp_path / "report" / "report.md").read_text()
@@ -335,7 +343,7 @@ def test_classes_without_images_are_named_and_left_out_of_both_averages(
     predictions = Predictions(paths=["a/0.jpg", "c/0.jpg", "c/1.jpg"], targets=np.array([0, 2, 2]),
                               probabilities=probabilities, failed=[])
     monkeypatch.setattr(report, "thumbnail", lambda path: np.zeros((8, 8, 3), np.uint8))  # no image files here
-    summary = write_evaluation_report(predictions, {"class_names": ["a", "b", "c", "d"], "config": {}}, tmp_path,
+    summary = write_evaluation_report(predictions, weightless_checkpoint(["a", "b", "c", "d"]), tmp_path,
                                       source="data/val")
     assert summary["classes_without_images"] == ["b", "d"]
     assert json.loads((tmp_path / "metrics.json").read_text())["classes_without_images"] == ["b", "d"]
@@ -353,9 +361,10 @@ def test_undecodable_files_are_reported_with_their_reasons(
     reasons = {3: "cannot identify image file", 1: "image of 24960x24960 = 623.0 megapixels is above the limit"}
     probabilities = torch.tensor([[0.9, 0.1], [0.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
     monkeypatch.setattr(engine, "predict_probabilities", lambda *args: (probabilities, reasons))
-    checkpoint = {"class_names": ["a", "b"], "config": {}, "img_size": 32, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    checkpoint = weightless_checkpoint(["a", "b"])
     accel = Accel(torch.device("cpu"), None)
-    batches = pipeline.checkpoint_batches([path for path, _ in samples], checkpoint, accel)
+    batches = pipeline.inference_batches([path for path, _ in samples], *checkpoint.preprocessing, accel,
+                                        on_device=False)
     predictions = engine.predict_samples(None, batches, samples, accel)
     assert predictions.paths == ["val/a/0.jpg", "val/b/1.jpg"] and predictions.targets.tolist() == [0, 1]
     assert predictions.failed == [("val/b/huge.png", reasons[1]), ("val/a/bad.jpg", reasons[3])]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,7 @@ def write_checkpoint(path: Path, data_dir: Path | None, temperature: float | Non
               "val_fraction": 0.25, "seed": 0, **({"data_dir": str(data_dir)} if data_dir else {})}
     state = make_checkpoint(model_from_config(config, len(CLASSES)), CLASSES, config, 2, {"val_acc": 0.5},
                             IMAGENET_MEAN, IMAGENET_STD)
-    if temperature is not None:
-        state["temperature"] = temperature
+    state = replace(state, temperature=temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, path)
     return path

@@ -40,8 +40,9 @@ def hostile_checkpoint(path: Path, marker: Path) -> Path:
     args = options.parse_args(["--arch", "resnet18", "--weights", "none", *TINY_TRAIN_FLAGS])
     model = build_model("resnet18", num_classes=3, weights="none")
     freeze_blocks(model, parse_trainable(args.trainable))
-    checkpoint = make_checkpoint(model, ["0", "1", "2"], options.config_of(args), 1, {}, IMAGENET_MEAN, IMAGENET_STD)
-    checkpoint["training_state"] = {"progress": {"epoch": 1}, "hook": WritesMarker(marker)}
+    checkpoint = make_checkpoint(model, ["0", "1", "2"], args.saved_options(), 1, {}, IMAGENET_MEAN,
+                                 IMAGENET_STD).to_dict()
+    checkpoint.training_state = {"progress": {"epoch": 1}, "hook": WritesMarker(marker)}
     torch.save(checkpoint, path)  # the default pickle protocol
     return path
 
@@ -131,8 +132,8 @@ def test_nan_loss_stops_with_the_epoch_and_batch_and_keeps_earlier_checkpoints(
     assert f"{output / 'last.pt'} keeps epoch 1, the last good one" in line
     assert "--amp off" not in line  # the run already used fp32
     last = load_checkpoint(output / "last.pt")
-    assert last["epoch"] == load_checkpoint(output / "best.pt")["epoch"] == 1
-    assert all(torch.isfinite(value).all() for value in last["model"].values() if value.is_floating_point())
+    assert last.epoch == load_checkpoint(output / "best.pt").epoch == 1
+    assert all(torch.isfinite(value).all() for value in last.model.values() if value.is_floating_point())
     assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1"]
 
 

@@ -184,7 +184,7 @@ def test_a_second_ctrl_c_during_a_checkpoint_write_quits_in_one_line_and_keeps_l
         f"SIGINT again: quitting at once; {output / 'last.pt'} holds the last finished epoch; continue with: "
         f"python {REPO_ROOT / 'train.py'} --resume {output / 'last.pt'}")
     assert not list(output.glob(".*.tmp"))  # no half-written file left
-    assert load_checkpoint(output / "last.pt")["epoch"] >= 1
+    assert load_checkpoint(output / "last.pt").epoch >= 1
 
 
 def test_sigterm_says_what_a_second_signal_does_without_asking_for_ctrl_c(capsys: pytest.CaptureFixture) -> None:

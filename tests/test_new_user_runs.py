@@ -57,11 +57,12 @@ def own_data(small_data: ColourData, tmp_path: Path) -> Path:
 def training_accuracy(checkpoint_path: Path, data_root: Path) -> float:
     """The checkpoint's accuracy on every image of train/ and val/ (what --train-on-all trained on)."""
     checkpoint = load_checkpoint(checkpoint_path)
-    names = checkpoint["class_names"]
+    names = checkpoint.class_names
     samples = [(str(path), names.index(path.parent.name)) for split in ("train", "val")
                for path in sorted((data_root / split).glob("*/*.jpg"))]
     accel = Accel(CPU, channels_last=False)
-    batches = pipeline.checkpoint_batches([path for path, _ in samples], checkpoint, accel)
+    batches = pipeline.inference_batches([path for path, _ in samples], *checkpoint.preprocessing, accel,
+                                        on_device=False)
     predictions = engine.predict_samples(model_from_checkpoint(checkpoint), batches, samples, accel,
                                          show_progress=False)
     return float((predictions.probabilities.argmax(axis=1) == predictions.targets).mean())
@@ -77,7 +78,7 @@ def test_a_short_final_fit_with_ema_warns_and_keeps_a_trained_average(small_data
     assert "--ema 0.625 or lower fits this run" in result.stdout
     best, last = training_accuracy(output / "best.pt", small_data.root), training_accuracy(output / "last.pt",
                                                                                               small_data.root)
-    assert load_checkpoint(output / "best.pt")["weights"] == "ema"
+    assert load_checkpoint(output / "best.pt").weights == "ema"
     assert last >= 0.9 and best >= last - 0.1, (best, last)  # not an average of the untrained weights
     assert "no val (--train-on-all: train/ and val/ both train)" in result.stdout  # 23: not "val 0 images from"
 
@@ -283,4 +284,4 @@ def test_train_knows_whether_val_fraction_was_given(tmp_path: Path, argv: list[s
         argv = [*argv, "--config", str(tmp_path / "run.yaml")]
     args = options.parse_args([*argv, "--output-dir", str(tmp_path / "out")])
     assert args.val_fraction_given is given
-    assert "val_fraction_given" not in options.config_of(args)
+    assert "val_fraction_given" not in args.saved_options()

@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -179,8 +180,7 @@ def test_negative_topk_is_refused(ensemble_inputs, tmp_path: Path) -> None:
 
 def with_temperature(checkpoint: Path, temperature: float, path: Path) -> Path:
     """A copy of ``checkpoint`` holding a fitted ``temperature``, as train.py writes it."""
-    state = load_checkpoint(checkpoint)
-    state["temperature"] = temperature
+    state = replace(load_checkpoint(checkpoint), temperature=temperature)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, path)
     return path

@@ -22,6 +22,7 @@ import dataset as train_set
 import engine
 import evaluate
 import gpu_augment
+import lr_schedule
 import options
 import pipeline
 import predict
@@ -63,10 +64,10 @@ CPU = torch.device("cpu")
 
 
 def test_warmup_rises_linearly_then_the_cosine_spans_the_other_epochs() -> None:
-    rates = [engine.learning_rate(1.0, epoch, 10, warmup_epochs=3) for epoch in range(1, 11)]
+    rates = [lr_schedule.learning_rate(1.0, epoch, 10, warmup_epochs=3) for epoch in range(1, 11)]
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # epoch k of 3 gets k/4, then the cosine starts at 1
     assert rates[4:] == pytest.approx([(1 + math.cos(math.pi * k / 7)) / 2 for k in range(1, 7)])
-    assert [engine.learning_rate(1.0, epoch, 10) for epoch in range(1, 11)] == \
+    assert [lr_schedule.learning_rate(1.0, epoch, 10) for epoch in range(1, 11)] == \
         pytest.approx([(1 + math.cos(math.pi * k / 10)) / 2 for k in range(10)])  # no warmup: as before
 
 
@@ -76,7 +77,7 @@ def test_the_backbone_learns_at_its_share_of_the_heads_rate(small_data: ColourDa
 
     history = read_csv_rows(tmp_path / "out" / "history.csv")
     assert [float(row["lr"]) for row in history] == pytest.approx([5e-4 / 2, 5e-4])
-    groups = load_checkpoint(tmp_path / "out" / "last.pt")["training_state"]["optimizer"]["param_groups"]
+    groups = load_checkpoint(tmp_path / "out" / "last.pt").training_state.optimizer["param_groups"]
     assert [(group["lr_mult"], group["lr"]) for group in groups] == [(1.0, pytest.approx(5e-4)),
                                                                       (0.1, pytest.approx(5e-5))]
     head, backbone = (len(group["params"]) for group in groups)
@@ -132,9 +133,10 @@ def test_best_pt_holds_the_better_of_the_raw_and_averaged_weights(tmp_path: Path
     average = WeightAverage(model, 0.9)
     with torch.no_grad():
         average.module.weight.add_(1.0)
-    config = {"arch": "resnet18", "img_size": 32}
+    config = SimpleNamespace(monitor="val_acc", arch="resnet18",
+                             saved_options=lambda: {"arch": "resnet18", "img_size": 32})
     run = SimpleNamespace(model=model, ema=average, data=SimpleNamespace(class_names=["a", "b", "c"], held_out=None),
-                          args=SimpleNamespace(monitor="val_acc", arch="resnet18"), config=config, runtime={},
+                          config=config, runtime={},
                           output_dir=tmp_path, optimizer=make_optimizer(list(model.parameters()), 0.1, 0.0, CPU),
                           scaler=None, world=World())
     row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": raw_acc, "lr": 0.1,
@@ -144,10 +146,10 @@ def test_best_pt_holds_the_better_of_the_raw_and_averaged_weights(tmp_path: Path
     assert train.record_epoch(run, Progress(), outcome)
 
     best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
-    assert best["weights"] == kept
+    assert best.weights == kept
     expected = average.module if kept == "ema" else model
-    assert torch.equal(best["model"]["weight"], expected.weight)
-    assert torch.equal(last["model"]["weight"], model.weight) and "ema_model" in last
+    assert torch.equal(best.model["weight"], expected.weight)
+    assert torch.equal(last.model["weight"], model.weight) and last.ema_model is not None
 
 
 def test_what_best_pt_follows_is_the_monitor() -> None:
@@ -165,12 +167,12 @@ def test_with_the_average_on_the_history_and_last_pt_carry_it(small_data: Colour
     assert {"ema_val_loss", "ema_val_acc", "ema_val_balanced_acc"} <= set(history[0])
     scores = [(-min(float(row["val_loss"]), float(row["ema_val_loss"])), int(row["epoch"])) for row in history]
     best = load_checkpoint(tmp_path / "out" / "best.pt")
-    assert best["epoch"] == max(scores, key=lambda item: (item[0], -item[1]))[1]  # the lowest loss, first if tied
-    row = history[best["epoch"] - 1]
-    assert best["weights"] == ("ema" if float(row["ema_val_loss"]) < float(row["val_loss"]) else "raw")
+    assert best.epoch == max(scores, key=lambda item: (item[0], -item[1]))[1]  # the lowest loss, first if tied
+    row = history[best.epoch - 1]
+    assert best.weights == ("ema" if float(row["ema_val_loss"]) < float(row["val_loss"]) else "raw")
     assert " (ema " in result.stdout
     lowest = min(float(row["val_loss"]), float(row["ema_val_loss"]))
-    assert f"best val_loss {lowest:.4f} at epoch {best['epoch']} (val accuracy " in result.stdout  # what chose it
+    assert f"best val_loss {lowest:.4f} at epoch {best.epoch} (val accuracy " in result.stdout  # what chose it
 
 
 # --------------------------------------------------------------------------- regularisation
@@ -242,7 +244,7 @@ def test_the_test_size_is_stored_and_used_by_predict_and_evaluate(small_data: Co
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     tiny_train(small_data, tmp_path / "out", "--epochs", "1", "--test-size", "40")
     checkpoint = load_checkpoint(tmp_path / "out" / "best.pt")
-    assert checkpoint["img_size"] == 32 and checkpoint["test_size"] == 40
+    assert checkpoint.img_size == 32 and checkpoint.test_size == 40
     sizes = []
     real = pipeline.eval_batches
 
@@ -294,7 +296,7 @@ def test_a_timm_backbone_trains_resumes_and_predicts(small_data: ColourData, tmp
     assert "the new head (fc) starts from random weights, so it always trains; training layer4,fc" in result.stdout
     assert call_main(train.main, "--resume", output / "last.pt").returncode == 0
     checkpoint = load_checkpoint(output / "best.pt")
-    assert checkpoint["arch"] == "timm:resnet18" and "fc.1.weight" in checkpoint["model"]
+    assert checkpoint.arch == "timm:resnet18" and "fc.1.weight" in checkpoint.model
     assert call_main(predict.main, "--checkpoint", output, "--test-dir", small_data.test_dir, "--output",
                      tmp_path / "p.csv", *PREDICT_FLAGS).returncode == 0
     assert len(read_csv_rows(tmp_path / "p.csv")) == len(list(small_data.test_dir.iterdir()))
@@ -315,7 +317,7 @@ def test_a_model_is_fed_the_normalization_its_weights_were_pretrained_with(
 
     assert used == [((0.5,) * 3, (0.25,) * 3)]
     best = load_checkpoint(tmp_path / "out" / "best.pt")
-    assert (best["mean"], best["std"]) == ([0.5] * 3, [0.25] * 3)  # predict.py and evaluate.py read them here
+    assert (best.mean, best.std) == ((0.5,) * 3, (0.25,) * 3)  # predict.py and evaluate.py read them here
 
 
 BUNDLED_CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -383,12 +385,12 @@ def test_blocks_thaw_at_their_epochs_with_the_optimizer_holding_exactly_the_trai
     names = [name for name, _ in build_model("resnet18", num_classes=3, weights="none").named_parameters()]
     group_blocks = [{"layer4", "fc"}, {"layer3"}, {"conv1", "bn1", "layer1", "layer2"}]  # one group per thaw
     for epoch, state in enumerate(states, start=1):
-        groups = state["training_state"]["optimizer"]["param_groups"]
+        groups = state.training_state.optimizer["param_groups"]
         assert [len(group["params"]) for group in groups] == \
             [sum(block_of(name) in blocks for name in names) for blocks in group_blocks[:epoch]]
         assert sum(len(group["params"]) for group in groups) == len(set().union(*(g["params"] for g in groups)))
     # a block's BatchNorm statistics stay at their initial values until it thaws (random init: mean 0)
-    running_means = [[state["model"][f"{block}.0.bn1.running_mean"].abs().sum().item() for block in
+    running_means = [[state.model[f"{block}.0.bn1.running_mean"].abs().sum().item() for block in
                       ("layer1", "layer2", "layer3")] for state in states]
     assert [[mean > 0 for mean in epoch] for epoch in running_means] == [[False, False, False], [False, False, True],
                                                                          [True, True, True]]
@@ -439,7 +441,7 @@ def test_a_fold_run_validates_on_its_fold_of_train_and_val_pooled(small_data: Co
     result = tiny_train(small_data, output, "--epochs", "1", "--fold", "2/5")
 
     checkpoint = load_checkpoint(output / "best.pt")
-    held_out = checkpoint["held_out_val_files"]
+    held_out = checkpoint.held_out_val_files
     pooled = [f"{split}/{path.parent.name}/{path.name}" for split in ("train", "val")
               for path in sorted((small_data.root / split).rglob("*.jpg"))]
     assert len(held_out) == 3 and set(held_out) <= set(pooled)  # 15 images, 5 folds: one image of each class
@@ -453,7 +455,7 @@ def test_a_fold_run_validates_on_its_fold_of_train_and_val_pooled(small_data: Co
                             "--report-dir", tmp_path / "report-val", *PREDICT_FLAGS)
     assert "outside its fold 2/5 (--fold; evaluate without --split-dir to score that fold)" in other_split.stdout
     other = tiny_train(small_data, tmp_path / "other", "--epochs", "1", "--fold", "3/5")
-    assert set(load_checkpoint(tmp_path / "other" / "best.pt")["held_out_val_files"]).isdisjoint(held_out)
+    assert set(load_checkpoint(tmp_path / "other" / "best.pt").held_out_val_files).isdisjoint(held_out)
     assert "val 3 images" in other.stdout
 
 
@@ -466,7 +468,7 @@ def test_train_on_all_trains_on_every_image_without_validating(small_data: Colou
     history = read_csv_rows(output / "history.csv")
     assert [row["val_acc"] for row in history] == ["", ""] and all(row["train_loss"] for row in history)
     best = load_checkpoint(output / "best.pt")
-    assert (best["epoch"], best["weights"]) == (2, "ema")  # the final fit keeps the moving average
+    assert (best.epoch, best.weights) == (2, "ema")  # the final fit keeps the moving average
     assert (output / "accuracy_curve.png").is_file()
     assert not (output / "confusion_matrix.png").exists() and not (output / "report").exists()
     assert call_main(predict.main, "--checkpoint", output, "--test-dir", small_data.test_dir, "--output",
@@ -504,7 +506,7 @@ def test_resume_is_exact_with_every_new_option_on(small_data: ColourData, tmp_pa
     assert_same_training(tmp_path / "stopped" / "last.pt", tmp_path / "straight" / "last.pt")
     stopped, straight = load_checkpoint(tmp_path / "stopped" / "last.pt"), load_checkpoint(tmp_path / "straight" /
                                                                                               "last.pt")
-    for key in straight["ema_model"]:
-        assert torch.equal(stopped["ema_model"][key], straight["ema_model"][key]), key
+    for key in straight.ema_model:
+        assert torch.equal(stopped.ema_model[key], straight.ema_model[key]), key
     assert history_without_seconds(tmp_path / "stopped" / "history.csv") == \
         history_without_seconds(tmp_path / "straight" / "history.csv")

@@ -19,7 +19,7 @@ from PIL import Image
 
 import report_html
 from common import REPORT_FILES
-from conftest import PREDICT_FLAGS, ColourData, colour_image, run_script, tiny_train
+from conftest import PREDICT_FLAGS, ColourData, colour_image, run_script, tiny_train, weightless_checkpoint
 from engine import Predictions
 from report import write_evaluation_report
 
@@ -67,8 +67,8 @@ def write_tiny_report(root: Path, **report_options) -> TinyReport:
     predictions = Predictions(paths=paths, targets=np.array(TINY_TRUE),
                               probabilities=synthetic_probabilities(TINY_PRED, len(TINY_CLASSES)),
                               failed=[(str(root / "val" / "Bag" / "broken.jpg"), "cannot identify image file")])
-    checkpoint = {"class_names": TINY_CLASSES, "arch": "resnet18", "img_size": 32, "epoch": 3,
-                  "config": {"arch": "resnet18", "lr": 0.001, "epochs": 3, "note": "</script><b>x</b>"}}
+    checkpoint = weightless_checkpoint(TINY_CLASSES, epoch=3, config={"arch": "resnet18", "lr": 0.001, "epochs": 3,
+                                                                      "note": "</script><b>x</b>"})
     write_evaluation_report(predictions, checkpoint, root / "report", source=str(root / "val"), **report_options)
     return TinyReport(root / "report", predictions, TINY_CLASSES)
 
@@ -219,7 +219,7 @@ def test_many_classes_get_the_figure_and_the_largest_cells_instead_of_the_matrix
                "top_k_accuracy": 0.0, "loss": 1.0}
     confusion = np.zeros((len(classes), len(classes)), dtype=int)
     confusion[targets, np.roll(targets, 1)] = 1
-    page = report_html.report_html(predictions, confusion, summary, {"class_names": classes}, tmp_path)
+    page = report_html.report_html(predictions, confusion, summary, weightless_checkpoint(classes), tmp_path)
     assert '"matrix":null' in page and 'id="matrix"' not in page
     assert 'alt="confusion matrix"' in page and len(json.loads(page_parts_of(page).data_json)["largest"]) == 15
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-import engine
+import lr_schedule
 import train
 from checkpoint import load_checkpoint
 from conftest import (
@@ -75,7 +75,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(straight: Straight, small_
     first = tiny_train(small_data, output, "--epochs", str(EPOCHS), "--epochs-this-run", "2")
     assert f"stopped after epoch 2 of {EPOCHS}" in first.stdout
     assert f"continue with: train.main(['--resume', '{output / 'last.pt'}'])" in first.stdout  # called in-process
-    assert load_checkpoint(output / "last.pt")["epoch"] == 2
+    assert load_checkpoint(output / "last.pt").epoch == 2
 
     second = call_main(train.main, "--resume", output / "last.pt")  # the options come from the checkpoint
 
@@ -84,7 +84,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(straight: Straight, small_
     assert "resumed after epoch 2" in second.stdout
     assert_same_training(output / "last.pt", straight.output / "last.pt")
     assert history_without_seconds(output / "history.csv") == history_without_seconds(straight.output / "history.csv")
-    assert_same(load_checkpoint(output / "best.pt")["model"], load_checkpoint(straight.output / "best.pt")["model"])
+    assert_same(load_checkpoint(output / "best.pt").model, load_checkpoint(straight.output / "best.pt").model)
 
 
 def test_worker_count_does_not_change_the_weights(small_data: ColourData, tmp_path: Path,
@@ -94,8 +94,8 @@ def test_worker_count_does_not_change_the_weights(small_data: ColourData, tmp_pa
     tiny_train(small_data, tmp_path / "w2", "--epochs", "1", "--workers", "2")
 
     first, second = load_checkpoint(tmp_path / "w0" / "last.pt"), load_checkpoint(tmp_path / "w2" / "last.pt")
-    assert_same(first["model"], second["model"], "model")
-    assert_same(first["training_state"]["optimizer"], second["training_state"]["optimizer"], "optimizer")
+    assert_same(first.model, second.model, "model")
+    assert_same(first.training_state.optimizer, second.training_state.optimizer, "optimizer")
 
 
 def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_path: Path) -> None:
@@ -109,8 +109,8 @@ def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_pa
     history = history_without_seconds(output / "history.csv")
     assert [row["epoch"] for row in history] == ["1", "2", "3", "4", "5", "6"]
     assert history[:EPOCHS] == history_without_seconds(straight.output / "history.csv")
-    assert float(history[4]["lr"]) == pytest.approx(engine.learning_rate(5e-4, 5, 6))
-    assert load_checkpoint(output / "last.pt")["config"]["epochs"] == 6
+    assert float(history[4]["lr"]) == pytest.approx(lr_schedule.learning_rate(5e-4, 5, 6))
+    assert load_checkpoint(output / "last.pt").config["epochs"] == 6
     assert ("note: --epochs 6 (the run had 4): the cosine schedule is re-stretched over 6 epochs, so the learning "
             "rate goes from 7.32e-05 at epoch 4 to 1.25e-04 at epoch 5 (it rises)") in result.stdout
 
@@ -121,10 +121,10 @@ def test_resume_into_another_output_dir_takes_best_pt_along(straight: Straight, 
     result = call_main(train.main, "--resume", straight.output / "last.pt", "--output-dir", output, "--epochs", "5")
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_same(load_checkpoint(output / "best.pt")["model"], load_checkpoint(straight.output / "best.pt")["model"])
+    assert_same(load_checkpoint(output / "best.pt").model, load_checkpoint(straight.output / "best.pt").model)
     assert (output / "report" / "metrics.json").is_file()
     assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1", "2", "3", "4", "5"]
-    assert (straight.output / "last.pt").is_file() and load_checkpoint(straight.output / "last.pt")["epoch"] == EPOCHS
+    assert (straight.output / "last.pt").is_file() and load_checkpoint(straight.output / "last.pt").epoch == EPOCHS
 
 
 def test_resume_of_a_lone_last_pt_finishes_with_a_note(straight: Straight, tmp_path: Path,
@@ -137,7 +137,7 @@ def test_resume_of_a_lone_last_pt_finishes_with_a_note(straight: Straight, tmp_p
     result = call_main(train.main, "--resume", "auto", "--output-dir", output, "--epochs", "5")
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert load_checkpoint(output / "last.pt")["epoch"] == 5
+    assert load_checkpoint(output / "last.pt").epoch == 5
     if not (output / "best.pt").exists():  # no epoch beat the best one, whose weights were not kept
         assert f"note: no best.pt in {output}" in result.stdout
 
@@ -257,7 +257,7 @@ def test_overwrite_starts_over_and_keeps_nothing_of_the_old_run(straight: Straig
 
     assert "note: removed the earlier run's last.pt, best.pt, history.csv" in result.stdout
     assert [row["epoch"] for row in read_csv_rows(output / "history.csv")] == ["1"]
-    assert load_checkpoint(output / "last.pt")["config"]["lr"] == 0.01
+    assert load_checkpoint(output / "last.pt").config["lr"] == 0.01
     assert not (output / "skipped_files.txt").exists()
     assert (output / "report" / "metrics.json").read_text() != old_report  # the new run's
     assert (output / "report" / "my-notes.md").is_file()
@@ -419,8 +419,8 @@ EPOCH_LINE = r"^epoch +\d+/\d+ "
 def assert_checkpoints_load(output: Path) -> int:
     """best.pt and last.pt are complete checkpoints; returns last.pt's epoch."""
     best, last = load_checkpoint(output / "best.pt"), load_checkpoint(output / "last.pt")
-    assert "training_state" in last and best["epoch"] <= last["epoch"] + 1
-    return last["epoch"]
+    assert last.training_state is not None and best.epoch <= last.epoch + 1
+    return last.epoch
 
 
 def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
@@ -486,7 +486,7 @@ def test_sigterm_to_the_whole_process_group_stops_as_sigint_does(
     assert "Traceback" not in stderr and "SIGTERM: stopping after this batch" in stderr, stderr[-3000:]
     assert f"interrupted: {output / 'last.pt'} holds epoch" in stderr
     # and a run with loader workers that finishes ends: its workers go with it
-    epoch = load_checkpoint(output / "last.pt")["epoch"]
+    epoch = load_checkpoint(output / "last.pt").epoch
     finished = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--resume", str(output / "last.pt"),
                                "--epochs", str(epoch + 1), "--workers", "1"],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -509,7 +509,7 @@ def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
     assert code == 130, run.output()[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "SIGINT: stopping after this batch" in stderr
-    epoch = load_checkpoint(output / "last.pt")["epoch"]
+    epoch = load_checkpoint(output / "last.pt").epoch
     assert 1 <= epoch < 20
     assert f"interrupted: {output / 'last.pt'} holds epoch {epoch}; continue with: " \
            f"python {REPO_ROOT / 'train.py'} --resume {output / 'last.pt'}" in stderr  # as the user ran it

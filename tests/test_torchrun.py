@@ -89,8 +89,8 @@ def test_two_processes_take_the_steps_of_one_with_twice_the_batch(two_process_ru
                         "--batch-size", "4", "--epochs", "3"))
 
     together, alone = load_checkpoint(output / "last.pt"), load_checkpoint(single / "last.pt")
-    for key, value in alone["model"].items():
-        torch.testing.assert_close(together["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    for key, value in alone.model.items():
+        torch.testing.assert_close(together.model[key], value, rtol=1e-4, atol=1e-6, msg=key)
     assert [row["val_acc"] for row in read_csv_rows(output / "history.csv")] == \
         [row["val_acc"] for row in read_csv_rows(single / "history.csv")]  # validation sharded, then summed
 
@@ -103,7 +103,7 @@ def test_only_rank_0_prints_and_writes(two_process_run: tuple[CliResult, Path]) 
     assert len(re.findall(r"; wrote .*best\.pt", result.stdout)) == 1  # the closing line
     assert {path.name for path in output.iterdir()} >= {"best.pt", "last.pt", "history.csv", "config.yaml",
                                                          "confusion_matrix.png", "report"}
-    assert load_checkpoint(output / "last.pt")["runtime"]["processes"] == 2
+    assert load_checkpoint(output / "last.pt").runtime["processes"] == 2
     header = (output / "config.yaml").read_text(encoding="utf-8")
     assert ", 2 processes (torchrun);" in header
     assert "`torchrun --nproc_per_node=2 train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run" in header

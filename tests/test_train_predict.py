@@ -24,6 +24,7 @@ import pipeline
 import predict
 import train
 from accel import Accel
+from checkpoint import Checkpoint, load_checkpoint
 from common import IMAGENET_MEAN, IMAGENET_STD
 from conftest import (
     FAST_FLAGS,
@@ -50,9 +51,9 @@ OUTPUT_FILES = ("best.pt", "last.pt", "history.csv", "loss_curve.png", "accuracy
                 "confusion_matrix.png", "config.yaml")
 
 
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """A checkpoint written by train.py, read the safe way predict.py reads it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint_file(path: Path) -> Checkpoint:
+    """A checkpoint written by train.py, read the safe way predict.py reads it (``weights_only=True``)."""
+    return load_checkpoint(path)
 
 
 def accuracy(rows: list[dict[str, str]], truth: dict[str, str]) -> float:
@@ -93,8 +94,8 @@ def test_saved_config_holds_the_effective_options(trained_run: TrainedRun) -> No
 def test_class_order_is_numeric_not_string_order(trained_run: TrainedRun) -> None:
     for name in ("best.pt", "last.pt"):
         checkpoint = load_checkpoint_file(trained_run.output_dir / name)
-        assert checkpoint["class_names"] == [str(index) for index in range(12)]
-        assert checkpoint["arch"] == "resnet18" and checkpoint["img_size"] == 32
+        assert checkpoint.class_names == [str(index) for index in range(12)]
+        assert checkpoint.arch == "resnet18" and checkpoint.img_size == 32
 
 
 def test_undecodable_train_images_are_listed_up_front_and_skipped(trained_run: TrainedRun) -> None:
@@ -228,7 +229,7 @@ def test_flags_override_the_config_file(config_run: tuple[CliResult, Path, Path]
 def test_saved_config_reproduces_the_run(config_run: tuple[CliResult, Path, Path]) -> None:
     _, output_dir, _ = config_run
     saved = yaml.safe_load((output_dir / "config.yaml").read_text())
-    reread = options.config_of(options.parse_args(["--config", str(output_dir / "config.yaml")]))
+    reread = options.parse_args(["--config", str(output_dir / "config.yaml")]).saved_options()
     assert {key: value for key, value in reread.items() if value is not None} == saved  # unset options are left out
     assert reread["fold"] is None and "fold" not in saved
 
@@ -282,7 +283,7 @@ def test_frozen_blocks_are_unchanged_after_training(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "its classification head (fc.bias, fc.weight) does not fit" in result.stdout  # the file's 1000-class fc
     for name in ("best.pt", "last.pt"):
-        trained = load_checkpoint_file(tmp_path / "out" / name)["model"]
+        trained = load_checkpoint_file(tmp_path / "out" / name).model
         frozen = [key for key in start if block_of(key) in FROZEN_BY_DEFAULT]
         assert any(key.endswith("running_var") for key in frozen)
         for key in frozen:  # weights and BatchNorm statistics, bit for bit
@@ -301,7 +302,7 @@ def test_default_architecture_trains_and_predicts(small_data: ColourData, tmp_pa
                         "--weights", "none", "--epochs", "1", *FAST_FLAGS)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     checkpoint = load_checkpoint_file(tmp_path / "out" / "best.pt")
-    assert checkpoint["arch"] == "resnet50" and checkpoint["config"]["trainable"] == "layer4,fc"
+    assert checkpoint.arch == "resnet50" and checkpoint.config["trainable"] == "layer4,fc"
 
     predicted = call_main(predict.main, "--checkpoint", tmp_path / "out" / "best.pt", "--test-dir",
                           small_data.test_dir, "--output", tmp_path / "prediction.csv", *PREDICT_FLAGS)
@@ -321,7 +322,7 @@ def test_config_yaml_records_what_ran(trained_run: TrainedRun) -> None:
     assert config["device"] == "cpu" and config["amp"] == "off" and config["augment_device"] == "cpu"  # not auto
     assert config["workers"] == 0
     assert text.startswith("# Ran on cpu (") and "in fp32, 0 loader workers, augmentation on the cpu" in text
-    runtime = load_checkpoint_file(trained_run.output_dir / "best.pt")["runtime"]
+    runtime = load_checkpoint_file(trained_run.output_dir / "best.pt").runtime
     assert runtime["precision"] == "fp32" and runtime["device_type"] == "cpu" and runtime["torch"] == torch.__version__
 
 
@@ -359,7 +360,7 @@ def test_the_held_out_validation_list_is_stored_and_evaluate_uses_it(
 ) -> None:
     _, output_dir, data_dir = config_run
     checkpoint = load_checkpoint_file(output_dir / "best.pt")
-    held_out = checkpoint["held_out_val_files"]
+    held_out = checkpoint.held_out_val_files
     assert len(held_out) == 3 and all((data_dir / "train" / name).is_file() for name in held_out)
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
