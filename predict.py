@@ -511,7 +511,8 @@ def predict_and_write(args: argparse.Namespace) -> dict[str, Any]:
         print(top_labels_table(kept, probabilities, class_names, min(args.topk or FILE_MODE_TOPK, len(class_names)),
                                low_confidence(probabilities, args.min_confidence)))
     if output is not None:
-        result.update(write_outputs(args, output, names, predicted, probabilities, class_names, topk))
+        result.update(write_outputs(output, names, predicted, probabilities, class_names, topk, args.zip,
+                                    args.min_confidence))
     result.update(report_low_confidence(probabilities, args.min_confidence))
     if truth is not None:
         result.update(report_score(names, predicted, [true_label_of[name] for name in names], truth, class_names,

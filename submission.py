@@ -10,7 +10,6 @@ BOM or Windows cp1252; comma, semicolon or tab) and scores the predictions again
 
 from __future__ import annotations
 
-import argparse
 import errno
 import io
 import os
@@ -68,20 +67,22 @@ def write_zip(submission: bytes, zip_path: Path) -> None:
     atomic_write_bytes(zip_path, buffer.getvalue())
 
 
-def write_outputs(args: argparse.Namespace, output: Path, names: list[str], predicted: list[str],
-                  probabilities: torch.Tensor, class_names: list[str], topk: int) -> dict[str, Any]:
-    """The submission, and as asked its zip and the top-k probabilities file; returns what was written."""
+def write_outputs(output: Path, names: list[str], predicted: list[str], probabilities: torch.Tensor,
+                  class_names: list[str], topk: int, zipped: bool = False,
+                  min_confidence: float | None = None) -> dict[str, Any]:
+    """The submission, and as asked its zip (``zipped``: --zip) and the top-k probabilities file (``topk``, with the
+    rows under ``min_confidence`` marked); returns what was written."""
     note_undecodable_names(names, output)
     submission = csv_bytes(submission_csv(names, predicted))
     atomic_write_bytes(output, submission)
     print(f"wrote {output}: {len(names)} rows")
     result: dict[str, Any] = {"output": str(output), "rows": len(names)}
-    if args.zip:
+    if zipped:
         write_zip(submission, output.with_suffix(".zip"))
         print(f"wrote {output.with_suffix('.zip')}")
     if topk:
         path = probabilities_path(output)
-        low = low_confidence(probabilities, args.min_confidence)
+        low = low_confidence(probabilities, min_confidence)
         atomic_write_bytes(path, csv_bytes(probabilities_csv(names, probabilities, class_names, topk, low)))
         print(f"wrote {path}: top {topk} label(s) and probabilities per image")
         result["probabilities"] = str(path)
