@@ -44,3 +44,11 @@ def test_common_is_a_leaf_and_nothing_imports_train() -> None:
 def test_every_module_is_on_the_map() -> None:
     text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     assert [name for name in sorted(OURS) if f"`{name}.py`" not in text] == []
+
+
+def test_the_readme_layout_names_every_module_once() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    layout = "\n".join(line for line in section.splitlines() if line.startswith("|"))  # the table
+    named = [name for name in sorted(OURS) for _ in range(layout.count(f"`{name}.py`"))]
+    assert sorted(set(named)) == sorted(OURS) and len(named) == len(OURS)  # each module in one part, once

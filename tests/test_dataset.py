@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.utils.class_weight import compute_class_weight
 
 from conftest import ColourData
 from dataset import find_test_images, list_images, load_train_val, sort_class_names, stratified_split
 from images import find_unreadable, load_rgb, to_rgb
 from loader_items import transform_seeded
-from losses import balanced_class_weights
 from recipe import build_train_transform
 from utils import UserError
 
@@ -165,30 +163,6 @@ def test_load_rgb_applies_exif_orientation(tmp_path: Path) -> None:
         assert raw.size == (40, 20)
 
     assert load_rgb(path).size == (20, 40)
-
-
-# --------------------------------------------------------------------------- class weights
-
-
-def test_balanced_class_weights_match_sklearn() -> None:
-    counts = [60, 30, 12, 5, 1]
-    labels = np.repeat(np.arange(len(counts)), counts)
-    expected = compute_class_weight("balanced", classes=np.arange(len(counts)), y=labels)
-
-    weights = balanced_class_weights(labels.tolist(), len(counts))
-
-    assert weights.dtype == torch.float32
-    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
-
-
-def test_balanced_class_weights_give_empty_classes_zero() -> None:
-    labels = np.repeat([0, 2], [10, 5])
-    expected = compute_class_weight("balanced", classes=np.array([0, 2]), y=labels)
-
-    weights = balanced_class_weights(labels, 3)
-
-    assert weights[1] == 0
-    np.testing.assert_allclose(weights[[0, 2]].numpy(), expected, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- stratified split

@@ -22,7 +22,6 @@ import dataset as train_set
 import engine
 import evaluate
 import gpu_augment
-import lr_schedule
 import options
 import pipeline
 import predict
@@ -61,14 +60,6 @@ CPU = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- the schedule
-
-
-def test_warmup_rises_linearly_then_the_cosine_spans_the_other_epochs() -> None:
-    rates = [lr_schedule.learning_rate(1.0, epoch, 10, warmup_epochs=3) for epoch in range(1, 11)]
-    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # epoch k of 3 gets k/4, then the cosine starts at 1
-    assert rates[4:] == pytest.approx([(1 + math.cos(math.pi * k / 7)) / 2 for k in range(1, 7)])
-    assert [lr_schedule.learning_rate(1.0, epoch, 10) for epoch in range(1, 11)] == \
-        pytest.approx([(1 + math.cos(math.pi * k / 10)) / 2 for k in range(10)])  # no warmup: as before
 
 
 def test_the_backbone_learns_at_its_share_of_the_heads_rate(small_data: ColourData, tmp_path: Path,
