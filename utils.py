@@ -455,10 +455,16 @@ class _temporary_sibling:
 
 
 def format_count(number: int) -> str:
-    """``23508032`` -> ``'23.5M'``; used when printing parameter counts."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    """``23508032`` -> ``'23.5M'``; used when printing parameter counts. A count that rounds up to the next unit is
+    written in it (``999999`` -> ``'1.0M'``, not ``'1000.0k'``)."""
+    units = (("B", 1e9), ("M", 1e6), ("k", 1e3))
+    for index, (unit, size) in enumerate(units):
         if number >= size:
-            return f"{number / size:.1f}{unit}"
+            text = f"{number / size:.1f}"
+            if text == "1000.0" and index > 0:  # 999,999 is 1.0M, not 1000.0k
+                unit, size = units[index - 1]
+                text = f"{number / size:.1f}"
+            return text + unit
     return str(number)
 
 
