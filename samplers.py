@@ -51,7 +51,8 @@ def balanced_sample_weights(labels: Sequence[int]) -> list[float]:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed for one epoch of a run, distinct for every ``(seed, epoch)`` pair."""
+    """A seed for one epoch of a run: a different one for each epoch of a run and for each ``--seed`` (pairs collide
+    only between epochs a million apart)."""
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % 2**62
 
 

@@ -271,8 +271,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
-        first_line = str(error).splitlines()[0]
-        raise UserError(f"--config {path}: not valid YAML ({first_line})") from None
+        raise UserError(f"--config {path}: not valid YAML ({yaml_problem(error)})") from None
     if not isinstance(content, dict):
         raise UserError(f"--config {path}: expected 'option: value' lines at the top level")
     for key, value in content.items():
@@ -280,6 +279,13 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             raise UserError(f"--config {path}: {key}: {value!r} is not one value; write it as on the command line "
                             "(e.g. trainable: layer4,fc)")
     return {str(key).replace("-", "_"): value for key, value in content.items()}
+
+
+def yaml_problem(error: Exception) -> str:
+    """What a YAML parser said is wrong, and where: 'found unexpected end of stream, line 3 column 1'."""
+    problem = getattr(error, "problem", None) or first_line(error)
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark is not None else problem
 
 
 def available_ram_bytes() -> int:

@@ -283,7 +283,7 @@ def test_a_captured_random_state_survives_a_safe_checkpoint_load_and_continues_t
 
 
 @pytest.mark.parametrize("content, message", [
-    ("arch: [resnet18\n", r"not valid YAML \(while parsing a flow sequence\)"),
+    ("arch: [resnet18\n", r"not valid YAML \(expected ',' or ']', but got '<stream end>', line 2 column 1\)"),
     ("- arch\n- epochs\n", "expected 'option: value' lines at the top level"),
     ("weights:\n", "weights: None is not one value; write it as on the command line"),
     ("trainable: [layer4, fc]\n", r"trainable: \['layer4', 'fc'\] is not one value"),
