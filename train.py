@@ -84,7 +84,7 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
                 run_folder.refuse_changed_classes(config, resume.class_names)
         same_command = resume is not None
     if resume is None:
-        return train_and_finish(config, None)
+        return train_and_finish(config, None, Progress())
     progress = resume.training_state.run_progress()
     run_folder.note_schedule_change(config, resume, progress)
     if run_folder.run_is_complete(config, progress):
@@ -92,14 +92,14 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     if same_command:
         print(f"note: {config.output_dir} holds this run ({run_folder.describe_run(resume)}); continuing it "
               "(--overwrite starts over)")
-    return train_and_finish(config, resume)
+    return train_and_finish(config, resume, progress)
 
 
-def train_and_finish(config: TrainConfig, resume: Checkpoint | None) -> dict[str, Any]:
+def train_and_finish(config: TrainConfig, resume: Checkpoint | None, progress: Progress) -> dict[str, Any]:
     """Set the run up (as this process's part of the job under torchrun), train the epochs left, and write the final
     plots and report; returns the summary."""
     with distributed.joined_world(config.chosen.device.type) as world:
-        run, progress = set_up(config, resume, world)
+        run = set_up(config, resume, progress, world)
         with StopRequest(lambda: saved_state(run), exit_after_stop=launched_as_script("train.py")) as stop:
             try:
                 stopped_epoch = train_epochs(run, progress, stop)
@@ -124,7 +124,7 @@ def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progr
     if all((output_dir / name).is_file() for name in outputs):
         return run_folder.run_summary(progress, output_dir)
     with distributed.joined_world(config.chosen.device.type) as world:
-        run, progress = set_up(config, resume, world)
+        run = set_up(config, resume, progress, world)
         return finish(run, progress, progress.epoch if progress.epoch < config.epochs else None)
 
 
@@ -153,9 +153,9 @@ class Run:
     world: World = field(default_factory=World)  # this process's place under torchrun (one process: rank 0 of 1)
 
 
-def set_up(config: TrainConfig, resume: Checkpoint | None, world: World) -> tuple[Run, Progress]:
-    """Device, data, model, loss, optimizer and batches; restored from ``resume`` when given. Under torchrun every
-    process sets up the same way; only rank 0 touches the output folder."""
+def set_up(config: TrainConfig, resume: Checkpoint | None, progress: Progress, world: World) -> Run:
+    """Device, data, model, loss, optimizer and batches; restored from ``resume`` when given, which stood at
+    ``progress``. Under torchrun every process sets up the same way; only rank 0 touches the output folder."""
     accel = configured(Accel(config.chosen.device, config.chosen.amp_dtype, config.channels_last))
     seed_everything(config.seed)  # the same on every process: the new head starts the same everywhere
     data = load_train_val(config.data_dir, config.val_fraction, config.seed, config.verify_images, config.workers,
@@ -173,7 +173,6 @@ def set_up(config: TrainConfig, resume: Checkpoint | None, world: World) -> tupl
     optimizer = engine.make_optimizer(groups, config.lr, config.weight_decay, accel.device, config.optimizer)
     scaler = make_grad_scaler(accel)
     thaw_schedule = config.thaw_schedule
-    progress = resume.training_state.run_progress() if resume is not None else Progress()
     thawed = thaw_resumed_blocks(model, optimizer, thaw_schedule, progress.epoch, config.backbone_lr_mult)
     print(describe_model(model, config.arch, config.weights, config.trainable, thawed))
     if resume is not None:
@@ -209,7 +208,7 @@ def set_up(config: TrainConfig, resume: Checkpoint | None, world: World) -> tupl
         accel.device, world),
               optimizer, scaler, Path(config.output_dir), runtime, step_options, ema, logger, thaw_schedule, world)
     print(options.describe_config(config.saved_options(), run.output_dir))
-    return run, progress
+    return run
 
 
 class FirstBatchPicture:
