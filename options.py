@@ -1,9 +1,11 @@
-"""The options of train.py, predict.py and evaluate.py: the parsers, ``--config`` files, the checks, and what a run
-records of them (config.yaml, the runtime record).
+"""The options of train.py, predict.py and evaluate.py: the parsers, ``--config`` files, the checks, the run's typed
+configuration, and what a run records of it (config.yaml, the runtime record).
 
-``get_args_parser`` is train.py's parser; ``add_device_options`` and ``add_max_image_pixels_option`` are the options
-the three scripts share. A ``--config`` file sets the parser's defaults (each value converted as its flag would
-be), so the command line wins. ``check_args`` only checks; ``resolve_args`` spells out derived values.
+``get_args_parser`` is train.py's parser; ``add_device_options``, ``add_inference_options`` and
+``add_max_image_pixels_option`` are the options the scripts share. A ``--config`` file sets the parser's defaults
+(each value converted as its flag would be), so the command line wins. :func:`parse_args_and_resume` turns the flags
+into one frozen ``run_config.TrainConfig`` through :func:`build_config`: ``check_args`` refuses what cannot work, and
+every ``auto`` (device, precision, workers, each split's data path, the thaw schedule) is decided there, once.
 """
 
 from __future__ import annotations
