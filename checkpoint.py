@@ -99,7 +99,7 @@ def make_checkpoint(  # noqa: PLR0913
     held_out: list[str] | None = None,
     runtime: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """The checkpoint of ``model`` (its weights copied to the CPU) after ``epoch``, for a run with options
+    """The checkpoint of ``model`` (its weights as CPU tensors) after ``epoch``, for a run with options
     ``config`` (saved options, as plain values).
 
     ``held_out`` is the list of validation images split off train/ (see ``dataset.TrainValData``); ``runtime``
@@ -139,7 +139,8 @@ def load_checkpoint(path: str | Path, flag: str = "--checkpoint", file_in_folder
         path = path / file_in_folder
         if not path.is_file():
             others = sorted(other.name for other in path.parent.glob("*.pt"))
-            hint = f" (it holds {', '.join(others)}: pass {path.parent / others[0]})" if others else ""
+            suggested = next((name for name in ("best.pt", "last.pt") if name in others), others[0] if others else "")
+            hint = f" (it holds {', '.join(others)}: pass {path.parent / suggested})" if others else ""
             raise UserError(f"{flag} {path.parent}: a folder without {file_in_folder}{hint}; pass a run's output "
                             "folder or a checkpoint file written by train.py")
         print(f"{flag}: using {path}")
@@ -150,7 +151,7 @@ def load_checkpoint(path: str | Path, flag: str = "--checkpoint", file_in_folder
     if version is None:
         raise UserError(f"{flag} {path}: not a checkpoint written by this project's train.py")
     if version > FORMAT_VERSION:
-        raise UserError(f"{flag} {path}: written by a newer version of this project (checkpoint format {version}; "
+        raise UserError(f"{flag} {path}: written by a newer version of this project (checkpoint format {version}, "
                         f"this one reads up to {FORMAT_VERSION}); update the code (git pull)")
     missing = [key for key in REQUIRED_KEYS if key not in stored]
     if missing:
@@ -174,13 +175,20 @@ def _read_safely(path: Path, flag: str) -> Any:
         raise UserError(f"{flag} {path}: {_why_unreadable(path, error, flag)}") from None
 
 
+# How torch.save's files start: a zip archive, or (older PyTorch) a pickle of protocol 2 or more.
+TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
 def _why_unreadable(path: Path, error: Exception, flag: str) -> str:
-    if "GLOBAL" in str(error):  # the weights-only unpickler met an object it refuses to build
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    # The weights-only unpickler met an object it refuses to build; in a file torch.save wrote, not in text whose
+    # first letter happens to be pickle's GLOBAL opcode ("c").
+    if "GLOBAL" in str(error) and head.startswith(TORCH_SAVE_STARTS):
         return ("holds Python objects that are unsafe to load (a checkpoint of this project holds only tensors and "
                 "plain values); refusing to read it")
-    with path.open("rb") as handle:
-        if handle.read(64).startswith(b"version https://git-lfs"):
-            return "a Git LFS pointer, not the file itself; fetch it with git lfs pull"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file itself; fetch it with git lfs pull"
     instead = "another copy of it" if flag == "--resume" else "another copy, or the run's last.pt or best.pt"
     return f"truncated or corrupt, or not a checkpoint of this project at all; use {instead}"
 

@@ -29,7 +29,7 @@ from tb_logger import TensorBoardLogger, summary_writer_class
 from utils import UserError, atomic_write_bytes, atomic_write_text, command_hint, some_names
 
 
-def prepare_output_dir(config: TrainConfig, resume: dict[str, Any] | None, skipped: Sequence[tuple[str, str]],
+def prepare_output_dir(config: TrainConfig, resume: Checkpoint | None, skipped: Sequence[tuple[str, str]],
                        config_text: str) -> TensorBoardLogger | None:
     """Clear a fresh run's folder (only now: every check has passed), write config.yaml and the skip list; the
     TensorBoard logger when asked."""
@@ -89,7 +89,7 @@ RUN_OUTPUTS = (*RUN_FILES, "loss_curve.png", "accuracy_curve.png", "confusion_ma
                "train_batch.png")
 
 
-def run_to_continue(config: TrainConfig) -> dict[str, Any] | None:
+def run_to_continue(config: TrainConfig) -> Checkpoint | None:
     """The last.pt of the run in --output-dir when this command is that run's own (a re-run cell, a re-submitted
     job); None when there is no run there, or --overwrite. Any other run there is refused, never replaced."""
     output_dir = Path(config.output_dir)
@@ -110,7 +110,11 @@ def holds_a_run(output_dir: Path) -> bool:
     return any((output_dir / name).exists() for name in RUN_FILES)
 
 
-def run_checkpoint(output_dir: Path) -> dict[str, Any]:
+# load_checkpoint's fixes that mend the run's own last.pt (newer code wrote it; Git LFS holds it): never start over.
+FIXES_OF_THE_FILE = ("update the code", "git lfs pull")
+
+
+def run_checkpoint(output_dir: Path) -> Checkpoint:
     """The last.pt of the run in ``output_dir``; a folder without a readable one is refused with the choices."""
     found = [name for name in RUN_FILES if (output_dir / name).exists()]
     choices = "start over there with --overwrite, or pass another --output-dir"
@@ -120,7 +124,10 @@ def run_checkpoint(output_dir: Path) -> dict[str, Any]:
     try:
         checkpoint = load_checkpoint(output_dir / "last.pt", flag="--output-dir")
     except UserError as error:
-        raise UserError(f"{str(error).split('; ')[0]} (the last.pt of the run there); {choices}") from None
+        reason, _, fix = str(error).partition("; ")
+        if any(words in fix for words in FIXES_OF_THE_FILE):  # the file is fine, the code or the copy is not
+            raise UserError(f"{reason} (the last.pt of the run there); {fix}") from None
+        raise UserError(f"{reason} (the last.pt of the run there); {choices}") from None
     if checkpoint.training_state is None:
         raise UserError(f"--output-dir {output_dir}: its last.pt holds no training state; {choices}")
     return checkpoint

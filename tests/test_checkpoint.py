@@ -279,7 +279,7 @@ def someone_elses_format(tmp_path: Path) -> Refusal:
 def newer_format(tmp_path: Path) -> Refusal:
     torch.save({**tiny_checkpoint().to_dict(), "format": f"{FORMAT_NAME}/{FORMAT_VERSION + 1}"}, tmp_path / "new.pt")
     return Refusal(tmp_path / "new.pt", ("written by a newer version of this project",
-                                         f"(checkpoint format {FORMAT_VERSION + 1}; this one reads up to "
+                                         f"(checkpoint format {FORMAT_VERSION + 1}, this one reads up to "
                                          f"{FORMAT_VERSION})", "update the code (git pull)"))
 
 
@@ -404,3 +404,20 @@ def test_model_from_checkpoint_rebuilds_the_network_with_its_weights_frozen_as_t
         {name for name, parameter in trained.named_parameters() if parameter.requires_grad}
     assert any(parameter.requires_grad for parameter in rebuilt.parameters())
     assert not all(parameter.requires_grad for parameter in rebuilt.parameters())
+
+
+def test_a_text_file_starting_with_c_is_corrupt_not_unsafe(tmp_path: Path) -> None:
+    # "c" is pickle's GLOBAL opcode: the weights-only unpickler's complaint must not make a CSV look like a threat.
+    path = tmp_path / "labels.pt"
+    path.write_bytes(b"class,label\n1,2\n")
+
+    with pytest.raises(UserError, match="truncated or corrupt, or not a checkpoint of this project at all"):
+        load_checkpoint(path)
+
+
+def test_a_folder_without_the_file_asked_for_suggests_its_last_pt_first(tmp_path: Path) -> None:
+    for name in ("a_copy.pt", "last.pt"):
+        (tmp_path / name).write_bytes(b"")
+
+    with pytest.raises(UserError, match=f"it holds a_copy.pt, last.pt: pass {tmp_path / 'last.pt'}"):
+        load_checkpoint(tmp_path)

@@ -42,7 +42,7 @@ def hostile_checkpoint(path: Path, marker: Path) -> Path:
     freeze_blocks(model, parse_trainable(args.trainable))
     checkpoint = make_checkpoint(model, ["0", "1", "2"], args.saved_options(), 1, {}, IMAGENET_MEAN,
                                  IMAGENET_STD).to_dict()
-    checkpoint.training_state = {"progress": {"epoch": 1}, "hook": WritesMarker(marker)}
+    checkpoint["training_state"] = {"progress": {"epoch": 1}, "hook": WritesMarker(marker)}
     torch.save(checkpoint, path)  # the default pickle protocol
     return path
 
