@@ -3,8 +3,8 @@
 Everything here is small and deterministic so the whole suite runs on a 2-core CPU in a few minutes:
 32 px images, ResNet-18 and 2 epochs for the shared end-to-end run, one thread per process.
 
-The whole suite (``python -m pytest -q``, no paths given) runs on two pytest-xdist workers, one test file per
-worker at a time, where pytest-xdist is installed and two cores are free: see :func:`pytest_cmdline_main`.
+pytest.ini runs the tests on two pytest-xdist workers, one test file per worker at a time (``-n 0``: in one process),
+the slowest files first: see :func:`pytest_collection_modifyitems`.
 """
 
 from __future__ import annotations
@@ -80,19 +80,22 @@ TINY_TRAIN_FLAGS: tuple[str, ...] = (
 )
 
 
-# --------------------------------------------------------------------------- two workers for the whole suite
+# --------------------------------------------------------------------------- the order of the files
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Run the whole suite on two xdist workers (``-n 2 --dist loadfile``: a file's tests, and so its module
-    fixtures, stay on one worker). Only when no paths were given, nothing chose ``-n``, xdist is installed, this is
-    not already a worker or a pytest started by one (the GPU check's), and two cores are free; ``-n 0`` runs it in
-    one process. Most of the suite's time is subprocesses starting Python and torch, so the second core pays."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if (config.args_source is pytest.Config.ArgsSource.TESTPATHS and config.pluginmanager.hasplugin("xdist")
-            and config.option.numprocesses is None and "PYTEST_XDIST_WORKER" not in os.environ and cores >= 2):
-        config.option.numprocesses, config.option.dist = 2, "loadfile"
+# The slowest files, slowest first (whole suite on two workers, AMD EPYC, 2 cores, 2026-12-06): xdist hands a worker
+# its next file in collection order, so these go first and the two workers run out of small files together.
+SLOWEST_FILES: tuple[str, ...] = (
+    "test_torchrun.py", "test_resume.py", "test_ablate.py", "test_recipes.py", "test_train_predict.py",
+    "test_new_user_runs.py", "test_distributed.py", "test_benchmarks.py", "test_new_user_round3.py",
+    "test_export.py", "test_train_batch_picture.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files of SLOWEST_FILES first, in that order; the others keep their order, as does each file's tests."""
+    position = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: position.get(item.path.name, len(SLOWEST_FILES)))
 
 
 # --------------------------------------------------------------------------- generated data
