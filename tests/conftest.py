@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Tiny tensors gain nothing from a second thread, and OpenMP threads that spin while another process holds
 # the other core make a run many times slower. Set before torch is imported; subprocesses inherit it.
@@ -31,14 +31,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
-import torchvision.models._api
 from PIL import Image
 
-import train
-from checkpoint import load_checkpoint
+if TYPE_CHECKING:
+    import torch
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
+# The xdist controller process loads this file too, and runs no test: torch, torchvision and the project's modules
+# are imported by the helpers that use them, which spares it the 4 s their import takes before any worker starts.
+if "torch" in sys.modules:  # imported before this file (by a plugin): the variable came too late for it
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -263,6 +264,8 @@ def assert_user_error(result: CliResult, *fragments: str | Path) -> str:
 
 def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
     """``train.main`` in this process with TINY_TRAIN_FLAGS on ``data``; asserts it succeeded."""
+    import train
+
     result = call_main(train.main, "--data-dir", data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -271,8 +274,8 @@ def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
 @pytest.fixture
 def no_final_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the end-of-run plots and evaluation report (a second a run) in tests that only compare checkpoints."""
-    monkeypatch.setattr(train, "save_final_plots", lambda *args, **kwargs: None)
-    monkeypatch.setattr(train, "write_best_report", lambda *args, **kwargs: None)
+    monkeypatch.setattr("train.save_final_plots", lambda *args, **kwargs: None)
+    monkeypatch.setattr("train.write_best_report", lambda *args, **kwargs: None)
 
 
 def history_without_seconds(path: Path) -> list[dict[str, str]]:
@@ -282,6 +285,8 @@ def history_without_seconds(path: Path) -> list[dict[str, str]]:
 
 def assert_same(first: Any, second: Any, where: str = "") -> None:
     """Equal nested structures; tensors bitwise equal (same dtype, same values)."""
+    import torch
+
     if isinstance(first, torch.Tensor):
         assert isinstance(second, torch.Tensor) and first.dtype == second.dtype, where
         assert torch.equal(first, second), f"{where} differs"
@@ -299,6 +304,8 @@ def assert_same(first: Any, second: Any, where: str = "") -> None:
 
 def assert_same_training(first: Path, second: Path) -> None:
     """Two last.pt files hold bitwise the same weights, optimizer, random states and progress (but wall times)."""
+    from checkpoint import load_checkpoint
+
     a, b = load_checkpoint(first), load_checkpoint(second)
     assert a["epoch"] == b["epoch"]
     assert_same(a["model"], b["model"], "model")
@@ -344,6 +351,9 @@ def torchvision_state_dict(arch: str = "resnet18", seed: int = 0) -> dict[str, t
 
     BatchNorm running statistics are made non-trivial so that "unchanged" means something.
     """
+    import torch
+    import torchvision
+
     torch.manual_seed(seed)
     state = torchvision.models.get_model(arch, weights=None, num_classes=1000).state_dict()
     for key, value in state.items():
@@ -369,7 +379,7 @@ def no_weight_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(url: str, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(f"a test tried to download {url}; use --weights none or a weights file")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", refuse)
 
 
 def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
@@ -378,7 +388,7 @@ def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
     def no_network(url: str, *args: Any, **kwargs: Any) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", no_network)
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
 
