@@ -3,8 +3,8 @@
 Everything here is small and deterministic so the whole suite runs on a 2-core CPU in a few minutes:
 32 px images, ResNet-18 and 2 epochs for the shared end-to-end run, one thread per process.
 
-The whole suite (``python -m pytest -q``, no paths given) runs on two pytest-xdist workers, one test file per
-worker at a time, where pytest-xdist is installed and two cores are free: see :func:`pytest_cmdline_main`.
+pytest.ini runs the tests on two pytest-xdist workers, one test file per worker at a time (``-n 0``: in one process),
+the slowest files first: see :func:`pytest_collection_modifyitems`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Tiny tensors gain nothing from a second thread, and OpenMP threads that spin while another process holds
 # the other core make a run many times slower. Set before torch is imported; subprocesses inherit it.
@@ -31,14 +31,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
-import torchvision.models._api
 from PIL import Image
 
-import train
-from checkpoint import Checkpoint, load_checkpoint
+if TYPE_CHECKING:
+    import torch
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case torch was imported before this file
+    from checkpoint import Checkpoint
+
+# The xdist controller process loads this file too, and runs no test: torch, torchvision and the project's modules
+# are imported by the helpers that use them, which spares it the 4 s their import takes before any worker starts.
+if "torch" in sys.modules:  # imported before this file (by a plugin): the variable came too late for it
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -80,19 +83,22 @@ TINY_TRAIN_FLAGS: tuple[str, ...] = (
 )
 
 
-# --------------------------------------------------------------------------- two workers for the whole suite
+# --------------------------------------------------------------------------- the order of the files
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Run the whole suite on two xdist workers (``-n 2 --dist loadfile``: a file's tests, and so its module
-    fixtures, stay on one worker). Only when no paths were given, nothing chose ``-n``, xdist is installed, this is
-    not already a worker or a pytest started by one (the GPU check's), and two cores are free; ``-n 0`` runs it in
-    one process. Most of the suite's time is subprocesses starting Python and torch, so the second core pays."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if (config.args_source is pytest.Config.ArgsSource.TESTPATHS and config.pluginmanager.hasplugin("xdist")
-            and config.option.numprocesses is None and "PYTEST_XDIST_WORKER" not in os.environ and cores >= 2):
-        config.option.numprocesses, config.option.dist = 2, "loadfile"
+# The slowest files, slowest first (whole suite on two workers, AMD EPYC, 2 cores, 2026-12-06): xdist hands a worker
+# its next file in collection order, so these go first and the two workers run out of small files together.
+SLOWEST_FILES: tuple[str, ...] = (
+    "test_torchrun.py", "test_resume.py", "test_ablate.py", "test_recipes.py", "test_train_predict.py",
+    "test_new_user_runs.py", "test_distributed.py", "test_benchmarks.py", "test_new_user_round3.py",
+    "test_export.py", "test_train_batch_picture.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files of SLOWEST_FILES first, in that order; the others keep their order, as does each file's tests."""
+    position = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: position.get(item.path.name, len(SLOWEST_FILES)))
 
 
 # --------------------------------------------------------------------------- generated data
@@ -260,6 +266,8 @@ def assert_user_error(result: CliResult, *fragments: str | Path) -> str:
 
 def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
     """``train.main`` in this process with TINY_TRAIN_FLAGS on ``data``; asserts it succeeded."""
+    import train
+
     result = call_main(train.main, "--data-dir", data.root, "--output-dir", output, *TINY_TRAIN_FLAGS, *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -268,8 +276,8 @@ def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
 @pytest.fixture
 def no_final_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the end-of-run plots and evaluation report (a second a run) in tests that only compare checkpoints."""
-    monkeypatch.setattr(train, "save_final_plots", lambda *args, **kwargs: None)
-    monkeypatch.setattr(train, "write_best_report", lambda *args, **kwargs: None)
+    monkeypatch.setattr("train.save_final_plots", lambda *args, **kwargs: None)
+    monkeypatch.setattr("train.write_best_report", lambda *args, **kwargs: None)
 
 
 def history_without_seconds(path: Path) -> list[dict[str, str]]:
@@ -279,6 +287,8 @@ def history_without_seconds(path: Path) -> list[dict[str, str]]:
 
 def assert_same(first: Any, second: Any, where: str = "") -> None:
     """Equal nested structures; tensors bitwise equal (same dtype, same values)."""
+    import torch
+
     if isinstance(first, torch.Tensor):
         assert isinstance(second, torch.Tensor) and first.dtype == second.dtype, where
         assert torch.equal(first, second), f"{where} differs"
@@ -297,6 +307,8 @@ def assert_same(first: Any, second: Any, where: str = "") -> None:
 def weightless_checkpoint(class_names: Sequence[str], **fields: Any) -> Checkpoint:
     """A checkpoint without weights, for code that reads only what a checkpoint says (reports, batches): ResNet-18
     at 32 px with ImageNet's normalization unless ``fields`` say otherwise."""
+    from checkpoint import Checkpoint
+
     defaults = {"model": {}, "arch": "resnet18", "img_size": 32, "test_size": 32, "mean": (0.485, 0.456, 0.406),
                 "std": (0.229, 0.224, 0.225), "config": {}}
     return Checkpoint(class_names=list(class_names), **{**defaults, **fields})
@@ -304,6 +316,8 @@ def weightless_checkpoint(class_names: Sequence[str], **fields: Any) -> Checkpoi
 
 def save_as_version_1(checkpoint: Checkpoint, path: Path, leave_out: Sequence[str] = ()) -> Path:
     """``checkpoint`` stored as format 1 wrote it, without the keys ``leave_out`` (those older files lacked)."""
+    import torch
+
     stored = {key: value for key, value in checkpoint.to_dict().items() if key not in leave_out}
     torch.save({**stored, "format": "imagefolder-resnet-checkpoint/1"}, path)
     return path
@@ -311,6 +325,8 @@ def save_as_version_1(checkpoint: Checkpoint, path: Path, leave_out: Sequence[st
 
 def assert_same_training(first: Path, second: Path) -> None:
     """Two last.pt files hold bitwise the same weights, optimizer, random states and progress (but wall times)."""
+    from checkpoint import load_checkpoint
+
     a, b = load_checkpoint(first), load_checkpoint(second)
     assert a.epoch == b.epoch
     assert_same(a.model, b.model, "model")
@@ -356,6 +372,9 @@ def torchvision_state_dict(arch: str = "resnet18", seed: int = 0) -> dict[str, t
 
     BatchNorm running statistics are made non-trivial so that "unchanged" means something.
     """
+    import torch
+    import torchvision
+
     torch.manual_seed(seed)
     state = torchvision.models.get_model(arch, weights=None, num_classes=1000).state_dict()
     for key, value in state.items():
@@ -381,7 +400,7 @@ def no_weight_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(url: str, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(f"a test tried to download {url}; use --weights none or a weights file")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", refuse)
 
 
 def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
@@ -390,7 +409,7 @@ def go_offline(monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
     def no_network(url: str, *args: Any, **kwargs: Any) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", no_network)
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
 
 

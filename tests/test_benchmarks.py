@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import REPO_ROOT, call_main, load_script, run_script
+from conftest import REPO_ROOT, call_main, load_script
 
 RESULTS = REPO_ROOT / "benchmarks" / "results.md"
 # ResNet-18 at 32 px on 8 tiny JPEGs, two batches an epoch: each stage runs, nothing takes long.
@@ -126,8 +126,8 @@ def test_restricted_to_says_where_it_cannot_restrict(monkeypatch: pytest.MonkeyP
 
 def test_cpu_precision_measures_each_variant_against_fp32_and_the_reference() -> None:
     before = RESULTS.read_text(encoding="utf-8")
-    result = run_script("benchmarks/cpu_precision.py", "--arch", "resnet18", "--img-size", "32", "--batch-size", "2",
-                        "--repeats", "1", "--classes", "3", "--variants", "fp32,bf16", "--no-save")
+    result = call_main(load_benchmark("cpu_precision").main, "--arch", "resnet18", "--img-size", "32", "--batch-size",
+                       "2", "--repeats", "1", "--classes", "3", "--variants", "fp32,bf16", "--no-save")
     assert result.returncode == 0, result.stderr
     rows = table_rows(result.stdout)
     assert list(rows)[1:] == ["reference", "fp32", "bf16"]

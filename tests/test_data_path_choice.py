@@ -33,7 +33,7 @@ def test_a_gpu_path_run_reports_on_best_pt_through_the_path_its_validation_took(
         small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = record_data_paths(monkeypatch, train)
 
-    result = tiny_train(small_data, tmp_path / "run", "--augment-device", "gpu")
+    result = tiny_train(small_data, tmp_path / "run", "--epochs", "1", "--augment-device", "gpu")
 
     assert seen == ["gpu"]  # was "auto": the CPU path on this machine, not the one best.pt was chosen on
     assert result.stdout.count(GPU_PATH_NOTE) == 1  # chosen once (it was said twice)
@@ -66,5 +66,5 @@ def test_the_classifier_takes_augment_device_as_predict_does(trained_checkpoint:
 @pytest.fixture(scope="module")
 def trained_checkpoint(small_data: ColourData, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("run")
-    tiny_train(small_data, output)
+    tiny_train(small_data, output, "--epochs", "1")
     return output / "best.pt"

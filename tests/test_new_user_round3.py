@@ -34,7 +34,6 @@ from conftest import (
     ColourData,
     assert_user_error,
     call_main,
-    run_script,
     write_colour_dataset,
 )
 from dataset import describe_data, list_images, load_train_val
@@ -73,8 +72,8 @@ def test_a_broken_link_in_the_test_folder_refuses_the_submission_naming_it(own_d
     broken.symlink_to("/nonexistent/img.jpg")
     output = tmp_path / "prediction.csv"
 
-    result = run_script("predict.py", "--checkpoint", checkpoint, "--test-dir", own_data / "test", "--output", output,
-                        *PREDICT_FLAGS)
+    result = call_main(importlib.import_module("predict").main, "--checkpoint", checkpoint, "--test-dir",
+                       own_data / "test", "--output", output, *PREDICT_FLAGS)
 
     assert_user_error(result, "could not be decoded, so no submission was written", broken)
     assert "non-image" not in result.stdout

@@ -181,7 +181,8 @@ def test_an_undecodable_val_image_is_listed_in_skipped_files(own_data: Path, tmp
 # --------------------------------------------------------------------------- 16: a resume past a thaw
 
 
-def test_a_resume_past_a_thaw_counts_the_thawed_parameters(small_data: ColourData, tmp_path: Path) -> None:
+def test_a_resume_past_a_thaw_counts_the_thawed_parameters(small_data: ColourData, tmp_path: Path,
+                                                            no_final_outputs: None) -> None:
     output = tmp_path / "out"
     first = succeeded(tiny_run(small_data.root, output, "--epochs", "3", "--epochs-this-run", "2",
                                "--unfreeze-at", "layer3:2"))
@@ -241,8 +242,8 @@ def test_in_a_notebook_progress_bars_still_show(notebook: None) -> None:
 # --------------------------------------------------------------------------- 20: the config line
 
 
-def test_the_config_is_one_line_of_what_differs_printed_after_the_checks(small_data: ColourData,
-                                                                          tmp_path: Path) -> None:
+def test_the_config_is_one_line_of_what_differs_printed_after_the_checks(small_data: ColourData, tmp_path: Path,
+                                                                          no_final_outputs: None) -> None:
     output = tmp_path / "out"
     result = succeeded(tiny_run(small_data.root, output, "--epochs", "1", "--label-smoothing", "0.1"))
 

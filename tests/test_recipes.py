@@ -207,7 +207,8 @@ def test_random_erasing_on_both_paths() -> None:
     assert erased[1, :, 2:6, 3:8].eq(0).all() and erased.sum() == 2 * 3 * 32 * 32 - 3 * 4 * 5
 
 
-def test_auto_augment_runs_on_the_cpu_path_with_a_note(small_data: ColourData, tmp_path: Path) -> None:
+def test_auto_augment_runs_on_the_cpu_path_with_a_note(small_data: ColourData, tmp_path: Path,
+                                                       no_final_outputs: None) -> None:
     transform = build_train_transform(32, auto_augment="ta_wide")
     assert type(transform.transforms[2]).__name__ == "TrivialAugmentWide"  # after the flip
     result = tiny_train(small_data, tmp_path / "out", "--epochs", "1", "--augment-device", "gpu",
@@ -232,7 +233,8 @@ def test_the_balanced_sampler_draws_every_class_about_equally_often() -> None:
 
 
 def test_the_test_size_is_stored_and_used_by_predict_and_evaluate(small_data: ColourData, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  no_final_outputs: None) -> None:
     tiny_train(small_data, tmp_path / "out", "--epochs", "1", "--test-size", "40")
     checkpoint = load_checkpoint(tmp_path / "out" / "best.pt")
     assert checkpoint.img_size == 32 and checkpoint.test_size == 40

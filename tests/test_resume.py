@@ -98,7 +98,8 @@ def test_worker_count_does_not_change_the_weights(small_data: ColourData, tmp_pa
     assert_same(first.training_state.optimizer, second.training_state.optimizer, "optimizer")
 
 
-def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_path: Path) -> None:
+def test_resume_auto_with_more_epochs_extends_the_run(straight: Straight, tmp_path: Path,
+                                                      no_final_outputs: None) -> None:
     output = tmp_path / "copy"
     shutil.copytree(straight.output, output)
 
@@ -173,7 +174,8 @@ def test_resume_with_a_conflicting_config_file_is_a_clean_error(straight: Straig
     assert_user_error(result, "--resume", "--lr")
 
 
-def test_resume_accepts_the_config_file_the_run_started_with(straight: Straight, tmp_path: Path) -> None:
+def test_resume_accepts_the_config_file_the_run_started_with(straight: Straight, tmp_path: Path,
+                                                             no_final_outputs: None) -> None:
     """A re-run Colab cell passes the same --config again: that must resume, not fail."""
     config = tmp_path / "run.yaml"
     config.write_text(f"epochs: {EPOCHS}\n")
@@ -282,7 +284,7 @@ def test_overwrite_contradicts_resuming_the_same_run(straight: Straight, tmp_pat
 
 
 def test_resuming_into_a_folder_holding_another_run_is_refused(straight: Straight, small_data: ColourData,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, no_final_outputs: None) -> None:
     other = tmp_path / "other"
     tiny_train(small_data, other, "--epochs", "1", "--lr", "0.01")
     before = file_times(other)

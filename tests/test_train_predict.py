@@ -262,7 +262,7 @@ def test_held_out_val_images_use_the_eval_transform(small_data: ColourData, tmp_
 
 
 def test_frozen_blocks_are_unchanged_after_training(
-    small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_data: ColourData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_final_outputs: None
 ) -> None:
     weights = tmp_path / "start.pth"
     start = torchvision_state_dict("resnet18", seed=3)
@@ -378,7 +378,7 @@ def test_the_held_out_validation_list_is_stored_and_evaluate_uses_it(
 # --------------------------------------------------------------------------- from Python, and --help
 
 
-def test_main_takes_its_arguments_as_one_string(small_data: ColourData, tmp_path: Path) -> None:
+def test_main_takes_its_arguments_as_one_string(small_data: ColourData, tmp_path: Path, no_final_outputs: None) -> None:
     output = tmp_path / "with space"
     command = f"--data-dir {small_data.root} --output-dir '{output}' --epochs 1 {' '.join(TINY_TRAIN_FLAGS)}"
 
