@@ -90,8 +90,8 @@ TINY_TRAIN_FLAGS: tuple[str, ...] = (
 # its next file in collection order, so these go first and the two workers run out of small files together.
 SLOWEST_FILES: tuple[str, ...] = (
     "test_torchrun.py", "test_resume.py", "test_ablate.py", "test_recipes.py", "test_train_predict.py",
-    "test_new_user_runs.py", "test_distributed.py", "test_benchmarks.py", "test_new_user_round3.py",
-    "test_export.py", "test_train_batch_picture.py",
+    "test_new_user_runs.py", "test_distributed.py", "test_errors.py", "test_benchmarks.py", "test_new_user_round3.py",
+    "test_bad_files.py", "test_op_counts.py",
 )
 
 

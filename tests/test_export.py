@@ -50,6 +50,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     return root / "data", checkpoint, root / "model.onnx", result
 
 
+@pytest.fixture
+def quick_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TorchScript exporter (under a second; the default dynamo one takes 3 s) for tests about what export.py does
+    around the export; ``exported`` and the tests of the export itself keep the default."""
+    monkeypatch.setattr(export, "onnx_exporter", lambda: "torchscript")
+
+
 def test_export_writes_the_model_with_its_metadata_after_checking_parity(exported) -> None:
     data, checkpoint, model_path, result = exported
     assert f"parity on 6 images of {data / 'val'}" in result.stdout
@@ -88,7 +95,7 @@ def test_predict_runs_the_onnx_model_like_its_checkpoint(exported, tmp_path: Pat
         [max(runs["pt"][Path(name).stem].values()) for name in table["name"]], abs=1e-5)
 
 
-def test_an_export_beyond_the_tolerance_is_refused_and_set_aside(exported, tmp_path: Path,
+def test_an_export_beyond_the_tolerance_is_refused_and_set_aside(exported, tmp_path: Path, quick_exporter: None,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     _, checkpoint, _, _ = exported
     reference = export.pytorch_logits
@@ -99,7 +106,7 @@ def test_an_export_beyond_the_tolerance_is_refused_and_set_aside(exported, tmp_p
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.parity-failed.onnx"]
 
 
-def test_without_the_validation_images_images_dir_is_needed(exported, tmp_path: Path) -> None:
+def test_without_the_validation_images_images_dir_is_needed(exported, tmp_path: Path, quick_exporter: None) -> None:
     data, _, _, _ = exported
     checkpoint = write_checkpoint(tmp_path / "best.pt", data_dir=None, temperature=None)
     assert_user_error(call_main(export.main, "--checkpoint", checkpoint), "--images DIR", "config has no data_dir")

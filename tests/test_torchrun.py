@@ -82,7 +82,8 @@ def two_process_run(uneven_data: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_two_processes_take_the_steps_of_one_with_twice_the_batch(two_process_run: tuple[CliResult, Path],
-                                                                  uneven_data: Path, tmp_path: Path) -> None:
+                                                                  uneven_data: Path, tmp_path: Path,
+                                                                  no_final_outputs: None) -> None:
     _, output = two_process_run
     single = tmp_path / "single"
     succeeded(call_main(train.main, "--data-dir", uneven_data, "--output-dir", single, *COMPARABLE_FLAGS,
@@ -110,7 +111,8 @@ def test_only_rank_0_prints_and_writes(two_process_run: tuple[CliResult, Path]) 
 
 
 def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run: tuple[CliResult, Path],
-                                                                uneven_data: Path, tmp_path: Path) -> None:
+                                                                uneven_data: Path, tmp_path: Path,
+                                                                no_final_outputs: None) -> None:
     _, straight = two_process_run
     stopped = tmp_path / "stopped"
     succeeded(torchrun("--data-dir", uneven_data, "--output-dir", stopped, *COMPARABLE_FLAGS, "--batch-size", "2",
