@@ -85,7 +85,7 @@ echo "== $(date -u +%H:%M:%S) accuracy of the two paths, in the background" | te
 timeout 200 "$py" benchmarks/path_accuracy.py "${accuracy[@]}" --no-save > "$scratch/accuracy.txt" 2>&1 &
 accuracy_pid=$!
 # 4. The tests that run only where CUDA is.
-step 120 "$py" -m pytest -q -p no:cacheprovider -k cuda "${cuda_tests[@]}"
+step 120 "$py" -m pytest -q -p no:cacheprovider -n 0 -k cuda "${cuda_tests[@]}"
 # 5. DistributedDataParallel on nccl (gloo on the CPU) with one process: wrapping, a thaw and rebuild, SyncBatchNorm.
 step 90 "$py" benchmarks/ddp_smoke.py --device "$device"
 wait "$accuracy_pid"
