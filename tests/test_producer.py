@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +127,16 @@ def test_an_exception_in_the_producer_is_raised_in_the_caller_with_its_message()
     assert taken == [[0], [1]] and producer_threads() == []
 
 
-def test_ctrl_c_while_waiting_for_a_batch_stops_the_producer() -> None:
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever an earlier test or plugin left in this
+    process: ``_thread.interrupt_main`` does nothing where SIGINT is ignored or left to the system."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_waiting_for_a_batch_stops_the_producer(ctrl_c_raises: None) -> None:
     """The caller waits in short slices: the KeyboardInterrupt reaches it, and the thread is gone when it does."""
     batches = batch_producer.produced(iter(SlowBatches(100, seconds=0.05)), torch.device("cpu"), depth=2)
     next(batches)
