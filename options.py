@@ -310,9 +310,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     """Check the parsed options and decide every ``auto`` once (device, precision, workers, each split's data path,
     the blocks that train and when): the run's frozen configuration."""
     check_args(args)
-    skeleton = model_skeleton(args.arch)  # checked already: an unknown --arch or a missing timm is refused there
     device = pick_device(args.device)
-    thaw_schedule = unfreeze_schedule(args.unfreeze_at, args.trainable, args.epochs, skeleton)
+    check_run_options(args, device)
+    skeleton = model_skeleton(args.arch)  # an unknown --arch, or timm missing, is refused here: nothing downloaded
+    thaw_schedule = check_model_options(args, skeleton)
     amp_dtype = resolve_amp(args.amp, device)
     train_path, eval_path = choose_data_paths(args.augment_device, args.auto_augment, device)
     spelled_out = {
@@ -406,7 +407,8 @@ def config_value(action: argparse.Action, value: Any, path: str) -> Any:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse values that would only fail later, deep in the loop (one line naming the flag and the fix)."""
+    """Refuse numbers that would only fail later, deep in the loop (one line naming the flag and the fix); the
+    folder, device and model options are checked by :func:`check_run_options` and :func:`check_model_options`."""
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--img-size": args.img_size}
     for flag, value in positive.items():
         if not isinstance(value, int) or value < 1:
@@ -440,15 +442,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--epochs-this-run {args.epochs_this_run}: must be at least 1")
     if args.patience < 0:
         raise UserError(f"--patience {args.patience}: must be 0 (never stop early) or more")
-    check_run_options(args)
-    check_model_options(args)
 
 
-def check_run_options(args: argparse.Namespace) -> None:
-    """Refuse an --output-dir, --max-image-pixels, --sync-bn or --fold that cannot work."""
+def check_run_options(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse an --output-dir, --max-image-pixels, --sync-bn (on ``device``) or --fold that cannot work."""
     check_output_dir(args.output_dir)
     check_max_image_pixels(args.max_image_pixels)
-    if args.sync_bn and pick_device(args.device).type != "cuda":
+    if args.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn: SyncBatchNorm needs CUDA GPUs (torchrun with one process a GPU); without it each "
                         "process's BatchNorm normalizes its own images")
     if args.fold is not None:
@@ -458,10 +458,9 @@ def check_run_options(args: argparse.Namespace) -> None:
                             "pick one")
 
 
-def check_model_options(args: argparse.Namespace) -> None:
-    """Refuse an --arch, input size, --max-params, --unfreeze-at or batch size the model cannot take, from the
-    model's skeleton: nothing is downloaded."""
-    skeleton = model_skeleton(args.arch)  # an unknown --arch, or timm missing, is refused here
+def check_model_options(args: argparse.Namespace, skeleton: nn.Module) -> dict[int, list[str]]:
+    """Refuse an input size, --max-params, --unfreeze-at or batch size the model (its ``skeleton``: nothing is
+    downloaded) cannot take; returns the --unfreeze-at schedule, {epoch: blocks that start training then}."""
     fixed = fixed_input_size(args.arch)
     for flag, size in (("--img-size", args.img_size), ("--test-size", args.test_size)):
         if fixed is not None and size is not None and size != fixed:
@@ -475,6 +474,7 @@ def check_model_options(args: argparse.Namespace) -> None:
     if args.batch_size < 2 and has_trainable_batchnorm(trained, skeleton):
         raise UserError(f"--batch-size {args.batch_size}: the trained blocks ({','.join(trained)}) hold BatchNorm "
                         "layers, which need at least 2 images a batch; use --batch-size 2 or more")
+    return schedule
 
 
 def choose_data_paths(augment_device: str, auto_augment: str, device: torch.device) -> tuple[str, str]:

@@ -293,7 +293,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str, amp: str, data_path:
     ``--amp`` pick (an ONNX model: onnxruntime on the CPU, fp32); ``data_path``: ``--augment-device``."""
     paths = [str(path) for path in paths]
     loaded = load_checkpoints(paths)
-    checkpoints = [item.checkpoint if isinstance(item, OnnxFile) else item for item in loaded]
+    checkpoints = [checkpoint_of(item) for item in loaded]
     temperatures = [checked_temperature(checkpoint, path) for path, checkpoint in zip(paths, checkpoints, strict=True)]
     if isinstance(loaded[0], OnnxFile):
         if device not in ("auto", "cpu") or amp not in ("auto", "off"):
@@ -316,7 +316,7 @@ def load_checkpoints(paths: Sequence[str]) -> list[Checkpoint] | list[OnnxFile]:
                         f"(they run on different devices); pass only .pt files, or export {other} with python "
                         "export.py and pass only .onnx files")
     loaded = [load_onnx(path) if is_onnx(path) else load_checkpoint(path) for path in paths]
-    checkpoints = [item.checkpoint if isinstance(item, OnnxFile) else item for item in loaded]
+    checkpoints = [checkpoint_of(item) for item in loaded]
     first = checkpoints[0].class_names
     for path, checkpoint in zip(paths[1:], checkpoints[1:], strict=True):
         if checkpoint.class_names != first:
@@ -327,6 +327,11 @@ def load_checkpoints(paths: Sequence[str]) -> list[Checkpoint] | list[OnnxFile]:
         print(f"checkpoint: {path} ({checkpoint.arch}, {len(checkpoint.class_names)} classes, "
               f"{checkpoint.eval_size} px, epoch {checkpoint.epoch})")
     return loaded
+
+
+def checkpoint_of(item: Checkpoint | OnnxFile) -> Checkpoint:
+    """What a loaded ``--checkpoint`` says (classes, preprocessing, temperature), a ``.pt``'s or an ONNX model's."""
+    return item.checkpoint if isinstance(item, OnnxFile) else item
 
 
 def checked_temperature(checkpoint: Checkpoint, path: str) -> float:

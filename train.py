@@ -186,8 +186,8 @@ def set_up(config: TrainConfig, resume: Checkpoint | None, progress: Progress, w
     if world.is_main:
         config_text = options.config_yaml(config.saved_options(), runtime)
         logger = run_folder.prepare_output_dir(config, resume, data.skipped, config_text)
-    ema = engine.make_ema(model, config.ema, *((resume.ema_model, resume.training_state.ema_updates) if resume
-                                               else ()))
+    ema = engine.make_ema(model, config.ema, resume.ema_model if resume else None,
+                          resume.training_state.ema_updates if resume else 0)
     step_options = StepOptions(config.accum_steps, after_step=(lambda: ema.update(model)) if ema else None)
     if world.distributed:  # every process takes part in every step's collectives, whatever its batch held
         step_options.all_finite = lambda finite: distributed.all_ranks_true(finite, world)
