@@ -1,8 +1,8 @@
-"""The workers of test_distributed.py's 2-process gloo jobs: ``python tests/distributed_workers.py WORKER``.
+"""The workers of test_distributed.py's 2-process gloo jobs, one function a rank: ``run(WORKER)``.
 
-Apart from the tests so that a worker imports only what it needs: a rank that only loses its peer starts in about
-2 s instead of the 3 s that importing the whole test module took (AMD EPYC, 2 cores); ``checks`` imports the rest
-when it runs.
+test_distributed.py forks its test process for each rank (torch is imported there already, so a rank starts at
+once); ``python tests/distributed_workers.py WORKER`` under torchrun, or with RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set, runs one by hand.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def check_collectives(world: World) -> None:
 
 
 def worker_checks() -> None:
-    """Run under torchrun: every check on a real 2-process gloo group."""
+    """Every check on a real 2-process gloo group."""
     world = init_world("cpu")
     assert world.world_size == 2 and dist.get_backend() == "gloo"
     check_same_steps_as_one_process(world)
@@ -137,9 +137,14 @@ def worker_loses_a_peer(how: str) -> None:
     all_reduce_sum(torch.ones(1), world)
 
 
-if __name__ == "__main__":
+def run(worker: str) -> None:
+    """Run the rank's ``worker``: ``checks``, or ``dies`` / ``hangs`` (rank 1 lost after the first collective)."""
     torch.set_num_threads(1)
-    if sys.argv[1] == "checks":
+    if worker == "checks":
         worker_checks()
     else:
-        worker_loses_a_peer(sys.argv[1])
+        worker_loses_a_peer(worker)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1])

@@ -1,16 +1,19 @@
 """Multi-process training helpers: each rank's share of the epoch, the global batch's loss, the collectives, and
-a rank that dies or hangs. The last three tests start real 2-process gloo jobs running the workers of
-distributed_workers.py (``python tests/distributed_workers.py WORKER``)."""
+a rank that dies or hangs. The last three tests run real 2-process gloo jobs: each rank a fork of this process
+running a worker of distributed_workers.py (tests/test_torchrun.py starts train.py itself under torchrun)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import distributed_workers
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,8 +40,6 @@ from losses import GlobalCrossEntropy, global_weighted_share
 from samplers import EpochSampler, ShardedBatches, epoch_batches, shard_range, shard_slice
 from utils import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKERS = Path(__file__).with_name("distributed_workers.py")  # the jobs' workers
 GLOO_GLITCH = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:4021."
 
 
@@ -237,42 +238,89 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def worker_environment(**variables: str) -> dict[str, str]:
-    """The environment of a worker: the repository importable, one thread, ``variables`` set."""
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **variables}
+def _rank_body(worker: str, environment: dict[str, str], stdout_path: str, stderr_path: str) -> None:
+    """A forked rank: the environment a launcher gives it, its output (file descriptors 1 and 2, so that what gloo's
+    C++ side writes counts too) in files, then the worker."""
+    os.environ.update(environment)
+    for descriptor, path in ((1, stdout_path), (2, stderr_path)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), descriptor)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # lives as long as the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    distributed_workers.run(worker)
 
 
-def start_ranks(worker: str, timeout_s: int, ready_dir: Path) -> list[subprocess.Popen]:
-    """Two processes of ``worker`` launched as a scheduler would, without torchrun (rank 0 hosts the store); they
-    meet in ``ready_dir`` before joining the group."""
+@dataclass
+class Rank:
+    """One forked rank of a job, and the files its output goes to."""
+
+    process: multiprocessing.process.BaseProcess
+    stdout_path: Path
+    stderr_path: Path
+
+    def finish(self, timeout_s: float) -> int:
+        """Wait for the rank to end; its exit code."""
+        self.process.join(timeout_s)
+        assert not self.process.is_alive(), f"the rank did not end within {timeout_s:g} s:\n{self.output()}"
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def output(self) -> str:
+        return (self.stdout() + self.stderr())[-3000:]
+
+
+def start_ranks(worker: str, timeout_s: int, folder: Path) -> list[Rank]:
+    """Two ranks running ``worker``, forked from this process (torch imported, so no interpreter start) and set up as
+    a scheduler would, without torchrun (rank 0 hosts the store); they meet in ``folder/ready`` before joining the
+    group, and write their output to ``folder``."""
+    ready_dir = folder / "ready"
+    ready_dir.mkdir()
     common = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                   TRAIN_DIST_TIMEOUT=str(timeout_s), WORKER_READY_DIR=str(ready_dir))
-    return [subprocess.Popen([sys.executable, str(WORKERS), worker], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env=worker_environment(RANK=str(rank), LOCAL_RANK=str(rank), **common))
-            for rank in range(2)]
+    ranks = []
+    for rank in range(2):
+        environment = dict(common, RANK=str(rank), LOCAL_RANK=str(rank))
+        stdout_path, stderr_path = folder / f"rank{rank}.out", folder / f"rank{rank}.err"
+        process = multiprocessing.get_context("fork").Process(
+            target=_rank_body, args=(worker, environment, str(stdout_path), str(stderr_path)))
+        process.start()
+        ranks.append(Rank(process, stdout_path, stderr_path))
+    return ranks
 
 
-def test_two_processes_train_like_one_with_the_double_batch() -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKERS),
-               "checks"]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-                          env=worker_environment())
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "checks passed on 2 ranks" in done.stdout
+@pytest.fixture
+def ranks() -> Iterator[list[Rank]]:
+    """The ranks a test starts (append them); any still running when it ends is killed."""
+    started: list[Rank] = []
+    yield started
+    for rank in started:
+        rank.kill()
+
+
+def test_two_processes_train_like_one_with_the_double_batch(tmp_path: Path, ranks: list[Rank]) -> None:
+    ranks += start_ranks("checks", timeout_s=30, folder=tmp_path)
+    codes = [rank.finish(120) for rank in ranks]
+    assert codes == [0, 0], ranks[0].output() + ranks[1].output()
+    assert "checks passed on 2 ranks" in ranks[0].stdout()
 
 
 @pytest.mark.parametrize("worker, reason", [("dies", "by peer"), ("hangs", "Timed out")])
-def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str, tmp_path: Path) -> None:
+def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str, tmp_path: Path, ranks: list[Rank]) -> None:
     started = time.monotonic()
-    rank0, rank1 = start_ranks(worker, timeout_s=2, ready_dir=tmp_path)
-    try:
-        _, stderr = rank0.communicate(timeout=60)
-    finally:
-        rank1.kill()
-        rank1.communicate()
+    ranks += start_ranks(worker, timeout_s=2, folder=tmp_path)
+    code = ranks[0].finish(60)
+    stderr = ranks[0].stderr()
     assert time.monotonic() - started < 30
-    assert rank0.returncode == 2, stderr
+    assert code == 2, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: rank 0 of 2: rank 1 stopped answering") and reason in last, stderr
