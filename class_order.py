@@ -13,9 +13,6 @@ cells with them.
 from __future__ import annotations
 
 import numpy as np
-from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial.distance import squareform
 
 # Per-cell numbers are only legible up to this many classes; up to it the classes keep folder order.
 MAX_CLASSES_WITH_CELL_TEXT = 30
@@ -62,6 +59,8 @@ def confusion_cluster_order(confusion: np.ndarray) -> list[int]:
     neighbours touch. Groups, single classes included, are laid out by their
     lowest class index, so classes that are never confused keep folder order.
     """
+    from scipy.sparse.csgraph import connected_components  # here, as the others below: only past 30 classes
+
     similarity = _confusion_similarity(confusion)
     num_groups, group_of = connected_components(similarity > 0, directed=False)
     groups = sorted((np.flatnonzero(group_of == group) for group in range(num_groups)), key=min)
@@ -79,6 +78,9 @@ def _confusion_similarity(confusion: np.ndarray) -> np.ndarray:
 
 def _leaf_order(similarity: np.ndarray) -> list[int]:
     """Positions 0..n-1 in the leaf order of the optimally ordered average-linkage tree, lower end first."""
+    from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+    from scipy.spatial.distance import squareform
+
     if len(similarity) <= 2:
         return list(range(len(similarity)))
     distance = 1.0 - similarity  # shares are at most 1, so distances stay in 0..1

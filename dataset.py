@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from common import Sample
 from images import (
@@ -313,6 +312,8 @@ def fold_split(samples: Sequence[Sample], fold: int, folds: int, seed: int) -> t
     """(train, val): fold ``fold`` (1-based) of scikit-learn's StratifiedKFold over ``samples``, shuffled with
     ``seed``, is val. The same samples, fold count and seed give the same folds, which together cover each sample
     exactly once."""
+    from sklearn.model_selection import StratifiedKFold  # here: the import takes a second (metrics.py)
+
     samples = sorted(samples)
     labels = np.array([label for _, label in samples])
     with warnings.catch_warnings():  # classes with fewer images than folds: noted by the caller

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from common import SINGLE_PROCESS, World
@@ -27,6 +26,8 @@ def make_criterion(train_labels: Sequence[int], num_classes: int, class_weights:
 def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """scikit-learn's 'balanced' weights, ``n_samples / (n_classes * count)``, for class indices
     ``0..num_classes-1``; a class with no samples gets 0."""
+    from sklearn.utils.class_weight import compute_class_weight  # here: the import takes a second (metrics.py)
+
     labels = np.asarray(labels)
     present = np.unique(labels)
     weights = np.zeros(num_classes)

@@ -10,13 +10,21 @@ scikit-learn as weighted (true, predicted) pairs, one per non-empty cell, so the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-from sklearn import metrics as skm
 
 # Probabilities are clamped here before the log, so a confidently wrong image costs at most ~87 nats
 # instead of making the mean loss infinite.
 _MIN_PROBABILITY = float(np.finfo(np.float32).tiny)
+
+
+def sklearn_metrics() -> ModuleType:
+    """``sklearn.metrics``, imported on first use: importing scikit-learn takes about a second, which predict.py
+    without labels, and a command refused at its first check, need not wait for."""
+    from sklearn import metrics
+
+    return metrics
 
 
 @dataclass
@@ -35,7 +43,7 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: 
     if len(targets) == 0 or num_classes == 1:
         # scikit-learn rejects empty input, and warns about any 1 x 1 matrix (predict.py may score a single label)
         return np.full((num_classes, num_classes), len(targets), dtype=np.int64)
-    return skm.confusion_matrix(targets, predictions, labels=np.arange(num_classes))
+    return sklearn_metrics().confusion_matrix(targets, predictions, labels=np.arange(num_classes))
 
 
 def _weighted_labels(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,7 +62,7 @@ def class_scores(confusion: np.ndarray) -> ClassScores:
     """Support, prediction count, precision, recall and F1 of every class of a confusion matrix."""
     confusion = np.asarray(confusion)
     true, predicted, count = _weighted_labels(confusion)
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+    precision, recall, f1, _ = sklearn_metrics().precision_recall_fscore_support(
         true, predicted, labels=np.arange(len(confusion)), sample_weight=count, zero_division=0)
     return ClassScores(confusion.sum(axis=1), confusion.sum(axis=0), precision, recall, f1)
 
@@ -62,7 +70,7 @@ def class_scores(confusion: np.ndarray) -> ClassScores:
 def accuracy(confusion: np.ndarray) -> float:
     """Share of images whose predicted class is the true one."""
     true, predicted, count = _weighted_labels(confusion)
-    return float(skm.accuracy_score(true, predicted, sample_weight=count))
+    return float(sklearn_metrics().accuracy_score(true, predicted, sample_weight=count))
 
 
 def balanced_accuracy(confusion: np.ndarray) -> float:
@@ -70,15 +78,15 @@ def balanced_accuracy(confusion: np.ndarray) -> float:
     true, predicted, count = _weighted_labels(confusion)
     # recall_score with explicit labels, not balanced_accuracy_score: the same number, but the averaged classes
     # are spelled out as in macro_f1, and there is no warning when a class is predicted but never true.
-    return float(skm.recall_score(true, predicted, labels=classes_with_images(confusion), average="macro",
-                                  sample_weight=count))
+    return float(sklearn_metrics().recall_score(true, predicted, labels=classes_with_images(confusion),
+                                                average="macro", sample_weight=count))
 
 
 def macro_f1(confusion: np.ndarray) -> float:
     """Mean F1 over the classes with images (not scikit-learn's default, which adds classes only predicted)."""
     true, predicted, count = _weighted_labels(confusion)
-    return float(skm.f1_score(true, predicted, labels=classes_with_images(confusion), average="macro",
-                              sample_weight=count, zero_division=0))
+    return float(sklearn_metrics().f1_score(true, predicted, labels=classes_with_images(confusion), average="macro",
+                                            sample_weight=count, zero_division=0))
 
 
 def top_k_accuracy(probabilities: np.ndarray, targets: np.ndarray, k: int) -> float:
@@ -92,8 +100,8 @@ def top_k_accuracy(probabilities: np.ndarray, targets: np.ndarray, k: int) -> fl
     if k >= num_classes:
         return 1.0  # every class is in the top k (scikit-learn warns that such a score is meaningless)
     if k == 1:  # top-1 is plain accuracy; top_k_accuracy_score rejects the two-column scores of 2 classes
-        return float(skm.accuracy_score(targets, probabilities.argmax(axis=1)))
-    return float(skm.top_k_accuracy_score(targets, probabilities, k=k, labels=np.arange(num_classes)))
+        return float(sklearn_metrics().accuracy_score(targets, probabilities.argmax(axis=1)))
+    return float(sklearn_metrics().top_k_accuracy_score(targets, probabilities, k=k, labels=np.arange(num_classes)))
 
 
 def cross_entropy(probabilities: np.ndarray, targets: np.ndarray) -> float:

@@ -1,8 +1,11 @@
-"""The module map of docs/ARCHITECTURE.md, kept: who may import whom."""
+"""The module map of docs/ARCHITECTURE.md, kept: who may import whom; and what importing a script does."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,24 @@ def test_the_readme_layout_names_every_module_once() -> None:
     layout = "\n".join(line for line in section.splitlines() if line.startswith("|"))  # the table
     named = [name for name in sorted(OURS) for _ in range(layout.count(f"`{name}.py`"))]
     assert sorted(set(named)) == sorted(OURS) and len(named) == len(OURS)  # each module in one part, once
+
+
+# Run in a new interpreter: what this one has imported for other tests must not count.
+IMPORT_EVERY_SCRIPT = """
+import json, sys
+import device_decode, evaluate, export, predict, train
+loaded = sorted(name for name in ("sklearn", "scipy", "tqdm.auto", "tqdm.autonotebook", "tqdm.notebook")
+                if name in sys.modules)
+chosen = device_decode.jpeg_decoder.cache_info().currsize
+device_decode.DeviceDecoder(__import__("torch").device("cpu"), None, None)
+print(json.dumps({"loaded": loaded, "decoders": [chosen, device_decode.jpeg_decoder.cache_info().currsize]}))
+"""
+
+
+def test_importing_the_scripts_does_nothing_but_define() -> None:
+    """No notebook progress bar (it would print widgets' text in a terminal), scikit-learn and SciPy not until a
+    metric or a fold needs them (a second of every start), no JPEG decoder chosen until a device decoder is built."""
+    done = subprocess.run([sys.executable, "-c", IMPORT_EVERY_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"loaded": [], "decoders": [0, 1]}
