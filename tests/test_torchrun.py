@@ -2,7 +2,8 @@
 
 Each job is ``python -m torch.distributed.run --standalone --nproc_per_node=2 train.py ...``. The runs freeze every
 BatchNorm layer (``--trainable fc``), so two processes at ``--batch-size B`` must take the very steps one process
-takes at ``2B``, up to the order of float additions.
+takes at ``2B``, up to the order of float additions. Three jobs in all: one uninterrupted, one whose rank 1 is
+killed after its first epoch, and the resumption of that one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from conftest import (
 
 # What makes the two-process run comparable with the one-process run: BatchNorm frozen, no dropout.
 COMPARABLE_FLAGS = (*TINY_TRAIN_FLAGS, "--trainable", "fc", "--dropout", "0")
+EPOCHS = 4  # the killed job has three left after its first, about two seconds: time enough for the kill to land
 JOB_TIMEOUT_S = 240
 
 
@@ -74,10 +76,10 @@ def uneven_data(small_data: ColourData, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="module")
 def two_process_run(uneven_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CliResult, Path]:
-    """Three epochs in two processes at --batch-size 2."""
+    """EPOCHS epochs in two processes at --batch-size 2."""
     output = tmp_path_factory.mktemp("torchrun") / "out"
     result = succeeded(torchrun("--data-dir", uneven_data, "--output-dir", output, *COMPARABLE_FLAGS,
-                                "--batch-size", "2", "--epochs", "3"))
+                                "--batch-size", "2", "--epochs", str(EPOCHS)))
     return result, output
 
 
@@ -87,7 +89,7 @@ def test_two_processes_take_the_steps_of_one_with_twice_the_batch(two_process_ru
     _, output = two_process_run
     single = tmp_path / "single"
     succeeded(call_main(train.main, "--data-dir", uneven_data, "--output-dir", single, *COMPARABLE_FLAGS,
-                        "--batch-size", "4", "--epochs", "3"))
+                        "--batch-size", "4", "--epochs", str(EPOCHS)))
 
     together, alone = load_checkpoint(output / "last.pt"), load_checkpoint(single / "last.pt")
     for key, value in alone.model.items():
@@ -99,8 +101,8 @@ def test_two_processes_take_the_steps_of_one_with_twice_the_batch(two_process_ru
 def test_only_rank_0_prints_and_writes(two_process_run: tuple[CliResult, Path]) -> None:
     result, output = two_process_run
     assert "global batch: 2 a process x 2 processes = 4 images a step" in result.stdout
-    assert len(re.findall(r"^epoch +1/3 ", result.stdout, flags=re.MULTILINE)) == 1
-    assert len(read_csv_rows(output / "history.csv")) == 3
+    assert len(re.findall(rf"^epoch +1/{EPOCHS} ", result.stdout, flags=re.MULTILINE)) == 1
+    assert len(read_csv_rows(output / "history.csv")) == EPOCHS
     assert len(re.findall(r"; wrote .*best\.pt", result.stdout)) == 1  # the closing line
     assert {path.name for path in output.iterdir()} >= {"best.pt", "last.pt", "history.csv", "config.yaml",
                                                          "confusion_matrix.png", "report"}
@@ -108,21 +110,6 @@ def test_only_rank_0_prints_and_writes(two_process_run: tuple[CliResult, Path]) 
     header = (output / "config.yaml").read_text(encoding="utf-8")
     assert ", 2 processes (torchrun);" in header
     assert "`torchrun --nproc_per_node=2 train.py --config THIS_FILE --output-dir NEW_FOLDER` repeats the run" in header
-
-
-def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_run: tuple[CliResult, Path],
-                                                                uneven_data: Path, tmp_path: Path,
-                                                                no_final_outputs: None) -> None:
-    _, straight = two_process_run
-    stopped = tmp_path / "stopped"
-    succeeded(torchrun("--data-dir", uneven_data, "--output-dir", stopped, *COMPARABLE_FLAGS, "--batch-size", "2",
-                       "--epochs", "3", "--epochs-this-run", "2"))
-    succeeded(torchrun("--resume", stopped / "last.pt"))
-
-    assert_same_training(stopped / "last.pt", straight / "last.pt")
-    alone = succeeded(call_main(train.main, "--resume", stopped / "last.pt", "--epochs", "4"))  # one process now
-    assert "this run trained with 2 process(es), a global batch of 4; it continues with 1, a global batch of 2" in \
-        alone.stdout
 
 
 def rank_process(job: subprocess.Popen, rank: int) -> int:
@@ -142,26 +129,42 @@ def rank_process(job: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker process with RANK={rank}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
-def test_a_killed_rank_ends_the_job_with_an_error_naming_it(uneven_data: Path, tmp_path: Path) -> None:
-    job = subprocess.Popen(torchrun_command("--data-dir", uneven_data, "--output-dir", tmp_path / "out",
-                                            *COMPARABLE_FLAGS, "--batch-size", "2", "--epochs", "500"),
+def kill_rank_after_the_first_epoch(output: Path, data: Path, rank: int) -> str:
+    """Start a job of EPOCHS epochs, SIGKILL its worker ``rank`` once epoch 1 is printed, and wait for the job to
+    end (within a minute of the kill); its whole output."""
+    job = subprocess.Popen(torchrun_command("--data-dir", data, "--output-dir", output, *COMPARABLE_FLAGS,
+                                            "--batch-size", "2", "--epochs", str(EPOCHS)),
                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=job_environment())
     lines = []
     for line in job.stdout:  # wait until training runs
         lines.append(line)
-        if line.startswith("epoch   1/500"):
+        if line.startswith(f"epoch   1/{EPOCHS}"):
             break
-    os.kill(rank_process(job, 1), signal.SIGKILL)
-    started = time.monotonic()
+    os.kill(rank_process(job, rank), signal.SIGKILL)
+    killed = time.monotonic()
     lines += job.stdout.readlines()
     job.wait(timeout=JOB_TIMEOUT_S)
+    output_text = "".join(lines)
+    assert job.returncode != 0, f"the job ended well before rank {rank} was killed:\n{output_text[-3000:]}"
+    assert time.monotonic() - killed < 60
+    return output_text
 
-    output = "".join(lines)
-    assert job.returncode != 0
-    assert time.monotonic() - started < 60
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_a_killed_rank_ends_the_job_naming_it_and_its_resumption_equals_an_uninterrupted_run(
+        two_process_run: tuple[CliResult, Path], uneven_data: Path, tmp_path: Path, no_final_outputs: None) -> None:
+    _, straight = two_process_run
+    killed = tmp_path / "killed"
+    output = kill_rank_after_the_first_epoch(killed, uneven_data, rank=1)
     assert re.search(r"rank\s*:?\s*1\b", output), output[-3000:]
+
+    assert 1 <= load_checkpoint(killed / "last.pt").epoch < EPOCHS
+    succeeded(torchrun("--resume", killed / "last.pt"))
+    assert_same_training(killed / "last.pt", straight / "last.pt")
+    alone = succeeded(call_main(train.main, "--resume", killed / "last.pt", "--epochs", str(EPOCHS + 1)))
+    assert "this run trained with 2 process(es), a global batch of 4; it continues with 1, a global batch of 2" in \
+        alone.stdout
 
 
 def test_sync_bn_needs_cuda(small_data: ColourData, tmp_path: Path) -> None:
