@@ -50,6 +50,7 @@ from utils import (
     ArgumentParser,
     UserError,
     argument_list,
+    counted,
     describe_device,
     did_you_mean,
     file_in_the_way,
@@ -562,7 +563,7 @@ def config_yaml(config: dict[str, Any], runtime: dict[str, Any]) -> str:
     processes = runtime.get("processes", 1)
     launcher = launch_command(processes, runtime.get("processes_per_node", processes))
     header = (f"{CONFIG_HEADER_START}{runtime['device']} in {runtime['precision']}, "
-              f"{runtime['workers']} loader workers, "
+              f"{counted(runtime['workers'], 'loader worker')}, "
               + data_paths_text(runtime)
               + (f", {processes} processes (torchrun)" if processes > 1 else "") + ";\n"
               f"# torch {runtime['torch']}, torchvision {runtime['torchvision']}, Python {runtime['python']}. "

@@ -45,7 +45,7 @@ from common import REPORT_FILES
 from engine import Predictions
 from history_csv import read_history
 from images import load_rgb
-from utils import UserError, atomic_write_text, csv_text
+from utils import UserError, atomic_write_text, counted, csv_text
 
 TOP_K = 5
 THUMBNAIL_PIXELS = 256  # longest side of a misclassified thumbnail; more only makes the figure heavy
@@ -398,7 +398,7 @@ def _config_section(config: dict[str, Any], runtime: dict[str, Any]) -> list[str
     lines = ["## Configuration", ""]
     if runtime:
         lines += [f"Trained on {runtime.get('device', '?')} in {runtime.get('precision', '?')}, "
-                  f"{runtime.get('workers', '?')} loader workers, augmentation on the "
+                  f"{counted(runtime.get('workers', '?'), 'loader worker')}, augmentation on the "
                   f"{runtime.get('augment_device', '?')}; torch {runtime.get('torch', '?')}. The options as given "
                   "(`auto` chose what this line says):", ""]
     lines += ["```yaml"] + [f"{key}: {value}" for key, value in sorted(config.items())]

@@ -460,6 +460,11 @@ class _temporary_sibling:
             os.remove(self.tmp_path)
 
 
+def counted(count: int | str, noun: str) -> str:
+    """``'1 loader worker'``, ``'0 loader workers'``: ``count`` and the noun, plural unless the count is 1."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def format_count(number: int) -> str:
     """``23508032`` -> ``'23.5M'``; used when printing parameter counts. A count that rounds up to the next unit is
     written in it (``999999`` -> ``'1.0M'``, not ``'1000.0k'``)."""

@@ -354,9 +354,13 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(colour_data: ColourData, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
-    """``python train.py`` once, for 2 epochs on the colour dataset; shared by every test that needs a model."""
+    """``python train.py`` once, for 2 epochs on the colour dataset; shared by every test that needs a model.
+
+    With a loader worker: that the command returns at all says its worker went with it (``run_script`` waits until
+    the output pipes close, and a worker left behind would hold them open)."""
     output_dir = tmp_path_factory.mktemp("run") / "out"
-    result = run_script("train.py", "--data-dir", colour_data.root, "--output-dir", output_dir, *E2E_TRAIN_FLAGS)
+    result = run_script("train.py", "--data-dir", colour_data.root, "--output-dir", output_dir, *E2E_TRAIN_FLAGS,
+                        "--workers", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return TrainedRun(colour_data, output_dir, result)
 

@@ -87,7 +87,7 @@ def test_saved_config_holds_the_effective_options(trained_run: TrainedRun) -> No
     config = yaml.safe_load((trained_run.output_dir / "config.yaml").read_text())
     assert config["arch"] == "resnet18" and config["weights"] == "none"
     assert config["epochs"] == 2 and config["lr"] == 5e-4 and config["batch_size"] == 6
-    assert config["trainable"] == "layer4,fc" and config["workers"] == 0
+    assert config["trainable"] == "layer4,fc" and config["workers"] == 1
     assert config["data_dir"] == str(trained_run.data.root)
 
 
@@ -320,8 +320,8 @@ def test_config_yaml_records_what_ran(trained_run: TrainedRun) -> None:
     text = (trained_run.output_dir / "config.yaml").read_text()
     config = yaml.safe_load(text)
     assert config["device"] == "cpu" and config["amp"] == "off" and config["augment_device"] == "cpu"  # not auto
-    assert config["workers"] == 0
-    assert text.startswith("# Ran on cpu (") and "in fp32, 0 loader workers, augmentation on the cpu" in text
+    assert config["workers"] == 1
+    assert text.startswith("# Ran on cpu (") and "in fp32, 1 loader worker, augmentation on the cpu" in text
     runtime = load_checkpoint_file(trained_run.output_dir / "best.pt").runtime
     assert runtime["precision"] == "fp32" and runtime["device_type"] == "cpu" and runtime["torch"] == torch.__version__
 
@@ -453,6 +453,6 @@ def test_labels_for_other_classes_and_unlabeled_images_are_named(submission: Sub
 
 def test_the_report_says_what_ran_and_how_classes_are_averaged(trained_run: TrainedRun) -> None:
     report = (trained_run.output_dir / "report" / "report.md").read_text()
-    assert "Trained on cpu (" in report and "in fp32, 0 loader workers, augmentation on the cpu" in report
+    assert "Trained on cpu (" in report and "in fp32, 1 loader worker, augmentation on the cpu" in report
     metrics_file = (trained_run.output_dir / "report" / "metrics.json").read_text()
     assert '"class_averages_over": "the classes with images in this split' in metrics_file

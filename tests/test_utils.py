@@ -26,6 +26,7 @@ from utils import (
     atomic_write_text,
     capture_rng_state,
     command_hint,
+    counted,
     csv_text,
     describe_device,
     did_you_mean,
@@ -408,6 +409,8 @@ def test_progress_bars_show_only_when_enabled_and_someone_watches(shell: None, m
 def test_counts_and_names_print_short() -> None:
     assert [format_count(n) for n in (23_508_032, 1_500, 999, 2_000_000_000)] == ["23.5M", "1.5k", "999", "2.0B"]
     assert [format_count(n) for n in (999_999, 999_999_999, 999_949)] == ["1.0M", "1.0B", "999.9k"]  # rounds up a unit
+    assert [counted(n, "loader worker") for n in (0, 1, 2, "?")] == ["0 loader workers", "1 loader worker",
+                                                                       "2 loader workers", "? loader workers"]
     assert some_names(["a", "b", "c"]) == "a, b, c"
     assert some_names(list("abcdefgh")) == "a, b, c, d, e and 3 more"
 
