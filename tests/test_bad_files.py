@@ -325,7 +325,8 @@ def test_class_folders_without_images_are_left_out_with_a_note(bad_run: BadRun) 
     assert f"note: left out 2 class folder(s) of {bad_run.train_dir} with no images: 4, 5" in bad_run.result.stdout
 
 
-def test_verify_images_catches_a_truncated_jpeg_up_front(small_data: ColourData, tmp_path: Path) -> None:
+def test_verify_images_catches_a_truncated_jpeg_up_front(small_data: ColourData, tmp_path: Path,
+                                                         no_final_outputs: None) -> None:
     root = tmp_path / "data"
     shutil.copytree(small_data.root / "train", root / "train")
     shutil.copytree(small_data.root / "val", root / "val")

@@ -116,7 +116,8 @@ def test_an_output_dir_inside_a_file_is_refused_before_the_data_scan(small_data:
 # --------------------------------------------------------------------------- 12: a class added before resuming
 
 
-def test_continuing_after_a_class_was_added_names_it_before_any_note(own_data: Path, tmp_path: Path) -> None:
+def test_continuing_after_a_class_was_added_names_it_before_any_note(own_data: Path, tmp_path: Path,
+                                                                     no_final_outputs: None) -> None:
     output = tmp_path / "out"
     succeeded(tiny_run(own_data, output, "--epochs", "2", "--epochs-this-run", "1"))
     shutil.copytree(own_data / "train" / "2", own_data / "train" / "zebra")
@@ -164,7 +165,8 @@ def test_a_peer_that_did_not_announce_a_stop_is_still_named_as_silent() -> None:
 # --------------------------------------------------------------------------- 15: an undecodable val image
 
 
-def test_an_undecodable_val_image_is_listed_in_skipped_files(own_data: Path, tmp_path: Path) -> None:
+def test_an_undecodable_val_image_is_listed_in_skipped_files(own_data: Path, tmp_path: Path,
+                                                             no_final_outputs: None) -> None:
     broken = own_data / "val" / "1" / "truncated.jpg"
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")

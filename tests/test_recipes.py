@@ -151,7 +151,8 @@ def test_what_best_pt_follows_is_the_monitor() -> None:
     assert engine.monitored(better_acc, "val_balanced_acc", 3) == pytest.approx(5 / 6)
 
 
-def test_with_the_average_on_the_history_and_last_pt_carry_it(small_data: ColourData, tmp_path: Path) -> None:
+def test_with_the_average_on_the_history_and_last_pt_carry_it(small_data: ColourData, tmp_path: Path,
+                                                              no_final_outputs: None) -> None:
     result = tiny_train(small_data, tmp_path / "out", "--epochs", "2", "--ema", "0.5", "--monitor", "val_loss")
 
     history = read_csv_rows(tmp_path / "out" / "history.csv")
@@ -429,7 +430,8 @@ def test_a_fold_is_written_i_of_k(text: str) -> None:
         options.parse_fold(text)
 
 
-def test_a_fold_run_validates_on_its_fold_of_train_and_val_pooled(small_data: ColourData, tmp_path: Path) -> None:
+def test_a_fold_run_validates_on_its_fold_of_train_and_val_pooled(small_data: ColourData, tmp_path: Path,
+                                                                  no_final_outputs: None) -> None:
     output = tmp_path / "out"
     result = tiny_train(small_data, output, "--epochs", "1", "--fold", "2/5")
 
