@@ -1,11 +1,10 @@
 """Resuming and stopping: exact resume, --epochs-this-run, --resume auto, what may change on resume, kills at any
 instant (SIGKILL), and a polite stop (SIGINT, exit code 130).
 
-The runs are tiny (small_data: 12 training images, 3 batches of 4) and mostly in-process. The signal tests need
-real processes: the runs that are killed or sent SIGTERM are forked copies of this process running ``train.main``
-(a real process, without the seconds a fresh interpreter spends importing torch); the SIGINT test, and the finished
-run of the SIGTERM test, are ``python train.py`` in a subprocess, as a user starts it (the resume hint names the
-script; the interpreter must exit when the run ends).
+The runs are tiny (small_data: 12 training images, 3 batches of 4, the head alone trained) and mostly in-process. The
+signal tests need real processes: forked copies of this process running ``train.main`` (a real process to signal or
+kill, without the seconds a fresh interpreter spends importing torch). :class:`TrainingProcess` also starts
+``python train.py`` as a user does: test_new_user_round3.py's double Ctrl-C, whose last line names the script.
 """
 
 from __future__ import annotations
@@ -505,7 +504,7 @@ def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
 ) -> None:
     output = tmp_path / "out"
     run = TrainingProcess(["--data-dir", small_data.root, "--output-dir", output, "--epochs", "20",
-                           *RUN_FLAGS], tmp_path / "run.log")
+                           *RUN_FLAGS], tmp_path / "run.log", fork=True)
     processes.append(run)
     run.wait_for_line(EPOCH_LINE)
 
@@ -518,6 +517,7 @@ def test_sigint_stops_after_the_batch_keeps_last_pt_and_exits_130(
     assert "SIGINT: stopping after this batch" in stderr
     epoch = load_checkpoint(output / "last.pt").epoch
     assert 1 <= epoch < 20
+    # the hint as the run was started: a main() call here; `python train.py` in test_new_user_round3's Ctrl-C test
     assert f"interrupted: {output / 'last.pt'} holds epoch {epoch}; continue with: " \
-           f"python {REPO_ROOT / 'train.py'} --resume {output / 'last.pt'}" in stderr  # as the user ran it
+           f"train.main(['--resume', '{output / 'last.pt'}'])" in stderr
     assert len(read_csv_rows(output / "history.csv")) == epoch
