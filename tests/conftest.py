@@ -91,12 +91,13 @@ TINY_TRAIN_FLAGS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- the order of the files
 
 
-# The slowest files, slowest first (whole suite on two workers, AMD EPYC, 2 cores, 2026-12-06): xdist hands a worker
-# its next file in collection order, so these go first and the two workers run out of small files together.
+# The slowest files, slowest first (whole suite on two workers, AMD EPYC, 2 cores, 2026-12-06 evening): xdist hands a
+# worker its next file in collection order, so these go first and the two workers run out of small files together.
 SLOWEST_FILES: tuple[str, ...] = (
-    "test_torchrun.py", "test_resume.py", "test_ablate.py", "test_recipes.py", "test_train_predict.py",
-    "test_new_user_runs.py", "test_distributed.py", "test_errors.py", "test_benchmarks.py", "test_new_user_round3.py",
-    "test_bad_files.py", "test_op_counts.py",
+    "test_torchrun.py", "test_recipes.py", "test_train_predict.py", "test_ablate.py", "test_resume.py",
+    "test_report_html.py", "test_new_user_runs.py", "test_errors.py", "test_new_user_round3.py", "test_distributed.py",
+    "test_benchmarks.py", "test_export.py", "test_predict_extras.py", "test_train_batch_picture.py",
+    "test_op_counts.py", "test_bad_files.py",
 )
 
 
