@@ -139,10 +139,15 @@ def collective_timeout_s() -> float:
     return seconds
 
 
+def is_first_process() -> bool:
+    """True in rank 0 of a torchrun job, or in the only process (from the environment: no group need be joined)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def silence_other_ranks() -> None:
     """Send this process's standard output nowhere unless it is rank 0 (or the only process): one copy of the
     progress reaches the user. Errors still go to standard error from every rank."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_first_process():
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # for the rest of the process
 
 
@@ -151,7 +156,7 @@ def errors_on_rank_0() -> Iterator[None]:
     """Around the checks every process makes alike (the command line, the output folder): only rank 0 reports a
     mistake, argparse's usage line or a :class:`UserError`; the others exit with the same code in silence, so the
     user reads it once, not once a process."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_process():
         yield
         return
     saved, sys.stderr = sys.stderr, open(os.devnull, "w", encoding="utf-8")

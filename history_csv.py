@@ -12,14 +12,33 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "va
 EMA_FIELDS = ("ema_val_loss", "ema_val_acc", "ema_val_balanced_acc")  # in the history when --ema is on
 
 
-def write_history(history: list[dict[str, float]], path: Path) -> None:
-    """Write the per-epoch history as CSV."""
+def history_text(history: list[dict[str, float]]) -> str:
+    """The per-epoch history as CSV text."""
     buffer = io.StringIO()
     fields = [*HISTORY_FIELDS, *(field for field in EMA_FIELDS if history and field in history[0])]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    """Write the per-epoch history as CSV."""
+    atomic_write_text(path, history_text(history))
+
+
+def restore_history(history: list[dict[str, float]], path: Path) -> bool:
+    """Write ``history`` to ``path`` unless the file already holds it; True if it was written. last.pt is saved
+    before history.csv, so a run killed between the two at its last epoch leaves the file an epoch behind, and no
+    later epoch writes it again."""
+    text = history_text(history)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+    return True
 
 
 def read_history(path: str | Path | None) -> list[dict[str, float]]:

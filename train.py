@@ -52,7 +52,7 @@ from common import Batch, DecodeFailure, World
 from dataset import TrainValData, describe_data, load_train_val
 from engine import EvalResult, Predictions, StepOptions, WeightAverage, evaluate, train_one_epoch
 from gpu_augment import BatchMix
-from history_csv import write_history
+from history_csv import restore_history, write_history
 from losses import make_criterion
 from model import describe_model, input_normalization, make_model, parameter_summary, thaw_blocks
 from pipeline import Loaders, inference_batches, load_data
@@ -120,6 +120,9 @@ def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progr
     """A complete run: its summary, after writing the plots and report only if they are missing."""
     run_folder.say_complete(config, progress)
     output_dir = Path(config.output_dir)
+    if distributed.is_first_process() and restore_history(progress.history, output_dir / "history.csv"):
+        print(f"note: {output_dir / 'history.csv'} was behind last.pt (the run was stopped between writing the two); "
+              "wrote it again")
     outputs = ["loss_curve.png"] if config.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
     if all((output_dir / name).is_file() for name in outputs):
         return run_folder.run_summary(progress, output_dir)

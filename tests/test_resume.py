@@ -244,6 +244,19 @@ def test_a_complete_run_run_again_says_so_and_returns_its_summary(straight: Stra
     assert not re.search(r"epoch +\d+/\d+ +train loss", result.stdout) and "continuing" not in result.stdout
 
 
+def test_a_complete_run_whose_history_is_an_epoch_behind_writes_it_again(straight: Straight, small_data: ColourData,
+                                                                         tmp_path: Path) -> None:
+    """A kill between writing last.pt and history.csv at the last epoch: the same command finds a complete run."""
+    output = copy_of_run(straight, tmp_path)
+    history = (output / "history.csv").read_text().splitlines(keepends=True)
+    (output / "history.csv").write_text("".join(history[:-1]))
+
+    result = train_head(small_data, output, "--epochs", str(EPOCHS))
+
+    assert f"note: {output / 'history.csv'} was behind last.pt" in result.stdout
+    assert (output / "history.csv").read_text() == (straight.output / "history.csv").read_text()
+
+
 def test_the_same_command_continues_an_interrupted_run(straight: Straight, small_data: ColourData, tmp_path: Path,
                                                        no_final_outputs: None) -> None:
     """A re-run notebook cell or re-submitted job: continues where the run stopped, as --resume auto would."""
