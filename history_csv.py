@@ -28,15 +28,18 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 
 
 def restore_history(history: list[dict[str, float]], path: Path) -> bool:
-    """Write ``history`` to ``path`` unless the file already holds it; True if it was written. last.pt is saved
-    before history.csv, so a run killed between the two at its last epoch leaves the file an epoch behind, and no
-    later epoch writes it again."""
+    """Complete ``path`` with ``history`` when the file is missing or holds only its first rows; True if written.
+    last.pt is saved before history.csv, so a run killed between the two at its last epoch leaves the file an epoch
+    behind, and no later epoch writes it again. A file that differs otherwise is left alone."""
     text = history_text(history)
     try:
-        if path.read_text(encoding="utf-8") == text:
-            return False
+        written = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        written = ""
     except (OSError, UnicodeDecodeError):
-        pass
+        return False
+    if written == text or not text.startswith(written):
+        return False
     atomic_write_text(path, text)
     return True
 

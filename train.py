@@ -120,7 +120,8 @@ def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progr
     """A complete run: its summary, after writing the plots and report only if they are missing."""
     run_folder.say_complete(config, progress)
     output_dir = Path(config.output_dir)
-    if distributed.is_first_process() and restore_history(progress.history, output_dir / "history.csv"):
+    if resumed_in_place(config) and distributed.is_first_process() and \
+            restore_history(progress.history, output_dir / "history.csv"):
         print(f"note: {output_dir / 'history.csv'} was behind last.pt (the run was stopped between writing the two); "
               "wrote it again")
     outputs = ["loss_curve.png"] if config.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
@@ -129,6 +130,14 @@ def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progr
     with distributed.joined_world(config.chosen.device.type) as world:
         run = set_up(config, resume, progress, world)
         return finish(run, progress, progress.epoch if progress.epoch < config.epochs else None)
+
+
+def resumed_in_place(config: TrainConfig) -> bool:
+    """True when the run continued is the last.pt in --output-dir (the same command, or --resume of that file)."""
+    if config.resume is None:
+        return True
+    path = options.resolve_resume_path(config.resume, config.output_dir)
+    return path is not None and path.resolve().parent == Path(config.output_dir).resolve()
 
 
 # --------------------------------------------------------------------------- set-up

@@ -279,6 +279,15 @@ def tiny_train(data: ColourData, output: Path, *flags: str | Path) -> CliResult:
     return result
 
 
+def redirect_output(stdout_path: str | Path, stderr_path: str | Path) -> None:
+    """In a forked child: file descriptors 1 and 2 (what C++ code writes too) and ``sys.stdout``/``sys.stderr`` to
+    these files, line-buffered, for the rest of the process."""
+    for descriptor, path in ((1, stdout_path), (2, stderr_path)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), descriptor)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # lives as long as the process
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
 @pytest.fixture
 def no_final_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the end-of-run plots and evaluation report (a second a run) in tests that only compare checkpoints."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 
 import distributed
 from common import World
+from conftest import redirect_output
 from distributed import (
     PeerLostError,
     all_reduce_eval,
@@ -242,10 +242,7 @@ def _rank_body(worker: str, environment: dict[str, str], stdout_path: str, stder
     """A forked rank: the environment a launcher gives it, its output (file descriptors 1 and 2, so that what gloo's
     C++ side writes counts too) in files, then the worker."""
     os.environ.update(environment)
-    for descriptor, path in ((1, stdout_path), (2, stderr_path)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), descriptor)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # lives as long as the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    redirect_output(stdout_path, stderr_path)
     distributed_workers.run(worker)
 
 
@@ -264,17 +261,21 @@ class Rank:
         return self.process.exitcode
 
     def kill(self) -> None:
+        """Kill the rank if it still runs, and reap it."""
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
 
     def stdout(self) -> str:
+        """What the rank wrote to standard output."""
         return self.stdout_path.read_text(errors="replace")
 
     def stderr(self) -> str:
+        """What the rank wrote to standard error (gloo's C++ messages included)."""
         return self.stderr_path.read_text(errors="replace")
 
     def output(self) -> str:
+        """The end of both, for a failure's message."""
         return (self.stdout() + self.stderr())[-3000:]
 
 

@@ -39,6 +39,7 @@ from conftest import (
     call_main,
     history_without_seconds,
     read_csv_rows,
+    redirect_output,
     tiny_train,
 )
 
@@ -255,6 +256,19 @@ def test_a_complete_run_whose_history_is_an_epoch_behind_writes_it_again(straigh
 
     assert f"note: {output / 'history.csv'} was behind last.pt" in result.stdout
     assert (output / "history.csv").read_text() == (straight.output / "history.csv").read_text()
+    (output / "history.csv").write_text("epoch,note\n1,the user's own edit\n")  # not an epoch behind: left alone
+    assert "was behind" not in train_head(small_data, output, "--epochs", str(EPOCHS)).stdout
+    assert (output / "history.csv").read_text() == "epoch,note\n1,the user's own edit\n"
+
+
+def test_a_complete_run_resumed_into_another_folder_writes_no_history_there(straight: Straight,
+                                                                            tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+
+    result = call_main(train.main, "--resume", straight.output / "last.pt", "--output-dir", elsewhere)
+
+    assert result.returncode == 0 and "was behind" not in result.stdout
+    assert not (elsewhere / "history.csv").exists()
 
 
 def test_the_same_command_continues_an_interrupted_run(straight: Straight, small_data: ColourData, tmp_path: Path,
@@ -366,10 +380,7 @@ def _train_in_child(argv: list[str], log_path: str, stderr_path: str) -> None:
     """Body of a forked training process, in a process group of its own (as ``python train.py`` is started
     below): stdout goes to ``log_path``, stderr to ``stderr_path``."""
     os.setsid()
-    for descriptor, path in ((1, log_path), (2, stderr_path)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), descriptor)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # lives as long as the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    redirect_output(log_path, stderr_path)
     train.main(argv)
 
 
@@ -456,6 +467,7 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
     was never killed."""
     rng = random.Random(1234)
     output = tmp_path / "out"
+    kill_within_s = 0.15  # the head-only epochs take 0.13-0.34 s here: the run must not end before its kill
     argv = ["--data-dir", small_data.root, "--output-dir", output, "--epochs", str(EPOCHS), *RUN_FLAGS]
     kills: list[str] = []
 
@@ -463,7 +475,7 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
     first = TrainingProcess(argv, tmp_path / "run1.log", fork=True)
     processes.append(first)
     first.wait_for_line(EPOCH_LINE)
-    time.sleep(rng.uniform(0.0, 0.4))
+    time.sleep(rng.uniform(0.0, kill_within_s))
     first.kill()
     kills.append(f"after epoch line, last.pt epoch {assert_checkpoints_load(output)}")
 
@@ -480,7 +492,7 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_a_resumable_run(
     third = TrainingProcess(["--resume", "auto", *argv], tmp_path / "run3.log", fork=True)
     processes.append(third)
     third.wait_for_line(r"^resumed after epoch")
-    time.sleep(rng.uniform(0.0, 0.4))
+    time.sleep(rng.uniform(0.0, kill_within_s))
     third.kill()
     kills.append(f"random, last.pt epoch {assert_checkpoints_load(output)}")
 

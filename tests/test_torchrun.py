@@ -136,12 +136,13 @@ def kill_rank_after_the_first_epoch(output: Path, data: Path, rank: int) -> str:
                                             "--batch-size", "2", "--epochs", str(EPOCHS)),
                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=job_environment())
+    victim = rank_process(job, rank)  # found first, so that the kill follows the epoch line at once
     lines = []
     for line in job.stdout:  # wait until training runs
         lines.append(line)
         if line.startswith(f"epoch   1/{EPOCHS}"):
             break
-    os.kill(rank_process(job, rank), signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
     killed = time.monotonic()
     lines += job.stdout.readlines()
     job.wait(timeout=JOB_TIMEOUT_S)
