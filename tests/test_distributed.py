@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,26 +297,19 @@ def start_ranks(worker: str, timeout_s: int, folder: Path) -> list[Rank]:
     return ranks
 
 
-@pytest.fixture
-def ranks() -> Iterator[list[Rank]]:
-    """The ranks a test starts (append them); any still running when it ends is killed."""
-    started: list[Rank] = []
-    yield started
-    for rank in started:
-        rank.kill()
-
-
-def test_two_processes_train_like_one_with_the_double_batch(tmp_path: Path, ranks: list[Rank]) -> None:
-    ranks += start_ranks("checks", timeout_s=30, folder=tmp_path)
+def test_two_processes_train_like_one_with_the_double_batch(tmp_path: Path, processes: list[Rank]) -> None:
+    ranks = start_ranks("checks", timeout_s=30, folder=tmp_path)
+    processes.extend(ranks)  # killed at the end if still running
     codes = [rank.finish(120) for rank in ranks]
     assert codes == [0, 0], ranks[0].output() + ranks[1].output()
     assert "checks passed on 2 ranks" in ranks[0].stdout()
 
 
 @pytest.mark.parametrize("worker, reason", [("dies", "by peer"), ("hangs", "Timed out")])
-def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str, tmp_path: Path, ranks: list[Rank]) -> None:
+def test_a_lost_rank_ends_the_job_naming_it(worker: str, reason: str, tmp_path: Path, processes: list[Rank]) -> None:
     started = time.monotonic()
-    ranks += start_ranks(worker, timeout_s=2, folder=tmp_path)
+    ranks = start_ranks(worker, timeout_s=2, folder=tmp_path)
+    processes.extend(ranks)  # the hanging rank 1 is killed at the end
     code = ranks[0].finish(60)
     stderr = ranks[0].stderr()
     assert time.monotonic() - started < 30
