@@ -72,9 +72,11 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     distributed.silence_other_ranks()
     with distributed.errors_on_rank_0():
         config, resume = options.parse_args_and_resume(argv)
+        continued_from = Path(config.output_dir) / "last.pt"  # what the same command continues, if anything
         if resume is not None:
             run_folder.refuse_changed_classes(config, resume.class_names)
-            print(f"resuming from {options.resolve_resume_path(config.resume, config.output_dir)}")
+            continued_from = options.resolve_resume_path(config.resume, config.output_dir)
+            print(f"resuming from {continued_from}")
         run_folder.refuse_resume_into_other_run(config)
     same_command = False
     if resume is None:  # no --resume: the folder may hold this very command's run, to continue
@@ -88,7 +90,8 @@ def main(argv: str | Sequence[str] | None = None) -> dict[str, Any]:
     progress = resume.training_state.run_progress()
     run_folder.note_schedule_change(config, resume, progress)
     if run_folder.run_is_complete(config, progress):
-        return finish_complete_run(config, resume, progress)
+        in_place = continued_from.resolve().parent == Path(config.output_dir).resolve()
+        return finish_complete_run(config, resume, progress, in_place)
     if same_command:
         print(f"note: {config.output_dir} holds this run ({run_folder.describe_run(resume)}); continuing it "
               "(--overwrite starts over)")
@@ -116,12 +119,13 @@ def train_and_finish(config: TrainConfig, resume: Checkpoint | None, progress: P
         return finish(run, progress, stopped_epoch)
 
 
-def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progress) -> dict[str, Any]:
-    """A complete run: its summary, after writing the plots and report only if they are missing."""
+def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progress,
+                        in_place: bool) -> dict[str, Any]:
+    """A complete run: its summary, after writing the plots and report only if they are missing (and, ``in_place``:
+    continued from --output-dir's own last.pt, history.csv if it is behind)."""
     run_folder.say_complete(config, progress)
     output_dir = Path(config.output_dir)
-    if resumed_in_place(config) and distributed.is_first_process() and \
-            restore_history(progress.history, output_dir / "history.csv"):
+    if in_place and distributed.is_first_process() and restore_history(progress.history, output_dir / "history.csv"):
         print(f"note: {output_dir / 'history.csv'} was behind last.pt (the run was stopped between writing the two); "
               "wrote it again")
     outputs = ["loss_curve.png"] if config.train_on_all else ["report/metrics.json", "confusion_matrix.png"]
@@ -130,14 +134,6 @@ def finish_complete_run(config: TrainConfig, resume: Checkpoint, progress: Progr
     with distributed.joined_world(config.chosen.device.type) as world:
         run = set_up(config, resume, progress, world)
         return finish(run, progress, progress.epoch if progress.epoch < config.epochs else None)
-
-
-def resumed_in_place(config: TrainConfig) -> bool:
-    """True when the run continued is the last.pt in --output-dir (the same command, or --resume of that file)."""
-    if config.resume is None:
-        return True
-    path = options.resolve_resume_path(config.resume, config.output_dir)
-    return path is not None and path.resolve().parent == Path(config.output_dir).resolve()
 
 
 # --------------------------------------------------------------------------- set-up
